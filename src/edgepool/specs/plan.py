@@ -1,0 +1,360 @@
+"""The Plan: the one contract between planner, simulator, runtime and report.
+
+A plan is a list of pipeline stages. Each stage is a contiguous range of Transformer
+blocks ``[start, stop)`` served by a group of devices that split the stage's work in
+one intra-stage mode:
+
+- ``dp``: per-device batch shares of each micro-batch (may be uneven);
+- ``tp``: per-device attention-head and FFN shares (Megatron-style, may be uneven);
+- ``sp``: per-device sequence shares (may be uneven).
+
+Pure DP/TP/SP is one stage over all devices, pure PP is S stages of one device, and
+Asteroid-style hybrid is S stages with groups of different sizes. The embedding belongs
+to the first stage, the final norm, head and loss to the last.
+
+Invariants: a device serves exactly one stage; a device's rank is its position in the
+stage order (stage 0's devices first). Shares are relative weights; ``split_counts``
+turns them into whole samples, tokens, heads or FFN columns by largest remainder.
+
+``plan_id`` is a short content hash of everything that changes execution (not the
+estimate), so estimate, simulation and measurement of one plan can be joined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+
+from edgepool.errors import PlanError
+
+SCHEMA_VERSION = 1
+StageMode = Literal["dp", "tp", "sp"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StagePlan(_Strict):
+    layers: tuple[int, int]
+    mode: StageMode = "dp"
+    devices: tuple[str, ...] = Field(min_length=1)
+    shares: tuple[float, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "StagePlan":
+        a, b = self.layers
+        if not 0 <= a < b:
+            raise ValueError(f"layers {list(self.layers)} must be [start, stop) with 0 <= start < stop")
+        if self.shares is not None:
+            if len(self.shares) != len(self.devices):
+                raise ValueError(f"shares has {len(self.shares)} entries for {len(self.devices)} devices; give one share per device")
+            if any(s <= 0 for s in self.shares):
+                raise ValueError(f"shares {list(self.shares)} must all be > 0; leave a device out instead of giving it 0")
+        return self
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return self.shares if self.shares is not None else tuple(1.0 for _ in self.devices)
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+
+class Estimate(_Strict):
+    """What the planner or simulator predicted for one step, and from what."""
+
+    step_time_s: float
+    energy_j: float | None = None
+    peak_memory_bytes: dict[str, int] = {}
+    source: str = "cost-model"
+    objective: str | None = None
+    energy_source: str = "modelled"
+
+
+class Plan(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    num_layers: int = Field(gt=0)
+    stages: tuple[StagePlan, ...] = Field(min_length=1)
+    num_microbatches: int = Field(1, gt=0)
+    schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    power_modes: dict[str, str] = {}
+    estimate: Estimate | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_derived(cls, data: Any) -> Any:
+        # plan_id and parallelism are derived; a dumped plan carries them, so accept
+        # and recompute them (an edited plan gets a new id).
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k not in ("plan_id", "parallelism")}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "Plan":
+        expect = 0
+        seen: set[str] = set()
+        for i, st in enumerate(self.stages):
+            if st.layers[0] != expect:
+                raise ValueError(f"stages[{i}].layers starts at {st.layers[0]} but the previous stage ends at {expect}; stages must be contiguous")
+            expect = st.layers[1]
+            for d in st.devices:
+                if d in seen:
+                    raise ValueError(f"device {d!r} serves more than one stage; each device serves exactly one")
+                seen.add(d)
+        if expect != self.num_layers:
+            raise ValueError(f"stages cover layers [0, {expect}) but the model has {self.num_layers}; the last stage must end at {self.num_layers}")
+        return self
+
+    # -- derived -----------------------------------------------------------------
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def plan_id(self) -> str:
+        body = self.model_dump(mode="json", exclude={"estimate", "plan_id", "parallelism"})
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return digest[:10]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def parallelism(self) -> str:
+        if len(self.stages) == 1:
+            st = self.stages[0]
+            return "single" if len(st.devices) == 1 else st.mode
+        if all(len(st.devices) == 1 for st in self.stages):
+            return "pp"
+        return "hybrid"
+
+    @property
+    def devices(self) -> list[str]:
+        """Devices in rank order."""
+        return [d for st in self.stages for d in st.devices]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
+
+    def with_estimate(self, estimate: Estimate) -> "Plan":
+        return self.model_copy(update={"estimate": estimate})
+
+    def dumps(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def load_plan(path) -> Plan:
+    from edgepool.specs.files import load
+
+    return load(Plan, path, "plan")
+
+
+def split_counts(total: int, weights: tuple[float, ...] | list[float]) -> tuple[int, ...]:
+    """Split ``total`` whole items in proportion to ``weights`` (largest remainder).
+
+    Ties in the remainder go to the earlier device, so the result is deterministic.
+    """
+    s = float(sum(weights))
+    raw = [total * w / s for w in weights]
+    base = [int(x) for x in raw]
+    left = total - sum(base)
+    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - base[i]), i))
+    for i in order[:left]:
+        base[i] += 1
+    return tuple(base)
+
+
+def offsets(counts: tuple[int, ...]) -> tuple[int, ...]:
+    out, acc = [], 0
+    for c in counts:
+        out.append(acc)
+        acc += c
+    return tuple(out)
+
+
+# -- shapes a plan needs from the job and the model ----------------------------------
+@dataclass(frozen=True)
+class Shape:
+    """The numbers that turn shares into whole items."""
+
+    global_batch: int
+    seq_len: int
+    num_heads: int
+    ffn: int
+    num_kv_heads: int | None = None
+
+
+@dataclass(frozen=True)
+class StageSplit:
+    """A stage's shares resolved into whole items, one entry per device."""
+
+    batch: tuple[int, ...]  # samples of each micro-batch (dp), else the full micro-batch
+    seq: tuple[int, ...]  # tokens of each sequence (sp), else the full sequence
+    heads: tuple[int, ...]  # attention heads (tp), else all heads
+    ffn: tuple[int, ...]  # FFN columns (tp), else all
+
+
+def microbatch_size(plan: Plan, shape: Shape) -> int:
+    if shape.global_batch % plan.num_microbatches:
+        raise PlanError(
+            f"global_batch {shape.global_batch} is not divisible by num_microbatches {plan.num_microbatches}; "
+            "pick a divisor of the global batch"
+        )
+    return shape.global_batch // plan.num_microbatches
+
+
+def stage_split(plan: Plan, stage: int, shape: Shape) -> StageSplit:
+    st = plan.stages[stage]
+    n = len(st.devices)
+    mb = microbatch_size(plan, shape)
+    full = lambda v: tuple(v for _ in range(n))  # noqa: E731
+    batch, seq, heads, ffn = full(mb), full(shape.seq_len), full(shape.num_heads), full(shape.ffn)
+    if st.mode == "dp":
+        batch = split_counts(mb, st.weights)
+    elif st.mode == "sp":
+        seq = split_counts(shape.seq_len, st.weights)
+    else:
+        heads = split_counts(shape.num_heads, st.weights)
+        ffn = split_counts(shape.ffn, st.weights)
+        kv = shape.num_kv_heads or shape.num_heads
+        if kv != shape.num_heads:
+            if shape.num_heads % kv:
+                raise PlanError(f"num_heads {shape.num_heads} is not a multiple of num_kv_heads {kv}")
+            grp = shape.num_heads // kv
+            heads = tuple(h * grp for h in split_counts(kv, st.weights))
+    for what, counts, total in (("samples of a micro-batch", batch, mb), ("tokens", seq, shape.seq_len),
+                                ("heads", heads, shape.num_heads), ("FFN columns", ffn, shape.ffn)):
+        if min(counts) < 1:
+            dev = st.devices[counts.index(min(counts))]
+            raise PlanError(
+                f"stage {stage} ({st.mode}) gives device {dev!r} 0 of {total} {what} (split {list(counts)}); "
+                "raise its share, use fewer devices in this stage, or fewer micro-batches"
+            )
+    return StageSplit(batch=batch, seq=seq, heads=heads, ffn=ffn)
+
+
+def check_plan(plan: Plan, shape: Shape, device_names: list[str] | None = None, num_layers: int | None = None) -> None:
+    """Everything that can be checked before any process starts. Raises PlanError."""
+    if num_layers is not None and plan.num_layers != num_layers:
+        raise PlanError(f"plan has num_layers {plan.num_layers} but the model has {num_layers}; re-plan for this model")
+    if device_names is not None:
+        for d in plan.devices:
+            if d not in device_names:
+                raise PlanError(f"plan uses device {d!r}, which is not in the pool ({', '.join(device_names)}); fix the plan or the pool")
+        for d, mode in plan.power_modes.items():
+            if d not in device_names:
+                raise PlanError(f"power_modes names device {d!r}, which is not in the pool")
+    for i in range(len(plan.stages)):
+        stage_split(plan, i, shape)
+
+
+# -- roles and regions: pure functions shared by runtime and simulator ---------------
+@dataclass(frozen=True)
+class Role:
+    rank: int
+    device: str
+    stage: int
+    num_stages: int
+    mode: StageMode
+    group: tuple[int, ...]  # ranks of this stage's group, in group order
+    index: int  # position in the group
+    prev_group: tuple[int, ...]  # ranks of the previous stage (empty on the first)
+    next_group: tuple[int, ...]  # ranks of the next stage (empty on the last)
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+
+def stage_ranks(plan: Plan) -> list[tuple[int, ...]]:
+    out, r = [], 0
+    for st in plan.stages:
+        out.append(tuple(range(r, r + len(st.devices))))
+        r += len(st.devices)
+    return out
+
+
+def role_of(plan: Plan, rank: int) -> Role:
+    groups = stage_ranks(plan)
+    for s, g in enumerate(groups):
+        if rank in g:
+            return Role(
+                rank=rank,
+                device=plan.devices[rank],
+                stage=s,
+                num_stages=len(groups),
+                mode=plan.stages[s].mode,
+                group=g,
+                index=g.index(rank),
+                prev_group=groups[s - 1] if s > 0 else (),
+                next_group=groups[s + 1] if s + 1 < len(groups) else (),
+            )
+    raise PlanError(f"rank {rank} is outside the plan's {plan.world_size} ranks")
+
+
+Region = tuple[int, int, int, int]  # (batch start, batch stop, token start, token stop) in a micro-batch
+
+
+def stage_regions(plan: Plan, stage: int, shape: Shape) -> list[Region]:
+    """The part of each micro-batch's activations each device of a stage holds."""
+    sp = stage_split(plan, stage, shape)
+    mode = plan.stages[stage].mode
+    mb = microbatch_size(plan, shape)
+    out = []
+    for i in range(len(plan.stages[stage].devices)):
+        if mode == "dp":
+            b0 = offsets(sp.batch)[i]
+            out.append((b0, b0 + sp.batch[i], 0, shape.seq_len))
+        elif mode == "sp":
+            t0 = offsets(sp.seq)[i]
+            out.append((0, mb, t0, t0 + sp.seq[i]))
+        else:
+            out.append((0, mb, 0, shape.seq_len))
+    return out
+
+
+@dataclass(frozen=True)
+class Transfer:
+    src: int  # index in the sending group
+    dst: int  # index in the receiving group
+    region: Region  # in micro-batch coordinates
+
+
+def transfers(have: list[Region], have_replicated: bool, need: list[Region]) -> list[Transfer]:
+    """Who sends which part of a tensor to whom between two groups.
+
+    ``have[i]`` is what sender i holds, ``need[j]`` what receiver j needs. When the
+    senders hold replicas (a tp group), receiver j takes everything from sender
+    ``j % len(have)``, spreading the load; otherwise each receiver takes the
+    intersection of its need with every sender's part. Used forward for activations
+    and labels, and in reverse for gradients.
+    """
+    out = []
+    for j, (nb0, nb1, nt0, nt1) in enumerate(need):
+        srcs = [j % len(have)] if have_replicated else range(len(have))
+        for i in srcs:
+            hb0, hb1, ht0, ht1 = have[i]
+            b0, b1, t0, t1 = max(nb0, hb0), min(nb1, hb1), max(nt0, ht0), min(nt1, ht1)
+            if b0 < b1 and t0 < t1:
+                out.append(Transfer(src=i, dst=j, region=(b0, b1, t0, t1)))
+    return out
+
+
+def forward_transfers(plan: Plan, stage: int, shape: Shape) -> list[Transfer]:
+    """Activations from ``stage`` to ``stage + 1`` (indices into each stage's group)."""
+    return transfers(
+        stage_regions(plan, stage, shape), plan.stages[stage].mode == "tp", stage_regions(plan, stage + 1, shape)
+    )
+
+
+def backward_transfers(plan: Plan, stage: int, shape: Shape) -> list[Transfer]:
+    """Gradients from ``stage + 1`` back to ``stage``; src indexes stage + 1's group."""
+    return transfers(
+        stage_regions(plan, stage + 1, shape), plan.stages[stage + 1].mode == "tp", stage_regions(plan, stage, shape)
+    )
