@@ -1,0 +1,55 @@
+"""``edgepool`` entry point.
+
+Subcommands live in their own modules under ``edgepool.cli`` and are imported only when
+used, so ``edgepool --help`` and the pure commands stay fast (no torch). Each module
+exposes ``add_parser(subparsers)`` and ``run(args) -> int``.
+
+Any ``EdgepoolError`` is printed as one line, without a traceback, and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from edgepool.errors import EdgepoolError
+
+# name -> (module, one-line help). Modules are imported lazily.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("edgepool.cli.train", "train a model on a pool of devices"),
+    "hosts": ("edgepool.cli.hosts", "print the torchrun command each real host needs"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgepool", description="Train Transformers on a pool of edge devices.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_)
+            continue
+        importlib.import_module(module).add_parser(sub.add_parser(name, help=help_))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(only=command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except EdgepoolError as exc:
+        print(f"edgepool {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"edgepool {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
