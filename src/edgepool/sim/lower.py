@@ -11,6 +11,12 @@ Op kinds, per micro-batch ``mb``:
   group's own collectives (tp all-reduces, sp K/V all-gathers);
 - ``recv_grad`` / ``send_grad``: activation gradients from the next stage / to the
   previous one;
+- ``embed`` / ``embed_bwd`` (data owners only): embed the device's own samples and send
+  them into stage 0; later take their gradient back and finish the backward;
+- ``head`` (data owners only): receive the last stage's output for the device's own
+  samples, compute head, loss and its backward with the device's own labels, and send
+  the gradient back. Raw data (token ids and labels) never leaves its device; see
+  ``specs.plan.owner_regions`` and ``specs.plan.boundary``.
 
 and once per step ``sync_grads`` (all-reduce of replicated gradients inside a dp or sp
 group) then ``optim``.
@@ -21,6 +27,10 @@ Schedules (S stages, M micro-batches, stage s):
 - ``1f1b``: ``w = min(S - s - 1, M)`` warm-up forwards, then M - w pairs of one forward
   and one backward, then w cool-down backwards (Narayanan et al., PipeDream-Flush). At
   most ``w + 1`` micro-batches' activations are alive at once, instead of M.
+
+A data owner sits on stage 0, so its ``head`` of micro-batch i is placed just before
+stage 0's backward of i (which waits on it through the whole pipeline), and its
+``embed`` just before stage 0's forward of i.
 
 Sends are asynchronous and receives blocking in the runtime; both schedules are
 deadlock-free under that rule because every stage consumes micro-batches in the order
@@ -34,7 +44,9 @@ from typing import Literal
 
 from edgepool.specs.plan import Plan, role_of
 
-OpKind = Literal["recv_act", "fwd", "send_act", "recv_grad", "bwd", "send_grad", "sync_grads", "optim"]
+OpKind = Literal[
+    "embed", "recv_act", "fwd", "send_act", "head", "recv_grad", "bwd", "send_grad", "embed_bwd", "sync_grads", "optim"
+]
 
 
 @dataclass(frozen=True)
@@ -59,22 +71,26 @@ def compute_order(num_stages: int, stage: int, num_microbatches: int, schedule: 
     return order
 
 
+def is_data_owner(plan: Plan, rank: int) -> bool:
+    role = role_of(plan, rank)
+    return role.is_first and (role.mode == "dp" or role.index == 0)
+
+
 def lower_rank(plan: Plan, rank: int) -> list[Op]:
     role = role_of(plan, rank)
+    owner = is_data_owner(plan, rank)
     ops: list[Op] = []
     for kind, mb in compute_order(role.num_stages, role.stage, plan.num_microbatches, plan.schedule):
         if kind == "F":
-            if not role.is_first:
-                ops.append(Op("recv_act", mb))
-            ops.append(Op("fwd", mb))
-            if not role.is_last:
-                ops.append(Op("send_act", mb))
+            if owner:
+                ops.append(Op("embed", mb))
+            ops += [Op("recv_act", mb), Op("fwd", mb), Op("send_act", mb)]
         else:
-            if not role.is_last:
-                ops.append(Op("recv_grad", mb))
-            ops.append(Op("bwd", mb))
-            if not role.is_first:
-                ops.append(Op("send_grad", mb))
+            if owner:
+                ops.append(Op("head", mb))
+            ops += [Op("recv_grad", mb), Op("bwd", mb), Op("send_grad", mb)]
+            if owner:
+                ops.append(Op("embed_bwd", mb))
     if len(role.group) > 1 and role.mode in ("dp", "sp"):
         ops.append(Op("sync_grads"))
     ops.append(Op("optim"))

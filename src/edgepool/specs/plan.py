@@ -321,19 +321,37 @@ def stage_regions(plan: Plan, stage: int, shape: Shape) -> list[Region]:
 
 @dataclass(frozen=True)
 class Transfer:
-    src: int  # index in the sending group
-    dst: int  # index in the receiving group
+    src: int  # sending rank
+    dst: int  # receiving rank
     region: Region  # in micro-batch coordinates
 
 
-def transfers(have: list[Region], have_replicated: bool, need: list[Region]) -> list[Transfer]:
+EMPTY: Region = (0, 0, 0, 0)
+
+
+def owner_regions(plan: Plan, shape: Shape) -> list[Region]:
+    """The part of each micro-batch whose raw data each first-stage device owns.
+
+    Data never leaves its device: a device reads its samples from its own file, embeds
+    them, and computes the loss on them with its own labels. In a dp first stage every
+    device owns its batch share; in a tp or sp first stage the group's first device owns
+    the whole micro-batch and the others own nothing (they receive embedded activations).
+    """
+    regions = stage_regions(plan, 0, shape)
+    if plan.stages[0].mode == "dp":
+        return regions
+    mb = microbatch_size(plan, shape)
+    return [(0, mb, 0, shape.seq_len)] + [EMPTY] * (len(regions) - 1)
+
+
+def transfers(have: list[Region], have_replicated: bool, need: list[Region]) -> list[tuple[int, int, Region]]:
     """Who sends which part of a tensor to whom between two groups.
 
     ``have[i]`` is what sender i holds, ``need[j]`` what receiver j needs. When the
     senders hold replicas (a tp group), receiver j takes everything from sender
     ``j % len(have)``, spreading the load; otherwise each receiver takes the
-    intersection of its need with every sender's part. Used forward for activations
-    and labels, and in reverse for gradients.
+    intersection of its need with every sender's part. Returns (sender index,
+    receiver index, region) triples.
     """
     out = []
     for j, (nb0, nb1, nt0, nt1) in enumerate(need):
@@ -342,19 +360,30 @@ def transfers(have: list[Region], have_replicated: bool, need: list[Region]) -> 
             hb0, hb1, ht0, ht1 = have[i]
             b0, b1, t0, t1 = max(nb0, hb0), min(nb1, hb1), max(nt0, ht0), min(nt1, ht1)
             if b0 < b1 and t0 < t1:
-                out.append(Transfer(src=i, dst=j, region=(b0, b1, t0, t1)))
+                out.append((i, j, (b0, b1, t0, t1)))
     return out
 
 
-def forward_transfers(plan: Plan, stage: int, shape: Shape) -> list[Transfer]:
-    """Activations from ``stage`` to ``stage + 1`` (indices into each stage's group)."""
-    return transfers(
-        stage_regions(plan, stage, shape), plan.stages[stage].mode == "tp", stage_regions(plan, stage + 1, shape)
-    )
+def boundary(plan: Plan, shape: Shape, k: int, *, backward: bool = False) -> list[Transfer]:
+    """The transfers across boundary ``k`` of a micro-batch, as global ranks.
 
+    Boundary 0 runs from the data owners (embedding) into stage 0's blocks, boundary k
+    (0 < k < S) from stage k-1 to stage k, and boundary S from the last stage's blocks
+    to the data owners (head and loss). Forward carries activations; ``backward=True``
+    carries their gradients the other way. A tp group holds replicas of its input and
+    output and of their gradients, so one replica sends each piece.
+    """
+    num_stages = len(plan.stages)
+    ranks = stage_ranks(plan)
+    owner = (ranks[0], owner_regions(plan, shape), False)
 
-def backward_transfers(plan: Plan, stage: int, shape: Shape) -> list[Transfer]:
-    """Gradients from ``stage + 1`` back to ``stage``; src indexes stage + 1's group."""
-    return transfers(
-        stage_regions(plan, stage + 1, shape), plan.stages[stage + 1].mode == "tp", stage_regions(plan, stage, shape)
-    )
+    def side(s: int) -> tuple[tuple[int, ...], list[Region], bool]:
+        return ranks[s], stage_regions(plan, s, shape), plan.stages[s].mode == "tp"
+
+    src = owner if k == 0 else side(k - 1)
+    dst = owner if k == num_stages else side(k)
+    if backward:
+        src, dst = dst, src
+    src_ranks, have, replicated = src
+    dst_ranks, need, _ = dst
+    return [Transfer(src_ranks[i], dst_ranks[j], r) for i, j, r in transfers(have, replicated, need)]
