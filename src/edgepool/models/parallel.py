@@ -28,6 +28,11 @@ class ParallelCtx:
     sp_group: object | None = None
     sp_lens: tuple[int, ...] = ()  # tokens per sp rank
     sp_index: int = 0
+    wire: object | None = None  # counts collective bytes (runtime.wire.Wire)
+
+    def count(self, tensor: torch.Tensor, group, kind: str) -> None:
+        if self.wire is not None:
+            self.wire.count_collective(tensor, dist.get_world_size(group), kind)
 
     @property
     def seq_offset(self) -> int:
@@ -39,22 +44,24 @@ SERIAL = ParallelCtx()
 
 class _TPCopy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, pctx):
+        ctx.pctx = pctx
         return x
 
     @staticmethod
     def backward(ctx, g):
         g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
+        ctx.pctx.count(g, ctx.pctx.tp_group, "all_reduce")
+        dist.all_reduce(g, group=ctx.pctx.tp_group)
         return g, None
 
 
 class _TPReduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, pctx):
         x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
+        pctx.count(x, pctx.tp_group, "all_reduce")
+        dist.all_reduce(x, group=pctx.tp_group)
         return x
 
     @staticmethod
@@ -66,30 +73,34 @@ class _SPGather(torch.autograd.Function):
     """Gather [b, t_i, ...] slices along dim 1 into [b, sum t_i, ...]."""
 
     @staticmethod
-    def forward(ctx, x, group, lens, index):
-        ctx.group, ctx.lens, ctx.index = group, lens, index
+    def forward(ctx, x, pctx):
+        ctx.pctx = pctx
+        group, lens = pctx.sp_group, pctx.sp_lens
         longest = max(lens)
         pad = [0] * (2 * (x.dim() - 2)) + [0, longest - x.shape[1]]
         padded = torch.nn.functional.pad(x.contiguous(), pad)
         parts = [torch.empty_like(padded) for _ in lens]
+        pctx.count(padded, group, "all_gather")
         dist.all_gather(parts, padded, group=group)
         return torch.cat([p[:, :n] for p, n in zip(parts, lens)], dim=1)
 
     @staticmethod
     def backward(ctx, g):
+        pctx = ctx.pctx
         g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        start = sum(ctx.lens[: ctx.index])
-        return g[:, start : start + ctx.lens[ctx.index]], None, None, None
+        pctx.count(g, pctx.sp_group, "all_reduce")
+        dist.all_reduce(g, group=pctx.sp_group)
+        start = pctx.seq_offset
+        return g[:, start : start + pctx.sp_lens[pctx.sp_index]], None
 
 
 def tp_copy(x: torch.Tensor, ctx: ParallelCtx) -> torch.Tensor:
-    return x if ctx.tp_group is None else _TPCopy.apply(x, ctx.tp_group)
+    return x if ctx.tp_group is None else _TPCopy.apply(x, ctx)
 
 
 def tp_reduce(x: torch.Tensor, ctx: ParallelCtx) -> torch.Tensor:
-    return x if ctx.tp_group is None else _TPReduce.apply(x, ctx.tp_group)
+    return x if ctx.tp_group is None else _TPReduce.apply(x, ctx)
 
 
 def sp_gather(x: torch.Tensor, ctx: ParallelCtx) -> torch.Tensor:
-    return x if ctx.sp_group is None else _SPGather.apply(x, ctx.sp_group, ctx.sp_lens, ctx.sp_index)
+    return x if ctx.sp_group is None else _SPGather.apply(x, ctx)

@@ -1,0 +1,277 @@
+"""One rank's part of a Plan: build its layers, run ``lower(plan)`` each step.
+
+Composition order (fixed, as in torchtitan):
+
+1. build only this stage's parts (blocks of its layer range; embed and head only on a
+   data owner), seeded so they equal the same parts of a single-device model;
+2. TP: slice each block to this device's heads and FFN columns (``models.tp``);
+3. SP: give each block this device's token slice of the sequence;
+4. DP/SP replicas: gradients are all-reduced in the stage group once per step;
+5. the optimizer over the local parameters;
+6. the pipeline schedule: the ops of ``sim.lower.lower_rank``, executed in order.
+
+Gradient weighting: every loss is a sum over a device's own target tokens divided by
+the number of target tokens in the whole global batch, so summing gradients over
+micro-batches and over a group's replicas gives exactly the full-batch gradient, for
+any (uneven) shares. Activations and their gradients cross stage boundaries as regions
+of micro-batches (``specs.plan.boundary``); token ids and labels never leave the data
+owner.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from edgepool.data import IGNORE, Sampler
+from edgepool.models import StageModel
+from edgepool.models.config import ModelConfig
+from edgepool.models.parallel import ParallelCtx
+from edgepool.models.tp import shard_block
+from edgepool.runtime.groups import StageGroups
+from edgepool.runtime.wire import Wire
+from edgepool.sim.lower import is_data_owner, lower_rank
+from edgepool.specs.plan import EMPTY, Plan, Region, Shape, boundary, offsets, owner_regions, role_of, stage_regions, stage_split
+
+
+@dataclass
+class StepResult:
+    loss: float  # the global loss of the step (same on every rank)
+    step_time_s: float
+    bytes_sent: int  # by this rank during the step
+    peak_memory_bytes: int  # peak resident memory of this rank's process so far
+    trace: list[tuple[str, float, float]] = field(default_factory=list)  # (op, start_s, end_s)
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class Engine:
+    def __init__(self, plan: Plan, cfg: ModelConfig, *, rank: int, sampler: Sampler | None, global_batch: int,
+                 seq_len: int, groups: StageGroups, lr: float, optimizer: str = "adamw", weight_decay: float = 0.0,
+                 seed: int = 0, timeout_s: float = 60.0, state_dict: dict[str, torch.Tensor] | None = None):
+        self.plan, self.cfg, self.rank = plan, cfg, rank
+        self.role = role_of(plan, rank)
+        self.shape = Shape(global_batch=global_batch, seq_len=seq_len, num_heads=cfg.num_heads, ffn=cfg.ffn,
+                           num_kv_heads=cfg.num_kv_heads)
+        self.owner = is_data_owner(plan, rank)
+        self.sampler = sampler
+        if self.owner and sampler is None:
+            raise ValueError("a data owner needs a sampler")
+        self.ops = lower_rank(plan, rank)
+        self.wire = Wire(rank, timeout_s, plan.devices)
+        self.group = groups.of_stage(self.role.stage)
+        s, i = self.role.stage, self.role.index
+        self.region: Region = stage_regions(plan, s, self.shape)[i]
+        self.owner_region: Region = owner_regions(plan, self.shape)[i] if s == 0 else EMPTY
+        self.mb_size = global_batch // plan.num_microbatches
+        self.num_targets = global_batch * (sampler.targets_per_sample() if sampler else 0)
+
+        # 1. this stage's parts only
+        st = plan.stages[s]
+        model = StageModel(cfg, st.layers, embed=self.owner, head=self.owner, seed=seed)
+        split = stage_split(plan, s, self.shape)
+        ctx = ParallelCtx(wire=self.wire)
+        self.shard_spec: dict[str, tuple[int, int, int]] = {}
+        if st.mode == "tp" and self.group is not None:
+            # 2. TP: this device's heads and FFN columns
+            h0, f0 = offsets(split.heads)[i], offsets(split.ffn)[i]
+            ctx.tp_group = self.group
+            for name, block in model.blocks.items():
+                spec = shard_block(block, heads=(h0, h0 + split.heads[i]), ffn=(f0, f0 + split.ffn[i]))
+                self.shard_spec.update({f"blocks.{name}.{k}": v for k, v in spec.items()})
+        if st.mode == "sp" and self.group is not None:
+            # 3. SP: this device's tokens
+            ctx.sp_group, ctx.sp_lens, ctx.sp_index = self.group, split.seq, i
+        for block in model.blocks.values():
+            block.set_ctx(ctx)
+        self.model = model
+        if state_dict is not None:
+            self.load_full_state(state_dict)
+        # 4. replicated parameters synchronised once per step
+        self.sync_params = []
+        if self.group is not None and st.mode in ("dp", "sp"):
+            self.sync_params = list(model.blocks.parameters())
+            if st.mode == "dp":  # every dp device owns data, so embed and head are replicas too
+                self.sync_params += [p for m in (model.embed, model.head) if m is not None for p in m.parameters()]
+        # 5. optimizer
+        params = list(model.parameters())
+        if optimizer == "sgd":
+            self.optim = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+        else:
+            self.optim = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        # 6. the boundaries this rank takes part in
+        num_stages = len(plan.stages)
+        self._fwd = {k: boundary(plan, self.shape, k) for k in range(num_stages + 1)}
+        self._bwd = {k: boundary(plan, self.shape, k, backward=True) for k in range(num_stages + 1)}
+        self._tags = 2 * (num_stages + 1)
+        self._state: dict[str, dict[int, object]] = {}
+
+    # -- helpers -----------------------------------------------------------------------
+    def _tag(self, mb: int, k: int, grad: bool) -> int:
+        return mb * self._tags + 2 * k + int(grad)
+
+    def _send(self, tensor: torch.Tensor, have: Region, transfers, mb: int, k: int, grad: bool) -> None:
+        hb, ht = have[0], have[2]
+        for t in transfers:
+            if t.src != self.rank:
+                continue
+            b0, b1, t0, t1 = t.region
+            self.wire.send(tensor[b0 - hb : b1 - hb, t0 - ht : t1 - ht].detach().contiguous(), t.dst, self._tag(mb, k, grad))
+
+    def _recv(self, need: Region, transfers, mb: int, k: int, grad: bool) -> torch.Tensor:
+        nb0, nb1, nt0, nt1 = need
+        buf = torch.zeros(nb1 - nb0, nt1 - nt0, self.cfg.hidden)
+        for t in transfers:
+            if t.dst != self.rank:
+                continue
+            b0, b1, t0, t1 = t.region
+            what = f"{'gradients' if grad else 'activations'} of micro-batch {mb} across boundary {k}"
+            piece = self.wire.recv((b1 - b0, t1 - t0, self.cfg.hidden), buf.dtype, t.src, self._tag(mb, k, grad), what)
+            buf[b0 - nb0 : b1 - nb0, t0 - nt0 : t1 - nt0] = piece
+        return buf
+
+    def _put(self, key: str, mb: int, value) -> None:
+        self._state.setdefault(key, {})[mb] = value
+
+    def _pop(self, key: str, mb: int):
+        return self._state[key].pop(mb)
+
+    # -- ops (named after sim.lower's op kinds) ---------------------------------------
+    def _op_embed(self, mb: int) -> None:
+        b0, b1 = self.owner_region[0], self.owner_region[1]
+        start = mb * self.mb_size
+        ids, labels = self.sampler.batch(self._step, range(start + b0, start + b1))
+        e = self.model.embed(torch.from_numpy(ids))
+        self._put("embed", mb, e)
+        self._put("labels", mb, torch.from_numpy(labels))
+        self._send(e, self.owner_region, self._fwd[0], mb, 0, False)
+
+    def _op_recv_act(self, mb: int) -> None:
+        k = self.role.stage
+        x = self._recv(self.region, self._fwd[k], mb, k, False).requires_grad_(True)
+        self._put("x", mb, x)
+
+    def _op_fwd(self, mb: int) -> None:
+        x = self._state["x"][mb]
+        self._put("y", mb, self.model.run_blocks(x))
+
+    def _op_send_act(self, mb: int) -> None:
+        k = self.role.stage + 1
+        self._send(self._state["y"][mb], self.region, self._fwd[k], mb, k, False)
+
+    def _op_head(self, mb: int) -> None:
+        k = len(self.plan.stages)
+        h = self._recv(self.owner_region, self._fwd[k], mb, k, False).requires_grad_(True)
+        logits = self.model.head(h)
+        labels = self._pop("labels", mb)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                               reduction="sum") / self.num_targets
+        loss.backward()
+        self._loss += loss.detach()
+        self._send(h.grad, self.owner_region, self._bwd[k], mb, k, True)
+
+    def _op_recv_grad(self, mb: int) -> None:
+        k = self.role.stage + 1
+        self._put("gy", mb, self._recv(self.region, self._bwd[k], mb, k, True))
+
+    def _op_bwd(self, mb: int) -> None:
+        y, gy = self._pop("y", mb), self._pop("gy", mb)
+        torch.autograd.backward(y, gy)
+
+    def _op_send_grad(self, mb: int) -> None:
+        k = self.role.stage
+        x = self._pop("x", mb)
+        self._send(x.grad, self.region, self._bwd[k], mb, k, True)
+
+    def _op_embed_bwd(self, mb: int) -> None:
+        g = self._recv(self.owner_region, self._bwd[0], mb, 0, True)
+        self._pop("embed", mb).backward(g)
+
+    def _op_sync_grads(self, mb: int) -> None:
+        grads = []
+        for p in self.sync_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = _flatten_dense_tensors(grads)
+        self.wire.count_collective(flat, dist.get_world_size(self.group), "all_reduce")
+        dist.all_reduce(flat, group=self.group)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    def _op_optim(self, mb: int) -> None:
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+
+    # -- one step ----------------------------------------------------------------------
+    def step(self, step: int, *, trace: bool = False) -> StepResult:
+        self._step = step
+        self._loss = torch.zeros(())
+        sent0 = self.wire.bytes_sent
+        events: list[tuple[str, float, float]] = []
+        t_start = time.perf_counter()
+        self.model.train()
+        for op in self.ops:
+            t0 = time.perf_counter()
+            getattr(self, f"_op_{op.kind}")(op.mb)
+            if trace:
+                events.append((str(op), t0 - t_start, time.perf_counter() - t_start))
+        self.wire.flush()
+        loss = self._loss.clone()
+        dist.all_reduce(loss)  # the loss lives on the data owners; everyone learns the total
+        return StepResult(
+            loss=float(loss), step_time_s=time.perf_counter() - t_start, bytes_sent=self.wire.bytes_sent - sent0,
+            peak_memory_bytes=peak_rss_bytes(), trace=events,
+        )
+
+    # -- state in full-model coordinates ----------------------------------------------
+    def local_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def load_full_state(self, full: dict[str, torch.Tensor]) -> None:
+        """Load full-model tensors, slicing TP shards; missing parts are an error."""
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in full]
+        if missing:
+            raise KeyError(f"state is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for name, t in own.items():
+                src = full[name]
+                if name in self.shard_spec:
+                    dim, a, b = self.shard_spec[name]
+                    src = src.narrow(dim, a, b - a)
+                t.copy_(src)
+
+
+def stitch(states: list[dict[str, torch.Tensor]], specs: list[dict[str, tuple[int, int, int]]]) -> dict[str, torch.Tensor]:
+    """Full-model tensors from every rank's local state and shard spec."""
+    full: dict[str, torch.Tensor] = {}
+    pieces: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
+    for state, spec in zip(states, specs):
+        for name, t in state.items():
+            if name in spec:
+                dim, a, _ = spec[name]
+                pieces.setdefault(name, []).append((dim, a, t))
+            else:
+                full.setdefault(name, t)
+    for name, parts in pieces.items():
+        parts.sort(key=lambda p: p[1])
+        full[name] = torch.cat([t for _, _, t in parts], dim=parts[0][0])
+    return full
+
+
+def gather_full_state(engine: Engine) -> dict[str, torch.Tensor]:
+    """The full model on every rank (all-gather of local states; small models only)."""
+    objs: list = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, (engine.local_state(), engine.shard_spec))
+    return stitch([o[0] for o in objs], [o[1] for o in objs])
+
+

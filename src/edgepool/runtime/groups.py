@@ -1,0 +1,55 @@
+"""Process groups from a Plan: the one place that knows how groups are made.
+
+``init_world`` joins the world group with a timeout; ``StageGroups.build(plan)`` makes
+one subgroup per multi-device stage (every rank creates every group, in plan order, as
+torch.distributed requires) and ``destroy()`` tears them down, so a running process can
+rebuild its groups for a new plan after a device leaves or joins.
+
+Backend: gloo. NCCL would need every rank of a group to hold CUDA tensors; the runtime
+keeps tensors on the CPU today, so it never picks NCCL (see docs/runtime.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from edgepool.specs.plan import Plan, stage_ranks
+
+
+def init_world(rank: int, world_size: int, *, init_method: str, timeout_s: float) -> None:
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+    )
+
+
+@dataclass
+class StageGroups:
+    plan: Plan
+    rank: int
+    timeout_s: float
+    stage_groups: list = field(default_factory=list)  # one per stage; None for single-device stages
+
+    @classmethod
+    def build(cls, plan: Plan, rank: int, timeout_s: float) -> "StageGroups":
+        self = cls(plan=plan, rank=rank, timeout_s=timeout_s)
+        for ranks in stage_ranks(plan):
+            group = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s)) if len(ranks) > 1 else None
+            self.stage_groups.append(group)
+        return self
+
+    def of_stage(self, stage: int):
+        return self.stage_groups[stage]
+
+    def destroy(self) -> None:
+        for g in self.stage_groups:
+            if g is not None:
+                dist.destroy_process_group(g)
+        self.stage_groups = []
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

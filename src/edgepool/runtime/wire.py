@@ -1,0 +1,69 @@
+"""Point-to-point transfers with timeouts, a local mailbox and byte counting.
+
+``send`` is asynchronous (``dist.isend``); ``recv`` blocks on ``dist.irecv`` with the
+run's timeout and raises a ``PeerError`` naming the silent peer. A transfer to the
+rank itself never touches the network: it goes through an in-process mailbox.
+
+``bytes_sent`` counts what this rank handed to the network: point-to-point payloads
+exactly, collectives as the bytes a ring algorithm sends (``2 (n - 1) / n`` of the
+tensor for an all-reduce, ``(n - 1) / n`` of the result for an all-gather). Gloo may
+pick another algorithm, so collective bytes are an estimate and labelled so.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from edgepool.errors import PeerError
+
+
+class Wire:
+    def __init__(self, rank: int, timeout_s: float, names: list[str]):
+        self.rank, self.timeout_s, self.names = rank, timeout_s, names
+        self._mailbox: dict[tuple[int, int], torch.Tensor] = {}
+        self._pending: list[tuple[object, int]] = []
+        self.bytes_sent = 0
+
+    def _who(self, rank: int) -> str:
+        return f"rank {rank} ({self.names[rank]})"
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        if dst == self.rank:
+            self._mailbox[(dst, tag)] = tensor
+            return
+        t = tensor.contiguous()
+        self._pending.append((dist.isend(t, dst, tag=tag), dst))
+        self.bytes_sent += t.numel() * t.element_size()
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int, what: str) -> torch.Tensor:
+        if src == self.rank:
+            return self._mailbox.pop((src, tag))
+        buf = torch.empty(shape, dtype=dtype)
+        work = dist.irecv(buf, src, tag=tag)
+        self._wait(work, src, f"receiving {what}")
+        return buf
+
+    def _wait(self, work, peer: int, what: str) -> None:
+        try:
+            ok = work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except RuntimeError as exc:
+            raise PeerError(f"{self._who(peer)} failed or did not answer within {self.timeout_s:g} s while {what}: {str(exc).splitlines()[0]}") from None
+        if ok is False:
+            raise PeerError(f"{self._who(peer)} did not answer within {self.timeout_s:g} s while {what}")
+
+    def flush(self) -> None:
+        """Wait for every pending send."""
+        pending, self._pending = self._pending, []
+        for work, dst in pending:
+            self._wait(work, dst, "sending")
+        assert not self._mailbox, f"unconsumed local transfers: {list(self._mailbox)}"
+
+    def count_collective(self, tensor: torch.Tensor, group_size: int, kind: str) -> None:
+        if group_size <= 1:
+            return
+        nbytes = tensor.numel() * tensor.element_size()
+        factor = 2 * (group_size - 1) / group_size if kind == "all_reduce" else (group_size - 1) / group_size
+        self.bytes_sent += int(nbytes * factor)

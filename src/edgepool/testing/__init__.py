@@ -1,0 +1,1 @@
+"""Helpers shipped for tests: forked multi-rank runs and tiny specs."""
