@@ -1,0 +1,153 @@
+"""How much host CPU and memory each emulated device gets (pure functions).
+
+CPU. Every emulated device has a relative speed: its ``compute_scale`` or the
+catalog's ``relative_speed`` for its kind and power mode (1.0 = a Jetson Nano at MAXN).
+The testbed keeps the *ratios* between devices and chooses one scale factor,
+``cores_per_speed`` (host CPU cores per unit of relative speed), so that
+
+- ``fit="sum"`` (default): the caps of all emulated devices add up to the host's CPUs.
+  No two devices ever compete for a core, so the ratios hold even when every device
+  computes at once (data, tensor and sequence parallelism).
+- ``fit="fastest"``: the fastest device gets the whole host. Faster absolute times, but
+  the caps add up to more than the host has whenever two or more devices are busy at
+  once; the plan then carries a warning, because the pool would lie.
+
+``cap_cores = speed * cores_per_speed``, never below ``min_cores``. Absolute times on
+the testbed are this host's; only the ratios are the pool's.
+
+Memory. ``memory_gb`` (or the catalog's) is the device's memory; the cap is that many
+bytes (1 GB = 10^9 bytes). ``memory_fit="exact"`` (default) keeps every cap exact, which
+is what makes out-of-memory results faithful, and warns if the caps add up to more than
+the host has available. ``memory_fit="fit"`` scales every cap by one factor so that the
+caps add up to at most ``memory_headroom`` of the available memory; a model that fits
+a device then needs the same scale, so use it only for smoke runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from edgepool.specs.pool import DeviceSpec
+from edgepool.testbed.cgroups import CFS_PERIOD_US, MIN_QUOTA_US
+
+CpuFit = Literal["sum", "fastest"]
+MemoryFit = Literal["exact", "fit"]
+
+
+@dataclass(frozen=True)
+class DeviceCaps:
+    device: str
+    speed: float
+    cpu_cores: float
+    cpu_quota_us: int
+    cpu_period_us: int
+    memory_bytes: int
+
+    @property
+    def num_threads(self) -> int:
+        """Threads a rank should use: enough to consume its cap, at least one."""
+        return max(1, math.ceil(self.cpu_cores - 1e-9))
+
+
+@dataclass(frozen=True)
+class CapsPlan:
+    devices: tuple[DeviceCaps, ...]
+    host_cpus: float
+    host_memory_bytes: int
+    cores_per_speed: float
+    memory_scale: float
+    cpu_fit: CpuFit
+    memory_fit: MemoryFit
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def of(self, device: str) -> DeviceCaps:
+        for c in self.devices:
+            if c.device == device:
+                return c
+        raise KeyError(device)
+
+    @property
+    def total_cores(self) -> float:
+        return sum(c.cpu_cores for c in self.devices)
+
+    def describe(self) -> str:
+        return (
+            f"CPU scale: 1.0 relative speed = {self.cores_per_speed:.3f} host cores "
+            f"({self.total_cores:.2f} of {self.host_cpus:g} host cores capped, fit={self.cpu_fit}); "
+            f"memory scale {self.memory_scale:.3f} (fit={self.memory_fit})"
+        )
+
+
+def plan_caps(
+    devices: Sequence[DeviceSpec],
+    *,
+    host_cpus: float,
+    host_memory_bytes: int,
+    cpu_fit: CpuFit = "sum",
+    memory_fit: MemoryFit = "exact",
+    min_cores: float = 0.05,
+    memory_headroom: float = 0.8,
+    period_us: int = CFS_PERIOD_US,
+) -> CapsPlan:
+    """Caps for ``devices`` (the emulated ones) on a host with ``host_cpus`` CPUs."""
+    if cpu_fit not in ("sum", "fastest"):
+        raise ValueError(f"cpu_fit must be 'sum' or 'fastest', got {cpu_fit!r}")
+    if memory_fit not in ("exact", "fit"):
+        raise ValueError(f"memory_fit must be 'exact' or 'fit', got {memory_fit!r}")
+    if host_cpus <= 0:
+        raise ValueError(f"host_cpus must be > 0, got {host_cpus}")
+    warnings: list[str] = []
+    if not devices:
+        return CapsPlan((), host_cpus, host_memory_bytes, 0.0, 1.0, cpu_fit, memory_fit, ())
+    speeds = [d.speed() for d in devices]
+    if cpu_fit == "sum":
+        cores_per_speed = host_cpus / sum(speeds)
+    else:
+        cores_per_speed = host_cpus / max(speeds)
+    mems = [int(round(d.resolved_memory_gb() * 1e9)) for d in devices]
+    memory_scale = 1.0
+    total_mem = sum(mems)
+    if memory_fit == "fit" and host_memory_bytes > 0 and total_mem > memory_headroom * host_memory_bytes:
+        memory_scale = memory_headroom * host_memory_bytes / total_mem
+    caps = []
+    for d, s, m in zip(devices, speeds, mems):
+        raw = s * cores_per_speed
+        cores = max(min_cores, raw, MIN_QUOTA_US / period_us)
+        if cores > raw + 1e-12:
+            warnings.append(
+                f"{d.name}: relative speed {s:g} would get {raw:.3f} cores; raised to the "
+                f"floor of {cores:.3f} cores, so it runs relatively faster than the pool says"
+            )
+        caps.append(
+            DeviceCaps(
+                device=d.name,
+                speed=s,
+                cpu_cores=cores,
+                cpu_quota_us=int(round(cores * period_us)),
+                cpu_period_us=period_us,
+                memory_bytes=int(m * memory_scale),
+            )
+        )
+    total_cores = sum(c.cpu_cores for c in caps)
+    if total_cores > host_cpus * 1.001:
+        warnings.append(
+            f"CPU caps add up to {total_cores:.2f} cores but this host has {host_cpus:g}: devices that compute "
+            f"at the same time slow each other down and the measured ratios lie; use cpu_fit='sum' or fewer devices"
+        )
+    if memory_fit == "exact" and host_memory_bytes > 0 and total_mem > host_memory_bytes:
+        warnings.append(
+            f"memory caps add up to {total_mem / 1e9:.1f} GB but the host has {host_memory_bytes / 1e9:.1f} GB "
+            f"available: the host may run out of memory before a device does; use memory_fit='fit' for a smoke run"
+        )
+    return CapsPlan(
+        devices=tuple(caps),
+        host_cpus=host_cpus,
+        host_memory_bytes=host_memory_bytes,
+        cores_per_speed=cores_per_speed,
+        memory_scale=memory_scale,
+        cpu_fit=cpu_fit,
+        memory_fit=memory_fit,
+        warnings=tuple(warnings),
+    )
