@@ -50,6 +50,10 @@ class StageGroups:
         self.stage_groups = []
 
 
-def shutdown() -> None:
+def shutdown(*, clean: bool = True) -> None:
+    """Leave the world group. After a clean run, wait for every rank first: a gloo peer
+    that closes its connections while another still uses them aborts that process."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

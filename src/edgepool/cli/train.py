@@ -1,0 +1,38 @@
+"""``edgepool train``: validate everything, then start one process per device."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pool", required=True, help="pool file (YAML)")
+    p.add_argument("--job", required=True, help="job file (YAML)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--plan", help="plan file (JSON or YAML), e.g. from `edgepool plan -o`")
+    g.add_argument("--parallelism", choices=["single", "dp", "sp", "tp", "pp", "hybrid", "auto"],
+                   help="build a plan of this family (shares in proportion to device speed)")
+    p.add_argument("--steps", type=int, help="override the job's step count")
+    p.add_argument("--out", required=True, help="output folder (metrics.jsonl, summary.json, checkpoints/)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from edgepool.launch.local import launch_local
+    from edgepool.launch.prepare import prepare_run
+
+    console = Console(stderr=True)
+    spec = prepare_run(args.pool, args.job, out_dir=args.out, plan_path=args.plan, parallelism=args.parallelism,
+                       steps=args.steps, resume=args.resume)
+    plan = spec.plan
+    console.print(f"plan {plan.plan_id}: {plan.parallelism}, {len(plan.stages)} stage(s), "
+                  f"{plan.num_microbatches} micro-batch(es), {plan.schedule}, devices {', '.join(plan.devices)}")
+    summary = launch_local(spec, progress=not args.no_progress, console=console)
+    console.print(f"final loss {summary['final_loss']:.4f}, mean step {summary['mean_step_time_s']:.3f} s, "
+                  f"{summary['samples_per_s']:.1f} samples/s; results in {args.out}")
+    print(json.dumps({k: summary[k] for k in ("plan_id", "parallelism", "final_loss", "mean_step_time_s", "samples_per_s")}))
+    return 0

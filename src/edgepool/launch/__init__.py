@@ -1,0 +1,1 @@
+"""Starting ranks: local processes (``local``), torchrun commands for real hosts (``hosts``)."""

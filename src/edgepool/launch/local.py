@@ -1,0 +1,130 @@
+"""Start one process per device on this machine and watch them.
+
+Each rank runs ``python -m edgepool.runtime.train DIR/run.json`` with the torchrun
+environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), its output in
+``DIR/logs/rank-N.log``. A ``Placement`` may wrap a rank's command (a network namespace
+and cgroups of the testbed) and add environment (``GLOO_SOCKET_IFNAME``).
+
+The launcher follows ``DIR/metrics.jsonl`` for a progress bar. When a rank fails, it
+stops the others at once and raises an error naming the rank, its device and the
+rank's own one-line reason, with the log to read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from edgepool.errors import EdgepoolError
+
+
+class RankFailed(EdgepoolError):
+    def __init__(self, message: str, *, rank: int, device: str, returncode: int, reason: str, log: Path):
+        super().__init__(message)
+        self.rank, self.device, self.returncode, self.reason, self.log = rank, device, returncode, reason, log
+
+
+@dataclass
+class Placement:
+    """Where a rank runs: a command prefix and extra environment per device."""
+
+    master_addr: str = "127.0.0.1"
+    prefix: Callable[[str], list[str]] = lambda device: []
+    env: Callable[[str], dict[str, str]] = lambda device: {}
+    notes: list[str] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reason(log: Path) -> str:
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    for ln in reversed(lines):
+        if ln.startswith("EDGEPOOL-ERROR"):
+            return ln.split(": ", 1)[1] if ": " in ln else ln
+    return lines[-1] if lines else "exited without output"
+
+
+def launch_local(run, *, placement: Placement | None = None, progress: bool = True, console=None,
+                 poll_s: float = 0.2) -> dict:
+    """Run ``run`` (a RunSpec) on local processes; returns the summary."""
+    from edgepool.cli.progress import TrainProgress
+
+    placement = placement or Placement()
+    out = Path(run.out_dir)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    run_json = out / "run.json"
+    run.dump(run_json)
+    world = run.plan.world_size
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    logs: list[Path] = []
+    for rank, device in enumerate(run.plan.devices):
+        env = dict(os.environ)
+        env.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=placement.master_addr,
+                   MASTER_PORT=str(port), OMP_NUM_THREADS=str(run.threads), PYTHONUNBUFFERED="1")
+        env.update(placement.env(device))
+        log = out / "logs" / f"rank-{rank}.log"
+        logs.append(log)
+        cmd = placement.prefix(device) + [sys.executable, "-m", "edgepool.runtime.train", str(run_json)]
+        with open(log, "w") as fh:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
+    metrics = out / "metrics.jsonl"
+    bar = TrainProgress(run.steps, run.plan, console=console, enabled=progress)
+    seen = 0
+    try:
+        with bar:
+            while True:
+                if metrics.is_file():
+                    lines = metrics.read_text().splitlines()
+                    for ln in lines[seen:]:
+                        try:
+                            bar.update(json.loads(ln))
+                        except json.JSONDecodeError:
+                            break
+                        seen += 1
+                codes = [p.poll() for p in procs]
+                failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+                if failed:
+                    first = min(failed, key=lambda r: _mtime(logs[r]))
+                    device = run.plan.devices[first]
+                    reason = _reason(logs[first])
+                    raise RankFailed(
+                        f"rank {first} ({device}) failed (exit {codes[first]}): {reason}; see {logs[first]}",
+                        rank=first, device=device, returncode=codes[first], reason=reason, log=logs[first],
+                    )
+                if all(c == 0 for c in codes):
+                    break
+                time.sleep(poll_s)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, 9)
+                except ProcessLookupError:
+                    pass
+            p.wait()
+    summary_path = out / "summary.json"
+    if not summary_path.is_file():
+        raise EdgepoolError(f"the run ended without {summary_path}; see {out / 'logs'}")
+    return json.loads(summary_path.read_text())
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return float("inf")

@@ -1,0 +1,113 @@
+"""Everything checked before any process starts, and the plan a run executes.
+
+``prepare_run`` loads and validates pool, job and plan, resolves the model config,
+checks every data owner's local file and the plan's splits, and returns a ``RunSpec``.
+Any problem is a one-line ``EdgepoolError``.
+
+Without a plan file, ``--parallelism M`` builds a plan of that family with shares in
+proportion to each device's speed (``compute_scale`` or the catalog's figure):
+``proportional_plan``. This is the baseline family plan; the planner refines it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgepool.errors import PlanError, SpecError
+from edgepool.specs.job import JobSpec, load_job
+from edgepool.specs.plan import Plan, Shape, StagePlan, check_plan, load_plan, split_counts
+from edgepool.specs.pool import PoolSpec, load_pool
+
+FAMILIES = ("single", "dp", "sp", "tp", "pp", "hybrid")
+
+
+def _microbatches(global_batch: int, target: int) -> int:
+    """The largest divisor of the global batch that is at most ``target``."""
+    return max(d for d in range(1, min(global_batch, max(1, target)) + 1) if global_batch % d == 0)
+
+
+def proportional_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str) -> Plan:
+    devices = list(pool.devices)
+    speed = {d.name: d.speed() for d in devices}
+    by_speed = sorted(devices, key=lambda d: -speed[d.name])
+    par = job.parallelism
+    mbs = par.num_microbatches
+    schedule = par.schedule or "1f1b"
+    if family == "single":
+        return Plan(num_layers=num_layers, stages=[StagePlan(layers=(0, num_layers), devices=(by_speed[0].name,))])
+    if family in ("dp", "sp", "tp"):
+        names = tuple(d.name for d in devices)
+        return Plan(num_layers=num_layers, num_microbatches=mbs or 1, schedule=par.schedule or "gpipe",
+                    stages=[StagePlan(layers=(0, num_layers), devices=names, mode=family,
+                                      shares=tuple(speed[n] for n in names))])
+    if family == "pp":
+        groups = [(d.name,) for d in devices]
+    elif family == "hybrid":
+        if len(devices) < 3:
+            raise PlanError("a hybrid plan needs at least 3 devices (a dp group and another stage); use pp or dp")
+        # Asteroid-style: the slower devices form a dp group for the first stage, the
+        # fastest device serves the second stage alone.
+        groups = [tuple(d.name for d in by_speed[1:]), (by_speed[0].name,)]
+    else:
+        raise PlanError(f"unknown parallelism {family!r}; known: {', '.join(FAMILIES)}, auto")
+    if len(groups) > num_layers:
+        raise PlanError(f"{family} over {len(groups)} stages needs at least {len(groups)} layers; the model has {num_layers}")
+    group_speed = [sum(speed[n] for n in g) for g in groups]
+    counts = list(split_counts(num_layers, group_speed))
+    for i, c in enumerate(counts):  # every stage needs a layer: take one from the largest
+        if c == 0:
+            j = counts.index(max(counts))
+            counts[j] -= 1
+            counts[i] = 1
+    stages, start = [], 0
+    for g, c in zip(groups, counts):
+        stages.append(StagePlan(layers=(start, start + c), devices=g, mode="dp",
+                                shares=tuple(speed[n] for n in g) if len(g) > 1 else None))
+        start += c
+    return Plan(num_layers=num_layers, stages=stages, schedule=schedule,
+                num_microbatches=mbs or _microbatches(job.train.global_batch, 2 * len(stages)))
+
+
+def family_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str) -> Plan:
+    """The plan for ``--parallelism family``: the planner's best of that family where it can run."""
+    if family == "auto":
+        try:
+            from edgepool.planner import plan_for_run
+        except ImportError:
+            return proportional_plan(pool, job, num_layers, "dp")
+        return plan_for_run(pool, job, family=None)
+    return proportional_plan(pool, job, num_layers, family)
+
+
+def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | Path, plan_path: str | None = None,
+                parallelism: str | None = None, steps: int | None = None, resume: bool = False):
+    from edgepool.runtime.train import RunSpec, model_config
+
+    pool = load_pool(pool_path)
+    job = load_job(job_path)
+    cfg = model_config(job)
+    plan_file = plan_path or job.parallelism.plan
+    if plan_file is not None and parallelism is not None:
+        raise SpecError("give either --plan or --parallelism, not both")
+    if plan_file is not None:
+        plan = load_plan(plan_file)
+    else:
+        plan = family_plan(pool, job, cfg.num_layers, parallelism or job.parallelism.mode)
+    shape = Shape(global_batch=job.train.global_batch, seq_len=job.train.seq_len, num_heads=cfg.num_heads, ffn=cfg.ffn,
+                  num_kv_heads=cfg.num_kv_heads)
+    check_plan(plan, shape, device_names=pool.device_names, num_layers=cfg.num_layers)
+    from edgepool.sim.lower import is_data_owner
+
+    for rank, name in enumerate(plan.devices):
+        dev = pool.device(name)
+        if not dev.is_local:
+            raise SpecError(f"device {name!r} is on host {dev.host!r}; `edgepool train` starts local devices only, "
+                            "use `edgepool hosts` for the torchrun command of each real host")
+        if is_data_owner(plan, rank):
+            path = job.data.path_for(name)
+            if not Path(path).is_file():
+                raise SpecError(f"data file {path!r} of device {name!r} does not exist; fix data.path/data.paths in the job")
+    n_steps = steps if steps is not None else job.train.steps
+    if n_steps <= 0:
+        raise SpecError(f"--steps must be > 0, got {n_steps}")
+    return RunSpec(pool=pool, job=job, plan=plan, out_dir=str(Path(out_dir).resolve()), steps=n_steps, resume=resume)

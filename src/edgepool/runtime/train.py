@@ -1,0 +1,216 @@
+"""The training loop of one rank, and the run description every rank reads.
+
+``RunSpec`` (written by the launcher to ``DIR/run.json``) holds the validated pool, job
+and plan, so every rank, local or on another host, runs from the same facts. Rank 0
+writes ``DIR/metrics.jsonl`` (one object per step), ``DIR/trace.json`` (the timed ops
+of the last step on every rank) and ``DIR/summary.json``.
+
+Memory: ``peak_memory_bytes`` is the peak resident set of the rank's process (CPU
+tensors and the Python/torch runtime together), from ``getrusage``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict
+
+from edgepool.data import Sampler, load_tokenizer
+from edgepool.errors import SpecError
+from edgepool.models import build_model
+from edgepool.models.config import ModelConfig, from_hf_config, preset
+from edgepool.runtime import checkpoint
+from edgepool.runtime.engine import Engine
+from edgepool.runtime.groups import StageGroups, init_world, shutdown
+from edgepool.specs.job import JobSpec
+from edgepool.specs.plan import Plan
+from edgepool.specs.pool import PoolSpec
+from edgepool.sim.lower import is_data_owner
+
+
+class RunSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pool: PoolSpec
+    job: JobSpec
+    plan: Plan
+    out_dir: str
+    steps: int
+    resume: bool = False
+    threads: int = 1
+
+    def dump(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def read(cls, path: Path) -> "RunSpec":
+        return cls.model_validate_json(Path(path).read_text())
+
+
+def model_config(job: JobSpec) -> ModelConfig:
+    """The job's model config; vocabulary and [MASK] come from its tokenizer."""
+    m = job.model
+    tok = load_tokenizer(m.pretrained)
+    if m.pretrained is not None:
+        cfg = from_hf_config(m.pretrained)
+    else:
+        cfg = preset(m.family, m.size or "tiny", vocab_size=m.vocab_size or tok.vocab_size, num_layers=m.num_layers,
+                     hidden=m.hidden, num_heads=m.num_heads, ffn=m.ffn, max_seq_len=m.max_seq_len)
+    cfg = cfg.__class__(**{**cfg.to_dict(), "dropout": m.dropout, "mask_token_id": tok.mask_token_id})
+    if job.train.seq_len > cfg.max_seq_len:
+        raise SpecError(f"train.seq_len {job.train.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}; lower it")
+    if tok.vocab_size > cfg.vocab_size:
+        raise SpecError(f"the tokenizer has {tok.vocab_size} tokens but model vocab_size is {cfg.vocab_size}; raise model.vocab_size")
+    return cfg
+
+
+def initial_state(job: JobSpec, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
+    """Pretrained weights in full-model names (parts the checkpoint lacks keep their seeded init)."""
+    if job.model.pretrained is None:
+        return None
+    from edgepool.models.hf import load_pretrained
+
+    _, state, _missing = load_pretrained(job.model.pretrained)
+    full = build_model(cfg, seed=job.train.seed).state_dict()
+    full.update(state)
+    return full
+
+
+def sampler_for(run: RunSpec, device: str, cfg: ModelConfig) -> Sampler:
+    job = run.job
+    return Sampler(
+        path=job.data.path_for(device), seq_len=job.train.seq_len, family=cfg.family, seed=job.train.seed,
+        mask_token_id=cfg.mask_token_id, mlm_fraction=cfg.mlm_fraction, fmt=job.data.format,
+        text_field=job.data.text_field, pretrained=job.model.pretrained,
+    )
+
+
+def _append_jsonl(path: Path, obj: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+
+
+def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | None = None, log=print) -> dict | None:
+    """Train on this rank. Joins the world group unless one is already live (tests)."""
+    torch.set_num_threads(run.threads)
+    job, plan = run.job, run.plan
+    out = Path(run.out_dir)
+    own_group = not dist.is_initialized()
+    if own_group:
+        init_world(rank, world_size, init_method=init_method or "env://", timeout_s=job.train.timeout_s)
+    clean = False
+    try:
+        if dist.get_world_size() != plan.world_size:
+            raise SpecError(f"the plan has {plan.world_size} devices but {dist.get_world_size()} ranks joined")
+        cfg = model_config(job)
+        device = plan.devices[rank]
+        groups = StageGroups.build(plan, rank, job.train.timeout_s)
+        sampler = sampler_for(run, device, cfg) if is_data_owner(plan, rank) else None
+        engine = Engine(
+            plan, cfg, rank=rank, sampler=sampler, global_batch=job.train.global_batch, seq_len=job.train.seq_len,
+            groups=groups, lr=job.train.lr, optimizer=job.train.optimizer, weight_decay=job.train.weight_decay,
+            seed=job.train.seed, timeout_s=job.train.timeout_s, state_dict=initial_state(job, cfg),
+        )
+        ckpt_root = out / "checkpoints"
+        start = 0
+        if run.resume:
+            found = checkpoint.find_resumable(ckpt_root, rank, plan.plan_id, log=log)
+            if found is not None:
+                checkpoint.load(ckpt_root, found, engine, rank)
+                start = found
+                if rank == 0:
+                    log(f"resuming after step {found} from {checkpoint.step_dir(ckpt_root, found)}")
+            elif rank == 0:
+                log("no usable checkpoint found; starting from step 0")
+        metrics_path = out / "metrics.jsonl"
+        if rank == 0:
+            kept = []
+            if start and metrics_path.is_file():
+                kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        gb, seq = job.train.global_batch, job.train.seq_len
+        records = []
+        for step in range(start, run.steps):
+            res = engine.step(step, trace=step == run.steps - 1)
+            per_rank: list = [None] * world_size
+            dist.all_gather_object(per_rank, (device, res.bytes_sent, res.peak_memory_bytes, res.trace))
+            if rank == 0:
+                rec = {
+                    "step": step, "loss": res.loss, "step_time_s": res.step_time_s,
+                    "samples_per_s": gb / res.step_time_s, "tokens_per_s": gb * seq / res.step_time_s,
+                    "plan_id": plan.plan_id,
+                    "devices": {d: {"peak_memory_bytes": m, "bytes_sent": b} for d, b, m, _ in per_rank},
+                }
+                records.append(rec)
+                _append_jsonl(metrics_path, rec)
+                if res.trace:
+                    trace = {"plan_id": plan.plan_id, "step": step,
+                             "ranks": [{"rank": r, "device": d, "events": [list(e) for e in t]}
+                                       for r, (d, _, _, t) in enumerate(per_rank)]}
+                    (out / "trace.json").write_text(json.dumps(trace))
+            every = job.train.checkpoint_every
+            if every and (step + 1) % every == 0:
+                checkpoint.save(ckpt_root, step + 1, engine, rank)
+        summary = None
+        if rank == 0:
+            summary = summarize(plan, metrics_path, start)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        groups.destroy()
+        clean = True
+        return summary
+    finally:
+        if own_group:
+            shutdown(clean=clean)
+
+
+def summarize(plan: Plan, metrics_path: Path, resumed_from: int) -> dict:
+    recs = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln]
+    if not recs:
+        return {"plan_id": plan.plan_id, "parallelism": plan.parallelism, "steps": 0}
+    timed = recs[1:] if len(recs) > 1 else recs  # step 0 carries one-off warm-up costs
+    mean = sum(r["step_time_s"] for r in timed) / len(timed)
+    gb = recs[0]["samples_per_s"] * recs[0]["step_time_s"]
+    devices = {}
+    for name in recs[-1]["devices"]:
+        devices[name] = {
+            "peak_memory_bytes": max(r["devices"][name]["peak_memory_bytes"] for r in recs),
+            "bytes_sent": sum(r["devices"][name]["bytes_sent"] for r in recs),
+        }
+    return {
+        "plan_id": plan.plan_id, "parallelism": plan.parallelism, "schedule": plan.schedule,
+        "num_microbatches": plan.num_microbatches, "steps": len(recs), "resumed_from": resumed_from,
+        "final_loss": recs[-1]["loss"], "mean_step_time_s": mean, "samples_per_s": gb / mean,
+        "step_time_note": "mean over steps after the first (warm-up) when more than one ran",
+        "memory_source": "peak resident set of each rank's process (getrusage)",
+        "bytes_source": "point-to-point exact; collectives as ring-algorithm bytes",
+        "devices": devices,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry for one rank: ``python -m edgepool.runtime.train RUN_JSON`` (under torchrun or the launcher)."""
+    import os
+    import sys
+    import traceback
+
+    args = sys.argv[1:] if argv is None else argv
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    run = RunSpec.read(Path(args[0]))
+    try:
+        run_rank(rank, world, run, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except Exception as exc:  # noqa: BLE001 - one line for the launcher, the traceback for the log
+        traceback.print_exc()
+        device = run.plan.devices[rank] if rank < run.plan.world_size else "?"
+        print(f"EDGEPOOL-ERROR rank {rank} ({device}): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
