@@ -58,4 +58,8 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> StageModel:
     return StageModel(cfg, (0, cfg.num_layers), embed=True, head=True, seed=seed)
 
 
-__all__ = ["FAMILIES", "ModelConfig", "StageModel", "build_model", "from_hf_config", "preset"]
+# Last, because hf builds on StageModel and build_model above.
+from edgepool.models.hf import load_pretrained, with_seeded_init  # noqa: E402
+
+__all__ = ["FAMILIES", "ModelConfig", "StageModel", "build_model", "from_hf_config", "load_pretrained", "preset",
+           "with_seeded_init"]

@@ -88,6 +88,15 @@ def from_hf_config(folder: str | Path) -> ModelConfig:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SpecError(f"cannot read {path}: {exc}; point pretrained at a Hugging Face-format folder") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: not a JSON object; point pretrained at a Hugging Face-format folder")
+    try:
+        return _from_raw(raw, path)
+    except KeyError as exc:
+        raise SpecError(f"{path}: field {exc.args[0]!r} is missing; the config.json is incomplete") from None
+
+
+def _from_raw(raw: dict, path: Path) -> ModelConfig:
     kind = raw.get("model_type")
     if kind == "bert":
         if raw.get("hidden_act", "gelu") != "gelu" or raw.get("position_embedding_type", "absolute") != "absolute":
@@ -99,17 +108,41 @@ def from_hf_config(folder: str | Path) -> ModelConfig:
             norm_eps=raw.get("layer_norm_eps", 1e-12), type_vocab_size=raw.get("type_vocab_size", 2),
         )
     if kind == "gpt2":
+        # Our GPT block is GPT-2's: pre-LN, tanh GELU, attention scaled by 1/sqrt(head_dim).
+        act = raw.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            raise SpecError(f"{path}: activation_function {act!r} is not supported; only the tanh GELU (gelu_new)")
+        if not raw.get("scale_attn_weights", True) or raw.get("scale_attn_by_inverse_layer_idx", False):
+            raise SpecError(f"{path}: only GPT-2 attention scaled by 1/sqrt(head_dim) is supported "
+                            "(scale_attn_weights true, scale_attn_by_inverse_layer_idx false)")
         return ModelConfig(
             family="gpt", vocab_size=raw["vocab_size"], hidden=raw["n_embd"], num_layers=raw["n_layer"],
             num_heads=raw["n_head"], ffn=raw.get("n_inner") or 4 * raw["n_embd"],
             max_seq_len=raw["n_positions"], norm_eps=raw.get("layer_norm_epsilon", 1e-5),
         )
     if kind == "llama":
+        _check_llama(raw, path)
+        rope = raw.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
         return ModelConfig(
             family="llama", vocab_size=raw["vocab_size"], hidden=raw["hidden_size"],
             num_layers=raw["num_hidden_layers"], num_heads=raw["num_attention_heads"],
             num_kv_heads=raw.get("num_key_value_heads"), ffn=raw["intermediate_size"],
             max_seq_len=raw.get("max_position_embeddings", 2048), norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=raw.get("rope_theta", 10000.0),
+            rope_theta=float(raw.get("rope_theta", rope.get("rope_theta", 10000.0))),
         )
     raise SpecError(f"{path}: model_type {kind!r} is not supported; supported: bert, gpt2, llama")
+
+
+def _check_llama(raw: dict, path: Path) -> None:
+    """Refuse LLaMA variants our block does not compute (they would load but not match)."""
+    h, a = raw["hidden_size"], raw["num_attention_heads"]
+    if raw.get("head_dim") not in (None, h // a):
+        raise SpecError(f"{path}: head_dim {raw['head_dim']} != hidden_size / num_attention_heads = {h // a}; not supported")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise SpecError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported; only silu (SwiGLU)")
+    if raw.get("attention_bias") or raw.get("mlp_bias"):
+        raise SpecError(f"{path}: attention_bias/mlp_bias are not supported; only bias-free LLaMA")
+    for key in ("rope_scaling", "rope_parameters"):
+        kind = (raw.get(key) or {}).get("rope_type", (raw.get(key) or {}).get("type", "default"))
+        if kind != "default":
+            raise SpecError(f"{path}: {key} type {kind!r} is not supported; only default rotary embeddings")
