@@ -47,6 +47,10 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_file(str(path))
+        # A checkpoint's tokenizer.json may truncate and pad to its model length (MiniLM:
+        # 128); a whole data file must be tokenised as it is.
+        self._tok.no_truncation()
+        self._tok.no_padding()
         self.vocab_size = self._tok.get_vocab_size()
         mask = self._tok.token_to_id("[MASK]")
         self.mask_token_id = mask if mask is not None else 0

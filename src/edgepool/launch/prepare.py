@@ -80,7 +80,9 @@ def family_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str) -> P
 
 
 def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | Path, plan_path: str | None = None,
-                parallelism: str | None = None, steps: int | None = None, resume: bool = False):
+                parallelism: str | None = None, steps: int | None = None, resume: bool = False,
+                any_host: bool = False):
+    """``any_host``: allow real hosts (their data files are checked on their own host)."""
     from edgepool.runtime.train import RunSpec, model_config
 
     pool = load_pool(pool_path)
@@ -100,6 +102,8 @@ def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | P
 
     for rank, name in enumerate(plan.devices):
         dev = pool.device(name)
+        if not dev.is_local and any_host:
+            continue
         if not dev.is_local:
             raise SpecError(f"device {name!r} is on host {dev.host!r}; `edgepool train` starts local devices only, "
                             "use `edgepool hosts` for the torchrun command of each real host")

@@ -110,19 +110,22 @@ def check(d: Path, rank: int, plan_id: str) -> str | None:
 
 
 def find_resumable(root: Path, rank: int, plan_id: str, log=print) -> int | None:
-    """Collective: the newest step every rank can load, or None. Refusals are logged."""
-    candidates = sorted((int(p.name.split("-")[1]) for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
-    good = []
-    for step in candidates:
-        why = check(step_dir(root, step), rank, plan_id)
-        if why is None:
-            good.append(step)
-        elif rank == 0 or "rank-" in why:
-            log(f"checkpoint {step_dir(root, step).name} refused: {why}")
+    """Collective: the newest step every rank can load, or None.
+
+    Rank 0 logs every refusal, whichever rank found it."""
+    steps = sorted((int(p.name.split("-")[1]) for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    mine = {step: check(step_dir(root, step), rank, plan_id) for step in steps}
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, good)
-    common = set(everyone[0]).intersection(*map(set, everyone[1:]))
-    return max(common) if common else None
+    dist.all_gather_object(everyone, mine)
+    usable = []
+    for step in steps:
+        reasons = [r.get(step, "missing on another rank") for r in everyone]
+        why = next((w for w in reasons if w is not None), None)
+        if why is None:
+            usable.append(step)
+        elif rank == 0:
+            log(f"checkpoint {step_dir(root, step).name} refused: {why}")
+    return max(usable) if usable else None
 
 
 def load(root: Path, step: int, engine, rank: int) -> None:

@@ -35,7 +35,8 @@ from edgepool.models.config import ModelConfig
 from edgepool.models.parallel import ParallelCtx
 from edgepool.models.tp import shard_block
 from edgepool.runtime.groups import StageGroups
-from edgepool.runtime.wire import Wire
+from edgepool.errors import PeerError
+from edgepool.runtime.wire import Wire, first_line
 from edgepool.sim.lower import is_data_owner, lower_rank
 from edgepool.specs.plan import EMPTY, Plan, Region, Shape, boundary, offsets, owner_regions, role_of, stage_regions, stage_split
 
@@ -47,6 +48,11 @@ class StepResult:
     bytes_sent: int  # by this rank during the step
     peak_memory_bytes: int  # peak resident memory of this rank's process so far
     trace: list[tuple[str, float, float]] = field(default_factory=list)  # (op, start_s, end_s)
+
+
+def _is_comm_failure(exc: RuntimeError) -> bool:
+    text = str(exc).lower()
+    return any(k in text for k in ("connection closed", "timed out", "timeout", "connection reset", "gloo"))
 
 
 def peak_rss_bytes() -> int:
@@ -221,12 +227,23 @@ class Engine:
         self.model.train()
         for op in self.ops:
             t0 = time.perf_counter()
-            getattr(self, f"_op_{op.kind}")(op.mb)
+            try:
+                getattr(self, f"_op_{op.kind}")(op.mb)
+            except RuntimeError as exc:
+                # A collective inside the stage group (tp/sp/dp) lost a peer.
+                if isinstance(exc, PeerError) or not _is_comm_failure(exc):
+                    raise
+                peers = [self.plan.devices[r] for r in self.role.group if r != self.rank] or ["-"]
+                raise PeerError(f"{op} on rank {self.rank} ({self.role.device}) lost a peer of its group "
+                                f"({', '.join(peers)}) or the world: {first_line(exc)}") from None
             if trace:
                 events.append((str(op), t0 - t_start, time.perf_counter() - t_start))
         self.wire.flush()
         loss = self._loss.clone()
-        dist.all_reduce(loss)  # the loss lives on the data owners; everyone learns the total
+        try:
+            dist.all_reduce(loss)  # the loss lives on the data owners; everyone learns the total
+        except RuntimeError as exc:
+            raise PeerError(f"a rank left before the end of step {step}: {first_line(exc)}") from None
         return StepResult(
             loss=float(loss), step_time_s=time.perf_counter() - t_start, bytes_sent=self.wire.bytes_sent - sent0,
             peak_memory_bytes=peak_rss_bytes(), trace=events,

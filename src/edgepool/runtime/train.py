@@ -100,6 +100,7 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
     torch.set_num_threads(run.threads)
     job, plan = run.job, run.plan
     out = Path(run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     own_group = not dist.is_initialized()
     if own_group:
         init_world(rank, world_size, init_method=init_method or "env://", timeout_s=job.train.timeout_s)
@@ -135,7 +136,10 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
         gb, seq = job.train.global_batch, job.train.seq_len
         records = []
+        fault = _fault(rank)
         for step in range(start, run.steps):
+            if fault is not None and step == fault:
+                raise RuntimeError(f"injected fault at step {step} (EDGEPOOL_FAULT)")
             res = engine.step(step, trace=step == run.steps - 1)
             per_rank: list = [None] * world_size
             dist.all_gather_object(per_rank, (device, res.bytes_sent, res.peak_memory_bytes, res.trace))
@@ -166,6 +170,17 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
     finally:
         if own_group:
             shutdown(clean=clean)
+
+
+def _fault(rank: int) -> int | None:
+    """``EDGEPOOL_FAULT=rank=R,step=S`` makes rank R fail before step S (tests, drills)."""
+    import os
+
+    spec = os.environ.get("EDGEPOOL_FAULT")
+    if not spec:
+        return None
+    kv = dict(part.split("=", 1) for part in spec.split(","))
+    return int(kv["step"]) if int(kv["rank"]) == rank else None
 
 
 def summarize(plan: Plan, metrics_path: Path, resumed_from: int) -> dict:

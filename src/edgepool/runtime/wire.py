@@ -20,6 +20,11 @@ import torch.distributed as dist
 from edgepool.errors import PeerError
 
 
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 class Wire:
     def __init__(self, rank: int, timeout_s: float, names: list[str]):
         self.rank, self.timeout_s, self.names = rank, timeout_s, names
@@ -35,14 +40,21 @@ class Wire:
             self._mailbox[(dst, tag)] = tensor
             return
         t = tensor.contiguous()
-        self._pending.append((dist.isend(t, dst, tag=tag), dst))
+        try:
+            work = dist.isend(t, dst, tag=tag)
+        except RuntimeError as exc:
+            raise PeerError(f"{self._who(dst)} is unreachable while sending: {first_line(exc)}") from None
+        self._pending.append((work, dst))
         self.bytes_sent += t.numel() * t.element_size()
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int, what: str) -> torch.Tensor:
         if src == self.rank:
             return self._mailbox.pop((src, tag))
         buf = torch.empty(shape, dtype=dtype)
-        work = dist.irecv(buf, src, tag=tag)
+        try:
+            work = dist.irecv(buf, src, tag=tag)
+        except RuntimeError as exc:
+            raise PeerError(f"{self._who(src)} is unreachable while {what}: {first_line(exc)}") from None
         self._wait(work, src, f"receiving {what}")
         return buf
 
@@ -50,7 +62,7 @@ class Wire:
         try:
             ok = work.wait(timeout=timedelta(seconds=self.timeout_s))
         except RuntimeError as exc:
-            raise PeerError(f"{self._who(peer)} failed or did not answer within {self.timeout_s:g} s while {what}: {str(exc).splitlines()[0]}") from None
+            raise PeerError(f"{self._who(peer)} failed or did not answer within {self.timeout_s:g} s while {what}: {first_line(exc)}") from None
         if ok is False:
             raise PeerError(f"{self._who(peer)} did not answer within {self.timeout_s:g} s while {what}")
 

@@ -1,0 +1,61 @@
+"""``edgepool hosts``: the torchrun command each real host runs.
+
+Writes ``DIR/run.json`` (the validated pool, job and plan) and prints, per device, the
+torchrun command with a static rendezvous: ``--node-rank`` is the device's rank in the
+plan, so torchrun's ``RANK`` equals it. Copy ``run.json`` to the same path on every
+host (or pass another path), start the commands, and each rank trains its part.
+``--local-addr`` and ``GLOO_SOCKET_IFNAME`` pin gloo to the pool's interface; without
+them gloo may bind to loopback and peers are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pool", required=True)
+    p.add_argument("--job", required=True)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--plan")
+    g.add_argument("--parallelism", choices=["single", "dp", "sp", "tp", "pp", "hybrid", "auto"])
+    p.add_argument("--steps", type=int)
+    p.add_argument("--out", required=True, help="run folder; the same path on every host")
+    p.add_argument("--master", required=True, help="ADDR:PORT of rank 0's host, reachable from every host")
+    p.add_argument("--iface", default=None, help="network interface gloo should use on every host (GLOO_SOCKET_IFNAME)")
+    p.add_argument("--resume", action="store_true")
+
+
+def commands(spec, master: str, iface: str | None) -> list[tuple[str, str, str]]:
+    """(device, host, command) for every rank."""
+    addr, _, port = master.rpartition(":")
+    run_json = Path(spec.out_dir) / "run.json"
+    out = []
+    for rank, name in enumerate(spec.plan.devices):
+        host = spec.pool.device(name).host
+        env = f"GLOO_SOCKET_IFNAME={iface} " if iface else ""
+        local = f" --local-addr {shlex.quote(host)}" if host not in ("local", "emulated") else ""
+        cmd = (f"{env}OMP_NUM_THREADS=1 torchrun --nnodes {spec.plan.world_size} --nproc-per-node 1 "
+               f"--node-rank {rank} --master-addr {shlex.quote(addr)} --master-port {port}{local} "
+               f"-m edgepool.runtime.train {shlex.quote(str(run_json))}")
+        out.append((name, host, cmd))
+    return out
+
+
+def run(args) -> int:
+    from edgepool.errors import SpecError
+    from edgepool.launch.prepare import prepare_run
+
+    if ":" not in args.master or not args.master.rpartition(":")[2].isdigit():
+        raise SpecError(f"--master {args.master!r} must be ADDR:PORT, e.g. 192.168.1.10:29500")
+    spec = prepare_run(args.pool, args.job, out_dir=args.out, plan_path=args.plan, parallelism=args.parallelism,
+                       steps=args.steps, resume=args.resume, any_host=True)
+    Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+    spec.dump(Path(spec.out_dir) / "run.json")
+    print(f"# plan {spec.plan.plan_id} ({spec.plan.parallelism}); copy {Path(spec.out_dir) / 'run.json'} to every host")
+    for name, host, cmd in commands(spec, args.master, args.iface):
+        print(f"# {name} on {host}")
+        print(cmd)
+    return 0

@@ -1,0 +1,127 @@
+"""Runtime behaviour beyond parity: checkpoints and resume, dead peers, metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from edgepool.errors import PeerError
+from edgepool.runtime.train import RunSpec, run_rank
+from edgepool.specs import JobSpec, Plan, PoolSpec, StagePlan
+from edgepool.testing import CORPUS
+from edgepool.testing.dist import run_distributed
+
+POOL = PoolSpec(devices=[{"name": "a", "kind": "host-cpu"}, {"name": "b", "kind": "jetson-nano"}])
+PP = Plan(num_layers=4, stages=[StagePlan(layers=(0, 2), devices=("a",)), StagePlan(layers=(2, 4), devices=("b",))],
+          num_microbatches=2, schedule="1f1b")
+
+
+def _job(**train) -> JobSpec:
+    return JobSpec(model={"family": "gpt", "size": "tiny"}, data={"path": str(CORPUS)},
+                   train={"global_batch": 4, "seq_len": 16, "steps": 6, "lr": 1e-3, "checkpoint_every": 2, **train})
+
+
+def _run(rank, world, spec_json):
+    spec = RunSpec.model_validate_json(spec_json)
+    messages = []
+    run_rank(rank, world, spec, log=messages.append)
+    return messages
+
+
+def _train(out: Path, steps: int, resume: bool = False, plan: Plan = PP) -> list[str]:
+    spec = RunSpec(pool=POOL, job=_job(), plan=plan, out_dir=str(out), steps=steps, resume=resume)
+    return run_distributed(_run, plan.world_size, spec.model_dump_json())[0]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_metrics_and_summary(tmp_path):
+    _train(tmp_path, 3)
+    recs = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    for r in recs:
+        assert r["samples_per_s"] == pytest.approx(4 / r["step_time_s"])
+        assert r["tokens_per_s"] == pytest.approx(4 * 16 / r["step_time_s"])
+        assert set(r["devices"]) == {"a", "b"}
+        assert all(d["bytes_sent"] > 0 and d["peak_memory_bytes"] > 10**6 for d in r["devices"].values())
+    # Per micro-batch ([2, 16, 64] floats): a sends stage 0's output to b and the loss
+    # gradient of its own samples back to b; b sends its output to a's head and the
+    # gradient of stage 0's output back to a.
+    one = 2 * 16 * 64 * 4
+    assert recs[0]["devices"]["a"]["bytes_sent"] == 2 * 2 * one
+    assert recs[0]["devices"]["b"]["bytes_sent"] == 2 * 2 * one
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["plan_id"] == PP.plan_id and summary["parallelism"] == "pp"
+    assert summary["final_loss"] == recs[-1]["loss"]
+    assert summary["devices"]["b"]["bytes_sent"] == sum(r["devices"]["b"]["bytes_sent"] for r in recs)
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert [e[0] for e in trace["ranks"][1]["events"]][:3] == ["recv_act[0]", "fwd[0]", "send_act[0]"]
+
+
+def test_resume_continues_the_same_trajectory(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _train(full, 6)
+    _train(cut, 4)  # stops after step 4, as if killed after its checkpoint
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    log = _train(cut, 6, resume=True)
+    assert any("resuming after step 4" in m for m in log)
+    assert _losses(cut) == _losses(full)  # exactly, step by step
+
+
+def test_corrupt_and_partial_checkpoints_are_refused(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _train(full, 6)
+    _train(cut, 4)
+    ck = cut / "checkpoints"
+    # step 4: rank 1's file corrupted; a partial step 6 with no manifest.
+    f = ck / "step-000004" / "rank-1.pt"
+    f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
+    (ck / "step-000006").mkdir()
+    (ck / "step-000006" / "rank-0.pt").write_bytes(b"partial")
+    log = _train(cut, 6, resume=True)
+    assert any("step-000006 refused: no manifest" in m for m in log)
+    assert any("step-000004 refused: rank-1.pt does not match its checksum" in m for m in log)
+    assert any("resuming after step 2" in m for m in log)
+    assert _losses(cut) == _losses(full)
+
+
+def test_resume_with_another_plan_is_refused_clearly(tmp_path):
+    _train(tmp_path, 2)
+    other = Plan(num_layers=4, stages=[StagePlan(layers=(0, 4), devices=("a", "b"))])
+    log = _train(tmp_path, 3, resume=True, plan=other)
+    assert any("written by plan" in m and "same plan" in m for m in log)
+    assert any("no usable checkpoint" in m for m in log)
+
+
+def _dead_peer(rank, world):
+    import torch.distributed as dist
+
+    from edgepool.data import Sampler
+    from edgepool.models.config import preset
+    from edgepool.runtime.engine import Engine
+    from edgepool.runtime.groups import StageGroups
+
+    groups = StageGroups.build(PP, rank, 3)
+    if rank == 1:
+        return "left"  # device b leaves before the step
+    cfg = preset("gpt", "tiny", vocab_size=260)
+    sampler = Sampler(path=str(CORPUS), seq_len=16, family="gpt", seed=0, mask_token_id=259)
+    eng = Engine(PP, cfg, rank=0, sampler=sampler, global_batch=4, seq_len=16, groups=groups, lr=1e-3, timeout_s=3)
+    t0 = time.monotonic()
+    try:
+        eng.step(0)
+    except PeerError as exc:
+        dist.destroy_process_group()
+        return str(exc), time.monotonic() - t0
+    return "no error", 0.0
+
+
+def test_dead_peer_is_named_not_a_hang():
+    msg, waited = run_distributed(_dead_peer, 2, timeout_s=10)[0]
+    assert "rank 1 (b)" in msg, msg
+    assert waited < 10

@@ -1,0 +1,218 @@
+"""Pool, job and plan files: validation, one-line errors, and the Plan's pure functions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgepool.cli.main import main
+from edgepool.errors import PlanError, SpecError
+from edgepool.sim.lower import compute_order, lower
+from edgepool.specs import Plan, StagePlan, load_job, load_plan, load_pool
+from edgepool.specs.plan import Shape, boundary, check_plan, split_counts, stage_regions
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+POOL = EXAMPLES / "pool-local.yaml"
+JOB = EXAMPLES / "job-gpt-tiny.yaml"
+
+
+def test_examples_load():
+    pool = load_pool(POOL)
+    assert [d.name for d in pool.devices] == ["laptop", "orin", "nano-1", "nano-2"]
+    job = load_job(JOB)
+    assert Path(job.data.path_for("orin")).is_file()
+    plan = load_plan(EXAMPLES / "plan-hybrid.json")
+    assert plan.parallelism == "hybrid" and plan.world_size == 4
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+BAD_POOLS = {
+    "unknown kind": ("devices:\n  - {name: a, kind: jetson-nanoo}\n", "unknown device kind 'jetson-nanoo'"),
+    "wrong field": ("devices:\n  - {name: a, kind: jetson-nano, memroy_gb: 2}\n", "devices.0.memroy_gb: unknown field"),
+    "bad medium": ("network: {medium: wifi}\ndevices:\n  - {name: a, kind: jetson-nano}\n", "network.medium"),
+    "duplicate": ("devices:\n  - {name: a, kind: jetson-nano}\n  - {name: a, kind: host-cpu}\n", "appears twice"),
+    "bad yaml": ("devices: [\n", "not valid YAML"),
+    "no devices": ("name: x\n", "devices: required field is missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_POOLS))
+def test_bad_pool_is_one_line(tmp_path, capsys, case):
+    text, expect = BAD_POOLS[case]
+    pool = _write(tmp_path, "pool.yaml", text)
+    rc = main(["train", "--pool", str(pool), "--job", str(JOB), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert expect in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+BAD_JOBS = {
+    "missing data": ("model: {family: gpt}\ndata: {path: nope.txt}\n", "does not exist"),
+    "bad family": ("model: {family: gtp}\ndata: {path: x}\n", "model.family"),
+    "negative batch": ("model: {family: gpt}\ndata: {path: x}\ntrain: {global_batch: -1}\n", "train.global_batch"),
+    "bad optimizer": ("model: {family: gpt}\ndata: {path: x}\ntrain: {optimizer: adam2}\n", "train.optimizer"),
+    "missing plan": ("model: {family: gpt}\ndata: {path: x}\nparallelism: {plan: none.json}\n", "plan file"),
+    "seq too long": ("model: {family: gpt, max_seq_len: 16}\ndata: {path: x}\ntrain: {seq_len: 64}\n", "exceeds"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_JOBS))
+def test_bad_job_is_one_line(tmp_path, capsys, case):
+    text, expect = BAD_JOBS[case]
+    (tmp_path / "x").write_text("hello " * 100)
+    job = _write(tmp_path, "job.yaml", text)
+    rc = main(["train", "--pool", str(POOL), "--job", str(job), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and expect in err and len(err.splitlines()) == 1, err
+
+
+BAD_PLANS = {
+    "gap": ({"num_layers": 4, "stages": [{"layers": [0, 2], "devices": ["laptop"]}, {"layers": [3, 4], "devices": ["orin"]}]},
+            "must be contiguous"),
+    "short": ({"num_layers": 4, "stages": [{"layers": [0, 2], "devices": ["laptop"]}]}, "the last stage must end at 4"),
+    "twice": ({"num_layers": 4, "stages": [{"layers": [0, 2], "devices": ["laptop"]}, {"layers": [2, 4], "devices": ["laptop"]}]},
+              "more than one stage"),
+    "stranger": ({"num_layers": 4, "stages": [{"layers": [0, 4], "devices": ["toaster"]}]}, "not in the pool"),
+    "zero share": ({"num_layers": 4, "stages": [{"layers": [0, 4], "devices": ["laptop", "orin"], "shares": [1, 0]}]},
+                   "must all be > 0"),
+    "too thin": ({"num_layers": 4, "stages": [{"layers": [0, 4], "devices": ["laptop", "orin"], "shares": [50, 1]}]},
+                 "gives device 'orin' 0 of 8"),
+    "batch": ({"num_layers": 4, "num_microbatches": 3, "stages": [{"layers": [0, 4], "devices": ["laptop"]}]},
+              "not divisible by num_microbatches 3"),
+    "layers": ({"num_layers": 6, "stages": [{"layers": [0, 6], "devices": ["laptop"]}]}, "the model has 4"),
+    "schedule": ({"num_layers": 4, "schedule": "zb", "stages": [{"layers": [0, 4], "devices": ["laptop"]}]}, "schedule"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PLANS))
+def test_bad_plan_is_one_line(tmp_path, capsys, case):
+    body, expect = BAD_PLANS[case]
+    plan = _write(tmp_path, "plan.json", json.dumps(body))
+    rc = main(["train", "--pool", str(POOL), "--job", str(JOB), "--plan", str(plan), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and expect in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
+    pool = _write(tmp_path, "pool.yaml", "devices:\n  - {name: a, kind: nope}\n")
+    r = subprocess.run([sys.executable, "-m", "edgepool.cli.main", "train", "--pool", str(pool), "--job", str(JOB),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "unknown device kind 'nope'" in r.stderr
+
+
+def _plan(**kw) -> Plan:
+    base = dict(num_layers=4, stages=[StagePlan(layers=(0, 2), devices=("a", "b"), shares=(2, 1)),
+                                      StagePlan(layers=(2, 4), devices=("c",))], num_microbatches=2)
+    base.update(kw)
+    return Plan(**base)
+
+
+def test_plan_id_is_a_content_hash():
+    p = _plan()
+    assert len(p.plan_id) == 10
+    assert Plan.model_validate_json(p.dumps()).plan_id == p.plan_id  # round trip keeps it
+    assert _plan(schedule="1f1b").plan_id != p.plan_id  # an edit changes it
+    from edgepool.specs.plan import Estimate
+
+    assert p.with_estimate(Estimate(step_time_s=1.0)).plan_id == p.plan_id  # the estimate does not
+
+
+@pytest.mark.parametrize("stages, label", [
+    ([StagePlan(layers=(0, 4), devices=("a",))], "single"),
+    ([StagePlan(layers=(0, 4), devices=("a", "b"), mode="sp")], "sp"),
+    ([StagePlan(layers=(0, 1), devices=("a",)), StagePlan(layers=(1, 4), devices=("b",))], "pp"),
+    ([StagePlan(layers=(0, 1), devices=("a", "b")), StagePlan(layers=(1, 4), devices=("c",))], "hybrid"),
+])
+def test_parallelism_label(stages, label):
+    assert Plan(num_layers=4, stages=stages).parallelism == label
+
+
+@given(st.integers(0, 500), st.lists(st.floats(0.01, 100), min_size=1, max_size=8))
+@settings(max_examples=200, deadline=None)
+def test_split_counts_sums_and_is_proportional(total, weights):
+    counts = split_counts(total, weights)
+    assert sum(counts) == total and min(counts) >= 0
+    for c, w in zip(counts, weights):
+        assert abs(c - total * w / sum(weights)) < 1.0 + 1e-9
+
+
+@given(
+    modes=st.lists(st.sampled_from(["dp", "sp", "tp"]), min_size=1, max_size=3),
+    sizes=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+    shares=st.lists(st.integers(1, 3), min_size=9, max_size=9),
+)
+@settings(max_examples=150, deadline=None)
+def test_boundaries_cover_every_need_exactly_once(modes, sizes, shares):
+    names = iter(f"d{i}" for i in range(20))
+    stages, it = [], iter(shares)
+    for s, mode in enumerate(modes):
+        devs = tuple(next(names) for _ in range(sizes[s]))
+        stages.append(StagePlan(layers=(s, s + 1), devices=devs, mode=mode, shares=tuple(next(it) for _ in devs)))
+    plan = Plan(num_layers=len(modes), stages=stages, num_microbatches=2)
+    shape = Shape(global_batch=12, seq_len=12, num_heads=6, ffn=24)
+    check_plan(plan, shape)
+    from edgepool.specs.plan import owner_regions, stage_ranks
+
+    ranks = stage_ranks(plan)
+    for k in range(len(stages) + 1):
+        for backward in (False, True):
+            fwd_dst = (ranks[0], owner_regions(plan, shape)) if k == len(stages) else (ranks[k], stage_regions(plan, k, shape))
+            fwd_src = (ranks[0], owner_regions(plan, shape)) if k == 0 else (ranks[k - 1], stage_regions(plan, k - 1, shape))
+            dst_ranks, need = fwd_src if backward else fwd_dst
+            cells: dict[int, list] = {r: [] for r in dst_ranks}
+            for t in boundary(plan, shape, k, backward=backward):
+                b0, b1, t0, t1 = t.region
+                cells[t.dst] += [(b, x) for b in range(b0, b1) for x in range(t0, t1)]
+            for r, (b0, b1, t0, t1) in zip(dst_ranks, need):
+                want = sorted((b, x) for b in range(b0, b1) for x in range(t0, t1))
+                assert sorted(cells[r]) == want  # covered, and exactly once
+
+
+@pytest.mark.parametrize("stages,m", [(1, 4), (2, 4), (4, 4), (4, 8), (3, 2)])
+def test_1f1b_order_is_complete_and_bounds_in_flight(stages, m):
+    for s in range(stages):
+        order = compute_order(stages, s, m, "1f1b")
+        assert sorted(order) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)])
+        alive = peak = 0
+        for kind, _ in order:
+            alive += 1 if kind == "F" else -1
+            peak = max(peak, alive)
+        assert peak == min(stages - s, m)
+    gpipe = compute_order(stages, 0, m, "gpipe")
+    assert gpipe[:m] == [("F", i) for i in range(m)]  # gpipe holds all m at once
+
+
+def test_lower_gives_owners_embed_and_head():
+    ops = lower(_plan())
+    kinds = {r: [o.kind for o in v] for r, v in ops.items()}
+    assert kinds[0].count("embed") == 2 and kinds[0].count("head") == 2
+    assert "embed" not in kinds[2] and kinds[2][-1] == "optim"
+    assert "sync_grads" in kinds[0] and "sync_grads" not in kinds[2]
+
+
+def test_tp_split_respects_kv_groups():
+    plan = Plan(num_layers=1, stages=[StagePlan(layers=(0, 1), devices=("a", "b"), mode="tp", shares=(3, 1))])
+    from edgepool.specs.plan import stage_split
+
+    split = stage_split(plan, 0, Shape(global_batch=2, seq_len=4, num_heads=8, ffn=16, num_kv_heads=4))
+    assert split.heads == (6, 2) and sum(split.ffn) == 16
+    with pytest.raises(PlanError):
+        stage_split(plan, 0, Shape(global_batch=2, seq_len=4, num_heads=8, ffn=16, num_kv_heads=3))
+
+
+def test_spec_error_is_a_value_error():
+    assert issubclass(SpecError, ValueError) and issubclass(PlanError, ValueError)
