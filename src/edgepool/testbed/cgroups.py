@@ -265,9 +265,9 @@ class DeviceCgroup:
         """SIGKILL every process left in these cgroups; return how many were signalled."""
         return kill_cgroup_dirs(self.dirs, timeout_s=timeout_s)
 
-    def remove(self, timeout_s: float = 3.0) -> list[str]:
+    def remove(self, timeout_s: float = 10.0) -> list[str]:
         """Kill what is left, remove the directories; return problems (empty if none)."""
-        self.kill_all(timeout_s)
+        self.kill_all(min(timeout_s, 3.0))
         return remove_dirs(self.dirs, timeout_s=timeout_s)
 
 
@@ -316,8 +316,13 @@ def kill_cgroup_dirs(dirs: tuple[Path, ...] | list[Path], timeout_s: float = 3.0
     return len(pids)
 
 
-def remove_dirs(dirs: tuple[Path, ...] | list[Path], timeout_s: float = 3.0) -> list[str]:
-    """rmdir each cgroup directory, retrying while the kernel still reaps its tasks."""
+def remove_dirs(dirs: tuple[Path, ...] | list[Path], timeout_s: float = 10.0, kill: bool = True) -> list[str]:
+    """rmdir each cgroup directory; return problems (empty if none).
+
+    ``rmdir`` fails with EBUSY while a task is in the cgroup, including one that joined
+    after the last kill (a rank still starting) or a killed one its parent has not
+    reaped yet. So it retries until ``timeout_s``, killing what it finds (``kill``).
+    """
     problems = []
     for d in dirs:
         deadline = time.monotonic() + timeout_s
@@ -329,9 +334,16 @@ def remove_dirs(dirs: tuple[Path, ...] | list[Path], timeout_s: float = 3.0) -> 
                 break
             except OSError as exc:
                 if time.monotonic() > deadline:
-                    problems.append(f"cannot remove cgroup {d}: {exc.strerror}")
+                    left = ""
+                    try:
+                        left = " (tasks: " + (" ".join(_read(d / "cgroup.procs").split()) or "none listed") + ")"
+                    except OSError:
+                        pass
+                    problems.append(f"cannot remove cgroup {d}: {exc.strerror}{left}")
                     break
-                time.sleep(0.02)
+                if kill:
+                    kill_cgroup_dirs([d], timeout_s=0.2)
+                time.sleep(0.05)
     return problems
 
 

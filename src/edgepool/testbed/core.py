@@ -56,6 +56,8 @@ STATE_VERSION = 1
 class TestbedError(EdgepoolError, RuntimeError):
     """The testbed could not be brought up (or down); the message names the step."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
 
 # --------------------------------------------------------------------------------------
 # helpers
@@ -145,6 +147,8 @@ class TestbedState:
 
     JSON-serialisable; ``Testbed.attach`` reads it back from the state file.
     """
+
+    __test__ = False
 
     tag: str
     pool_name: str
@@ -310,6 +314,32 @@ class TestbedState:
         """Bytes ``device`` has received on its link (link layer)."""
         return self._counter(device, "tx_bytes")
 
+    def modelled_meter(self, pool: PoolSpec):
+        """A ``ModelledMeter`` over the emulated devices: cgroup CPU time, link bytes.
+
+        None when the testbed has no cgroups (fallback, or caps off): then the caller
+        models each rank from its own process CPU time instead.
+        """
+        from edgepool.energy.modelled import ModelledDevice, ModelledMeter, cgroup_cpu_seconds, interface_tx_bytes
+
+        if self.caps is None or self.layout is None:
+            return None
+        devices = []
+        for name in self.devices:
+            cg = self.cgroup(name)
+            caps = self.device_caps(name)
+            assert cg is not None and caps is not None
+            devices.append(
+                ModelledDevice.from_spec(
+                    pool.device(name),
+                    cores=caps.cpu_cores,
+                    cpu_s=cgroup_cpu_seconds(cg.cpuacct_dir),
+                    # What the device sends arrives on the host side of its veth.
+                    tx_bytes=interface_tx_bytes(self.layout.of(name).host_if, "rx"),
+                )
+            )
+        return ModelledMeter(devices)
+
     # -- reporting ---------------------------------------------------------------------
     def describe(self) -> list[str]:
         if not self.emulated:
@@ -390,6 +420,7 @@ class DownReport:
 
 @dataclass(frozen=True)
 class TestbedStatus:
+    __test__ = False
     tag: str
     pool_name: str | None  # None: no state file (left over from a crash)
     netns: tuple[str, ...]
@@ -408,6 +439,8 @@ class TestbedStatus:
 
 class Testbed:
     """Bring emulated pools up and down. All methods are class methods; state is on disk."""
+
+    __test__ = False
 
     @staticmethod
     def is_available() -> Availability:
@@ -466,7 +499,7 @@ class Testbed:
             if not replace:
                 raise TestbedError(
                     f"a testbed with tag {tag} (pool {pool.name!r}) is already up or was left behind; run "
-                    f"`edgepool testbed down --pool <file>` (or pass replace=True)"
+                    f"`edgepool testbed down --pool <file>`, or up with --replace (replace=True)"
                 )
             Testbed.down(tag=tag)
 
@@ -647,7 +680,7 @@ class Testbed:
         # 4. cgroups (children before the shared parent)
         for d in sorted(cg_dirs, key=lambda p: len(p.parts), reverse=True):
             if d.is_dir():
-                probs = cgroups.remove_dirs([d])
+                probs = cgroups.remove_dirs([d], kill=kill)
                 problems.extend(probs)
                 if not probs:
                     removed.append(f"cgroup {d}")

@@ -96,12 +96,18 @@ class NetLayout:
         if self.medium == "shared" and self.shared_bps:
             lines.append(f"shared medium: all devices' transmissions share {self.shared_bps / 1e6:g} Mbit/s (IFB {self.ifb})")
         for d in self.devices:
-            up = f"{d.up_bps / 1e6:g}" if d.up_bps else "-"
-            down = f"{d.down_bps / 1e6:g}" if d.down_bps else "-"
+            if d.up_bps or d.down_bps:
+                up = f"{d.up_bps / 1e6:g}" if d.up_bps else "unshaped"
+                down = f"{d.down_bps / 1e6:g}" if d.down_bps else "unshaped"
+                link = f"own link up/down {up}/{down} Mbit/s"
+            elif self.medium == "shared":
+                link = "no own cap (only the shared channel)"
+            else:
+                link = "unshaped link"
             extra = ""
             if self.netem and (d.delay_ms or d.jitter_ms or d.loss_pct):
                 extra = f", netem {d.delay_ms:g}+-{d.jitter_ms:g} ms per direction, loss {d.loss_pct:g}% up"
-            lines.append(f"{d.device}: netns {d.netns}, {d.address} on {d.ns_if}, link up/down {up}/{down} Mbit/s{extra}")
+            lines.append(f"{d.device}: netns {d.netns}, {d.address} on {d.ns_if}, {link}{extra}")
         lines.extend(self.unshaped)
         return lines
 

@@ -15,18 +15,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
+from edgepool.energy.base import Availability
 from edgepool.testbed import cgroups
-
-
-@dataclass(frozen=True)
-class Availability:
-    """A yes/no answer with the reason; truthy when ``ok``."""
-
-    ok: bool
-    reason: str = ""
-
-    def __bool__(self) -> bool:
-        return self.ok
 
 
 @dataclass(frozen=True)
