@@ -37,7 +37,8 @@ def proportional_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str
         return Plan(num_layers=num_layers, stages=[StagePlan(layers=(0, num_layers), devices=(by_speed[0].name,))])
     if family in ("dp", "sp", "tp"):
         names = tuple(d.name for d in devices)
-        return Plan(num_layers=num_layers, num_microbatches=mbs or 1, schedule=par.schedule or "gpipe",
+        # One stage: micro-batches would only be gradient accumulation; they are for pipelines.
+        return Plan(num_layers=num_layers, num_microbatches=1, schedule="gpipe",
                     stages=[StagePlan(layers=(0, num_layers), devices=names, mode=family,
                                       shares=tuple(speed[n] for n in names))])
     if family == "pp":

@@ -76,6 +76,8 @@ class TrainSpec(_Strict):
 
 
 class ParallelismSpec(_Strict):
+    """``num_microbatches`` and ``schedule`` apply to pipelines (pp, hybrid)."""
+
     mode: Mode = "auto"
     plan: str | None = None
     num_microbatches: int | None = Field(None, gt=0)

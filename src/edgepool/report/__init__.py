@@ -1,0 +1,1 @@
+"""Reports: machine description, tables and plots of measured and predicted results."""
