@@ -47,6 +47,7 @@ class StepResult:
     step_time_s: float
     bytes_sent: int  # by this rank during the step
     peak_memory_bytes: int  # peak resident memory of this rank's process so far
+    cpu_s: float  # CPU time of this rank's process during the step (all its threads)
     trace: list[tuple[str, float, float]] = field(default_factory=list)  # (op, start_s, end_s)
 
 
@@ -223,7 +224,7 @@ class Engine:
         self._loss = torch.zeros(())
         sent0 = self.wire.bytes_sent
         events: list[tuple[str, float, float]] = []
-        t_start = time.perf_counter()
+        t_start, cpu_start = time.perf_counter(), time.process_time()
         self.model.train()
         for op in self.ops:
             t0 = time.perf_counter()
@@ -246,7 +247,7 @@ class Engine:
             raise PeerError(f"a rank left before the end of step {step}: {first_line(exc)}") from None
         return StepResult(
             loss=float(loss), step_time_s=time.perf_counter() - t_start, bytes_sent=self.wire.bytes_sent - sent0,
-            peak_memory_bytes=peak_rss_bytes(), trace=events,
+            peak_memory_bytes=peak_rss_bytes(), cpu_s=time.process_time() - cpu_start, trace=events,
         )
 
     # -- state in full-model coordinates ----------------------------------------------

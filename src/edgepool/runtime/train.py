@@ -6,7 +6,9 @@ writes ``DIR/metrics.jsonl`` (one object per step), ``DIR/trace.json`` (the time
 of the last step on every rank) and ``DIR/summary.json``.
 
 Memory: ``peak_memory_bytes`` is the peak resident set of the rank's process (CPU
-tensors and the Python/torch runtime together), from ``getrusage``.
+tensors and the Python/torch runtime together), from ``getrusage``. ``cpu_s`` is the
+CPU time the rank's process used in the step: the busy time the modelled energy meter
+needs.
 """
 
 from __future__ import annotations
@@ -142,20 +144,20 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
                 raise RuntimeError(f"injected fault at step {step} (EDGEPOOL_FAULT)")
             res = engine.step(step, trace=step == run.steps - 1)
             per_rank: list = [None] * world_size
-            dist.all_gather_object(per_rank, (device, res.bytes_sent, res.peak_memory_bytes, res.trace))
+            dist.all_gather_object(per_rank, (device, res.bytes_sent, res.peak_memory_bytes, res.cpu_s, res.trace))
             if rank == 0:
                 rec = {
                     "step": step, "loss": res.loss, "step_time_s": res.step_time_s,
                     "samples_per_s": gb / res.step_time_s, "tokens_per_s": gb * seq / res.step_time_s,
                     "plan_id": plan.plan_id,
-                    "devices": {d: {"peak_memory_bytes": m, "bytes_sent": b} for d, b, m, _ in per_rank},
+                    "devices": {d: {"peak_memory_bytes": m, "bytes_sent": b, "cpu_s": c} for d, b, m, c, _ in per_rank},
                 }
                 records.append(rec)
                 _append_jsonl(metrics_path, rec)
                 if res.trace:
                     trace = {"plan_id": plan.plan_id, "step": step,
                              "ranks": [{"rank": r, "device": d, "events": [list(e) for e in t]}
-                                       for r, (d, _, _, t) in enumerate(per_rank)]}
+                                       for r, (d, _, _, _, t) in enumerate(per_rank)]}
                     (out / "trace.json").write_text(json.dumps(trace))
             every = job.train.checkpoint_every
             if every and (step + 1) % every == 0:
@@ -195,6 +197,7 @@ def summarize(plan: Plan, metrics_path: Path, resumed_from: int) -> dict:
         devices[name] = {
             "peak_memory_bytes": max(r["devices"][name]["peak_memory_bytes"] for r in recs),
             "bytes_sent": sum(r["devices"][name]["bytes_sent"] for r in recs),
+            "mean_cpu_s": sum(r["devices"][name]["cpu_s"] for r in timed) / len(timed),
         }
     return {
         "plan_id": plan.plan_id, "parallelism": plan.parallelism, "schedule": plan.schedule,
