@@ -22,7 +22,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from edgepool.launch.local import launch_local
+    from edgepool.launch.local import launch_local, pool_placement
     from edgepool.launch.prepare import prepare_run
 
     console = Console(stderr=True)
@@ -31,7 +31,8 @@ def run(args) -> int:
     plan = spec.plan
     console.print(f"plan {plan.plan_id}: {plan.parallelism}, {len(plan.stages)} stage(s), "
                   f"{plan.num_microbatches} micro-batch(es), {plan.schedule}, devices {', '.join(plan.devices)}")
-    summary = launch_local(spec, progress=not args.no_progress, console=console)
+    with pool_placement(spec.pool, log=console.print) as placement:
+        summary = launch_local(spec, placement=placement, progress=not args.no_progress, console=console)
     console.print(f"final loss {summary['final_loss']:.4f}, mean step {summary['mean_step_time_s']:.3f} s, "
                   f"{summary['samples_per_s']:.1f} samples/s; results in {args.out}")
     print(json.dumps({k: summary[k] for k in ("plan_id", "parallelism", "final_loss", "mean_step_time_s", "samples_per_s")}))

@@ -18,9 +18,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from edgepool.errors import EdgepoolError
 
@@ -33,12 +34,57 @@ class RankFailed(EdgepoolError):
 
 @dataclass
 class Placement:
-    """Where a rank runs: a command prefix and extra environment per device."""
+    """Where a rank runs: a command prefix and extra environment per device, and how to
+    explain its exit (the testbed knows about OOM kills under a memory cap)."""
 
-    master_addr: str = "127.0.0.1"
+    # Rank 0 hosts the rendezvous store, so the address is rank 0's device's own.
+    master_addr: Callable[[str], str] = lambda rank0_device: "127.0.0.1"
     prefix: Callable[[str], list[str]] = lambda device: []
     env: Callable[[str], dict[str, str]] = lambda device: {}
+    exit_cause: Callable[[str, int], str | None] = lambda device, returncode: None
+    cores: Callable[[str], float | None] = lambda device: None  # CPU a device may use, if capped
     notes: list[str] = field(default_factory=list)
+    emulated: bool = False
+
+
+@contextmanager
+def pool_placement(pool, *, log=print) -> Iterator[Placement]:
+    """Where a pool's ranks run: inside the testbed for ``host: emulated`` devices.
+
+    Uses a testbed that is already up for this pool (``edgepool testbed up``), else
+    brings one up for the run and down after it. Without root or tc the testbed says so
+    once and the ranks run as plain local processes.
+    """
+    if not any(d.host == "emulated" for d in pool.devices):
+        yield Placement()
+        return
+    from edgepool.testbed import Testbed
+
+    state = Testbed.attach(pool)
+    owned = state is None
+    if owned:
+        state = Testbed.up(pool, replace=True)
+    if state.notice:
+        log(state.notice)
+    for w in state.warnings:
+        log(f"testbed warning: {w}")
+    before = {d: state.oom_kills(d) for d in state.devices if state.is_emulated(d)}
+
+    def cores(device: str) -> float | None:
+        caps = state.device_caps(device)
+        return caps.cpu_cores if caps is not None else None
+
+    placement = Placement(
+        master_addr=lambda d: state.address(d) if state.emulated else "127.0.0.1",
+        prefix=state.command_prefix, env=state.env,
+        exit_cause=lambda d, rc: state.exit_cause(d, rc, before.get(d, 0)) if state.is_emulated(d) else None,
+        cores=cores, notes=state.describe() if state.emulated else [state.notice], emulated=state.emulated,
+    )
+    try:
+        yield placement
+    finally:
+        if owned and state.emulated:
+            Testbed.down(tag=state.tag)
 
 
 def free_port() -> int:
@@ -70,13 +116,14 @@ def launch_local(run, *, placement: Placement | None = None, progress: bool = Tr
     run.dump(run_json)
     world = run.plan.world_size
     port = free_port()
+    master = placement.master_addr(run.plan.devices[0])
     procs: list[subprocess.Popen] = []
     logs: list[Path] = []
     for rank, device in enumerate(run.plan.devices):
         env = dict(os.environ)
-        env.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=placement.master_addr,
+        env.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=master,
                    MASTER_PORT=str(port), OMP_NUM_THREADS=str(run.threads), PYTHONUNBUFFERED="1")
-        env.update(placement.env(device))
+        env.update({k: v for k, v in placement.env(device).items() if k != "MASTER_ADDR"})
         log = out / "logs" / f"rank-{rank}.log"
         logs.append(log)
         cmd = placement.prefix(device) + [sys.executable, "-m", "edgepool.runtime.train", str(run_json)]
@@ -99,9 +146,12 @@ def launch_local(run, *, placement: Placement | None = None, progress: bool = Tr
                 codes = [p.poll() for p in procs]
                 failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
-                    first = min(failed, key=lambda r: _mtime(logs[r]))
+                    causes = {r: placement.exit_cause(run.plan.devices[r], codes[r]) for r in failed}
+                    # The rank that died first: one the kernel killed (OOM, signal) over
+                    # peers that only noticed it; then the oldest log.
+                    first = min(failed, key=lambda r: (causes[r] is None and codes[r] > 0, _mtime(logs[r])))
                     device = run.plan.devices[first]
-                    reason = _reason(logs[first])
+                    reason = causes[first] or _reason(logs[first])
                     raise RankFailed(
                         f"rank {first} ({device}) failed (exit {codes[first]}): {reason}; see {logs[first]}",
                         rank=first, device=device, returncode=codes[first], reason=reason, log=logs[first],
