@@ -19,6 +19,7 @@ from edgepool.errors import EdgepoolError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("edgepool.cli.train", "train a model on a pool of devices"),
     "hosts": ("edgepool.cli.hosts", "print the torchrun command each real host needs"),
+    "study": ("edgepool.cli.study", "run DP, SP, TP, PP and the planner's choice on a pool; measure and compare"),
     "testbed": ("edgepool.cli.testbed", "bring an emulated pool (namespaces, shaped links, cgroups) up or down"),
     "env": ("edgepool.cli.env", "show which energy meters and testbed features this machine has"),
     "devices": ("edgepool.cli.devices", "list the device catalog: compute, memory, power modes, sources"),

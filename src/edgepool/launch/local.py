@@ -105,8 +105,11 @@ def _reason(log: Path) -> str:
 
 
 def launch_local(run, *, placement: Placement | None = None, progress: bool = True, console=None,
-                 poll_s: float = 0.2) -> dict:
-    """Run ``run`` (a RunSpec) on local processes; returns the summary."""
+                 poll_s: float = 0.2, deadline_s: float | None = None) -> dict:
+    """Run ``run`` (a RunSpec) on local processes; returns the summary.
+
+    ``deadline_s`` bounds the whole run: past it every rank is stopped and a
+    ``RankFailed`` with reason "timeout" is raised."""
     from edgepool.cli.progress import TrainProgress
 
     placement = placement or Placement()
@@ -132,6 +135,7 @@ def launch_local(run, *, placement: Placement | None = None, progress: bool = Tr
     metrics = out / "metrics.jsonl"
     bar = TrainProgress(run.steps, run.plan, console=console, enabled=progress)
     seen = 0
+    t_end = time.monotonic() + deadline_s if deadline_s else None
     try:
         with bar:
             while True:
@@ -158,6 +162,10 @@ def launch_local(run, *, placement: Placement | None = None, progress: bool = Tr
                     )
                 if all(c == 0 for c in codes):
                     break
+                if t_end is not None and time.monotonic() > t_end:
+                    raise RankFailed(f"the run did not finish within {deadline_s:g} s (step {seen} of {run.steps}); "
+                                     f"stopped all ranks", rank=-1, device="-", returncode=-1,
+                                     reason=f"timeout after {deadline_s:g} s at step {seen}", log=out / "logs")
                 time.sleep(poll_s)
     finally:
         for p in procs:

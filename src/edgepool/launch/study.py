@@ -1,0 +1,175 @@
+"""The four-parallelism study (the paper's case study) for any pool, and the demo.
+
+For the same model and global batch, run DP, SP, TP, PP and the planner's choice on the
+pool (inside the testbed for ``host: emulated`` devices), and for each measure step
+time, samples/s, energy per step and per sample, per-device peak memory and busy %,
+and bytes on the wire, beside the cost model's prediction. A run that dies (out of
+memory under its cap, a timeout, a crash) is kept with its cause.
+
+Energy: no device here has a power sensor, so energy is *modelled* from measured
+quantities (``energy.model_energy_j``): the catalog's busy and idle power of each
+device's kind and power mode, its measured CPU time per step divided by the CPU it may
+use (its testbed cap) as busy time, the rest of the step as idle, and the catalog's
+radio energy per byte it sent. Times are this host's (the testbed keeps the pool's
+speed *ratios*, not Jetson absolute speeds), so energies are too. Every energy figure
+carries its source.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgepool import catalog
+from edgepool.errors import EdgepoolError, InfeasibleError, PlanError
+from edgepool.launch.local import Placement, RankFailed, launch_local, pool_placement
+from edgepool.launch.prepare import family_plan
+from edgepool.specs.job import JobSpec
+from edgepool.specs.plan import Plan, Shape, check_plan
+from edgepool.specs.pool import PoolSpec
+
+FAMILIES = ("dp", "sp", "tp", "pp")
+
+
+@dataclass
+class StudyRow:
+    name: str  # dp, sp, tp, pp or planner
+    status: str  # ok | out of memory | timeout | failed | infeasible
+    cause: str = ""
+    plan_id: str = ""
+    parallelism: str = ""
+    plan: dict | None = None
+    step_time_s: float | None = None
+    samples_per_s: float | None = None
+    energy_per_step_j: float | None = None
+    energy_per_sample_j: float | None = None
+    energy_source: str = "modelled"
+    bytes_per_step: float | None = None
+    final_loss: float | None = None
+    devices: dict[str, dict] = field(default_factory=dict)  # peak_memory_bytes, busy_pct, energy_j, bytes_sent
+    predicted_step_time_s: float | None = None
+    predicted_energy_j: float | None = None
+    prediction_source: str = ""
+    run_dir: str = ""
+
+
+def modelled_step_energy(pool: PoolSpec, plan: Plan, metrics: list[dict], placement: Placement,
+                         threads: int) -> dict[str, dict]:
+    """Per-device modelled energy and busy % per step (mean over steps after the first)."""
+    from edgepool.energy import model_energy_j
+
+    recs = metrics[1:] if len(metrics) > 1 else metrics
+    out: dict[str, dict] = {}
+    for name in plan.devices:
+        dev = pool.device(name)
+        kind = catalog.get(dev.kind)
+        mode = kind.power_mode(plan.power_modes.get(name, dev.power_mode))
+        cores = placement.cores(name) or float(threads)
+        parts = [model_energy_j(busy_w=mode.busy_w, idle_w=mode.idle_w, radio_j_per_mb=kind.radio_j_per_mb,
+                                wall_s=r["step_time_s"], cpu_s=r["devices"][name]["cpu_s"], cores=cores,
+                                tx_bytes=r["devices"][name]["bytes_sent"]) for r in recs]
+        n = len(parts)
+        energy = sum(p["energy_j"] for p in parts) / n
+        busy = sum(p["busy_s"] for p in parts) / n
+        wall = sum(r["step_time_s"] for r in recs) / n
+        out[name] = {"energy_j": energy, "busy_pct": 100.0 * busy / wall if wall else 0.0, "power_mode": mode.name,
+                     "cores": cores}
+    return out
+
+
+def predict(plan: Plan, pool: PoolSpec, job: JobSpec, cfg) -> tuple[float | None, float | None, str]:
+    """The cost model's step time and energy for ``plan`` (analytic profile)."""
+    try:
+        from edgepool.cost import ModelDims, analytic_profile, estimate
+    except ImportError:  # pragma: no cover - the cost model ships with the package
+        return None, None, "no cost model"
+    profile = analytic_profile(ModelDims.of(cfg), optimizer=job.train.optimizer)
+    shape = Shape(global_batch=job.train.global_batch, seq_len=job.train.seq_len, num_heads=cfg.num_heads,
+                  ffn=cfg.ffn, num_kv_heads=cfg.num_kv_heads)
+    cost = estimate(plan, pool, profile, shape)
+    return cost.step_time_s, cost.energy_j, f"cost model ({profile.source} profile, {profile.reference_kind} seconds)"
+
+
+def study_plans(pool: PoolSpec, job: JobSpec, num_layers: int, families, include_planner: bool) -> list[tuple[str, Plan | str]]:
+    """(name, plan) per entry; a string instead of a plan says why there is none."""
+    out: list[tuple[str, Plan | str]] = []
+    for fam in families:
+        try:
+            out.append((fam, family_plan(pool, job, num_layers, fam)))
+        except (PlanError, InfeasibleError) as exc:
+            out.append((fam, str(exc)))
+    if include_planner:
+        try:
+            out.append(("planner", family_plan(pool, job, num_layers, "auto")))
+        except (PlanError, InfeasibleError) as exc:
+            out.append(("planner", str(exc)))
+    return out
+
+
+def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, console=None, families=FAMILIES,
+              include_planner: bool = True, deadline_s: float = 240.0, progress: bool = True) -> dict:
+    from edgepool.report.machine import machine_info
+    from edgepool.report.study import write_study
+    from edgepool.runtime.train import RunSpec, model_config
+
+    log = console.print if console is not None else print
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model_config(job)
+    shape = Shape(global_batch=job.train.global_batch, seq_len=job.train.seq_len, num_heads=cfg.num_heads,
+                  ffn=cfg.ffn, num_kv_heads=cfg.num_kv_heads)
+    rows: list[StudyRow] = []
+    notes: list[str] = []
+    with pool_placement(pool, log=log) as placement:
+        notes += placement.notes
+        for name, plan in study_plans(pool, job, cfg.num_layers, families, include_planner):
+            if isinstance(plan, str):
+                rows.append(StudyRow(name=name, status="infeasible", cause=plan))
+                continue
+            row = StudyRow(name=name, status="ok", plan_id=plan.plan_id, parallelism=plan.parallelism,
+                           plan=json.loads(plan.dumps()))
+            row.predicted_step_time_s, row.predicted_energy_j, row.prediction_source = predict(plan, pool, job, cfg)
+            run_dir = out_dir / "runs" / name
+            shutil.rmtree(run_dir, ignore_errors=True)
+            row.run_dir = str(run_dir)
+            try:
+                check_plan(plan, shape, device_names=pool.device_names, num_layers=cfg.num_layers)
+                spec = RunSpec(pool=pool, job=job, plan=plan, out_dir=str(run_dir), steps=steps)
+                log(f"[bold]{name}[/bold]: plan {plan.plan_id} ({plan.parallelism}, {len(plan.stages)} stage(s))")
+                summary = launch_local(spec, placement=placement, progress=progress, console=console,
+                                       deadline_s=deadline_s)
+            except RankFailed as exc:
+                row.status = ("out of memory" if "out of memory" in exc.reason
+                              else "timeout" if exc.reason.startswith("timeout") else "failed")
+                row.cause = exc.reason if exc.rank < 0 else f"rank {exc.rank} ({exc.device}): {exc.reason}"
+                log(f"  {name}: {row.status}: {row.cause}")
+                rows.append(row)
+                continue
+            except EdgepoolError as exc:
+                row.status, row.cause = "failed", str(exc)
+                rows.append(row)
+                continue
+            metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
+            energy = modelled_step_energy(pool, plan, metrics, placement, spec.threads)
+            row.step_time_s = summary["mean_step_time_s"]
+            row.samples_per_s = summary["samples_per_s"]
+            row.final_loss = summary["final_loss"]
+            row.energy_per_step_j = sum(e["energy_j"] for e in energy.values())
+            row.energy_per_sample_j = row.energy_per_step_j / job.train.global_batch
+            row.bytes_per_step = sum(d["bytes_sent"] for d in summary["devices"].values()) / summary["steps"]
+            for d in plan.devices:
+                row.devices[d] = {**energy[d], "peak_memory_bytes": summary["devices"][d]["peak_memory_bytes"],
+                                  "bytes_sent_per_step": summary["devices"][d]["bytes_sent"] / summary["steps"]}
+            rows.append(row)
+    result = {
+        "pool": pool.name, "machine": machine_info(), "steps": steps,
+        "model": {"family": cfg.family, "hidden": cfg.hidden, "num_layers": cfg.num_layers, "num_params": cfg.num_params()},
+        "global_batch": job.train.global_batch, "seq_len": job.train.seq_len,
+        "testbed": notes, "emulated": placement.emulated,
+        "energy_note": "modelled: catalog busy/idle power x measured busy time (CPU time / CPU cap) + radio energy per byte",
+        "rows": [asdict(r) for r in rows],
+    }
+    write_study(result, out_dir)
+    return result
