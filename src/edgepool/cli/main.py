@@ -17,6 +17,7 @@ from edgepool.errors import EdgepoolError
 
 # name -> (module, one-line help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("edgepool.cli.demo", "the built-in demo: a 4-device emulated pool, planned, trained and compared"),
     "train": ("edgepool.cli.train", "train a model on a pool of devices"),
     "hosts": ("edgepool.cli.hosts", "print the torchrun command each real host needs"),
     "study": ("edgepool.cli.study", "run DP, SP, TP, PP and the planner's choice on a pool; measure and compare"),

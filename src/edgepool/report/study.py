@@ -156,7 +156,7 @@ def plot_timeline(trace: dict, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     used = sorted({op.split("[")[0] for r in ranks for op, _, _ in r["events"]})
     ax.legend(handles=[Patch(color=COLORS.get(k, "black"), label=k) for k in used], loc="upper center",
-              bbox_to_anchor=(0.5, -0.25), ncol=min(6, len(used)), fontsize=8)
+              bbox_to_anchor=(0.5, -0.4), ncol=min(6, len(used)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
