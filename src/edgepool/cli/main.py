@@ -19,6 +19,7 @@ from edgepool.errors import EdgepoolError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("edgepool.cli.demo", "the built-in demo: a 4-device emulated pool, planned, trained and compared"),
     "train": ("edgepool.cli.train", "train a model on a pool of devices"),
+    "profile": ("edgepool.cli.profile", "measure the job's model on this host (and links between devices)"),
     "hosts": ("edgepool.cli.hosts", "print the torchrun command each real host needs"),
     "study": ("edgepool.cli.study", "run DP, SP, TP, PP and the planner's choice on a pool; measure and compare"),
     "testbed": ("edgepool.cli.testbed", "bring an emulated pool (namespaces, shaped links, cgroups) up or down"),

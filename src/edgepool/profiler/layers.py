@@ -1,0 +1,170 @@
+"""Timing and memory of a model's parts on this host (see the package docstring)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgepool.cost.profile import LayerProfile, ModelDims, ModelProfile, Parts, analytic_profile, block_flops
+from edgepool.models import StageModel
+from edgepool.models.config import ModelConfig
+
+CACHE_DIR = Path(os.environ.get("EDGEPOOL_CACHE", Path.home() / ".cache" / "edgepool")) / "profiles"
+
+
+def host_id() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return cpu
+
+
+def cache_key(cfg: ModelConfig, seq_len: int, optimizer: str, threads: int) -> str:
+    body = json.dumps({"model": cfg.to_dict(), "seq_len": seq_len, "optimizer": optimizer, "threads": threads,
+                       "host": host_id(), "torch": torch.__version__}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def _fit(rows: list[tuple[float, float]], ys: list[float], quad: bool) -> tuple[float, float, float]:
+    """Least squares of y = c0 + tokens * a (+ tokens * ctx * q); negatives clipped to 0."""
+    x = np.array([[1.0, t, t * c] if quad else [1.0, t] for t, c in rows])
+    coef, *_ = np.linalg.lstsq(x, np.array(ys), rcond=None)
+    coef = [max(0.0, float(v)) for v in coef]
+    return coef[0], coef[1], coef[2] if quad else 0.0
+
+
+def _split(total: float, shares: Parts, quad: float) -> Parts:
+    lin = shares.rep + shares.head + shares.ffn
+    return Parts(rep=total * shares.rep / lin, head=total * shares.head / lin, ffn=total * shares.ffn / lin, quad=quad)
+
+
+def _shapes(seq_len: int, max_seq: int) -> list[tuple[int, int]]:
+    t = seq_len
+    return sorted({(1, max(2, t // 2)), (2, t), (4, t), (8, t), (2, min(max_seq, 2 * t))})
+
+
+def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw", repeats: int = 5,
+                    threads: int = 1, progress=None) -> ModelProfile:
+    """Measure a profile of ``cfg`` on this host (see the package docstring)."""
+    torch.set_num_threads(threads)
+    dims = ModelDims.of(cfg)
+    base = analytic_profile(dims, optimizer=optimizer, reference_kind="host-cpu")
+    flops, _ = block_flops(dims)
+    stage = StageModel(cfg, (0, 1), embed=True, head=True, seed=0)
+    block, embed, head = stage.blocks["0"], stage.embed, stage.head
+    rows, fwd, bwd, act = [], [], [], []
+    for b, t in _shapes(seq_len, cfg.max_seq_len):
+        x = torch.randn(b, t, cfg.hidden, requires_grad=True)
+        g = torch.randn(b, t, cfg.hidden)
+        fwd.append(_median_time(lambda: block(x), repeats))
+        y = block(x)
+
+        def backward():
+            block(x).backward(g)
+
+        bwd.append(max(0.0, _median_time(backward, repeats) - fwd[-1]))
+        act.append(_saved_bytes(lambda: block(x)))
+        rows.append((b * t, t))
+        del y
+        if progress:
+            progress(f"block at batch {b}, sequence {t}")
+    f0, fa, fq = _fit(rows, fwd, quad=True)
+    b0, ba, bq = _fit(rows, bwd, quad=True)
+    _, aa, aq = _fit(rows, [float(v) for v in act], quad=True)
+    act_split = base.blocks[0].act_bytes
+    block_lp = replace(
+        base.blocks[0], fwd_s=_split(fa, flops, fq), bwd_s=_split(ba, flops, bq), fixed_fwd_s=f0, fixed_bwd_s=b0,
+        act_bytes=_split(aa, act_split, aq),
+    )
+    # Embedding and head (with the loss): per token, no quadratic part.
+    e_rows, e_f, e_b, h_t = [], [], [], []
+    for b, t in _shapes(seq_len, cfg.max_seq_len):
+        ids = torch.randint(0, cfg.vocab_size, (b, t))
+        hx = torch.randn(b, t, cfg.hidden, requires_grad=True)
+        labels = torch.randint(0, cfg.vocab_size, (b * t,))
+        e_f.append(_median_time(lambda: embed(ids), repeats))
+        e_b.append(max(0.0, _median_time(lambda: embed(ids).sum().backward(), repeats) - e_f[-1]))
+
+        def head_step():
+            logits = head(hx)
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels).backward()
+
+        h_t.append(_median_time(head_step, repeats))
+        e_rows.append((b * t, t))
+    ef0, efa, _ = _fit(e_rows, e_f, quad=False)
+    eb0, eba, _ = _fit(e_rows, e_b, quad=False)
+    h0, ha, _ = _fit(e_rows, h_t, quad=False)
+    embed_lp = replace(base.embed, fwd_s=Parts(rep=efa), bwd_s=Parts(rep=eba), fixed_fwd_s=ef0, fixed_bwd_s=eb0)
+    # The head's time is one forward+backward call: keep the cost model's 1:2 split.
+    head_lp = replace(base.head, fwd_s=Parts(rep=ha / 3), bwd_s=Parts(rep=2 * ha / 3), fixed_fwd_s=h0 / 3,
+                      fixed_bwd_s=2 * h0 / 3)
+    # Optimizer step per parameter byte, on one block's parameters.
+    params = [p for p in block.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-4) if optimizer == "adamw" else torch.optim.SGD(params, lr=1e-4)
+    opt_s = _median_time(opt.step, repeats)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    return replace(
+        base, blocks=tuple(block_lp for _ in range(cfg.num_layers)), embed=embed_lp, head=head_lp,
+        optim_s_per_param_byte=opt_s / param_bytes, source="measured",
+        notes=(f"measured on {host_id()} with {threads} thread(s), torch {torch.__version__}; per-part split of the "
+               "linear time by analytic FLOPs",),
+    )
+
+
+def cached_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw", threads: int = 1,
+                   refresh: bool = False, progress=None) -> tuple[ModelProfile, Path, bool]:
+    """A measured profile from the cache, measuring it first when missing.
+
+    Returns (profile, cache path, whether it came from the cache)."""
+    path = CACHE_DIR / f"{cache_key(cfg, seq_len, optimizer, threads)}.json"
+    if path.is_file() and not refresh:
+        return ModelProfile.load(path), path, True
+    prof = measure_profile(cfg, seq_len=seq_len, optimizer=optimizer, threads=threads, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(prof.dumps())
+    os.replace(tmp, path)
+    return prof, path, False
