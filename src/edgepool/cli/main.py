@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "testbed": ("edgepool.cli.testbed", "bring an emulated pool (namespaces, shaped links, cgroups) up or down"),
     "env": ("edgepool.cli.env", "show which energy meters and testbed features this machine has"),
     "devices": ("edgepool.cli.devices", "list the device catalog: compute, memory, power modes, sources"),
+    "plan": ("edgepool.cli.plan", "find the best plan of a pool for a job (time, energy or edp)"),
+    "simulate": ("edgepool.cli.simulate", "simulate one step of a plan: timeline, energy, peak memory, Gantt chart"),
 }
 
 

@@ -1,0 +1,121 @@
+"""``edgepool plan``: the best plan for a pool and a job, with the per-device table, the
+best plan of each plain parallelism beside it and why each lost.
+
+The profile is ``--profile FILE`` (a ``ModelProfile`` JSON, e.g. from ``edgepool
+profile``) or, without one, the analytic FLOPs-based profile of the job's model.
+Resolving the job's model config goes through the runtime package (it reads the
+tokenizer), which imports torch; the planner itself does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pool", required=True, help="pool file (YAML/JSON)")
+    parser.add_argument("--job", required=True, help="job file (YAML/JSON)")
+    parser.add_argument("--profile", help="model profile JSON (default: analytic profile of the job's model)")
+    parser.add_argument("--objective", choices=("time", "energy", "edp"), default="time")
+    parser.add_argument("--deadline", type=float, metavar="S", help="step-time limit in seconds")
+    parser.add_argument("--parallelism", choices=("dp", "sp", "tp", "pp"), help="best plan of this family only")
+    parser.add_argument("--max-microbatches", type=int, help="largest micro-batch count to consider")
+    parser.add_argument("--frontier", action="store_true", help="also search power modes and print the frontier")
+    parser.add_argument("-o", "--output", help="write the plan as JSON here")
+
+
+def resolve_profile(job, path: str | None):
+    from edgepool.cost.profile import ModelProfile, analytic_profile
+
+    if path:
+        return ModelProfile.load(path)
+    from edgepool.planner.search import job_model_dims
+
+    return analytic_profile(job_model_dims(job), optimizer=job.train.optimizer)
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.2f}"
+
+
+def device_table(plan, cost, title: str):
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("device", "kind", "stage", "layers", "mode", "share", "memory GB (free)", "power mode", "busy %",
+                "energy J"):
+        t.add_column(col, justify="right" if col in ("busy %", "energy J", "stage") else "left")
+    T = cost.step_time_s
+    for s, st in enumerate(plan.stages):
+        for i, name in enumerate(st.devices):
+            d = cost.devices[name]
+            share = f"{st.shares[i]:g}/{sum(st.shares):g}" if st.shares else "all"
+            mem = f"{_gb(d.memory_bytes)} ({_gb(d.memory_cap_bytes)})"
+            if not d.fits:
+                mem = f"[red]{mem}[/red]"
+            t.add_row(escape(name), escape(d.kind), str(s), f"[{st.layers[0]}, {st.layers[1]})", st.mode, share, mem,
+                      escape(d.power_mode), f"{100 * d.busy_s / T:.0f}", f"{d.energy_j:.3g}")
+    return t
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from edgepool.planner import plan as make_plan
+    from edgepool.sim.engine import simulate
+    from edgepool.specs.job import load_job
+    from edgepool.specs.pool import load_pool
+
+    pool = load_pool(args.pool)
+    job = load_job(args.job)
+    profile = resolve_profile(job, args.profile)
+    res = make_plan(pool, job, profile, objective=args.objective, deadline_s=args.deadline, family=args.parallelism,
+                    max_microbatches=args.max_microbatches, explore_modes=True if args.frontier else None)
+    p, c = res.plan, res.cost
+    console = Console()
+    sim = simulate(p, pool, profile, _shape(profile, job))
+    head = (f"plan {p.plan_id}: {p.parallelism}, {len(p.stages)} stage(s), {p.num_microbatches} micro-batches, "
+            f"{p.schedule}; predicted {c.step_time_s:.3g} s and {c.energy_j:.4g} J per step (energy modelled from "
+            f"catalog power figures); bottleneck: {c.bottleneck}")
+    console.print(device_table(p, c, f"{args.objective} objective" + (f", deadline {args.deadline:g} s" if args.deadline else "")))
+    console.print(escape(head), highlight=False)
+    console.print(f"simulated step (executes lower(plan), shared-medium contention): {sim.step_time_s:.3g} s, "
+                  f"{sim.energy_j:.4g} J", highlight=False)
+    if res.baselines:
+        t = Table(title="best plan of each plain parallelism")
+        for col in ("family", "devices", "M", "step s", "energy J", "why it lost"):
+            t.add_column(col, overflow="fold")
+        for fam, bl in res.baselines.items():
+            cd = bl.candidate
+            if cd is None:
+                t.add_row(fam, "-", "-", "-", "-", escape(bl.why))
+            else:
+                t.add_row(fam, escape(", ".join(cd.plan.devices)), str(cd.plan.num_microbatches),
+                          f"{cd.step_time_s:.3g}", f"{cd.energy_j:.4g}", escape(bl.why))
+        console.print(t)
+    if args.frontier and res.frontier:
+        t = Table(title="time-energy Pareto frontier")
+        for col in ("step s", "energy J", "parallelism", "M", "power modes below max"):
+            t.add_column(col, overflow="fold")
+        for cd in res.frontier[:15]:
+            t.add_row(f"{cd.step_time_s:.4g}", f"{cd.energy_j:.4g}", cd.plan.parallelism, str(cd.plan.num_microbatches),
+                      escape(", ".join(f"{k}={v}" for k, v in cd.plan.power_modes.items()) or "-"))
+        console.print(t)
+    console.print(f"searched in {res.stats['elapsed_s']:.2f} s ({res.stats['dp_runs']} DP runs, "
+                  f"{res.stats['plans_evaluated']} plans evaluated; "
+                  f"{'exact over the plan space' if res.exact else 'power modes over candidate structures'})",
+                  highlight=False)
+    if args.output:
+        Path(args.output).write_text(p.dumps() + "\n")
+        console.print(f"wrote {escape(args.output)}", highlight=False)
+    return 0
+
+
+def _shape(profile, job):
+    from edgepool.cost.model import shape_for
+
+    return shape_for(profile, job.train.global_batch, job.train.seq_len)

@@ -1,0 +1,454 @@
+"""Time, peak memory and energy of one training step of any Plan (pure functions).
+
+Inputs: the ``Plan``, the ``PoolSpec`` (devices, power modes, network), a
+``ModelProfile`` (per-layer costs on a reference device) and the ``Shape`` (global
+batch, sequence length, heads, FFN). Byte counts between stages come from
+``specs.plan.boundary`` and the splits from ``specs.plan.stage_split``; nothing here
+re-derives who sends what.
+
+**Compute.** Device i of a stage computes its part of every block of the stage for
+every micro-batch (see ``cost.profile``): dp gives it ``batch_i`` samples, sp
+``seq_i`` query tokens against the whole sequence, tp the fraction ``heads_i / heads``
+of the attention and ``ffn_i / ffn`` of the MLP. Its time is the reference time times
+``speed_ref / speed_i`` (catalog speed in its power mode, or ``compute_scale``). The
+data owners of stage 0 also embed their own samples, and compute head, loss and its
+backward on them (``specs.plan.owner_regions``). A stage's per-micro-batch forward
+``F_s`` is the slowest device's forward plus the group's own collectives (tp: two
+all-reduces of the activation per block; sp: an all-gather of K and V per block),
+``B_s`` likewise for the backward (the owners' head is part of it).
+
+**Boundaries.** Boundary k carries a micro-batch's activations into stage k (k = 0:
+from the owners' embedding; k = S: back to the owners' head) and their gradients the
+other way; ``cost.network`` turns the transfers into time ``c_k``. Boundary 0 (non-local
+only when a tp or sp stage 0 has one owner feeding its group) and, with a single
+stage, boundary 1, happen inside stage 0's synchronous group work and are added to its
+machine time rather than pipelined beside it.
+
+**Step time (planning model).** Treat every stage and every non-local boundary as a
+machine that each micro-batch visits once forward and once backward, with per-
+micro-batch work ``W_m`` (``F_s + B_s`` for a stage, ``c_fwd + c_bwd`` for a
+boundary). On a shared medium the channel is one more machine whose per-micro-batch
+work is the airtime of everything that crosses it (``chan``). Then
+
+    1f1b:   T_pipe = sum_m W_m + (M - 1) * max(max_m W_m, chan)
+    gpipe:  T_pipe = sum F + (M-1) max(max F, chan_F) + sum B + (M-1) max(max B, chan_B)
+
+Derivation: the first micro-batch's forward and backward traverse every machine
+(``sum W``); after it, one micro-batch leaves per period of the slowest machine. For
+GPipe this is the exact makespan of a flow shop with M identical jobs (the forward
+phase, then the backward phase; Johnson 1954, Huang et al. 2019 "GPipe"). For 1F1B it
+is the standard estimate (Narayanan et al. 2021, PipeDream-Flush): exact for balanced
+stages and small boundaries, optimistic when boundary round trips exceed the warm-up
+work (the simulator shows those bubbles).
+
+Then the gradient all-reduces of dp/sp groups (ring, ``cost.network``) and the
+optimizer step: ``T = T_pipe + sum_s sync_s + max_{i in stage 0} optim_i``. Stage 0
+finishes its backward last, so its optimizer step is on the critical path; later
+stages' optimizer steps overlap the pipeline drain. The syncs are added up: on a
+shared channel they share it; on a switched network this is conservative.
+
+**Memory** of device i (bytes): parameters + gradients + optimizer state
+(``(2 + opt_state_factor) * params_i``) + activations of the micro-batches in flight
+(``act_i * n_inflight``: M for gpipe, ``min(S - s, M)`` for 1f1b, lower.py) + the
+owners' transient head activations (logits and their gradient).
+
+**Energy** of device i over the step: ``busy_w * busy_i + idle_w * (T - busy_i) +
+radio_j_per_mb * MB_i``, with ``busy_i = M * (compute F_i + B_i) + optim_i`` (waiting
+on the network counts as idle) and ``MB_i`` the megabytes it sends and receives.
+Power figures come from the catalog mode (``plan.power_modes``, else the pool's pinned
+mode, else the kind's maximum mode). Only devices in the plan are counted. Energy is
+modelled, never measured, and says so (``energy_source``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgepool import catalog
+from edgepool.cost.network import Network
+from edgepool.cost.profile import ModelProfile
+from edgepool.errors import PlanError
+from edgepool.specs.plan import (Estimate, Plan, Shape, boundary, microbatch_size, owner_regions, stage_split)
+from edgepool.specs.pool import DeviceSpec, PoolSpec
+
+GB = 1e9
+MB = 1e6
+
+
+# -- devices -----------------------------------------------------------------------------
+def power_mode_of(plan: Plan | None, dev: DeviceSpec) -> str:
+    """The power mode a device runs in: the plan's, else the pool's pin, else the max."""
+    kind = catalog.get(dev.kind)
+    if plan is not None and dev.name in plan.power_modes:
+        return kind.power_mode(plan.power_modes[dev.name]).name
+    return kind.power_mode(dev.power_mode).name
+
+
+def device_speed(dev: DeviceSpec, mode: str | None = None) -> float:
+    """Relative speed of a device in a power mode.
+
+    ``compute_scale`` (if given) is the device's speed at its kind's maximum mode; a
+    lower mode scales it by the modes' ``compute_fraction`` ratio.
+    """
+    kind = catalog.get(dev.kind)
+    m = kind.power_mode(mode if mode is not None else dev.power_mode)
+    if dev.compute_scale is not None:
+        return dev.compute_scale * m.compute_fraction / kind.max_mode.compute_fraction
+    return kind.relative_speed(m.name)
+
+
+def memory_cap_bytes(dev: DeviceSpec) -> float:
+    """Memory free for training: the device's memory less the kind's reserved share."""
+    kind = catalog.get(dev.kind)
+    return max(0.0, dev.resolved_memory_gb() - kind.reserved_gb) * GB
+
+
+def shape_for(profile: ModelProfile, global_batch: int, seq_len: int) -> Shape:
+    d = profile.dims
+    return Shape(global_batch=global_batch, seq_len=seq_len, num_heads=d.num_heads, ffn=d.ffn,
+                 num_kv_heads=d.num_kv_heads)
+
+
+# -- results -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceCost:
+    name: str
+    kind: str
+    power_mode: str
+    stage: int
+    speed: float
+    fwd_s: float  # compute per micro-batch (owner parts included), no communication
+    bwd_s: float
+    busy_s: float  # per step
+    memory_bytes: float
+    memory_cap_bytes: float
+    memory_parts: dict[str, float]
+    bytes_moved: float  # sent + received per step
+    busy_energy_j: float
+    idle_energy_j: float
+    radio_energy_j: float
+
+    @property
+    def energy_j(self) -> float:
+        return self.busy_energy_j + self.idle_energy_j + self.radio_energy_j
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_bytes <= self.memory_cap_bytes
+
+
+@dataclass(frozen=True)
+class StageCost:
+    fwd_s: float  # machine time per micro-batch, collectives included
+    bwd_s: float
+    coll_fwd_s: float
+    coll_bwd_s: float
+    coll_airtime_s: float  # per micro-batch, fwd + bwd
+    sync_s: float
+    inflight: int
+
+
+@dataclass(frozen=True)
+class LinkCost:
+    k: int
+    fwd_s: float
+    bwd_s: float
+    airtime_s: float  # fwd + bwd
+    fwd_bytes: float
+    bwd_bytes: float
+    in_stage: bool = False  # serial with stage 0's own work (see estimate)
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """Everything the cost model predicts for one step of a plan."""
+
+    plan_id: str
+    schedule: str
+    num_microbatches: int
+    step_time_s: float
+    pipe_s: float
+    fill_s: float  # sum of machine work: one micro-batch through the whole pipeline
+    period_s: float  # the slowest machine (or the channel) per micro-batch
+    chan_s: float
+    sync_s: float
+    optim_s: float
+    bottleneck: str
+    stages: tuple[StageCost, ...]
+    links: tuple[LinkCost, ...]
+    devices: dict[str, DeviceCost] = field(default_factory=dict)
+
+    @property
+    def energy_j(self) -> float:
+        return sum(d.energy_j for d in self.devices.values())
+
+    @property
+    def peak_memory_bytes(self) -> dict[str, int]:
+        return {n: int(round(d.memory_bytes)) for n, d in self.devices.items()}
+
+    @property
+    def feasible(self) -> bool:
+        return all(d.fits for d in self.devices.values())
+
+    def memory_violations(self) -> list[str]:
+        out = []
+        for d in self.devices.values():
+            if not d.fits:
+                out.append(f"needs {d.memory_bytes / GB:.2f} GB on {d.name}, which has {d.memory_cap_bytes / GB:.2f} GB "
+                           f"free for training ({d.kind})")
+        return out
+
+    def to_estimate(self, objective: str | None = None, source: str = "cost-model") -> Estimate:
+        return Estimate(step_time_s=self.step_time_s, energy_j=self.energy_j, peak_memory_bytes=self.peak_memory_bytes,
+                        source=source, objective=objective, energy_source="modelled (catalog power figures)")
+
+
+# -- the model ---------------------------------------------------------------------------
+def _stage_parts(plan: Plan, s: int, shape: Shape, profile: ModelProfile):
+    """Per device of stage s: (tokens, head_frac, ffn_frac) of its block work."""
+    st = plan.stages[s]
+    sp = stage_split(plan, s, shape)
+    mb = microbatch_size(plan, shape)
+    out = []
+    for i in range(len(st.devices)):
+        if st.mode == "dp":
+            out.append((sp.batch[i] * shape.seq_len, 1.0, 1.0))
+        elif st.mode == "sp":
+            out.append((mb * sp.seq[i], 1.0, 1.0))
+        else:
+            out.append((mb * shape.seq_len, sp.heads[i] / shape.num_heads, sp.ffn[i] / shape.ffn))
+    return out
+
+
+@dataclass(frozen=True)
+class DeviceWork:
+    """Durations (seconds, this device's speed) and sizes (bytes) of one device's ops.
+
+    ``embed_fwd_s``, ``head_s`` (head forward and backward with the loss) and
+    ``embed_bwd_s`` are zero on devices that own no data. Per micro-batch except
+    ``optim_s``.
+    """
+
+    blocks_fwd_s: float
+    blocks_bwd_s: float
+    embed_fwd_s: float
+    head_s: float
+    embed_bwd_s: float
+    optim_s: float
+    params_bytes: float
+    act_bytes: float  # kept per micro-batch in flight
+    transient_bytes: float  # the head's logits and their gradient
+
+    @property
+    def fwd_s(self) -> float:
+        return self.embed_fwd_s + self.blocks_fwd_s
+
+    @property
+    def bwd_s(self) -> float:
+        return self.head_s + self.blocks_bwd_s + self.embed_bwd_s
+
+
+@dataclass(frozen=True)
+class GroupComm:
+    """A stage group's own communication: per-micro-batch collectives and the sync."""
+
+    coll_fwd_s: float
+    coll_bwd_s: float
+    coll_airtime_s: float  # per micro-batch, fwd + bwd
+    coll_send_bytes: dict[str, float]  # per micro-batch and direction, what each device sends
+    coll_steps: int  # latency-bound ring steps per direction per micro-batch
+    sync_bytes: float  # gradient bytes all-reduced once per step (0: no sync)
+    sync_s: float
+
+
+def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape) -> dict[str, DeviceWork]:
+    """Every device's compute durations and memory sizes (see the module docstring)."""
+    if plan.num_layers != profile.num_layers:
+        raise PlanError(f"plan has {plan.num_layers} layers but the profile's model has {profile.num_layers}; "
+                        "re-plan for this model")
+    devs = {d.name: d for d in pool.devices}
+    for name in plan.devices:
+        if name not in devs:
+            raise PlanError(f"plan uses device {name!r}, which is not in the pool ({', '.join(devs)})")
+    T_seq = shape.seq_len
+    ref = profile.reference_speed
+    owners = owner_regions(plan, shape)
+    out: dict[str, DeviceWork] = {}
+    for s, st in enumerate(plan.stages):
+        a, b = st.layers
+        blocks = profile.blocks[a:b]
+        parts = _stage_parts(plan, s, shape, profile)
+        for i, name in enumerate(st.devices):
+            slow = ref / device_speed(devs[name], power_mode_of(plan, devs[name]))
+            tokens, hf, ff = parts[i]
+            f = sum(lp.fixed_fwd_s + lp.fwd_s.at(tokens, T_seq, hf, ff) for lp in blocks)
+            bw = sum(lp.fixed_bwd_s + lp.bwd_s.at(tokens, T_seq, hf, ff) for lp in blocks)
+            act = sum(lp.act_bytes.at(tokens, T_seq, hf, ff) for lp in blocks)
+            params = sum(lp.params_at(hf, ff) for lp in blocks)
+            ef = hd = eb = transient = 0.0
+            if s == 0:
+                b0, b1, t0, t1 = owners[i]
+                own = (b1 - b0) * (t1 - t0)
+                if own > 0:
+                    emb, head = profile.embed, profile.head
+                    ef = emb.fixed_fwd_s + emb.fwd_s.at(own, T_seq)
+                    eb = emb.fixed_bwd_s + emb.bwd_s.at(own, T_seq)
+                    hd = head.fixed_fwd_s + head.fixed_bwd_s + head.fwd_s.at(own, T_seq) + head.bwd_s.at(own, T_seq)
+                    params += emb.params_at() + head.params_at()
+                    transient = head.act_bytes.at(own, T_seq)
+            out[name] = DeviceWork(
+                blocks_fwd_s=f * slow, blocks_bwd_s=bw * slow, embed_fwd_s=ef * slow, head_s=hd * slow,
+                embed_bwd_s=eb * slow, optim_s=slow * profile.optim_s_per_param_byte * params,
+                params_bytes=params, act_bytes=act, transient_bytes=transient)
+    return out
+
+
+def group_comm(plan: Plan, s: int, profile: ModelProfile, shape: Shape, net: Network) -> GroupComm:
+    """Stage s's collectives per micro-batch (tp: 2 all-reduces per block each way; sp: a
+    K/V all-gather per block forward and a reduce-scatter backward) and its gradient sync
+    (dp and sp groups: ring all-reduce of the replicated parameters)."""
+    st = plan.stages[s]
+    names = list(st.devices)
+    n = len(names)
+    a, b = st.layers
+    nblk = b - a
+    mb = microbatch_size(plan, shape)
+    unit = profile.act_elem_bytes
+    coll_f = coll_air = 0.0
+    send: dict[str, float] = {x: 0.0 for x in names}
+    steps = 0
+    if n > 1 and st.mode == "tp":
+        act_bytes = mb * shape.seq_len * unit
+        coll_f = 2 * nblk * net.allreduce_time(names, act_bytes)
+        coll_air = 4 * nblk * net.allreduce_airtime(names, act_bytes)
+        send = {x: 2 * nblk * 2.0 * (n - 1) / n * act_bytes for x in names}
+        steps = 2 * nblk * 2 * (n - 1)
+    elif n > 1 and st.mode == "sp":
+        sizes = [2.0 * mb * t * profile.dims.kv_dim * profile.dtype_bytes for t in stage_split(plan, s, shape).seq]
+        coll_f = nblk * net.allgather_time(names, sizes)
+        coll_air = 2 * nblk * net.allgather_airtime(names, sizes)
+        total = sum(sizes)
+        # Ring: device i receives everything but its own part, from its predecessor, and
+        # forwards as much to its successor.
+        send = {names[(i - 1) % n]: nblk * (total - sizes[i]) for i in range(n)}
+        steps = nblk * (n - 1)
+    sync_bytes = sync = 0.0
+    if n > 1 and st.mode in ("dp", "sp"):
+        blocks = profile.blocks[a:b]
+        sync_bytes = sum(lp.params_at() for lp in blocks)
+        if s == 0 and st.mode == "dp":  # every dp owner holds an embed/head replica
+            sync_bytes += profile.embed.params_at() + profile.head.params_at()
+        sync = net.allreduce_time(names, sync_bytes)
+    return GroupComm(coll_fwd_s=coll_f, coll_bwd_s=coll_f, coll_airtime_s=coll_air, coll_send_bytes=send,
+                     coll_steps=steps, sync_bytes=sync_bytes, sync_s=sync)
+
+
+def boundary_flows(plan: Plan, shape: Shape, profile: ModelProfile, k: int, backward: bool) -> list[tuple[str, str, float]]:
+    """Non-local transfers ``(src device, dst device, bytes)`` across boundary k."""
+    unit = profile.act_elem_bytes
+    out = []
+    for t in boundary(plan, shape, k, backward=backward):
+        src, dst = plan.devices[t.src], plan.devices[t.dst]
+        if src != dst:
+            out.append((src, dst, (t.region[1] - t.region[0]) * (t.region[3] - t.region[2]) * unit))
+    return out
+
+
+def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, network: Network | None = None) -> PlanCost:
+    """The cost model's prediction for one step of ``plan`` (see the module docstring)."""
+    net = network or Network.of(pool)
+    devs = {d.name: d for d in pool.devices}
+    work = device_work(plan, pool, profile, shape)
+    S, M = len(plan.stages), plan.num_microbatches
+    mode_of = {n: power_mode_of(plan, devs[n]) for n in plan.devices}
+    dev_bytes: dict[str, float] = {n: 0.0 for n in plan.devices}
+    stage_costs: list[StageCost] = []
+    chan_f = chan_b = 0.0
+    for s, st in enumerate(plan.stages):
+        names = list(st.devices)
+        n = len(names)
+        gc = group_comm(plan, s, profile, shape, net)
+        for x in names:
+            # A ring sends and receives the same volume on every device.
+            dev_bytes[x] += M * 2 * 2 * gc.coll_send_bytes[x]
+            if gc.sync_bytes:
+                dev_bytes[x] += 2 * (2.0 * (n - 1) / n * gc.sync_bytes)
+        chan_f += gc.coll_airtime_s / 2
+        chan_b += gc.coll_airtime_s / 2
+        inflight = M if plan.schedule == "gpipe" else min(S - s, M)
+        stage_costs.append(StageCost(
+            fwd_s=max(work[x].fwd_s for x in names) + gc.coll_fwd_s,
+            bwd_s=max(work[x].bwd_s for x in names) + gc.coll_bwd_s,
+            coll_fwd_s=gc.coll_fwd_s, coll_bwd_s=gc.coll_bwd_s, coll_airtime_s=gc.coll_airtime_s, sync_s=gc.sync_s,
+            inflight=inflight))
+
+    links: list[LinkCost] = []
+    for k in range(S + 1):
+        flows = {bw: boundary_flows(plan, shape, profile, k, bw) for bw in (False, True)}
+        if not flows[False] and not flows[True]:
+            continue
+        for fl in flows.values():
+            for src, dst, nb in fl:
+                dev_bytes[src] += M * nb
+                dev_bytes[dst] += M * nb
+        air_f, air_b = net.airtime(flows[False]), net.airtime(flows[True])
+        chan_f += air_f
+        chan_b += air_b
+        # Boundary 0 (the data owner feeding its own tp/sp group) and, in a single stage,
+        # boundary 1 (the group returning to its owner) run inside stage 0's synchronous
+        # group work, one micro-batch at a time: serial with it, not a pipelined machine.
+        in_stage = k == 0 or (k == S and S == 1)
+        links.append(LinkCost(k=k, fwd_s=net.transfer_time(flows[False]), bwd_s=net.transfer_time(flows[True]),
+                              airtime_s=air_f + air_b, fwd_bytes=sum(x[2] for x in flows[False]),
+                              bwd_bytes=sum(x[2] for x in flows[True]), in_stage=in_stage))
+
+    # -- step time ---------------------------------------------------------------------
+    own_f = sum(lk.fwd_s for lk in links if lk.in_stage and lk.k == 0)
+    own_b = sum(lk.bwd_s + (lk.fwd_s if lk.k != 0 else 0.0) for lk in links if lk.in_stage)
+    machines = [(f"stage {s}", sc.fwd_s + (own_f if s == 0 else 0.0), sc.bwd_s + (own_b if s == 0 else 0.0))
+                for s, sc in enumerate(stage_costs)]
+    machines += [(f"boundary {lk.k}", lk.fwd_s, lk.bwd_s) for lk in links if not lk.in_stage]
+    chan = chan_f + chan_b
+    fill = sum(f + b for _, f, b in machines)
+    if plan.schedule == "gpipe":
+        max_f = max(f for _, f, _ in machines)
+        max_b = max(b for _, _, b in machines)
+        period = max(max_f, chan_f) + max(max_b, chan_b)
+        pipe = fill + (M - 1) * period
+        worst = max(machines, key=lambda m: m[1] + m[2])
+    else:
+        worst = max(machines, key=lambda m: m[1] + m[2])
+        period = max(worst[1] + worst[2], chan)
+        pipe = fill + (M - 1) * period
+    bottleneck = "shared channel" if chan > worst[1] + worst[2] else worst[0]
+    sync_total = sum(sc.sync_s for sc in stage_costs)
+    optim_first = max(work[n].optim_s for n in plan.stages[0].devices)
+    step = pipe + sync_total + optim_first
+
+    # -- per device: memory and energy ---------------------------------------------------
+    out: dict[str, DeviceCost] = {}
+    opt_f = profile.opt_state_factor
+    for s, st in enumerate(plan.stages):
+        for name in st.devices:
+            dev = devs[name]
+            kind = catalog.get(dev.kind)
+            pm = kind.power_mode(mode_of[name])
+            w = work[name]
+            busy = M * (w.fwd_s + w.bwd_s) + w.optim_s
+            mem_parts = {
+                "params": w.params_bytes, "grads": w.params_bytes, "optimizer": opt_f * w.params_bytes,
+                "activations": w.act_bytes * stage_costs[s].inflight, "transient": w.transient_bytes,
+            }
+            out[name] = DeviceCost(
+                name=name, kind=dev.kind, power_mode=pm.name, stage=s, speed=device_speed(dev, pm.name),
+                fwd_s=w.fwd_s, bwd_s=w.bwd_s, busy_s=busy,
+                memory_bytes=sum(mem_parts.values()), memory_cap_bytes=memory_cap_bytes(dev), memory_parts=mem_parts,
+                bytes_moved=dev_bytes[name], busy_energy_j=pm.busy_w * busy,
+                idle_energy_j=pm.idle_w * max(0.0, step - busy),
+                radio_energy_j=kind.radio_j_per_mb * dev_bytes[name] / MB,
+            )
+    return PlanCost(
+        plan_id=plan.plan_id, schedule=plan.schedule, num_microbatches=M, step_time_s=step, pipe_s=pipe, fill_s=fill,
+        period_s=period, chan_s=chan, sync_s=sync_total, optim_s=optim_first, bottleneck=bottleneck,
+        stages=tuple(stage_costs), links=tuple(links), devices=out,
+    )

@@ -1,0 +1,280 @@
+"""Per-layer cost profiles of a model on a reference device (JSON-serialisable).
+
+A ``ModelProfile`` says how long each part of the model takes and how much memory it
+holds on one reference device kind (in one power mode). The cost model scales it to
+any other device by catalog speed: a device ``r`` times faster than the reference runs
+every part ``r`` times faster (a speed-ratio model; memory-bound parts are assumed to
+scale like compute, which is the simplification a measured profile corrects).
+
+Each layer's cost is split by how it divides under the three intra-stage modes, so one
+profile serves dp, sp and tp stages:
+
+- ``rep``: work per token that every tp rank repeats (norms, residuals, biases);
+- ``head``: work per token split by attention heads (q, k, v and output projections);
+- ``ffn``: work per token split by FFN columns;
+- ``quad``: work per token *per context token*, split by heads (scores, softmax,
+  attention-weighted values). This is what makes attention quadratic in the sequence.
+
+So a device that computes ``tokens`` query tokens against ``ctx`` context tokens with a
+fraction ``h`` of the heads and ``f`` of the FFN columns spends
+``tokens * (rep + head*h + ffn*f + quad*ctx*h)`` plus a fixed per-call overhead. dp
+gives it fewer samples, sp fewer query tokens (the context stays the whole sequence,
+because K and V are all-gathered), tp fewer heads and columns.
+
+Units: seconds (``_s``) on the reference device, bytes (``_bytes``), FLOPs (``_flops``).
+A profile is shape-free: batch and sequence enter only through ``tokens`` and ``ctx``.
+
+``analytic_profile`` builds a profile from model dimensions when nothing was measured:
+FLOPs per token per part (the usual 2 FLOPs per multiply-accumulate count, backward =
+2 x forward, after Kaplan et al. 2020 and Narayanan et al. 2021), divided by the
+reference kind's effective rate from the catalog. Activation memory kept for backward
+follows the per-layer count of Korthikanti et al. 2022 ("Reducing Activation
+Recomputation in Large Transformer Models", arXiv 2205.05198), adapted to fp32 and no
+dropout. Fixed per-call overheads are an estimate (kernel launches), documented on the
+parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgepool import catalog
+from edgepool.errors import SpecError
+
+PROFILE_SCHEMA_VERSION = 1
+OPT_STATE_FACTOR = {"adamw": 2.0, "sgd": 0.0}  # optimizer state bytes per parameter byte
+# Bytes of memory traffic per parameter byte in one optimizer step: AdamW reads p, g, m,
+# v and writes p, m, v (7 fp32 tensors); SGD reads p, g and writes p (3).
+OPT_TRAFFIC_FACTOR = {"adamw": 7.0, "sgd": 3.0}
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A cost split by how it divides under tp (see the module docstring)."""
+
+    rep: float = 0.0
+    head: float = 0.0
+    ffn: float = 0.0
+    quad: float = 0.0
+
+    def at(self, tokens: float, ctx: float, head_frac: float = 1.0, ffn_frac: float = 1.0) -> float:
+        return tokens * (self.rep + self.head * head_frac + self.ffn * ffn_frac + self.quad * ctx * head_frac)
+
+    def total(self, ctx: float) -> float:
+        """Per token with all heads and columns."""
+        return self.rep + self.head + self.ffn + self.quad * ctx
+
+    def scaled(self, k: float) -> "Parts":
+        return Parts(self.rep * k, self.head * k, self.ffn * k, self.quad * k)
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One part of the model on the reference device.
+
+    ``fwd_s``/``bwd_s``: seconds per token (quad: per token per context token);
+    ``fixed_fwd_s``/``fixed_bwd_s``: seconds per call, whatever the size;
+    ``params_bytes``: parameter bytes by part (quad unused);
+    ``act_bytes``: activation bytes per token kept from forward to backward.
+    """
+
+    name: str
+    fwd_s: Parts
+    bwd_s: Parts
+    params_bytes: Parts
+    act_bytes: Parts
+    fixed_fwd_s: float = 0.0
+    fixed_bwd_s: float = 0.0
+
+    def params_at(self, head_frac: float = 1.0, ffn_frac: float = 1.0) -> float:
+        p = self.params_bytes
+        return p.rep + p.head * head_frac + p.ffn * ffn_frac
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The model dimensions the cost model needs (duck-compatible with ModelConfig)."""
+
+    family: str
+    vocab_size: int
+    hidden: int
+    num_layers: int
+    num_heads: int
+    ffn: int
+    num_kv_heads: int | None = None
+    max_seq_len: int = 512
+
+    @property
+    def kv_dim(self) -> int:
+        return (self.num_kv_heads or self.num_heads) * (self.hidden // self.num_heads)
+
+    @classmethod
+    def of(cls, cfg: Any) -> "ModelDims":
+        """From a ``ModelConfig`` (or anything with the same attributes)."""
+        return cls(family=cfg.family, vocab_size=cfg.vocab_size, hidden=cfg.hidden, num_layers=cfg.num_layers,
+                   num_heads=cfg.num_heads, ffn=cfg.ffn, num_kv_heads=cfg.num_kv_heads,
+                   max_seq_len=getattr(cfg, "max_seq_len", 512))
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Costs of every part of a model on ``reference_kind`` in ``reference_mode``.
+
+    ``blocks[i]`` is Transformer block i; ``embed`` and ``head`` run on the data owners
+    (see ``specs.plan.owner_regions``). ``head.act_bytes`` is a transient peak (logits
+    and their gradient live only during the head's own forward and backward).
+    ``optim_s_per_param_byte`` is the optimizer step's time per parameter byte on the
+    reference device; ``opt_state_factor`` the optimizer state bytes per parameter byte.
+    """
+
+    model: str
+    dims: ModelDims
+    blocks: tuple[LayerProfile, ...]
+    embed: LayerProfile
+    head: LayerProfile
+    reference_kind: str = catalog.REFERENCE_KIND
+    reference_mode: str | None = None
+    dtype_bytes: int = 4
+    optimizer: str = "adamw"
+    opt_state_factor: float = 2.0
+    optim_s_per_param_byte: float = 0.0
+    source: str = "analytic"
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    schema_version: int = PROFILE_SCHEMA_VERSION
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def reference_speed(self) -> float:
+        """Catalog relative speed of the device the profile was taken on."""
+        return catalog.get(self.reference_kind).relative_speed(self.reference_mode)
+
+    @property
+    def act_elem_bytes(self) -> int:
+        """Bytes of one hidden-size activation vector of one token (a boundary row)."""
+        return self.dims.hidden * self.dtype_bytes
+
+    def scaled(self, time_factor: float) -> "ModelProfile":
+        """Every time multiplied by ``time_factor`` (calibrating against a measurement)."""
+
+        def s(lp: LayerProfile) -> LayerProfile:
+            return replace(lp, fwd_s=lp.fwd_s.scaled(time_factor), bwd_s=lp.bwd_s.scaled(time_factor),
+                           fixed_fwd_s=lp.fixed_fwd_s * time_factor, fixed_bwd_s=lp.fixed_bwd_s * time_factor)
+
+        return replace(self, blocks=tuple(s(b) for b in self.blocks), embed=s(self.embed), head=s(self.head),
+                       optim_s_per_param_byte=self.optim_s_per_param_byte * time_factor)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelProfile":
+        try:
+            if data.get("schema_version", PROFILE_SCHEMA_VERSION) != PROFILE_SCHEMA_VERSION:
+                raise SpecError(f"profile schema_version {data.get('schema_version')} is not {PROFILE_SCHEMA_VERSION}; "
+                                "re-run the profiler")
+
+            def lp(d: dict) -> LayerProfile:
+                return LayerProfile(name=d["name"], fwd_s=Parts(**d["fwd_s"]), bwd_s=Parts(**d["bwd_s"]),
+                                    params_bytes=Parts(**d["params_bytes"]), act_bytes=Parts(**d["act_bytes"]),
+                                    fixed_fwd_s=d.get("fixed_fwd_s", 0.0), fixed_bwd_s=d.get("fixed_bwd_s", 0.0))
+
+            rest = {k: v for k, v in data.items() if k not in ("dims", "blocks", "embed", "head", "notes")}
+            return cls(dims=ModelDims(**data["dims"]), blocks=tuple(lp(b) for b in data["blocks"]),
+                       embed=lp(data["embed"]), head=lp(data["head"]), notes=tuple(data.get("notes", ())), **rest)
+        except KeyError as exc:
+            raise SpecError(f"profile is missing field {exc.args[0]!r}; re-run the profiler or rebuild it") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelProfile":
+        p = Path(path)
+        try:
+            return cls.from_json(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SpecError(f"cannot read profile {p}: {exc}") from None
+
+
+def block_flops(dims: ModelDims) -> tuple[Parts, Parts]:
+    """Forward FLOPs of one block per token (quad: per token per context token), and
+    the parameter counts by part.
+
+    Matmul FLOPs are 2 per multiply-accumulate. Elementwise work (norms, residuals,
+    activation function, softmax) is counted as a few FLOP-equivalents per element; it
+    is small next to the matmuls for hidden >= 256 and is memory-bound in practice.
+    """
+    h, f, kv = dims.hidden, dims.ffn, dims.kv_dim
+    gated = dims.family == "llama"
+    flops = Parts(
+        rep=20.0 * h,  # two norms and two residual adds
+        head=2.0 * (2 * h * h + 2 * h * kv),  # q and o projections (h x h), k and v (h x kv)
+        ffn=2.0 * (3 if gated else 2) * h * f + 8.0 * f,  # up/down (and gate) matmuls + activation
+        quad=4.0 * h + 5.0 * dims.num_heads,  # q.k^T and p.v (2h each) + softmax per head
+    )
+    norms = 2 * h if gated else 4 * h
+    if gated:
+        params = Parts(rep=norms, head=2 * h * h + 2 * h * kv, ffn=3 * h * f)
+    else:
+        # q, o: 2hh; k, v: 2h*kv; biases of q, k, v split with heads, o's bias repeated.
+        params = Parts(rep=norms + h, head=2 * h * h + 2 * h * kv + h + 2 * kv, ffn=2 * h * f + f + h)
+    return flops, params
+
+
+def analytic_profile(dims: ModelDims | Any, *, optimizer: str = "adamw", reference_kind: str = catalog.REFERENCE_KIND,
+                     reference_mode: str | None = None, dtype_bytes: int = 4, fixed_block_s: float = 3e-4,
+                     fixed_part_s: float = 1e-4) -> ModelProfile:
+    """A FLOPs-based profile on ``reference_kind`` (see the module docstring).
+
+    ``fixed_block_s``: per-call overhead of one block's forward on the reference device
+    (an ESTIMATE: about 15 kernel launches at about 20 us on a Jetson Nano); backward
+    is twice that. ``fixed_part_s``: the same for embed and head.
+    """
+    if not isinstance(dims, ModelDims):
+        dims = ModelDims.of(dims)
+    if optimizer not in OPT_STATE_FACTOR:
+        raise SpecError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPT_STATE_FACTOR)}")
+    kind = catalog.get(reference_kind)
+    rate_flops = kind.effective_gflops(reference_mode) * 1e9
+    e = float(dtype_bytes)
+    h, f, v = dims.hidden, dims.ffn, dims.vocab_size
+    flops, params = block_flops(dims)
+    gated = dims.family == "llama"
+    fwd = flops.scaled(1.0 / rate_flops)
+    act = Parts(
+        rep=e * 4 * h,  # the two norms' inputs and outputs feed matmuls and residuals
+        head=e * (2 * h + 2 * dims.kv_dim),  # q, k, v and the attention output
+        ffn=e * (3 if gated else 2) * f,  # up (and gate) outputs and the activation output
+        quad=e * 2 * dims.num_heads,  # scores and softmax probabilities
+    )
+    block = LayerProfile(name="block", fwd_s=fwd, bwd_s=fwd.scaled(2.0), params_bytes=params.scaled(e),
+                         act_bytes=act, fixed_fwd_s=fixed_block_s, fixed_bwd_s=2 * fixed_block_s)
+    emb_params = v * h + (0 if gated else dims.max_seq_len * h) + (3 * h if dims.family == "bert" else 0)
+    embed = LayerProfile(
+        name="embed", fwd_s=Parts(rep=4.0 * h / rate_flops), bwd_s=Parts(rep=8.0 * h / rate_flops),
+        params_bytes=Parts(rep=e * emb_params), act_bytes=Parts(), fixed_fwd_s=fixed_part_s, fixed_bwd_s=fixed_part_s,
+    )
+    head_extra = (h * h + h + 2 * h) if dims.family == "bert" else 0  # bert's transform + norm
+    head_flops = 2.0 * h * v + 2.0 * head_extra + 10.0 * v  # projection (+ transform) + softmax/loss
+    head = LayerProfile(
+        name="head", fwd_s=Parts(rep=head_flops / rate_flops), bwd_s=Parts(rep=2.0 * head_flops / rate_flops),
+        params_bytes=Parts(rep=e * (h * v + v + 2 * h + head_extra)),
+        act_bytes=Parts(rep=e * (2 * v + 2 * h)),  # logits and their gradient, norm input/output
+        fixed_fwd_s=fixed_part_s, fixed_bwd_s=2 * fixed_part_s,
+    )
+    mem_rate = kind.mem_bandwidth_gbps * 1e9 * kind.power_mode(reference_mode).compute_fraction
+    return ModelProfile(
+        model=f"{dims.family}-h{h}-l{dims.num_layers}-a{dims.num_heads}-f{f}-v{v}",
+        dims=dims, blocks=tuple(block for _ in range(dims.num_layers)), embed=embed, head=head,
+        reference_kind=reference_kind, reference_mode=reference_mode, dtype_bytes=dtype_bytes, optimizer=optimizer,
+        opt_state_factor=OPT_STATE_FACTOR[optimizer],
+        optim_s_per_param_byte=OPT_TRAFFIC_FACTOR[optimizer] / mem_rate,
+        source="analytic",
+        notes=(f"FLOPs / ({kind.id} effective {kind.effective_gflops(reference_mode):.1f} GFLOPS, catalog estimate)",),
+    )

@@ -1,0 +1,201 @@
+"""Dynamic programming over (layer suffix, device suffix) for pipelines of dp groups.
+
+For a fixed micro-batch count M, power modes and a cap ``X`` on the period, the cost
+model's step time of a pipeline of dp groups is
+
+    T = tau + (M - 1) * period,   tau = sum_s (W_s + sync_s) + sum_k 2 c_k + optim_0
+
+(``cost.model``: machine work ``W_s = max F + max B`` per micro-batch, boundaries
+``c_k`` each way, gradient syncs, stage 0's optimizer step; ``period`` is the slowest
+machine or the shared channel). ``tau`` is a sum over stages and boundaries, so with
+every machine constrained to ``<= X`` it is minimised exactly by a DP; the period term
+is handled outside by searching over ``X`` (``search.best_for_m``).
+
+The DP goes backwards (from the last block), prepending one stage at a time. A state
+``(l, e, k, rho, sigma)`` means: blocks ``[l, L)`` and canonical devices ``[e, N)`` are
+decided; the suffix has ``k`` stages (capped: the memory of a 1f1b stage depends on the
+number of stages after it, ``min(S - s, M)`` micro-batches in flight); its first stage
+(the next boundary's receiver) has boundary class ``rho`` and its last stage (the one
+that sends back to the data owners) class ``sigma``. A boundary's time depends on both
+of its groups only through their classes (``tables`` module docstring). Devices between
+two groups are left out. Prepending group ``[a, b)`` over blocks ``[l0, l)``:
+
+    V[l0, a, k+1, cls(g), sigma] = min over l, e >= b, rho of
+        V[l, e, k, rho, sigma] + W_g(l0, l) + sync_g(l0, l) + 2 c(g, rho)
+        (+ optim_g(l) + 2 c(g, sigma) when l0 = 0: g is stage 0)
+
+subject to memory (``kmax_g(l0, l) >= min(k+1, M)``), every machine ``<= X`` and, on a
+shared medium, the channel (``2 S base <= X``). ``kind="max"`` replaces sums by maxima
+and yields the smallest achievable period (a lower bound for the ``X`` search).
+
+The work per group is a handful of numpy operations on ``(L+1) x (L+1)`` matrices, so
+one run costs O(N^2 L^2 K R) element operations with small constants.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgepool.planner.tables import INF, GroupTable, Tables
+
+
+@dataclass(frozen=True)
+class DPStage:
+    a: int
+    b: int
+    l0: int
+    l1: int
+
+
+@dataclass(frozen=True)
+class DPResult:
+    value: float  # tau (kind "sum") or the period (kind "max")
+    stages: tuple[DPStage, ...]
+
+
+def _classes(groups: dict[tuple[int, int], GroupTable], base: float) -> tuple[list[tuple[float, float]], dict]:
+    keys = sorted({(g.lam_s, max(base, g.a_s)) for g in groups.values()})
+    return keys, {k: i for i, k in enumerate(keys)}
+
+
+def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: str = "sum",
+          pp_only: bool = False, min_stages: int = 1, bound: float = INF) -> DPResult | None:
+    """The best pipeline (``kind="sum"``: least tau with every machine <= X;
+    ``kind="max"``: least period). None if nothing fits.
+
+    ``bound``: groups whose gradient sync alone is at least ``bound`` are skipped (no
+    plan using them can reach a step time below ``bound``).
+    """
+    sp = tables.space
+    N, L = len(sp.order), tables.L
+    base = tables.base(M)
+    groups: dict[tuple[int, int], tuple[GroupTable, object]] = {}
+    t_small = 0
+    for g, m in tables.groups_for(M, modes, pp_only):
+        if kind == "sum" and m.min_sync >= bound:
+            continue
+        groups[(g.a, g.b)] = (g, m)
+        t_small = max(t_small, m.t_small)
+    if not groups:
+        return None
+    cls_keys, cls_index = _classes({k: v[0] for k, v in groups.items()}, base)
+    R = len(cls_keys)
+    NONE = R
+    lam = np.array([k[0] for k in cls_keys])
+    aa = np.array([k[1] for k in cls_keys])
+    use_chan = kind == "sum" and base > 0 and X < INF
+    s_max = math.floor(X / (2 * base) * (1 + 1e-12)) if use_chan else None
+    # Suffix stage counts that memory can tell apart: beyond t_small + 1 every tight
+    # entry is infeasible and every ample one feasible. The channel needs exact counts
+    # up to s_max.
+    kcap = min(N, L, t_small + 1)
+    if use_chan and s_max < min(N, L):
+        kcap = max(kcap, s_max)
+    kcap = max(kcap, 1)
+    K = kcap + 1
+    shape = (L + 1, N + 1, K, R + 1, R + 1)
+    V = np.full(shape, INF)
+    bp_b = np.full(shape, -1, dtype=np.int32)
+    bp_l = np.full(shape, -1, dtype=np.int32)
+    bp_k = np.full(shape, -1, dtype=np.int32)
+    V[L, :, 0, NONE, NONE] = 0.0
+    SV = np.full(shape, INF)
+    SVarg = np.full(shape, -1, dtype=np.int32)
+    SV[:, N] = V[:, N]
+    SVarg[:, N] = N
+    comb = np.add if kind == "sum" else np.maximum
+    ks = np.arange(1, K)  # source suffix lengths of the pipeline transitions
+    inflight = np.minimum(ks + 1, M)
+    k_target = np.minimum(ks + 1, kcap)
+    stage_ok = np.ones(K - 1, dtype=bool)
+    if use_chan:
+        stage_ok = 2 * (ks + 1) * base <= X * (1 + 1e-12)
+    first_ok = (ks + 1) >= min_stages
+
+    for a in range(N - 1, -1, -1):
+        for b in range(a + 1, N + 1):
+            gm = groups.get((a, b))
+            if gm is None:
+                continue
+            g, m = gm
+            cg = cls_index[(g.lam_s, max(base, g.a_s))]
+            C = m.C if kind == "sum" else m.W
+            feas = m.W <= X
+            optim = m.optim if kind == "sum" else np.zeros(L + 1)
+            ga = max(base, g.a_s)
+            link = 2.0 * (np.maximum(g.lam_s, lam) + np.maximum(ga, aa))  # to each class, (R,)
+            link = np.where(link <= X, link, INF)
+            SVb = SV[:, b]
+            # k = 0: g becomes the last stage (and, at l0 = 0, the only one).
+            src = SVb[L, 0, NONE, NONE]
+            if np.isfinite(src):
+                c0 = np.where(feas[:, L] & (m.kmax[:, L] >= 1), C[:, L], INF)
+                cand = comb(c0, src)
+                cand[0] = comb(cand[0], optim[L]) if kind == "sum" else cand[0]
+                if pp_only or min_stages > 1:
+                    cand[0] = INF
+                tgt = V[:, a, 1, cg, cg]
+                better = cand < tgt
+                if better.any():
+                    tgt[better] = cand[better]
+                    bp_b[:, a, 1, cg, cg][better] = b
+                    bp_l[:, a, 1, cg, cg][better] = L
+                    bp_k[:, a, 1, cg, cg][better] = 0
+            # k >= 1: g is prepended to a suffix of k stages.
+            live = stage_ok & np.isfinite(SVb[:, 1:]).any(axis=(0, 2, 3))
+            if not live.any():
+                continue
+            kk = np.nonzero(live)[0]  # indices into ks
+            Ck = np.where(feas[None] & (m.kmax[None] >= inflight[kk][:, None, None]), C[None], INF)  # (k, l0, l)
+            U = comb(SVb[:, kk + 1, :R, :], link[None, None, :, None]).min(axis=2)  # (l, k, sigma)
+            M3 = comb(Ck[:, :, :, None], U.transpose(1, 0, 2)[:, None, :, :])  # (k, l0, l, sigma)
+            if kind == "sum":
+                M3[:, 0] += optim[None, :, None]
+            lbest = M3.argmin(axis=2)  # (k, l0, sigma)
+            cand = np.take_along_axis(M3, lbest[:, :, None, :], axis=2)[:, :, 0, :]
+            link_s = np.full(R + 1, INF)
+            link_s[:R] = link
+            cand[:, 0] = comb(cand[:, 0], link_s[None, :])
+            cand[~first_ok[kk], 0] = INF
+            for j, ki in enumerate(kk):
+                k, k2 = int(ks[ki]), int(k_target[ki])
+                tgt = V[:, a, k2, cg, :]
+                better = cand[j] < tgt
+                if better.any():
+                    tgt[better] = cand[j][better]
+                    bp_b[:, a, k2, cg, :][better] = b
+                    bp_l[:, a, k2, cg, :][better] = lbest[j][better]
+                    bp_k[:, a, k2, cg, :][better] = k
+        # Devices [a, e) may be left out before a group starting at e.
+        cur, nxt = V[:, a], SV[:, a + 1]
+        take = cur <= nxt
+        SV[:, a] = np.where(take, cur, nxt)
+        SVarg[:, a] = np.where(take, a, SVarg[:, a + 1])
+
+    final = SV[0, 0, 1:]  # at least one stage
+    idx = np.unravel_index(np.argmin(final), final.shape)
+    best = float(final[idx])
+    if not np.isfinite(best):
+        return None
+    k, rho, sigma = idx[0] + 1, idx[1], idx[2]
+    e = int(SVarg[0, 0, k, rho, sigma])
+    l = 0
+    stages = []
+    while True:
+        b, l1, kso = int(bp_b[l, e, k, rho, sigma]), int(bp_l[l, e, k, rho, sigma]), int(bp_k[l, e, k, rho, sigma])
+        assert b > e and l1 > l, "broken back-pointer"
+        stages.append(DPStage(e, b, l, l1))
+        if kso == 0:
+            break
+        g = groups[(e, b)][0]
+        ga = max(base, g.a_s)
+        link = 2.0 * (np.maximum(g.lam_s, lam) + np.maximum(ga, aa))
+        link = np.where(link <= X, link, INF)
+        row = comb(SV[l1, b, kso, :R, sigma], link)
+        rho = int(np.argmin(row))
+        e = int(SVarg[l1, b, kso, rho, sigma])
+        l, k = l1, kso
+    return DPResult(value=best, stages=tuple(stages))

@@ -1,0 +1,626 @@
+"""``plan(pool, job, profile, objective)``: the best Plan, the Pareto frontier and baselines.
+
+**Time** (exact over the plan space of ``space``). For every micro-batch count M:
+
+1. the DP (``dp.solve``) with ``kind="max"`` gives the smallest achievable period
+   ``X_lo`` of a pipeline of dp groups, and with no cap the least ``tau``;
+2. ``T = tau + (M-1) * period`` is then minimised over the cap ``X`` by branch and
+   bound on intervals of X: a plan found under cap X (tau_X, period p_X <= X) settles
+   every cap in ``[p_X, X]``; an interval ``[lo, hi)`` whose plans all have
+   ``tau >= t`` cannot beat the incumbent when ``t + (M-1) lo >= T_best`` and is
+   dropped. Intervals shrink until that bound closes them (to 1e-9 relative), so the
+   optimum is exact up to that tolerance;
+3. single-stage sp and tp plans (every run of the canonical order) are evaluated with
+   the cost model when a lower bound (perfectly shared compute plus their collectives)
+   does not already exceed the best time.
+
+**Energy, energy under a deadline, energy-delay product.** Structures (groups, layer
+ranges, M) come from the time search: every plan the branch and bound produced for
+every M (each is the least-tau plan for some period cap, so together they span the
+time side), the family baselines, and the time-optimal plans on the canonical pool
+with its slowest kinds removed (so using fewer devices is considered). For each
+structure ``modes.mode_choices`` finds every Pareto-optimal power-mode assignment
+exactly. The result is the best by the objective; the time-energy frontier is the
+Pareto set of everything evaluated. This is exact over power modes for those
+structures, not over all structures (``PlanResult.exact`` says which search ran).
+
+**Baselines.** The best plan of each plain family (dp, sp, tp over any run of devices,
+and uniform pp: every device one stage, blocks split evenly) is evaluated with the
+cost model and compared with the chosen plan; ``explain`` says why it lost.
+
+Infeasible pools raise ``InfeasibleError`` with the closest candidates and what broke
+each ("needs 3.1 GB on nano-1, which has 2.0 GB free for training").
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+from edgepool import catalog
+from edgepool.cost.model import PlanCost, device_speed, estimate, memory_cap_bytes, shape_for
+from edgepool.cost.network import Network
+from edgepool.cost.profile import ModelProfile
+from edgepool.errors import InfeasibleError, PlanError
+from edgepool.planner import dp as dpmod
+from edgepool.planner.modes import frontier, mode_choices
+from edgepool.planner.space import Space, group_mode_assignments, mode_options
+from edgepool.planner.tables import INF, Tables
+from edgepool.specs.plan import Plan, Shape, StagePlan, split_counts
+from edgepool.specs.pool import PoolSpec
+
+OBJECTIVES = ("time", "energy", "edp")
+FAMILIES = ("dp", "sp", "tp", "pp")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    plan: Plan
+    cost: PlanCost
+
+    @property
+    def step_time_s(self) -> float:
+        return self.cost.step_time_s
+
+    @property
+    def energy_j(self) -> float:
+        return self.cost.energy_j
+
+
+@dataclass(frozen=True)
+class Baseline:
+    family: str  # dp, sp, tp, pp-uniform
+    candidate: Candidate | None
+    why: str
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan: Plan  # the best plan, with its estimate
+    cost: PlanCost
+    objective: str
+    deadline_s: float | None
+    frontier: tuple[Candidate, ...]
+    baselines: dict[str, Baseline]
+    exact: bool
+    stats: dict = field(default_factory=dict)
+
+
+# -- helpers ------------------------------------------------------------------------------
+def score(objective: str, T: float, E: float) -> float:
+    if objective == "time":
+        return T
+    if objective == "energy":
+        return E
+    if objective == "edp":
+        return E * T
+    raise PlanError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+
+
+def _better(objective: str, a: Candidate, b: Candidate | None) -> bool:
+    if b is None:
+        return True
+    ka = (score(objective, a.step_time_s, a.energy_j), a.step_time_s, a.energy_j)
+    kb = (score(objective, b.step_time_s, b.energy_j), b.step_time_s, b.energy_j)
+    return ka < kb
+
+
+class _Search:
+    def __init__(self, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, max_microbatches: int | None,
+                 network: Network | None, family: str | None):
+        self.pool, self.profile, self.shape = pool, profile, shape
+        self.net = network or Network.of(pool)
+        self.space = Space.build(pool, profile, shape, schedule="1f1b", objective="time", family=family,
+                                 max_microbatches=max_microbatches)
+        self.tables = Tables(self.space, self.net)
+        self.max_modes = {d.name: mode_options(d, "time")[0] for d in pool.devices}
+        self.full_params = sum(lp.params_at() for lp in profile.blocks) + profile.embed.params_at() + \
+            profile.head.params_at()
+        self.dp_runs = 0
+        self.evaluated = 0
+        self.explored: list[Candidate] = []
+        self.infeasible: list[Candidate] = []
+        self._prefix_tables: dict[int, Tables] = {}
+        self.family_short: dict[str, tuple[float, str]] = {}  # closest memory miss per family
+
+    # -- evaluation ----------------------------------------------------------------------
+    def evaluate(self, plan: Plan) -> Candidate:
+        self.evaluated += 1
+        return Candidate(plan, estimate(plan, self.pool, self.profile, self.shape, network=self.net))
+
+    def from_dp(self, res: dpmod.DPResult, M: int, modes: dict[str, str]) -> Plan:
+        sp = self.space
+        stages = []
+        for st in res.stages:
+            s = sp.stage((st.l0, st.l1), "dp", list(sp.order[st.a:st.b]), modes, M)
+            assert s is not None
+            stages.append(s)
+        return sp.make_plan(stages, M, {n: modes[n] for s in stages for n in s.devices})
+
+    # -- pipelines of dp groups: DP + branch and bound over the period cap ---------------
+    def best_for_m(self, M: int, incumbent: float, *, pp_only: bool = False, min_stages: int = 1,
+                   n_devices: int | None = None, modes: dict[str, str] | None = None) -> Candidate | None:
+        """The least step time over pipelines of dp groups with M micro-batches (exact),
+        with every device in ``modes`` (default: maximum modes)."""
+        modes = modes or self.max_modes
+        tables = self.tables
+        if n_devices is not None and n_devices < len(self.space.order):
+            if n_devices not in self._prefix_tables:
+                sub = replace(self.space, order=self.space.order[:n_devices])
+                self._prefix_tables[n_devices] = Tables(sub, self.net)
+            tables = self._prefix_tables[n_devices]
+
+        def run(X: float, kind: str = "sum", bound: float = INF) -> dpmod.DPResult | None:
+            self.dp_runs += 1
+            return dpmod.solve(tables, M, modes, X=X, kind=kind, pp_only=pp_only, min_stages=min_stages,
+                               bound=bound)
+
+        r0 = run(INF, bound=incumbent)
+        if r0 is None:
+            return None
+        best = self.evaluate(self.from_dp(r0, M, modes))
+        self.explored.append(best)
+        best_T = min(incumbent, best.step_time_s)
+        if M == 1 or r0.value >= best_T * (1 - 1e-12):
+            return best
+        lo = run(INF, "max")
+        x_lo = lo.value if lo is not None else best.cost.period_s
+        # Intervals [lo, hi) of the period, with a lower bound t on tau of any plan there:
+        # a plan there has T >= t + (M-1) lo, and beats best_T only if its period is
+        # below (best_T - t) / (M - 1).
+        heap: list[tuple[float, float, float, float]] = []
+        if x_lo < best.cost.period_s:
+            heapq.heappush(heap, (r0.value + (M - 1) * x_lo, x_lo, best.cost.period_s, r0.value))
+        while heap:
+            lb, a, b, t = heapq.heappop(heap)
+            b = min(b, (best_T - t) / (M - 1))
+            if lb >= best_T * (1 - 1e-12) or b - a <= 1e-9 * max(b, 1e-30):
+                continue
+            mid = 0.5 * (a + b)
+            r = run(mid, bound=best_T)
+            if r is None:
+                heapq.heappush(heap, (t + (M - 1) * mid, mid, b, t))
+                continue
+            cand = self.evaluate(self.from_dp(r, M, modes))
+            self.explored.append(cand)
+            if cand.step_time_s < best.step_time_s:
+                best = cand
+                best_T = min(best_T, cand.step_time_s)
+            p = min(cand.cost.period_s, mid)
+            heapq.heappush(heap, (r.value + (M - 1) * a, a, p, r.value))
+            heapq.heappush(heap, (t + (M - 1) * mid, mid, b, t))
+        return best
+
+    # -- single-stage plans ----------------------------------------------------------------
+    def single_stage(self, modes_allowed: tuple[str, ...]) -> dict[str, Candidate | None]:
+        """Best single-stage plan per family: "single" (one device), dp, sp, tp (2+ devices).
+
+        dp uses the closed form of ``tables``; sp and tp are evaluated with the cost model
+        unless a lower bound (exact compute of the split, plus the group's collectives
+        and sync, without the boundaries to the data owner) exceeds the family's best.
+        """
+        sp, prof, shape, net = self.space, self.profile, self.shape, self.net
+        order = list(sp.order)
+        N, L, T = len(order), prof.num_layers, shape.seq_len
+        best: dict[str, Candidate | None] = {m: None for m in ("single",) + modes_allowed}
+        best_t: dict[str, tuple[float, int, int, int] | None] = {m: None for m in ("single", "dp")}
+        ref = prof.reference_speed
+        blocks = prof.blocks
+        fix = sum(lp.fixed_fwd_s + lp.fixed_bwd_s for lp in blocks)
+        comp = {k: sum(getattr(lp.fwd_s, k) + getattr(lp.bwd_s, k) for lp in blocks) for k in ("rep", "head", "ffn", "quad")}
+        emb, head = prof.embed, prof.head
+        own_fix = emb.fixed_fwd_s + emb.fixed_bwd_s + head.fixed_fwd_s + head.fixed_bwd_s
+        own_tok = emb.fwd_s.total(T) + emb.bwd_s.total(T) + head.fwd_s.total(T) + head.bwd_s.total(T)
+        unit = prof.act_elem_bytes
+        p_rep = sum(lp.params_bytes.rep for lp in blocks)
+        p_split = sum(lp.params_bytes.head + lp.params_bytes.ffn for lp in blocks)
+        a_rep = sum(lp.act_bytes.rep for lp in blocks)
+        a_split = sum(lp.act_bytes.head + lp.act_bytes.ffn + lp.act_bytes.quad * T for lp in blocks)
+        blocks_params = p_rep + p_split
+        opt_f = 2 + prof.opt_state_factor
+        caps = {d.name: memory_cap_bytes(d) for d in order}
+        speed = {d.name: sp.speed(d, self.max_modes[d.name]) for d in order}
+        for M in sp.microbatches:
+            mb = shape.global_batch // M
+            for a in range(N):
+                for b in range(a + 1, N + 1):
+                    n = b - a
+                    names = [d.name for d in order[a:b]]
+                    fam = "single" if n == 1 else "dp"
+                    if fam in best_t:
+                        g = self.tables.group(a, b, M, {x: self.max_modes[x] for x in names})
+                        if g is not None:
+                            t_, _, fits = self.tables.single(g, M)
+                            if fits and (best_t[fam] is None or t_ < best_t[fam][0]):
+                                best_t[fam] = (t_, a, b, M)
+                    if n == 1:
+                        continue
+                    speeds = [speed[x] for x in names]
+                    for mode in modes_allowed:
+                        if mode == "dp":
+                            continue
+                        counts = sp.shares(mode, order[a:b], self.max_modes, M)
+                        if counts is None:
+                            continue
+                        total = sum(counts)
+                        per, short = [], None
+                        for c, s_, x in zip(counts, speeds, names):
+                            if mode == "tp":
+                                hf = c / total
+                                t_ = fix + mb * T * (comp["rep"] + (comp["head"] + comp["quad"] * T + comp["ffn"]) * hf)
+                                need = opt_f * (p_rep + p_split * hf) + mb * T * (a_rep + a_split * hf)
+                            else:
+                                t_ = fix + mb * c * (comp["rep"] + comp["head"] + comp["ffn"] + comp["quad"] * T)
+                                need = opt_f * blocks_params + mb * c * (a_rep + a_split)
+                            if need > caps[x]:
+                                short = (need / max(caps[x], 1.0), f"needs at least {need / 1e9:.2f} GB on {x}, which has "
+                                                         f"{caps[x] / 1e9:.2f} GB free for training")
+                                break
+                            per.append(t_ * ref / s_)
+                        if short is not None:
+                            prev = self.family_short.get(mode)
+                            if prev is None or short[0] < prev[0]:
+                                self.family_short[mode] = short
+                            continue
+                        per[0] += (own_fix + mb * T * own_tok) * ref / speeds[0]
+                        full = mb * T * unit
+                        if mode == "tp":
+                            coll = 4 * L * net.allreduce_time(names, full)
+                            sync = 0.0
+                            # the owner sends the embedded input and the head's gradient to every replica
+                            edge = 2 * net.transfer_time([(names[0], x, full) for x in names[1:]])
+                        else:
+                            sizes = [2.0 * mb * c * prof.dims.kv_dim * prof.dtype_bytes for c in counts]
+                            coll = 2 * L * net.allgather_time(names, sizes)
+                            sync = net.allreduce_time(names, blocks_params)
+                            part = [(names[0], x, mb * c * unit) for x, c in zip(names[1:], counts[1:])]
+                            edge = 4 * net.transfer_time(part)
+                        lb = M * (max(per) + coll + edge) + sync
+                        cur = best[mode]
+                        if cur is not None and lb >= cur.step_time_s:
+                            continue
+                        st = sp.stage((0, L), mode, order[a:b], self.max_modes, M)
+                        if st is None:
+                            continue
+                        cand = self.evaluate(sp.make_plan([st], M, {x: self.max_modes[x] for x in names}))
+                        if not cand.cost.feasible:
+                            self.infeasible.append(cand)
+                            continue
+                        if cur is None or cand.step_time_s < cur.step_time_s:
+                            best[mode] = cand
+        for fam, bt in best_t.items():
+            if bt is not None and (fam == "single" or "dp" in modes_allowed):
+                _, a, b, M = bt
+                st = sp.stage((0, L), "dp", order[a:b], self.max_modes, M)
+                best[fam] = self.evaluate(sp.make_plan([st], M, {x.name: self.max_modes[x.name] for x in order[a:b]}))
+        if "dp" not in modes_allowed:
+            best.pop("dp", None)
+        return best
+
+    def uniform_pp(self) -> Candidate | None:
+        """Galaxy's baseline: every device one stage, blocks split evenly, best M."""
+        sp = self.space
+        order = list(sp.order)
+        L = self.profile.num_layers
+        S = min(len(order), L)
+        if S < 2:
+            return None
+        counts = split_counts(L, [1.0] * S)
+        best = None
+        for M in sp.microbatches:
+            stages, start = [], 0
+            for d, c in zip(order[:S], counts):
+                stages.append(StagePlan(layers=(start, start + c), devices=(d.name,)))
+                start += c
+            cand = self.evaluate(sp.make_plan(stages, M, {}))
+            if not cand.cost.feasible:
+                self.infeasible.append(cand)
+                continue
+            if best is None or cand.step_time_s < best.step_time_s:
+                best = cand
+        return best
+
+
+# -- explanations ------------------------------------------------------------------------------
+def explain(c: Candidate, best: Candidate, objective: str) -> str:
+    """Why a baseline lost to the chosen plan, in one line with the numbers.
+
+    The baseline's step time is split into gradient all-reduce, per-block collectives,
+    boundary transfers (including the shared channel when it is the bottleneck) and the
+    rest (compute and pipeline bubbles); the largest part is named.
+    """
+    k = c.cost
+    M = k.num_microbatches
+    ratio = score(objective, c.step_time_s, c.energy_j) / max(1e-30, score(objective, best.step_time_s, best.energy_j))
+    coll = M * sum(sc.coll_fwd_s + sc.coll_bwd_s for sc in k.stages)
+    links = sum(lk.fwd_s + lk.bwd_s for lk in k.links)
+    if k.bottleneck.startswith(("boundary", "shared")):
+        links += (M - 1) * k.period_s
+    parts = {"gradient all-reduce": k.sync_s, "per-block tp/sp collectives": coll,
+             "activation transfers between stages": links}
+    parts["compute and pipeline bubbles"] = max(0.0, k.step_time_s - sum(parts.values()))
+    main, main_s = max(parts.items(), key=lambda kv: kv[1])
+    what = {"time": "step time", "energy": "energy", "edp": "energy x time"}[objective]
+    return (f"{what} x{ratio:.2f} the chosen plan's ({c.step_time_s:.3g} s, {c.energy_j:.3g} J per step); "
+            f"{main} take {main_s:.3g} s ({100 * main_s / k.step_time_s:.0f}% of its step)")
+
+
+def _closest_infeasible(search: _Search, deadline: float | None, cands: list[Candidate]) -> list[tuple[str, str]]:
+    out = []
+    seen = set()
+    pool = sorted(search.infeasible, key=lambda c: max(
+        d.memory_bytes / max(d.memory_cap_bytes, 1.0) for d in c.cost.devices.values()))
+    for c in pool:
+        if c.plan.plan_id in seen:
+            continue
+        seen.add(c.plan.plan_id)
+        out.append((f"{c.plan.parallelism} over {', '.join(c.plan.devices)} (M={c.plan.num_microbatches})",
+                    "; ".join(c.cost.memory_violations())))
+        if len(out) >= 3:
+            break
+    if deadline is not None:
+        for c in sorted(cands, key=lambda c: c.step_time_s)[:2]:
+            out.append((f"{c.plan.parallelism} over {', '.join(c.plan.devices)} (M={c.plan.num_microbatches})",
+                        f"takes {c.step_time_s:.3g} s per step, over the deadline of {deadline:.3g} s"))
+    return out
+
+
+def _probe_memory(search: _Search) -> None:
+    """When nothing fits, build the lightest plans so the error can name the numbers."""
+    sp = search.space
+    order = list(sp.order)
+    L = search.profile.num_layers
+    M = max(sp.microbatches)
+    for d in order:
+        st = StagePlan(layers=(0, L), devices=(d.name,))
+        search.infeasible.append(search.evaluate(sp.make_plan([st], M, {})))
+    S = min(len(order), L)
+    if S >= 2:
+        counts = split_counts(L, [1.0] * S)
+        stages, start = [], 0
+        for d, c in zip(order[:S], counts):
+            stages.append(StagePlan(layers=(start, start + c), devices=(d.name,)))
+            start += c
+        search.infeasible.append(search.evaluate(sp.make_plan(stages, M, {})))
+
+
+# -- the entry point -----------------------------------------------------------------------------
+def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", deadline_s: float | None = None,
+         family: str | None = None, *, max_microbatches: int | None = None, network: Network | None = None,
+         shape: Shape | None = None, explore_modes: bool | None = None) -> PlanResult:
+    """The best plan for ``objective`` (see the module docstring).
+
+    ``job``: a ``JobSpec`` (global batch and sequence length come from ``job.train``);
+    ``shape`` overrides it. ``family``: restrict to one plain family (dp, sp, tp, pp).
+    ``explore_modes``: also search power modes for the frontier (default: only for the
+    energy objectives and deadlines; the time objective needs maximum modes only).
+    """
+    t_start = time.perf_counter()
+    if objective not in OBJECTIVES:
+        raise PlanError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    if family is not None and family not in FAMILIES:
+        raise PlanError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    if deadline_s is not None and deadline_s <= 0:
+        raise PlanError(f"deadline_s {deadline_s} must be > 0")
+    if shape is None:
+        shape = shape_for(profile, job.train.global_batch, job.train.seq_len)
+    search = _Search(pool, profile, shape, max_microbatches=max_microbatches, network=network, family=family)
+    sp = search.space
+    notes: list[str] = []
+    if job is not None and getattr(job.train, "optimizer", profile.optimizer) != profile.optimizer:
+        notes.append(f"profile assumes optimizer {profile.optimizer}, the job uses {job.train.optimizer}")
+
+    # 1. Time search.
+    best: Candidate | None = None
+    if family in (None, "pp"):
+        for M in sorted(sp.microbatches, reverse=True):  # deep pipelines first: a good incumbent early
+            c = search.best_for_m(M, best.step_time_s if best else INF, pp_only=family == "pp",
+                                  min_stages=2 if family == "pp" else 1)
+            if c is not None and c.cost.feasible and (best is None or c.step_time_s < best.step_time_s):
+                best = c
+    single_modes = ("dp", "sp", "tp") if family is None else ((family,) if family in ("dp", "sp", "tp") else ())
+    singles = search.single_stage(single_modes) if single_modes else {}
+    if family is not None:
+        singles.pop("single", None)
+    for c in singles.values():
+        if c is not None and (best is None or c.step_time_s < best.step_time_s):
+            best = c
+    fastest = best
+
+    # 2. Baselines.
+    baselines: dict[str, Baseline] = {}
+    if family is None:
+        fam_best = {k: v for k, v in singles.items() if k != "single"}
+        fam_best["pp-uniform"] = search.uniform_pp()
+        for fam, c in fam_best.items():
+            baselines[fam] = Baseline(fam, c, "")
+
+    if fastest is None:
+        _probe_memory(search)
+        raise InfeasibleError(
+            f"no plan fits this pool for {profile.model} at global batch {shape.global_batch}, seq {shape.seq_len}"
+            f"{f' (family {family})' if family else ''}; add memory or devices, or lower the batch or sequence.",
+            _closest_infeasible(search, None, []))
+
+    # 3. Energy objectives (and the frontier): power modes over candidate structures.
+    exact = objective == "time"
+    cands: list[Candidate] = [c for c in search.explored if c.cost.feasible] + [fastest]
+    cands += [b.candidate for b in baselines.values() if b.candidate is not None]
+    if explore_modes if explore_modes is not None else objective != "time" or deadline_s is not None:
+        cands += _energy_candidates(search, fastest, family, objective, deadline_s)
+    cands = _dedupe(cands)
+    front = frontier(cands)
+    pick = fastest if deadline_s is None or fastest.step_time_s <= deadline_s * (1 + 1e-12) else None
+    if objective != "time" or pick is None:
+        pick = None
+        for c in cands:
+            if deadline_s is not None and c.step_time_s > deadline_s * (1 + 1e-12):
+                continue
+            if _better(objective, c, pick):
+                pick = c
+    if pick is None:
+        raise InfeasibleError(f"no plan meets the deadline of {deadline_s:.3g} s per step; the fastest plan takes "
+                              f"{fastest.step_time_s:.3g} s. Relax the deadline or add devices.",
+                              _closest_infeasible(search, deadline_s, cands))
+    for fam, bl in list(baselines.items()):
+        c = bl.candidate
+        if c is None:
+            baselines[fam] = Baseline(fam, None, _no_family_reason(search, fam))
+        elif c.plan.plan_id == pick.plan.plan_id:
+            baselines[fam] = Baseline(fam, c, "this is the chosen plan")
+        else:
+            baselines[fam] = Baseline(fam, c, explain(c, pick, objective))
+    final = pick.plan.with_estimate(pick.cost.to_estimate(objective))
+    stats = {"elapsed_s": time.perf_counter() - t_start, "dp_runs": search.dp_runs, "plans_evaluated": search.evaluated,
+             "microbatch_counts": list(sp.microbatches), "devices": len(pool.devices), "layers": profile.num_layers,
+             "notes": notes}
+    return PlanResult(plan=final, cost=pick.cost, objective=objective, deadline_s=deadline_s, frontier=tuple(front),
+                      baselines=baselines, exact=exact, stats=stats)
+
+
+def _dedupe(cands: list[Candidate]) -> list[Candidate]:
+    seen, out = set(), []
+    for c in cands:
+        if c.plan.plan_id not in seen and c.cost.feasible:
+            seen.add(c.plan.plan_id)
+            out.append(c)
+    return out
+
+
+def _no_family_reason(search: _Search, fam: str) -> str:
+    n = len(search.pool.devices)
+    if fam in ("sp", "tp") and n < 2:
+        return f"{fam} needs at least 2 devices"
+    if fam == "pp-uniform" and min(n, search.profile.num_layers) < 2:
+        return "pp needs at least 2 devices and 2 blocks"
+    if fam in search.family_short:
+        return "no plan of this family fits: " + search.family_short[fam][1]
+    bad = [c for c in search.infeasible if (c.plan.parallelism == fam or (fam == "pp-uniform" and c.plan.parallelism == "pp"))]
+    if bad:
+        worst = min(bad, key=lambda c: max(d.memory_bytes / max(d.memory_cap_bytes, 1.0) for d in c.cost.devices.values()))
+        return "no plan of this family fits: " + "; ".join(worst.cost.memory_violations()[:2])
+    return "no plan of this family fits the pool"
+
+
+def _refine(search: _Search, c: Candidate, etables: Tables, energy_space: Space) -> list[Candidate]:
+    """Every Pareto-optimal power-mode assignment of a candidate's structure."""
+    sp = search.space
+    plan = c.plan
+    index = {d.name: i for i, d in enumerate(sp.order)}
+    out: list[Candidate] = []
+    contiguous = all([index[n] for n in st.devices] == list(range(index[st.devices[0]], index[st.devices[0]] + len(st.devices)))
+                     for st in plan.stages)
+    if all(st.mode == "dp" for st in plan.stages) and contiguous:
+        stages = [(index[st.devices[0]], index[st.devices[0]] + len(st.devices), st.layers[0], st.layers[1])
+                  for st in plan.stages]
+        for ch in frontier(mode_choices(etables, stages, plan.num_microbatches, "energy")):
+            stplans = [energy_space.stage((l0, l1), "dp", list(sp.order[a:b]), ch.modes, plan.num_microbatches)
+                       for a, b, l0, l1 in stages]
+            out.append(search.evaluate(energy_space.make_plan(stplans, plan.num_microbatches, ch.modes)))
+    elif len(plan.stages) == 1:
+        st = plan.stages[0]
+        devs = [d for d in sp.order if d.name in st.devices]
+        for modes in group_mode_assignments(devs, "energy"):
+            s2 = energy_space.stage(st.layers, st.mode, devs, modes, plan.num_microbatches)
+            if s2 is not None:
+                out.append(search.evaluate(energy_space.make_plan([s2], plan.num_microbatches, modes)))
+    return [x for x in out if x.cost.feasible]
+
+
+def _energy_candidates(search: _Search, fastest: Candidate, family: str | None, objective: str,
+                       deadline_s: float | None, rounds: int = 2) -> list[Candidate]:
+    """Structures from the time search, with every Pareto-optimal power-mode assignment.
+
+    Then a descent over kind-level modes: lower one kind's mode everywhere, re-run the
+    time search (so blocks move away from the slowed devices), refine modes per group,
+    keep the change if the objective improves; at most ``rounds`` passes.
+    """
+    sp = search.space
+    structures: dict[str, Candidate] = {}
+    for c in search.explored + [fastest]:
+        if c.cost.feasible:
+            structures[c.plan.plan_id] = c
+    pipelines = family in (None, "pp")
+    if pipelines:  # fewer devices: the fastest plan without the slowest kinds
+        kinds_in_order: list[str] = []
+        for d in sp.order:
+            if d.kind not in kinds_in_order:
+                kinds_in_order.append(d.kind)
+        for keep in range(1, len(kinds_in_order)):
+            n_dev = sum(1 for d in sp.order if d.kind in kinds_in_order[:keep])
+            for M in sp.microbatches:
+                c = search.best_for_m(M, INF, pp_only=family == "pp", min_stages=2 if family == "pp" else 1,
+                                      n_devices=n_dev)
+                if c is not None and c.cost.feasible:
+                    structures[c.plan.plan_id] = c
+    energy_space = replace(sp, objective="energy", _speeds=sp._speeds)
+    etables = Tables(energy_space, search.net)
+    out: list[Candidate] = []
+    for c in structures.values():
+        out += _refine(search, c, etables, energy_space)
+    if not pipelines or not out:
+        return out
+
+    def ok(c: Candidate) -> bool:
+        return deadline_s is None or c.step_time_s <= deadline_s * (1 + 1e-12)
+
+    def best_of(cs: list[Candidate]) -> Candidate | None:
+        pick = None
+        for c in cs:
+            if ok(c) and _better(objective, c, pick):
+                pick = c
+        return pick
+
+    current = best_of(out)
+    if current is None:
+        return out
+    M0 = fastest.plan.num_microbatches
+    ms = [m for m in sp.microbatches if m in (M0 // 2, M0, 2 * M0)] or list(sp.microbatches)
+    assign = dict(search.max_modes)
+    used = {d.kind for d in sp.order if d.name in fastest.plan.devices}
+    for _ in range(rounds):
+        trials: list[tuple[dict[str, str], Candidate]] = []
+        for kind in sorted(used):
+            devs = [d for d in sp.order if d.kind == kind and d.power_mode is None]
+            if not devs:
+                continue
+            modes_k = sorted(catalog.get(kind).power_modes, key=lambda m: -m.compute_fraction)
+            for m in modes_k:
+                if m.name == assign[devs[0].name]:
+                    continue
+                trial = dict(assign)
+                trial.update({d.name: m.name for d in devs})
+                for M in ms:
+                    c = search.best_for_m(M, INF, pp_only=family == "pp", min_stages=2 if family == "pp" else 1,
+                                          modes=trial)
+                    if c is not None and c.cost.feasible:
+                        for r in _refine(search, c, etables, energy_space) + [c]:
+                            out.append(r)
+                            trials.append((trial, r))
+        pick = best_of([r for _, r in trials])
+        if pick is None or not _better(objective, pick, current):
+            break
+        current = pick
+        assign = next(t for t, r in trials if r is pick)
+    return out
+
+
+# -- used by the launcher -------------------------------------------------------------------------
+def job_model_dims(job):
+    """The job's model dimensions. Resolving a job's config reads its tokenizer and, for
+    now, lives in the runtime package (which imports torch); call only from places that
+    may import it."""
+    from edgepool.cost.profile import ModelDims
+    from edgepool.runtime.train import model_config
+
+    return ModelDims.of(model_config(job))
+
+
+def plan_for_run(pool: PoolSpec, job, family: str | None = None, objective: str = "time") -> Plan:
+    """The planner's best plan for a run (used by ``launch.prepare`` for ``--parallelism auto``)."""
+    from edgepool.cost.profile import analytic_profile
+
+    profile = analytic_profile(job_model_dims(job), optimizer=job.train.optimizer)
+    return plan(pool, job, profile, objective=objective, family=family).plan

@@ -1,0 +1,278 @@
+"""Stage and link costs of every candidate group, in the form the search needs.
+
+For a fixed micro-batch count M and a fixed power-mode assignment, the cost of a dp
+group ``[a, b)`` of the canonical order serving layers ``[l0, l)`` is a closed form of
+prefix sums over layers; this module computes those prefix sums once per group, and
+turns them into ``(l0, l)`` matrices on demand. The formulas are those of
+``cost.model`` specialised to a pipeline of dp groups (the search's space):
+
+- device i with ``x_i`` samples per micro-batch computes ``x_i * seq_len`` tokens of
+  every block; a stage's machine time is ``max_i F_i + max_i B_i``, where stage 0's
+  devices also embed their samples and run the head on them (they own the data);
+- a dp-to-dp boundary (and the boundary from the last stage back to the data owners of
+  stage 0) moves each sample row once, so device i sends and receives ``x_i`` rows of
+  ``hidden`` values each way. With ``a_g = max_i x_i * row_bytes / bw_i`` and
+  ``lam_g = max_i latency_i``, the boundary between groups P and Q takes
+  ``max(lam_P, lam_Q) + max(base, a_P, a_Q)`` each way, where ``base`` is the channel
+  time of one micro-batch's activations on a shared medium (0 on a switched one);
+  ``cost.network.transfer_time`` reduces to this when every device of P sends to some
+  device of Q and every device of Q receives;
+- the gradient all-reduce of a group of n >= 2 devices is
+  ``2 (n-1) lam_g + kappa_g * param_bytes`` (``cost.network.allreduce_time``);
+- memory of device i: ``(2 + opt_state) * params + act_i * inflight (+ transient on
+  stage 0)``; ``kmax`` is the largest in-flight count that fits every device.
+
+``tests/unit/test_planner.py`` checks that these closed forms equal ``cost.model`` on
+every plan of small spaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgepool.cost.model import device_speed, memory_cap_bytes
+from edgepool.cost.network import Network
+from edgepool.planner.space import Space
+
+INF = float("inf")
+
+
+@dataclass
+class GroupMats:
+    """(L+1, L+1) matrices of one group for one M (rows l0, columns l)."""
+
+    W: np.ndarray  # machine time per micro-batch; inf where l0 >= l
+    C: np.ndarray  # W + sync
+    kmax: np.ndarray  # int: most micro-batches in flight that fit, capped at M; -1 if nothing fits
+    optim: np.ndarray  # (L+1,): optimizer time as stage 0 over [0, l)
+    min_sync: float  # the group's smallest possible sync (one block)
+    t_small: int  # the largest in-flight count below M that fits some layer range (0: none)
+
+
+@dataclass
+class GroupTable:
+    a: int
+    b: int
+    modes: dict[str, str]
+    counts: tuple[int, ...]
+    # per distinct device row (r): prefix sums over layers (length L+1)
+    fwd_pre: np.ndarray  # (r, L+1) seconds
+    bwd_pre: np.ndarray
+    act_pre: np.ndarray  # (r, L+1) bytes per micro-batch
+    first_fwd: np.ndarray  # (r,) embed forward (stage 0 only)
+    first_bwd: np.ndarray  # (r,) head fwd+bwd and embed backward
+    transient: np.ndarray  # (r,) head logits
+    cap: np.ndarray  # (r,) bytes free for training
+    optim_rate: np.ndarray  # (r,) seconds per parameter byte
+    a_s: float  # boundary time per direction (the NIC side), see the module docstring
+    lam_s: float
+    sync_lat_s: float
+    kappa: float  # sync seconds per parameter byte (0 for one device)
+    idle_w: float  # sum over devices (energy search)
+    busy_minus_idle: np.ndarray  # (r,) busy_w - idle_w per row, times multiplicity
+    mult: np.ndarray  # (r,) devices per row
+    radio_j_per_byte: np.ndarray  # (r,) per row (per device)
+    rows_x: np.ndarray  # (r,) samples per micro-batch of the row's devices
+
+
+class Tables:
+    """Per (M, power modes) group tables, plus the layer prefix sums they share."""
+
+    def __init__(self, space: Space, net: Network):
+        self.space = space
+        self.net = net
+        prof = space.profile
+        self.L = prof.num_layers
+        T = space.shape.seq_len
+        self.T = T
+        self.row_bytes = T * prof.act_elem_bytes  # one sample's boundary activations
+        blocks = prof.blocks
+        # Per-token (and fixed) reference costs per layer.
+        self.fix_f = np.array([lp.fixed_fwd_s for lp in blocks])
+        self.fix_b = np.array([lp.fixed_bwd_s for lp in blocks])
+        self.tok_f = np.array([lp.fwd_s.total(T) for lp in blocks])
+        self.tok_b = np.array([lp.bwd_s.total(T) for lp in blocks])
+        self.tok_act = np.array([lp.act_bytes.total(T) for lp in blocks])
+        params = np.array([lp.params_at() for lp in blocks])
+        self.param_pre = np.concatenate([[0.0], np.cumsum(params)])
+        self.first_params = prof.embed.params_at() + prof.head.params_at()
+        L = self.L
+        # Parameter bytes of [l0, l) (+ embed/head on row 0), an (L+1, L+1) matrix.
+        pm = self.param_pre[None, :] - self.param_pre[:, None]
+        pm[0, :] += self.first_params
+        self.param_mat = pm
+        self.valid = np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1)
+        self.ref = prof.reference_speed
+        self.opt_f = prof.opt_state_factor
+        self._cache: dict[tuple, GroupTable | None] = {}
+        self._mats: dict[tuple, GroupMats] = {}
+        self._groups: dict[tuple, list] = {}
+        self._mat_bytes = 0
+
+    def group(self, a: int, b: int, M: int, modes: dict[str, str]) -> GroupTable | None:
+        key = (a, b, M, tuple(sorted(modes.items())))
+        if key in self._cache:
+            return self._cache[key]
+        sp = self.space
+        devs = list(sp.order[a:b])
+        counts = sp.shares("dp", devs, modes, M)
+        if counts is None:
+            self._cache[key] = None
+            return None
+        prof, T, net = sp.profile, self.T, self.net
+        rows: dict[tuple, list] = {}
+        from edgepool import catalog
+
+        for d, x in zip(devs, counts):
+            speed = sp.speed(d, modes[d.name])
+            kind = catalog.get(d.kind)
+            pm = kind.power_mode(modes[d.name])
+            rk = (speed, x, memory_cap_bytes(d), pm.busy_w - pm.idle_w, kind.radio_j_per_mb)
+            rows.setdefault(rk, []).append(d)
+        keys = list(rows)
+        r = len(keys)
+        L = self.L
+        fwd_pre = np.zeros((r, L + 1))
+        bwd_pre = np.zeros((r, L + 1))
+        act_pre = np.zeros((r, L + 1))
+        first_fwd = np.zeros(r)
+        first_bwd = np.zeros(r)
+        transient = np.zeros(r)
+        for j, (speed, x, _cap, _bmi, _radio) in enumerate(keys):
+            slow = self.ref / speed
+            tokens = x * T
+            fwd_pre[j, 1:] = np.cumsum((self.fix_f + tokens * self.tok_f) * slow)
+            bwd_pre[j, 1:] = np.cumsum((self.fix_b + tokens * self.tok_b) * slow)
+            act_pre[j, 1:] = np.cumsum(tokens * self.tok_act)
+            emb, head = prof.embed, prof.head
+            first_fwd[j] = (emb.fixed_fwd_s + emb.fwd_s.at(tokens, T)) * slow
+            first_bwd[j] = (emb.fixed_bwd_s + emb.bwd_s.at(tokens, T) + head.fixed_fwd_s + head.fixed_bwd_s
+                            + head.fwd_s.at(tokens, T) + head.bwd_s.at(tokens, T)) * slow
+            transient[j] = head.act_bytes.at(tokens, T)
+        n = len(devs)
+        bws = [net.dev_Bps[d.name] for d in devs]
+        a_s = max(x * self.row_bytes / bw for x, bw in zip(counts, bws))
+        lam = max(net.dev_latency_s[d.name] for d in devs)
+        if n >= 2:
+            per = 2.0 * (n - 1) / n
+            kappa = per / min(bws)
+            if net.shared:
+                kappa = max(kappa, 2.0 * (n - 1) / net.channel_Bps)
+            sync_lat = 2 * (n - 1) * lam
+        else:
+            kappa = sync_lat = 0.0
+        from edgepool import catalog as _cat
+
+        gt = GroupTable(
+            a=a, b=b, modes=dict(modes), counts=counts, fwd_pre=fwd_pre, bwd_pre=bwd_pre, act_pre=act_pre,
+            first_fwd=first_fwd, first_bwd=first_bwd, transient=transient,
+            cap=np.array([k[2] for k in keys]),
+            optim_rate=np.array([self.ref / k[0] * prof.optim_s_per_param_byte for k in keys]),
+            a_s=a_s, lam_s=lam, sync_lat_s=sync_lat, kappa=kappa,
+            idle_w=sum(_cat.get(d.kind).power_mode(modes[d.name]).idle_w for d in devs),
+            busy_minus_idle=np.array([k[3] for k in keys]), mult=np.array([len(rows[k]) for k in keys]),
+            radio_j_per_byte=np.array([k[4] / 1e6 for k in keys]), rows_x=np.array([k[1] for k in keys]),
+        )
+        self._cache[key] = gt
+        return gt
+
+    # -- (l0, l) matrices -----------------------------------------------------------------
+    def _span(self, pre: np.ndarray, first: np.ndarray | None) -> np.ndarray:
+        """(r, L+1, L+1): pre[:, l] - pre[:, l0] (+ first on row l0 = 0)."""
+        m = pre[:, None, :] - pre[:, :, None]
+        if first is not None:
+            m[:, 0, :] += first[:, None]
+        return m
+
+    def fwd_bwd(self, g: GroupTable) -> tuple[np.ndarray, np.ndarray]:
+        """Per-micro-batch max forward and max backward of the group, (L+1, L+1)."""
+        f = self._span(g.fwd_pre, g.first_fwd).max(axis=0)
+        b = self._span(g.bwd_pre, g.first_bwd).max(axis=0)
+        return f, b
+
+    def machine(self, g: GroupTable) -> np.ndarray:
+        """Stage machine time ``max F + max B`` per micro-batch; inf where l0 >= l."""
+        f, b = self.fwd_bwd(g)
+        return np.where(self.valid, f + b, INF)
+
+    def sync(self, g: GroupTable) -> np.ndarray:
+        if g.kappa == 0:
+            return np.zeros((self.L + 1, self.L + 1))
+        return g.sync_lat_s + g.kappa * self.param_mat
+
+    def optim_first(self, g: GroupTable) -> np.ndarray:
+        """(L+1,): optimizer time of the group as stage 0 covering [0, l)."""
+        p = self.param_pre + self.first_params
+        return (g.optim_rate[:, None] * p[None, :]).max(axis=0)
+
+    def kmax(self, g: GroupTable, M: int) -> np.ndarray:
+        """Largest number of micro-batches in flight that fits every device (int, capped at M)."""
+        static = (2 + self.opt_f) * self.param_mat  # (L+1, L+1)
+        act = g.act_pre[:, None, :] - g.act_pre[:, :, None]  # (r, L+1, L+1)
+        room = g.cap[:, None, None] - static[None]
+        room[:, 0, :] -= g.transient[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            k = np.where(act > 0, np.floor(room / np.where(act > 0, act, 1.0)), np.where(room >= 0, M, -1))
+        k = np.where(room < 0, -1, k)
+        return np.minimum(k.min(axis=0), M).astype(np.int32)
+
+    def groups_for(self, M: int, modes: dict[str, str], pp_only: bool = False) -> list[tuple[GroupTable, "GroupMats"]]:
+        """Every valid group of the canonical order for M, with its matrices (cached)."""
+        names = [d.name for d in self.space.order]
+        key = (M, tuple(modes[n] for n in names), pp_only)
+        if key not in self._groups:
+            out = []
+            N = len(names)
+            for a in range(N):
+                for b in range(a + 1, N + 1):
+                    if pp_only and b - a != 1:
+                        continue
+                    g = self.group(a, b, M, {n: modes[n] for n in names[a:b]})
+                    if g is not None:
+                        out.append((g, self.mats(g, M)))
+            self._groups[key] = out
+        return self._groups[key]
+
+    def mats(self, g: GroupTable, M: int, budget_bytes: float = 3e8) -> GroupMats:
+        """The group's matrices, cached while the cache stays under ``budget_bytes``."""
+        key = (g.a, g.b, M, tuple(sorted(g.modes.items())))
+        hit = self._mats.get(key)
+        if hit is not None:
+            return hit
+        W = self.machine(g)
+        sync = self.sync(g)
+        min_sync = float(np.min(np.where(self.valid, sync, INF))) if g.kappa else 0.0
+        kmax = self.kmax(g, M)
+        tight = kmax[self.valid & (kmax >= 1) & (kmax < M)]
+        m = GroupMats(W=W, C=W + sync, kmax=kmax, optim=self.optim_first(g), min_sync=min_sync,
+                      t_small=int(tight.max()) if tight.size else 0)
+        size = W.nbytes * 2 + m.kmax.nbytes
+        if self._mat_bytes + size <= budget_bytes:
+            self._mats[key] = m
+            self._mat_bytes += size
+        return m
+
+    def single(self, g: GroupTable, M: int) -> tuple[float, float, bool]:
+        """A single-stage dp plan of the group: (step time, period, fits in memory), closed form."""
+        L = self.L
+        f = (g.fwd_pre[:, L] + g.first_fwd).max()
+        b = (g.bwd_pre[:, L] + g.first_bwd).max()
+        W = float(f + b)
+        params = float(self.param_mat[0, L])
+        sync = g.sync_lat_s + g.kappa * params if g.kappa else 0.0
+        optim = float((g.optim_rate * params).max())
+        mem = (2 + self.opt_f) * params + g.act_pre[:, L] + g.transient
+        return M * W + sync + optim, W, bool(np.all(mem <= g.cap))
+
+    def link(self, gp: GroupTable, gq: GroupTable, base: float) -> float:
+        """One direction of the boundary between two dp groups."""
+        return max(gp.lam_s, gq.lam_s) + max(base, gp.a_s, gq.a_s)
+
+    def base(self, M: int) -> float:
+        """Channel time of one micro-batch's boundary activations (0 when switched)."""
+        if not self.net.shared:
+            return 0.0
+        mb = self.space.shape.global_batch // M
+        return mb * self.row_bytes / self.net.channel_Bps

@@ -1,0 +1,397 @@
+"""A discrete-event simulation of one training step of a Plan (plain Python, no torch).
+
+It executes ``lower(plan)``, each rank's op list, exactly as the runtime orders it:
+
+- compute ops (``embed``, ``fwd``, ``head``, ``bwd``, ``embed_bwd``, ``optim``) take
+  the durations of ``cost.model.device_work`` (the same per-device compute the cost
+  model uses, so the two agree where their assumptions coincide);
+- ``send_act``/``send_grad``/``embed``/``head`` start the transfers of
+  ``specs.plan.boundary`` as network flows and do not wait for them (asynchronous
+  sends); ``recv_*``, ``head`` and ``embed_bwd`` block until every flow they need has
+  arrived (blocking receives);
+- tp and sp ``fwd``/``bwd`` and ``sync_grads`` are group operations: every member
+  waits for the others, computes its share, then the group runs its ring collective as
+  flows (one flow per ring edge, after the ring's latency-bound steps).
+
+**Network.** Flows start after the pair's latency and then share bandwidth max-min
+fairly (progressive filling) under these capacities: every device's uplink and
+downlink (its ``bandwidth_mbps``), and, on a ``shared`` medium, the one channel of
+``network.bandwidth_mbps`` that every flow crosses. Rates are recomputed whenever a
+flow starts or ends, so concurrent transfers on the shared medium slow each other
+down: the contention the analytic model only bounds.
+
+**Outputs.** Step time (the last rank's finish), a per-device timeline of compute and
+collective segments (everything else is idle), energy per device (``busy_w`` while
+computing, ``idle_w`` otherwise, plus radio energy per byte sent or received; modelled
+from catalog figures) and peak memory (static state plus the activations of the
+micro-batches whose forward has started and backward not yet finished, plus the
+head's transient logits while it runs).
+
+Units: seconds, bytes, joules.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from edgepool import catalog
+from edgepool.cost.model import boundary_flows, device_work, group_comm, power_mode_of
+from edgepool.cost.network import Network
+from edgepool.cost.profile import ModelProfile
+from edgepool.errors import PlanError
+from edgepool.sim.lower import Op, lower
+from edgepool.specs.plan import Estimate, Plan, Shape, role_of
+from edgepool.specs.pool import PoolSpec
+
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Segment:
+    device: str
+    start_s: float
+    end_s: float
+    label: str  # e.g. "fwd[3]"
+    kind: str  # "compute" or "comm"
+
+
+@dataclass(frozen=True)
+class DeviceTrace:
+    name: str
+    power_mode: str
+    finish_s: float
+    busy_s: float
+    idle_s: float
+    peak_memory_bytes: float
+    bytes_moved: float
+    busy_energy_j: float
+    idle_energy_j: float
+    radio_energy_j: float
+
+    @property
+    def energy_j(self) -> float:
+        return self.busy_energy_j + self.idle_energy_j + self.radio_energy_j
+
+
+@dataclass(frozen=True)
+class SimResult:
+    plan_id: str
+    step_time_s: float
+    devices: dict[str, DeviceTrace]
+    segments: tuple[Segment, ...]
+    num_flows: int
+
+    @property
+    def energy_j(self) -> float:
+        return sum(d.energy_j for d in self.devices.values())
+
+    @property
+    def peak_memory_bytes(self) -> dict[str, int]:
+        return {n: int(round(d.peak_memory_bytes)) for n, d in self.devices.items()}
+
+    def to_estimate(self, objective: str | None = None) -> Estimate:
+        return Estimate(step_time_s=self.step_time_s, energy_j=self.energy_j, peak_memory_bytes=self.peak_memory_bytes,
+                        source="simulator", objective=objective, energy_source="modelled (catalog power figures)")
+
+
+@dataclass
+class _Flow:
+    src: str
+    dst: str
+    remaining: float
+    start_s: float  # active from (after latency)
+    on_done: object  # callable
+    rate: float = 0.0
+
+
+@dataclass
+class _Rank:
+    rank: int
+    device: str
+    ops: list[Op]
+    pc: int = 0
+    free_at: float = 0.0
+    blocked: bool = False  # inside a group operation
+    done: bool = False
+    inflight: int = 0
+    mem_peak: float = 0.0
+    busy_s: float = 0.0
+
+
+class _Net:
+    """Flows with max-min fair rates under link and channel capacities."""
+
+    def __init__(self, net: Network):
+        self.net = net
+        self.flows: list[_Flow] = []
+        self.moved: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, src: str, dst: str, nbytes: float, now: float, on_done, delay_s: float | None = None) -> None:
+        lat = max(self.net.dev_latency_s[src], self.net.dev_latency_s[dst]) if delay_s is None else delay_s
+        self.flows.append(_Flow(src, dst, float(nbytes), now + lat, on_done))
+        self.moved[src] = self.moved.get(src, 0.0) + nbytes
+        self.moved[dst] = self.moved.get(dst, 0.0) + nbytes
+        self.count += 1
+
+    def allocate(self, now: float) -> None:
+        active = [f for f in self.flows if f.start_s <= now + _EPS]
+        for f in self.flows:
+            f.rate = 0.0
+        if not active:
+            return
+        cap: dict[object, float] = {}
+        users: dict[object, list[_Flow]] = {}
+        for f in active:
+            res = [("tx", f.src), ("rx", f.dst)] + (["chan"] if self.net.shared else [])
+            for r in res:
+                if r not in cap:
+                    cap[r] = self.net.channel_Bps if r == "chan" else self.net.dev_Bps[r[1]]
+                users.setdefault(r, []).append(f)
+        frozen: set[int] = set()
+        while len(frozen) < len(active):
+            live = {r: [f for f in fs if id(f) not in frozen] for r, fs in users.items()}
+            inc = min(cap[r] / len(fs) for r, fs in live.items() if fs)
+            for r, fs in live.items():
+                cap[r] -= inc * len(fs)
+            for f in active:
+                if id(f) not in frozen:
+                    f.rate += inc
+            for r, fs in live.items():
+                if fs and cap[r] <= 1e-9 * (self.net.channel_Bps if r == "chan" else self.net.dev_Bps[r[1]]):
+                    frozen.update(id(f) for f in fs)
+
+    def next_event(self, now: float) -> float:
+        t = float("inf")
+        for f in self.flows:
+            if f.start_s > now + _EPS:
+                t = min(t, f.start_s)
+            elif f.rate > 0:
+                t = min(t, now + f.remaining / f.rate)
+        return t
+
+    def advance(self, now: float, to: float) -> list[_Flow]:
+        dt = to - now
+        done = []
+        for f in self.flows:
+            if f.start_s <= now + _EPS and f.rate > 0:
+                f.remaining -= f.rate * dt
+            if f.start_s <= to + _EPS and f.remaining <= 1e-6:
+                done.append(f)
+        self.flows = [f for f in self.flows if f not in done]
+        return done
+
+
+def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, network: Network | None = None,
+             ops: dict[int, list[Op]] | None = None) -> SimResult:
+    """Run one step of ``plan`` (see the module docstring).
+
+    ``ops`` replaces ``lower(plan)`` (a what-if: another op order for the same plan).
+    """
+    net = network or Network.of(pool)
+    devs = {d.name: d for d in pool.devices}
+    work = device_work(plan, pool, profile, shape)
+    S = len(plan.stages)
+    roles = [role_of(plan, r) for r in range(plan.world_size)]
+    comms = [group_comm(plan, s, profile, shape, net) for s in range(S)]
+    opt_f = profile.opt_state_factor
+    static = {n: w.params_bytes * (2 + opt_f) for n, w in work.items()}
+
+    # Transfers of every boundary, and how many each receiver waits for.
+    flows_of: dict[tuple[int, bool], list[tuple[str, str, float]]] = {}
+    expect: dict[tuple[int, bool, str], int] = {}
+    for k in range(S + 1):
+        for bw in (False, True):
+            fl = boundary_flows(plan, shape, profile, k, bw)
+            flows_of[(k, bw)] = fl
+            for _, dst, _ in fl:
+                expect[(k, bw, dst)] = expect.get((k, bw, dst), 0) + 1
+    arrived: dict[tuple[int, bool, int, str], int] = {}
+
+    ranks = [_Rank(r, plan.devices[r], list(rank_ops)) for r, rank_ops in (ops or lower(plan)).items()]
+    for rk in ranks:
+        rk.mem_peak = static[rk.device]
+    netsim = _Net(net)
+    segments: list[Segment] = []
+    heap: list[tuple[float, int, object]] = []  # (time, seq, callback)
+    seq = [0]
+    now = 0.0
+
+    def at(t: float, fn) -> None:
+        seq[0] += 1
+        heapq.heappush(heap, (t, seq[0], fn))
+
+    def launch(k: int, bw: bool, mb: int, src: str) -> None:
+        for s_, d_, nb in flows_of[(k, bw)]:
+            if s_ == src:
+                def done(d_=d_):
+                    key = (k, bw, mb, d_)
+                    arrived[key] = arrived.get(key, 0) + 1
+                netsim.add(s_, d_, nb, now, done)
+
+    def has_all(k: int, bw: bool, mb: int, dst: str) -> bool:
+        return arrived.get((k, bw, mb, dst), 0) >= expect.get((k, bw, dst), 0)
+
+    def compute(rk: _Rank, dur: float, label: str, then=None) -> None:
+        if dur > 0:
+            segments.append(Segment(rk.device, now, now + dur, label, "compute"))
+            rk.busy_s += dur
+        rk.free_at = now + dur
+        if then is not None:
+            at(now + dur, then)
+
+    def bump_mem(rk: _Rank, extra: float = 0.0) -> None:
+        w = work[rk.device]
+        rk.mem_peak = max(rk.mem_peak, static[rk.device] + rk.inflight * w.act_bytes + extra)
+
+    # Group operations (tp/sp fwd and bwd, sync_grads): members arrive, then run together.
+    arrivals: dict[tuple[int, str, int], list[_Rank]] = {}
+
+    def group_op(rk: _Rank, op: Op) -> bool:
+        s = roles[rk.rank].stage
+        key = (s, op.kind, op.mb)
+        members = arrivals.setdefault(key, [])
+        members.append(rk)
+        rk.blocked = True
+        if len(members) < len(plan.stages[s].devices):
+            return True
+        gc = comms[s]
+        names = list(plan.stages[s].devices)
+        n = len(names)
+        if op.kind == "sync_grads":
+            per_dev = 2.0 * (n - 1) / n * gc.sync_bytes
+            start_comm, steps, sizes = now, 2 * (n - 1), {x: per_dev for x in names}
+        else:
+            dur = {m.device: (work[m.device].blocks_fwd_s if op.kind == "fwd" else work[m.device].blocks_bwd_s)
+                   for m in members}
+            for m in members:
+                if op.kind == "fwd":
+                    m.inflight += 1
+                    bump_mem(m)
+                if dur[m.device] > 0:
+                    segments.append(Segment(m.device, now, now + dur[m.device], str(op), "compute"))
+                    m.busy_s += dur[m.device]
+            start_comm, steps, sizes = now + max(dur.values()), gc.coll_steps, gc.coll_send_bytes
+        lat = net.lat(names)
+        pending = [n]
+
+        def finish() -> None:
+            for m in members:
+                if op.kind == "bwd":
+                    m.inflight -= 1
+                m.blocked = False
+                m.free_at = max(m.free_at, now)
+                m.pc += 1
+            del arrivals[key]
+
+        def edge_done() -> None:
+            pending[0] -= 1
+            if pending[0] == 0:
+                for x in names:
+                    segments.append(Segment(x, start_comm, now, f"{op}:comm", "comm"))
+                finish()
+
+        def start() -> None:
+            for i, x in enumerate(names):
+                netsim.add(x, names[(i + 1) % n], sizes[x], now, edge_done, delay_s=steps * lat)
+
+        if n < 2 or sum(sizes.values()) <= 0:
+            at(start_comm, finish)
+        else:
+            at(start_comm, start)
+        return True
+
+    def step_rank(rk: _Rank) -> bool:
+        """Start rk's next op if it can; True if it made progress."""
+        if rk.done or rk.blocked or rk.free_at > now + _EPS:
+            return False
+        if rk.pc >= len(rk.ops):
+            rk.done = True
+            return True
+        op = rk.ops[rk.pc]
+        role = roles[rk.rank]
+        w = work[rk.device]
+        s, mb = role.stage, op.mb
+        grouped = len(role.group) > 1 and role.mode in ("tp", "sp")
+        if op.kind in ("fwd", "bwd") and grouped or op.kind == "sync_grads":
+            return group_op(rk, op)
+        if op.kind == "embed":
+            compute(rk, w.embed_fwd_s, str(op), then=lambda: launch(0, False, mb, rk.device))
+        elif op.kind == "recv_act":
+            if not has_all(s, False, mb, rk.device):
+                return False
+        elif op.kind == "fwd":
+            rk.inflight += 1
+            bump_mem(rk)
+            compute(rk, w.blocks_fwd_s, str(op))
+        elif op.kind == "send_act":
+            launch(s + 1, False, mb, rk.device)
+        elif op.kind == "head":
+            if not has_all(S, False, mb, rk.device):
+                return False
+            bump_mem(rk, w.transient_bytes)
+            compute(rk, w.head_s, str(op), then=lambda: launch(S, True, mb, rk.device))
+        elif op.kind == "recv_grad":
+            if not has_all(s + 1, True, mb, rk.device):
+                return False
+        elif op.kind == "bwd":
+            compute(rk, w.blocks_bwd_s, str(op))
+            rk.inflight -= 1
+        elif op.kind == "send_grad":
+            launch(s, True, mb, rk.device)
+        elif op.kind == "embed_bwd":
+            if not has_all(0, True, mb, rk.device):
+                return False
+            compute(rk, w.embed_bwd_s, str(op))
+        elif op.kind == "optim":
+            compute(rk, w.optim_s, str(op))
+        else:  # pragma: no cover - lower() emits only the kinds above
+            raise PlanError(f"simulator does not know op {op}")
+        rk.pc += 1
+        return True
+
+    guard = 0
+    while True:
+        progress = True
+        while progress:
+            progress = False
+            for rk in ranks:
+                while step_rank(rk):
+                    progress = True
+        if all(rk.done for rk in ranks):
+            break
+        netsim.allocate(now)
+        t_next = heap[0][0] if heap else float("inf")
+        t_next = min(t_next, netsim.next_event(now),
+                     min((rk.free_at for rk in ranks if not rk.done and not rk.blocked and rk.free_at > now + _EPS),
+                         default=float("inf")))
+        if t_next == float("inf"):
+            stuck = [f"rank {rk.rank} at {rk.ops[rk.pc]}" for rk in ranks if not rk.done]
+            raise PlanError(f"simulation deadlocked: {', '.join(stuck[:4])}")
+        for f in netsim.advance(now, t_next):
+            f.on_done()
+        now = t_next
+        while heap and heap[0][0] <= now + _EPS:
+            _, _, fn = heapq.heappop(heap)
+            fn()
+        guard += 1
+        if guard > 10_000_000:  # pragma: no cover - internal invariant
+            raise PlanError("simulation did not finish")
+
+    step = max((rk.free_at for rk in ranks), default=0.0)
+    step = max(step, max((sg.end_s for sg in segments), default=0.0))
+    traces = {}
+    for rk in ranks:
+        dev = devs[rk.device]
+        kind = catalog.get(dev.kind)
+        pm = kind.power_mode(power_mode_of(plan, dev))
+        moved = netsim.moved.get(rk.device, 0.0)
+        finish = max([sg.end_s for sg in segments if sg.device == rk.device] + [rk.free_at])
+        traces[rk.device] = DeviceTrace(
+            name=rk.device, power_mode=pm.name, finish_s=finish, busy_s=rk.busy_s, idle_s=step - rk.busy_s,
+            peak_memory_bytes=rk.mem_peak, bytes_moved=moved, busy_energy_j=pm.busy_w * rk.busy_s,
+            idle_energy_j=pm.idle_w * max(0.0, step - rk.busy_s), radio_energy_j=kind.radio_j_per_mb * moved / 1e6)
+    segments.sort(key=lambda sg: (sg.device, sg.start_s))
+    return SimResult(plan_id=plan.plan_id, step_time_s=step, devices=traces, segments=tuple(segments),
+                     num_flows=netsim.count)

@@ -1,0 +1,164 @@
+"""The cost model: profiles, network formulas, and time/memory/energy of plans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _plan_helpers import bert_base, make_pool, tiny
+from edgepool.cost import (ModelDims, ModelProfile, Network, analytic_profile, device_speed, estimate,
+                           memory_cap_bytes, shape_for)
+from edgepool.cost.model import boundary_flows, device_work
+from edgepool.errors import PlanError, SpecError
+from edgepool.specs import Plan, StagePlan
+from edgepool.specs.plan import boundary
+
+
+def single(name, L=12, M=1):
+    return Plan(num_layers=L, stages=[StagePlan(layers=(0, L), devices=(name,))], num_microbatches=M)
+
+
+def test_profile_json_round_trip(tmp_path):
+    prof = bert_base()
+    path = tmp_path / "p.json"
+    path.write_text(prof.dumps())
+    back = ModelProfile.load(path)
+    assert back == prof
+    data = json.loads(path.read_text())
+    del data["blocks"]
+    with pytest.raises(SpecError, match="blocks"):
+        ModelProfile.from_json(data)
+
+
+def test_analytic_profile_counts_parameters_like_the_model():
+    # BERT-base: 110M parameters in the usual count (embeddings, 12 blocks, MLM head).
+    prof = bert_base()
+    params = sum(b.params_at() for b in prof.blocks) + prof.embed.params_at() + prof.head.params_at()
+    assert 105e6 * 4 < params < 140e6 * 4
+    per_block = prof.blocks[0].params_at() / 4
+    assert per_block == pytest.approx(12 * 768 ** 2 + 13 * 768, rel=0.01)
+    # Backward costs twice the forward; a faster reference kind gives shorter times.
+    b = prof.blocks[0]
+    assert b.bwd_s.total(128) == pytest.approx(2 * b.fwd_s.total(128))
+    fast = analytic_profile(prof.dims, reference_kind="jetson-agx-orin")
+    assert fast.blocks[0].fwd_s.total(128) < b.fwd_s.total(128)
+    assert fast.reference_speed > prof.reference_speed
+
+
+def test_network_point_to_point_and_shared():
+    pool = make_pool(["jetson-nano"] * 3, medium="switched", bandwidth_mbps=80, latency_ms=1)
+    net = Network.of(pool)
+    mb = 10e6  # bytes
+    # Two transfers between different pairs run in parallel on a switch...
+    t = net.transfer_time([("d0", "d1", mb), ("d2", "d0", mb)])
+    assert t == pytest.approx(1e-3 + mb / 10e6)
+    shared = Network.of(make_pool(["jetson-nano"] * 3, medium="shared", bandwidth_mbps=80, latency_ms=1))
+    # ...and share the one channel on a shared medium.
+    assert shared.transfer_time([("d0", "d1", mb), ("d2", "d0", mb)]) == pytest.approx(1e-3 + 2 * mb / 10e6)
+    assert shared.airtime([("d0", "d1", mb)]) == pytest.approx(1.0)
+    assert net.transfer_time([("d0", "d0", mb)]) == 0.0
+    # Ring all-reduce: 2 (p-1)/p of the bytes through every device, 2 (p-1) steps.
+    assert net.allreduce_time(["d0", "d1", "d2"], mb) == pytest.approx(4e-3 + (4 / 3) * mb / 10e6)
+    assert shared.allreduce_time(["d0", "d1", "d2"], mb) == pytest.approx(4e-3 + 4 * mb / 10e6)
+
+
+def test_single_device_time_is_its_compute():
+    prof = bert_base()
+    pool = make_pool(["jetson-orin-nano"])
+    shape = shape_for(prof, 8, 128)
+    c = estimate(single("d0", M=2), pool, prof, shape)
+    w = device_work(single("d0", M=2), pool, prof, shape)["d0"]
+    assert c.step_time_s == pytest.approx(2 * (w.fwd_s + w.bwd_s) + w.optim_s)
+    assert c.devices["d0"].busy_s == pytest.approx(c.step_time_s)
+    assert not c.links and c.sync_s == 0
+    # Energy: busy power the whole step, no idle, no radio.
+    kind_busy = 25.0  # catalog MAXN_SUPER busy_w
+    assert c.energy_j == pytest.approx(kind_busy * c.step_time_s)
+
+
+def test_faster_device_and_lower_power_mode():
+    prof = bert_base()
+    shape = shape_for(prof, 8, 128)
+    t_nano = estimate(single("d0"), make_pool(["jetson-nano"]), prof, shape).step_time_s
+    t_orin = estimate(single("d0"), make_pool(["jetson-orin-nano"]), prof, shape).step_time_s
+    assert t_orin < t_nano
+    slow = Plan(num_layers=12, stages=[StagePlan(layers=(0, 12), devices=("d0",))], power_modes={"d0": "5W"})
+    c5 = estimate(slow, make_pool(["jetson-nano"]), prof, shape)
+    assert c5.step_time_s > t_nano
+    assert c5.devices["d0"].power_mode == "5W"
+    pool = make_pool(["jetson-nano"], extra={"compute_scale": [2.0]})
+    assert device_speed(pool.devices[0], "5W") == pytest.approx(2.0 * 0.694)
+
+
+def test_dp_sync_and_boundaries_use_the_plan_functions():
+    prof = tiny(num_layers=4, hidden=256)
+    pool = make_pool(["jetson-nano", "jetson-nano", "jetson-orin-nano"], medium="switched", bandwidth_mbps=100)
+    shape = shape_for(prof, 4, 64)
+    dp = Plan(num_layers=4, stages=[StagePlan(layers=(0, 4), mode="dp", devices=("d0", "d1"))])
+    c = estimate(dp, pool, prof, shape)
+    params = sum(b.params_at() for b in prof.blocks) + prof.embed.params_at() + prof.head.params_at()
+    assert c.sync_s == pytest.approx(Network.of(pool).allreduce_time(["d0", "d1"], params))
+    pp = Plan(num_layers=4, num_microbatches=2, schedule="1f1b",
+              stages=[StagePlan(layers=(0, 2), devices=("d0", "d1")), StagePlan(layers=(2, 4), devices=("d2",))])
+    c = estimate(pp, pool, prof, shape)
+    assert [lk.k for lk in c.links] == [1, 2]  # boundary 0 is local for a dp first stage
+    for lk in c.links:
+        expect = sum((t.region[1] - t.region[0]) * (t.region[3] - t.region[2]) for t in boundary(pp, shape, lk.k))
+        assert lk.fwd_bytes == expect * prof.act_elem_bytes
+        assert lk.fwd_bytes == sum(f[2] for f in boundary_flows(pp, shape, prof, lk.k, False))
+    # 1f1b keeps fewer micro-batches in flight than gpipe on the first stage.
+    g = estimate(pp.model_copy(update={"schedule": "gpipe"}), pool, prof, shape)
+    assert c.stages[0].inflight == 2 and c.stages[1].inflight == 1
+    assert g.devices["d0"].memory_bytes >= c.devices["d0"].memory_bytes
+    assert g.step_time_s >= c.step_time_s - 1e-12
+
+
+def test_tp_and_sp_collectives_and_owner():
+    prof = tiny(num_layers=2, hidden=256)
+    pool = make_pool(["jetson-orin-nano", "jetson-orin-nano"], medium="switched", bandwidth_mbps=1000)
+    shape = shape_for(prof, 2, 32)
+    tp = Plan(num_layers=2, stages=[StagePlan(layers=(0, 2), mode="tp", devices=("d0", "d1"))])
+    c = estimate(tp, pool, prof, shape)
+    assert c.stages[0].coll_fwd_s > 0 and c.sync_s == 0
+    # Only the first device owns the data: it alone pays for embed and head.
+    w = device_work(tp, pool, prof, shape)
+    assert w["d0"].head_s > 0 and w["d1"].head_s == 0
+    assert w["d0"].params_bytes > w["d1"].params_bytes
+    sp = Plan(num_layers=2, stages=[StagePlan(layers=(0, 2), mode="sp", devices=("d0", "d1"))])
+    c = estimate(sp, pool, prof, shape)
+    assert c.stages[0].coll_fwd_s > 0 and c.sync_s > 0
+
+
+def test_more_bandwidth_is_never_slower():
+    prof = tiny(num_layers=4, hidden=256)
+    shape = shape_for(prof, 4, 64)
+    pp = Plan(num_layers=4, num_microbatches=2,
+              stages=[StagePlan(layers=(0, 1), devices=("d0",)), StagePlan(layers=(1, 4), devices=("d1", "d2"))])
+    times = [estimate(pp, make_pool(["jetson-nano"] * 3, bandwidth_mbps=bw), prof, shape).step_time_s
+             for bw in (10, 100, 1000)]
+    assert times[0] > times[1] > times[2]
+
+
+def test_memory_cap_and_violation_message():
+    prof = bert_base()
+    pool = make_pool(["jetson-nano"], extra={"memory_gb": [2.0]})
+    assert memory_cap_bytes(pool.devices[0]) == pytest.approx((2.0 - 1.2) * 1e9)
+    c = estimate(single("d0"), pool, prof, shape_for(prof, 8, 128))
+    assert not c.feasible
+    msg = c.memory_violations()[0]
+    assert msg.startswith("needs ") and "GB on d0, which has 0.80 GB" in msg
+
+
+def test_plan_for_another_model_is_refused():
+    with pytest.raises(PlanError, match="layers"):
+        estimate(single("d0", L=3), make_pool(["jetson-nano"]), tiny(4), shape_for(tiny(4), 2, 16))
+
+
+def test_dims_from_a_config_object():
+    class Cfg:
+        family, vocab_size, hidden, num_layers, num_heads, ffn, num_kv_heads, max_seq_len = "llama", 100, 64, 2, 4, 128, 2, 64
+
+    d = ModelDims.of(Cfg())
+    assert d.kv_dim == 32
+    assert analytic_profile(d).num_layers == 2

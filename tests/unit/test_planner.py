@@ -1,0 +1,270 @@
+"""The planner: exact over its plan space (against exhaustive enumeration), monotone in
+device and link speed, never over a memory cap, energy-aware, and torch-free."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _plan_helpers import bert_base, cases, make_pool, tiny
+from edgepool.cli.main import main
+from edgepool.cost import estimate, shape_for
+from edgepool.errors import InfeasibleError, PlanError
+from edgepool.planner import plan
+from edgepool.planner.modes import mode_choices
+from edgepool.planner.space import Space, canonical_order, enumerate_plans, group_mode_assignments, minimax_counts
+from edgepool.planner.tables import Tables
+from edgepool.cost.network import Network
+from edgepool.specs.plan import split_counts
+
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+def brute_force(pool, prof, shape, family=None, objective="time"):
+    space = Space.build(pool, prof, shape, family=family, objective=objective)
+    best = None
+    for p in enumerate_plans(space):
+        c = estimate(p, pool, prof, shape)
+        if c.feasible and (best is None or c.step_time_s < best.step_time_s):
+            best = c
+    return best
+
+
+def search_time(pool, prof, shape, family=None):
+    try:
+        return plan(pool, None, prof, shape=shape, family=family).cost.step_time_s
+    except InfeasibleError:
+        return None
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(cases(max_devices=4, max_layers=5))
+def test_search_equals_exhaustive_enumeration(case):
+    pool, prof, shape = case
+    best = brute_force(pool, prof, shape)
+    got = search_time(pool, prof, shape)
+    if best is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(best.step_time_s, rel=1e-6)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(cases(), st.sampled_from(["dp", "sp", "tp", "pp"]))
+def test_family_search_equals_exhaustive_enumeration(case, family):
+    pool, prof, shape = case
+    best = brute_force(pool, prof, shape, family=family)
+    got = search_time(pool, prof, shape, family=family)
+    if best is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(best.step_time_s, rel=1e-6)
+
+
+def _scaled(pool, speed=1.0, bandwidth=1.0):
+    from edgepool.cost import device_speed
+
+    data = pool.model_dump()
+    data["network"]["bandwidth_mbps"] *= bandwidth
+    for d, spec in zip(data["devices"], pool.devices):
+        d["compute_scale"] = device_speed(spec) * speed
+        if d["bandwidth_mbps"] is not None:
+            d["bandwidth_mbps"] *= bandwidth
+    return type(pool).model_validate(data)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(cases(max_devices=3, max_layers=4), st.floats(1.0, 4.0), st.floats(1.0, 10.0))
+def test_faster_devices_or_links_never_give_a_slower_best_plan(case, speedup, bw_up):
+    pool, prof, shape = case
+    base = _scaled(pool)
+    t0 = search_time(base, prof, shape)
+    t_dev = search_time(_scaled(pool, speed=speedup), prof, shape)
+    t_net = search_time(_scaled(pool, bandwidth=bw_up), prof, shape)
+    if t0 is None:
+        return
+    assert t_dev is not None and t_dev <= t0 * (1 + 1e-9)
+    assert t_net is not None and t_net <= t0 * (1 + 1e-9)
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(cases(max_devices=3, max_layers=4, memory=False), st.integers(0, 2), st.floats(1.0, 5.0),
+       st.sampled_from(["dp", "pp"]))
+def test_one_faster_device_never_slows_dp_or_pp(case, which, speedup, family):
+    pool, prof, shape = case
+    base = _scaled(pool)
+    i = which % len(pool.devices)
+    data = base.model_dump()
+    data["devices"][i]["compute_scale"] *= speedup
+    faster = type(pool).model_validate(data)
+    t0, t1 = search_time(base, prof, shape, family), search_time(faster, prof, shape, family)
+    if t0 is not None:
+        assert t1 is not None and t1 <= t0 * (1 + 1e-9)
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(cases(max_devices=3, max_layers=4), st.sampled_from(["time", "energy", "edp"]))
+def test_memory_caps_are_never_violated(case, objective):
+    pool, prof, shape = case
+    try:
+        res = plan(pool, None, prof, shape=shape, objective=objective)
+    except InfeasibleError as exc:
+        assert exc.candidates or "no plan" in str(exc)
+        return
+    c = estimate(res.plan, pool, prof, shape)
+    for d in c.devices.values():
+        assert d.memory_bytes <= d.memory_cap_bytes
+    for cand in res.frontier:
+        assert cand.cost.feasible
+
+
+def test_shares_minimise_the_slowest_device():
+    assert minimax_counts(7, [1.0, 2.0]) == (2, 5)
+    assert minimax_counts(1, [1.0, 1.0]) is None
+    for items, speeds in [(10, [1.0, 3.0, 0.5]), (16, [2.0, 2.0, 1.0]), (5, [1.0, 1.0, 1.0, 1.0, 1.0])]:
+        got = minimax_counts(items, speeds)
+        best = min(max(c / s for c, s in zip(counts, speeds))
+                   for counts in itertools.product(range(1, items + 1), repeat=len(speeds)) if sum(counts) == items)
+        assert max(c / s for c, s in zip(got, speeds)) == pytest.approx(best)
+        assert split_counts(items, [float(c) for c in got]) == got  # written shares reproduce the counts
+
+
+def test_canonical_order_ignores_speed_overrides():
+    pool = make_pool(["jetson-nano", "jetson-agx-orin", "rpi5"], extra={"compute_scale": [9.0, 0.1, None]})
+    assert [d.name for d in canonical_order(pool)] == ["d1", "d0", "d2"]
+
+
+def test_a_pool_where_no_device_alone_fits_gets_a_pipeline():
+    prof = bert_base()
+    pool = make_pool(["jetson-nano"] * 3, medium="switched", bandwidth_mbps=1000, extra={"memory_gb": [2.6] * 3})
+    shape = shape_for(prof, 4, 128)
+    with pytest.raises(InfeasibleError):
+        plan(pool, None, prof, shape=shape, family="dp")  # dp replicates the whole model
+    res = plan(pool, None, prof, shape=shape)
+    assert res.plan.parallelism in ("pp", "hybrid")
+    assert res.cost.feasible
+
+
+def test_nothing_fits_names_the_numbers():
+    prof = bert_base()
+    pool = make_pool(["jetson-nano", "jetson-nano"], extra={"memory_gb": [1.6, 1.6]})
+    with pytest.raises(InfeasibleError) as err:
+        plan(pool, None, prof, shape=shape_for(prof, 4, 128))
+    msg = str(err.value)
+    assert "GB on d" in msg and "which has 0.40 GB free" in msg
+    assert err.value.candidates
+
+
+def test_deadline_too_tight_is_infeasible():
+    prof = tiny(4)
+    pool = make_pool(["jetson-nano"])
+    with pytest.raises(InfeasibleError, match="deadline"):
+        plan(pool, None, prof, shape=shape_for(prof, 2, 16), objective="energy", deadline_s=1e-6)
+    with pytest.raises(PlanError, match="objective"):
+        plan(pool, None, prof, shape=shape_for(prof, 2, 16), objective="speed")
+
+
+def test_result_has_frontier_and_baselines():
+    prof = tiny(6, hidden=256)
+    pool = make_pool(["jetson-orin-nano", "jetson-nano", "jetson-nano"], medium="switched", bandwidth_mbps=1000)
+    res = plan(pool, None, prof, shape=shape_for(prof, 8, 64), explore_modes=True)
+    assert set(res.baselines) == {"dp", "sp", "tp", "pp-uniform"}
+    assert all(b.why for b in res.baselines.values())
+    ts = [c.step_time_s for c in res.frontier]
+    es = [c.energy_j for c in res.frontier]
+    assert ts == sorted(ts) and es == sorted(es, reverse=True)
+    assert res.plan.estimate is not None and res.plan.estimate.step_time_s == pytest.approx(res.cost.step_time_s)
+    assert res.frontier[0].step_time_s == pytest.approx(res.cost.step_time_s)
+    assert res.exact
+
+
+def test_mode_choices_are_exact_for_a_structure():
+    prof = tiny(4, hidden=256)
+    pool = make_pool(["jetson-orin-nano", "jetson-nano", "jetson-tx2"], medium="switched", bandwidth_mbps=300)
+    shape = shape_for(prof, 4, 64)
+    space = Space.build(pool, prof, shape, objective="energy")
+    tables = Tables(space, Network.of(pool))
+    stages = [(0, 1, 0, 2), (1, 2, 2, 3), (2, 3, 3, 4)]
+    got = mode_choices(tables, stages, 2, "energy")
+    order = list(space.order)
+    brute = []
+    for combo in itertools.product(*[group_mode_assignments(order[a:b], "energy") for a, b, _, _ in stages]):
+        modes = {k: v for c in combo for k, v in c.items()}
+        sts = [space.stage((l0, l1), "dp", order[a:b], modes, 2) for a, b, l0, l1 in stages]
+        c = estimate(space.make_plan(sts, 2, modes), pool, prof, shape)
+        if c.feasible:
+            brute.append((c.step_time_s, c.energy_j))
+    assert min(g.energy_j for g in got) == pytest.approx(min(e for _, e in brute), rel=1e-9)
+    assert min(g.step_time_s for g in got) == pytest.approx(min(t for t, _ in brute), rel=1e-9)
+    for t, e in brute:  # every brute-force point is dominated by (or equal to) a found one
+        assert any(g.step_time_s <= t * (1 + 1e-9) and g.energy_j <= e * (1 + 1e-9) for g in got)
+
+
+def test_energy_objective_saves_energy_on_a_jetson_pool():
+    prof = bert_base()
+    kinds = ["jetson-xavier-nx", "jetson-xavier-nx", "jetson-nano", "jetson-nano", "jetson-nano", "jetson-nano"]
+    pool = make_pool(kinds, medium="switched", bandwidth_mbps=1000, latency_ms=0.5)
+    shape = shape_for(prof, 64, 128)
+    fast = plan(pool, None, prof, shape=shape)
+    green = plan(pool, None, prof, shape=shape, objective="energy", deadline_s=1.01 * fast.cost.step_time_s)
+    assert green.cost.step_time_s <= 1.01 * fast.cost.step_time_s
+    assert green.cost.energy_j < 0.98 * fast.cost.energy_j
+    assert green.plan.power_modes  # some device runs below its maximum mode
+    assert not green.exact
+
+
+def test_planner_cost_and_sim_import_without_torch():
+    code = ("import sys; import edgepool.planner, edgepool.cost, edgepool.sim; "
+            "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_plan_and_simulate_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    prof = tiny(4, hidden=128)
+    (tmp_path / "profile.json").write_text(prof.dumps())
+    (tmp_path / "pool.yaml").write_text(
+        "network: {medium: switched, bandwidth_mbps: 1000}\n"
+        "devices:\n  - {name: orin, kind: jetson-orin-nano}\n  - {name: nano, kind: jetson-nano}\n")
+    (tmp_path / "job.yaml").write_text("model: {family: gpt, size: tiny}\ndata: {path: x.txt}\n"
+                                       "train: {global_batch: 4, seq_len: 16}\n")
+    args = ["--pool", str(tmp_path / "pool.yaml"), "--job", str(tmp_path / "job.yaml"),
+            "--profile", str(tmp_path / "profile.json")]
+    assert main(["plan", *args, "-o", str(tmp_path / "plan.json"), "--frontier"]) == 0
+    out = capsys.readouterr().out
+    assert "best plan of each plain parallelism" in out and "pp-uniform" in out and "Pareto" in out
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["estimate"]["step_time_s"] > 0
+    assert main(["plan", *args, "--parallelism", "tp"]) == 0
+    assert "tp" in capsys.readouterr().out
+    assert main(["simulate", "--plan", str(tmp_path / "plan.json"), *args, "--gantt", str(tmp_path / "g.png")]) == 0
+    assert "simulated step" in capsys.readouterr().out
+    assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_search_equals_exhaustive_on_seeded_four_device_pools():
+    """Hypothesis favours small examples; these 12 seeded pools have 3-4 devices."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(12):
+        n = rng.randint(3, 4)
+        kinds = [rng.choice(["jetson-nano", "jetson-orin-nano", "jetson-xavier-nx", "rpi5", "host-cpu"]) for _ in range(n)]
+        extra = {"memory_gb": [rng.choice([None, 1.5, 2.5]) for _ in range(n)],
+                 "bandwidth_mbps": [rng.choice([None, 30.0, 500.0]) for _ in range(n)]}
+        pool = make_pool(kinds, medium=rng.choice(["shared", "switched"]), bandwidth_mbps=rng.choice([100.0, 1000.0]),
+                         extra=extra)
+        prof = tiny(num_layers=rng.randint(3, 5), family=rng.choice(["gpt", "bert", "llama"]), hidden=256, vocab=5000)
+        shape = shape_for(prof, rng.choice([2, 4]), 64)
+        best = brute_force(pool, prof, shape)
+        got = search_time(pool, prof, shape)
+        assert (got is None) == (best is None)
+        if best is not None:
+            assert got == pytest.approx(best.step_time_s, rel=1e-6)

@@ -1,0 +1,125 @@
+"""The discrete-event simulator: agrees with the cost model where their assumptions
+coincide, accounts memory, busy time and bytes exactly, models shared-medium contention
+and draws a Gantt chart."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _plan_helpers import bert_base, make_pool, tiny
+from edgepool.cost import Network, estimate, shape_for
+from edgepool.errors import PlanError
+from edgepool.planner.space import Space, enumerate_plans
+from edgepool.sim.engine import _Net, simulate
+from edgepool.sim.gantt import draw_gantt
+from edgepool.sim.lower import Op, lower
+from edgepool.specs import Plan, StagePlan
+
+
+def pipeline(M, schedule="1f1b"):
+    return Plan(num_layers=4, num_microbatches=M, schedule=schedule, stages=[
+        StagePlan(layers=(0, 1), devices=("d0",)), StagePlan(layers=(1, 3), devices=("d1", "d2"), shares=(2, 1)),
+        StagePlan(layers=(3, 4), devices=("d3",))])
+
+
+POOL4 = ["jetson-orin-nano", "jetson-nano", "jetson-nano", "jetson-xavier-nx"]
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 4), st.sampled_from(["shared", "switched"]), st.sampled_from([20.0, 100.0, 1000.0]),
+       st.integers(1, 4), st.sampled_from([2, 4]), st.integers(0, 10_000))
+def test_simulator_agrees_with_the_cost_model_where_assumptions_coincide(n, medium, bw, L, B, pick):
+    """No pipelining of micro-batches (a single stage, or one micro-batch), uniform links."""
+    kinds = ["jetson-orin-nano", "jetson-nano", "jetson-tx2", "rpi5"][:n]
+    pool = make_pool(kinds, medium=medium, bandwidth_mbps=bw)
+    prof = tiny(num_layers=L, hidden=128)
+    shape = shape_for(prof, B, 32)
+    plans = [p for p in enumerate_plans(Space.build(pool, prof, shape))
+             if len(p.stages) == 1 or p.num_microbatches == 1]
+    p = plans[pick % len(plans)]
+    c = estimate(p, pool, prof, shape)
+    r = simulate(p, pool, prof, shape)
+    assert r.step_time_s == pytest.approx(c.step_time_s, rel=0.02)
+    assert r.energy_j == pytest.approx(c.energy_j, rel=0.02)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("M", [1, 2, 4])
+def test_memory_busy_time_and_bytes_match_exactly(schedule, M):
+    prof = tiny(num_layers=4, hidden=256)
+    pool = make_pool(POOL4, medium="switched", bandwidth_mbps=300)
+    shape = shape_for(prof, 8, 32)
+    plan = pipeline(M, schedule)
+    c = estimate(plan, pool, prof, shape)
+    r = simulate(plan, pool, prof, shape)
+    for name, d in r.devices.items():
+        assert d.peak_memory_bytes == pytest.approx(c.devices[name].memory_bytes)
+        assert d.busy_s == pytest.approx(c.devices[name].busy_s)
+        assert d.bytes_moved == pytest.approx(c.devices[name].bytes_moved)
+        assert d.idle_s == pytest.approx(r.step_time_s - d.busy_s)
+    assert r.step_time_s >= max(d.busy_s for d in r.devices.values())
+
+
+def test_every_op_of_lower_runs():
+    prof = tiny(num_layers=4, hidden=128)
+    pool = make_pool(POOL4, medium="switched", bandwidth_mbps=1000)
+    shape = shape_for(prof, 4, 32)
+    plan = pipeline(2)
+    r = simulate(plan, pool, prof, shape)
+    labels = {(sg.device, sg.label) for sg in r.segments if sg.kind == "compute"}
+    for rank, ops in lower(plan).items():
+        dev = plan.devices[rank]
+        for op in ops:
+            if op.kind in ("fwd", "bwd", "optim"):
+                assert (dev, str(op)) in labels
+
+
+def test_shared_medium_contention():
+    pool = make_pool(["jetson-nano"] * 4, medium="shared", bandwidth_mbps=80, latency_ms=0)
+    done = []
+    for medium in ("shared", "switched"):
+        net = _Net(Network.of(make_pool(["jetson-nano"] * 4, medium=medium, bandwidth_mbps=80, latency_ms=0)))
+        net.add("d0", "d1", 10e6, 0.0, lambda: None)
+        net.add("d2", "d3", 10e6, 0.0, lambda: None)
+        net.allocate(0.0)
+        done.append(net.next_event(0.0))
+    assert done[0] == pytest.approx(2.0)  # two transfers share the 10 MB/s channel
+    assert done[1] == pytest.approx(1.0)  # on a switch they do not
+    assert pool.network.medium == "shared"
+
+
+def test_tp_group_and_sync_run_as_collectives():
+    prof = tiny(num_layers=2, hidden=256)
+    pool = make_pool(["jetson-orin-nano", "jetson-orin-nano", "jetson-nano"], medium="switched", bandwidth_mbps=100)
+    shape = shape_for(prof, 2, 32)
+    tp = Plan(num_layers=2, stages=[StagePlan(layers=(0, 2), mode="tp", devices=("d0", "d1"))])
+    r = simulate(tp, pool, prof, shape)
+    assert any(sg.kind == "comm" for sg in r.segments)
+    dp = Plan(num_layers=2, stages=[StagePlan(layers=(0, 2), mode="dp", devices=("d0", "d1", "d2"), shares=(2, 2, 1))],
+              num_microbatches=1)
+    r = simulate(dp, pool, prof, shape.__class__(global_batch=5, seq_len=32, num_heads=4, ffn=1024))
+    assert any(sg.label.startswith("sync_grads") for sg in r.segments)
+
+
+def test_a_deadlocking_op_order_is_reported():
+    prof = tiny(num_layers=2, hidden=64)
+    pool = make_pool(["jetson-nano", "jetson-nano"], medium="switched")
+    plan = Plan(num_layers=2, stages=[StagePlan(layers=(0, 1), devices=("d0",)), StagePlan(layers=(1, 2), devices=("d1",))])
+    ops = lower(plan)
+    ops[1] = [Op("recv_grad", 0)] + ops[1]  # waits for a gradient nobody has sent yet
+    with pytest.raises(PlanError, match="deadlock"):
+        simulate(plan, pool, prof, shape_for(prof, 1, 16), ops=ops)
+
+
+def test_gantt_chart(tmp_path):
+    prof = bert_base()
+    pool = make_pool(POOL4, medium="shared", bandwidth_mbps=100)
+    shape = shape_for(prof, 4, 64)
+    plan = Plan(num_layers=12, num_microbatches=2, stages=[
+        StagePlan(layers=(0, 6), devices=("d0",)), StagePlan(layers=(6, 12), devices=("d1", "d2"), shares=(1, 1))])
+    r = simulate(plan, pool, prof, shape)
+    out = draw_gantt(r, tmp_path / "step.png", order=plan.devices)
+    assert out.stat().st_size > 5000
+    assert r.to_estimate().source == "simulator"
