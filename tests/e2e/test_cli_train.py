@@ -26,6 +26,19 @@ def _job(tmp_path: Path, schedule: str) -> Path:
     return p
 
 
+def _plan(tmp_path: Path, family: str, schedule: str) -> list[str]:
+    """The plain family plan over all four devices (``--parallelism`` would let the
+    planner leave devices out), as a plan file."""
+    from edgepool.launch.prepare import proportional_plan
+    from edgepool.specs import load_job, load_pool
+
+    plan = proportional_plan(load_pool(POOL), load_job(_job(tmp_path, schedule)), 4, family)
+    assert plan.world_size == 4
+    path = tmp_path / f"plan-{family}.json"
+    path.write_text(plan.dumps())
+    return ["--plan", str(path)]
+
+
 def _train(tmp_path: Path, name: str, *args: str, schedule: str = "1f1b") -> list[float]:
     out = tmp_path / name
     rc = main(["train", "--pool", str(POOL), "--job", str(_job(tmp_path, schedule)), "--steps", str(STEPS),
@@ -41,26 +54,29 @@ def single(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("single"), "single", "--parallelism", "single")
 
 
-@pytest.mark.parametrize("name, args, schedule", [
-    ("dp", ["--parallelism", "dp"], "1f1b"),
-    ("sp", ["--parallelism", "sp"], "1f1b"),
-    ("tp", ["--parallelism", "tp"], "1f1b"),
-    ("pp-gpipe", ["--parallelism", "pp"], "gpipe"),
-    ("pp-1f1b", ["--parallelism", "pp"], "1f1b"),
-    ("hybrid", ["--parallelism", "hybrid"], "1f1b"),
-    ("hybrid-plan-file", ["--plan", str(EXAMPLES / "plan-hybrid.json")], "1f1b"),
+@pytest.mark.parametrize("name, family, schedule", [
+    ("dp", "dp", "1f1b"), ("sp", "sp", "1f1b"), ("tp", "tp", "1f1b"), ("pp-gpipe", "pp", "gpipe"),
+    ("pp-1f1b", "pp", "1f1b"), ("hybrid", "hybrid", "1f1b"), ("hybrid-plan-file", None, "1f1b"),
 ])
-def test_mode_matches_single(tmp_path, single, name, args, schedule):
+def test_mode_matches_single(tmp_path, single, name, family, schedule):
+    args = _plan(tmp_path, family, schedule) if family else ["--plan", str(EXAMPLES / "plan-hybrid.json")]
     losses = _train(tmp_path, name, *args, schedule=schedule)
     assert len(losses) == STEPS
     for a, b in zip(single, losses):
         assert abs(a - b) <= 1e-4 * abs(a), (name, single, losses)
 
 
+def test_parallelism_flag_takes_the_planners_best_of_family(tmp_path):
+    losses = _train(tmp_path, "planned-pp", "--parallelism", "pp")
+    run = json.loads((tmp_path / "planned-pp" / "run.json").read_text())
+    assert run["plan"]["parallelism"] in ("pp", "single") and run["plan"]["estimate"]["source"] == "cost-model"
+    assert len(losses) == STEPS
+
+
 def test_a_killed_rank_is_reported(tmp_path, capsys, monkeypatch):
     """A rank that dies is named with its device and reason; the others are stopped."""
     monkeypatch.setenv("EDGEPOOL_FAULT", "rank=2,step=1")
-    rc = main(["train", "--pool", str(POOL), "--job", str(_job(tmp_path, "1f1b")), "--parallelism", "pp",
+    rc = main(["train", "--pool", str(POOL), "--job", str(_job(tmp_path, "1f1b")), *_plan(tmp_path, "pp", "1f1b"),
                "--steps", "3", "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2
@@ -70,13 +86,13 @@ def test_a_killed_rank_is_reported(tmp_path, capsys, monkeypatch):
 def test_kill_and_resume_gives_the_same_trajectory(tmp_path, single, monkeypatch):
     """A run killed mid-way, resumed with --resume, repeats the uninterrupted losses."""
     job = _job(tmp_path, "1f1b")  # checkpoint_every: 5 in the example; kill at step 6 of 8
-    args = ["train", "--pool", str(POOL), "--job", str(job), "--parallelism", "hybrid", "--steps", "8",
+    args = ["train", "--pool", str(POOL), "--job", str(job), *_plan(tmp_path, "hybrid", "1f1b"), "--steps", "8",
             "--out", str(tmp_path / "cut"), "--no-progress"]
     monkeypatch.setenv("EDGEPOOL_FAULT", "rank=1,step=6")
     assert main(args) == 2
     monkeypatch.delenv("EDGEPOOL_FAULT")
     assert main(args + ["--resume"]) == 0
-    assert main(["train", "--pool", str(POOL), "--job", str(job), "--parallelism", "hybrid", "--steps", "8",
+    assert main(["train", "--pool", str(POOL), "--job", str(job), *_plan(tmp_path, "hybrid", "1f1b"), "--steps", "8",
                  "--out", str(tmp_path / "full"), "--no-progress"]) == 0
     read = lambda d: [json.loads(ln)["loss"] for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert len(read("cut")) == 8

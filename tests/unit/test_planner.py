@@ -142,7 +142,7 @@ def test_canonical_order_ignores_speed_overrides():
 
 def test_a_pool_where_no_device_alone_fits_gets_a_pipeline():
     prof = bert_base()
-    pool = make_pool(["jetson-nano"] * 3, medium="switched", bandwidth_mbps=1000, extra={"memory_gb": [2.6] * 3})
+    pool = make_pool(["jetson-nano"] * 3, medium="switched", bandwidth_mbps=1000, extra={"memory_gb": [1.7] * 3})
     shape = shape_for(prof, 4, 128)
     with pytest.raises(InfeasibleError):
         plan(pool, None, prof, shape=shape, family="dp")  # dp replicates the whole model
@@ -153,11 +153,11 @@ def test_a_pool_where_no_device_alone_fits_gets_a_pipeline():
 
 def test_nothing_fits_names_the_numbers():
     prof = bert_base()
-    pool = make_pool(["jetson-nano", "jetson-nano"], extra={"memory_gb": [1.6, 1.6]})
+    pool = make_pool(["jetson-nano", "jetson-nano"], extra={"memory_gb": [0.7, 0.7]})
     with pytest.raises(InfeasibleError) as err:
         plan(pool, None, prof, shape=shape_for(prof, 4, 128))
     msg = str(err.value)
-    assert "GB on d" in msg and "which has 0.40 GB free" in msg
+    assert "GB on d" in msg and "which has 0.70 GB free" in msg
     assert err.value.candidates
 
 

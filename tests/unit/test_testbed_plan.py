@@ -53,13 +53,16 @@ def test_tiny_devices_get_a_floor_and_a_warning():
 
 
 def test_memory_caps_exact_or_scaled():
-    devs = [_dev("a", memory_gb=4), _dev("b")]  # b: catalog's 4 GB
+    devs = [_dev("a", memory_gb=4), _dev("b", memory_gb=4)]
     exact = plan_caps(devs, host_cpus=2, host_memory_bytes=6 * 10**9)
     assert [c.memory_bytes for c in exact.devices] == [4 * 10**9, 4 * 10**9]
     assert any("memory caps add up to 8.0 GB" in w for w in exact.warnings)
     fit = plan_caps(devs, host_cpus=2, host_memory_bytes=6 * 10**9, memory_fit="fit")
     assert fit.memory_scale == pytest.approx(0.6)  # 0.8 * 6 / 8
     assert [c.memory_bytes for c in fit.devices] == [2_400_000_000, 2_400_000_000]
+    # Without memory_gb a device gets its kind's memory less what the OS keeps.
+    default = plan_caps([_dev("c")], host_cpus=2, host_memory_bytes=64 * 10**9)
+    assert default.devices[0].memory_bytes == int(round((4.0 - 1.2) * 1e9))
     with pytest.raises(ValueError):
         plan_caps(devs, host_cpus=2, host_memory_bytes=1, cpu_fit="all")
 

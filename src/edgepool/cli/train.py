@@ -27,7 +27,7 @@ def run(args) -> int:
 
     console = Console(stderr=True)
     spec = prepare_run(args.pool, args.job, out_dir=args.out, plan_path=args.plan, parallelism=args.parallelism,
-                       steps=args.steps, resume=args.resume)
+                       steps=args.steps, resume=args.resume, log=console.print)
     plan = spec.plan
     console.print(f"plan {plan.plan_id}: {plan.parallelism}, {len(plan.stages)} stage(s), "
                   f"{plan.num_microbatches} micro-batch(es), {plan.schedule}, devices {', '.join(plan.devices)}")

@@ -47,7 +47,8 @@ finishes its backward last, so its optimizer step is on the critical path; later
 stages' optimizer steps overlap the pipeline drain. The syncs are added up: on a
 shared channel they share it; on a switched network this is conservative.
 
-**Memory** of device i (bytes): parameters + gradients + optimizer state
+**Memory** of device i (bytes): the framework's own resident memory
+(``profile.runtime_bytes``: interpreter, torch, gloo) + parameters + gradients + optimizer state
 (``(2 + opt_state_factor) * params_i``) + activations of the micro-batches in flight
 (``act_i * n_inflight``: M for gpipe, ``min(S - s, M)`` for 1f1b, lower.py) + the
 owners' transient head activations (logits and their gradient).
@@ -98,9 +99,9 @@ def device_speed(dev: DeviceSpec, mode: str | None = None) -> float:
 
 
 def memory_cap_bytes(dev: DeviceSpec) -> float:
-    """Memory free for training: the device's memory less the kind's reserved share."""
-    kind = catalog.get(dev.kind)
-    return max(0.0, dev.resolved_memory_gb() - kind.reserved_gb) * GB
+    """Memory free for training (``DeviceSpec.resolved_memory_gb``): the pool's
+    ``memory_gb`` when given, else the kind's memory less its reserved share."""
+    return dev.resolved_memory_gb() * GB
 
 
 def shape_for(profile: ModelProfile, global_batch: int, seq_len: int) -> Shape:
@@ -436,6 +437,7 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             w = work[name]
             busy = M * (w.fwd_s + w.bwd_s) + w.optim_s
             mem_parts = {
+                "runtime": profile.runtime_bytes,
                 "params": w.params_bytes, "grads": w.params_bytes, "optimizer": opt_f * w.params_bytes,
                 "activations": w.act_bytes * stage_costs[s].inflight, "transient": w.transient_bytes,
             }

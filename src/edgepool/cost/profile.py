@@ -142,6 +142,14 @@ class ModelProfile:
     opt_state_factor: float = 2.0
     optim_s_per_param_byte: float = 0.0
     source: str = "analytic"
+    # Resident memory of a rank before any model exists (interpreter, torch, gloo). The
+    # default is an ESTIMATE from ranks measured on an x86 host with torch 2.13 CPU
+    # (about 0.3 GB); the profiler measures it. A CUDA runtime on a Jetson adds more.
+    runtime_bytes: float = 0.3e9
+    # The reference device's speed in the pool's speed units, when it is not a catalog
+    # figure: a profile measured on one host core, for devices that the testbed gives
+    # ``speed * cores_per_speed`` cores, has speed ``1 / cores_per_speed``.
+    reference_speed_value: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     schema_version: int = PROFILE_SCHEMA_VERSION
 
@@ -151,7 +159,9 @@ class ModelProfile:
 
     @property
     def reference_speed(self) -> float:
-        """Catalog relative speed of the device the profile was taken on."""
+        """Relative speed of the device the profile was taken on (catalog, unless given)."""
+        if self.reference_speed_value is not None:
+            return self.reference_speed_value
         return catalog.get(self.reference_kind).relative_speed(self.reference_mode)
 
     @property

@@ -4,16 +4,17 @@
 checks every data owner's local file and the plan's splits, and returns a ``RunSpec``.
 Any problem is a one-line ``EdgepoolError``.
 
-Without a plan file, ``--parallelism M`` builds a plan of that family with shares in
-proportion to each device's speed (``compute_scale`` or the catalog's figure):
-``proportional_plan``. This is the baseline family plan; the planner refines it.
+Without a plan file, ``--parallelism M`` takes the planner's best plan of that family
+(``family_plan``). ``proportional_plan`` is the plain family plan over every device,
+with shares in proportion to speed (``compute_scale`` or the catalog's figure); the
+study runs it, and ``train`` falls back to it when the planner finds nothing that fits.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from edgepool.errors import PlanError, SpecError
+from edgepool.errors import InfeasibleError, PlanError, SpecError
 from edgepool.specs.job import JobSpec, load_job
 from edgepool.specs.plan import Plan, Shape, StagePlan, check_plan, load_plan, split_counts
 from edgepool.specs.pool import PoolSpec, load_pool
@@ -69,20 +70,30 @@ def proportional_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str
                 num_microbatches=mbs or _microbatches(job.train.global_batch, 2 * len(stages)))
 
 
-def family_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str) -> Plan:
-    """The plan for ``--parallelism family``: the planner's best of that family where it can run."""
+def family_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str, log=print) -> Plan:
+    """The plan for ``--parallelism family``.
+
+    ``auto``: the planner's best plan. ``dp|sp|tp|pp``: the planner's best plan of that
+    family; when none fits, the proportional plan of that family over every device,
+    with a warning (the user asked for it; it may run out of memory). ``single`` and
+    ``hybrid``: the proportional plan.
+    """
+    from edgepool.planner import plan_for_run
+
     if family == "auto":
+        return plan_for_run(pool, job)
+    if family in ("dp", "sp", "tp", "pp"):
         try:
-            from edgepool.planner import plan_for_run
-        except ImportError:
-            return proportional_plan(pool, job, num_layers, "dp")
-        return plan_for_run(pool, job, family=None)
+            return plan_for_run(pool, job, family=family)
+        except InfeasibleError as exc:
+            log(f"warning: the planner finds no {family} plan that fits ({str(exc)[:300]}); "
+                f"running the proportional {family} plan over every device instead")
     return proportional_plan(pool, job, num_layers, family)
 
 
 def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | Path, plan_path: str | None = None,
                 parallelism: str | None = None, steps: int | None = None, resume: bool = False,
-                any_host: bool = False):
+                any_host: bool = False, log=print):
     """``any_host``: allow real hosts (their data files are checked on their own host)."""
     from edgepool.runtime.train import RunSpec, model_config
 
@@ -95,7 +106,7 @@ def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | P
     if plan_file is not None:
         plan = load_plan(plan_file)
     else:
-        plan = family_plan(pool, job, cfg.num_layers, parallelism or job.parallelism.mode)
+        plan = family_plan(pool, job, cfg.num_layers, parallelism or job.parallelism.mode, log=log)
     shape = Shape(global_batch=job.train.global_batch, seq_len=job.train.seq_len, num_heads=cfg.num_heads, ffn=cfg.ffn,
                   num_kv_heads=cfg.num_kv_heads)
     check_plan(plan, shape, device_names=pool.device_names, num_layers=cfg.num_layers)

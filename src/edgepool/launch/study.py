@@ -25,7 +25,6 @@ from pathlib import Path
 from edgepool import catalog
 from edgepool.errors import EdgepoolError, InfeasibleError, PlanError
 from edgepool.launch.local import Placement, RankFailed, launch_local, pool_placement
-from edgepool.launch.prepare import family_plan
 from edgepool.specs.job import JobSpec
 from edgepool.specs.plan import Plan, Shape, check_plan
 from edgepool.specs.pool import PoolSpec
@@ -52,6 +51,7 @@ class StudyRow:
     predicted_step_time_s: float | None = None
     predicted_energy_j: float | None = None
     prediction_source: str = ""
+    predicted_fits: bool | None = None  # the cost model's memory check
     run_dir: str = ""
 
 
@@ -79,37 +79,56 @@ def modelled_step_energy(pool: PoolSpec, plan: Plan, metrics: list[dict], placem
     return out
 
 
-def predict(plan: Plan, pool: PoolSpec, job: JobSpec, cfg) -> tuple[float | None, float | None, str]:
-    """The cost model's step time and energy for ``plan`` (analytic profile)."""
-    try:
-        from edgepool.cost import ModelDims, analytic_profile, estimate
-    except ImportError:  # pragma: no cover - the cost model ships with the package
-        return None, None, "no cost model"
-    profile = analytic_profile(ModelDims.of(cfg), optimizer=job.train.optimizer)
-    shape = Shape(global_batch=job.train.global_batch, seq_len=job.train.seq_len, num_heads=cfg.num_heads,
-                  ffn=cfg.ffn, num_kv_heads=cfg.num_kv_heads)
-    cost = estimate(plan, pool, profile, shape)
-    return cost.step_time_s, cost.energy_j, f"cost model ({profile.source} profile, {profile.reference_kind} seconds)"
+def study_profile(pool: PoolSpec, job: JobSpec, cfg, placement: Placement, log=print):
+    """The profile the study plans and predicts with, and a note saying what it is.
+
+    In the testbed: the model measured on this host (one core; cached), with its
+    reference speed set from the testbed's CPU caps, so predictions are in this host's
+    seconds like the measurements. Otherwise: the analytic profile (catalog seconds).
+    """
+    from edgepool.cost import ModelDims, analytic_profile, device_speed
+
+    if placement.emulated:
+        name = next((d.name for d in pool.devices if placement.cores(d.name)), None)
+        if name is not None:
+            from dataclasses import replace
+
+            from edgepool.profiler.layers import cached_profile
+
+            cores_per_speed = placement.cores(name) / device_speed(pool.device(name))
+            prof, path, cached = cached_profile(cfg, seq_len=job.train.seq_len, optimizer=job.train.optimizer)
+            log(f"profile: {prof.model} measured on this host ({'cached' if cached else 'now'}: {path})")
+            return (replace(prof, reference_speed_value=1.0 / cores_per_speed),
+                    f"cost model, profile measured on this host, testbed CPU caps ({cores_per_speed:.3f} cores per unit speed)")
+    return (analytic_profile(ModelDims.of(cfg), optimizer=job.train.optimizer),
+            "cost model, analytic profile (catalog reference-device seconds)")
 
 
-def study_plans(pool: PoolSpec, job: JobSpec, num_layers: int, families, include_planner: bool) -> list[tuple[str, Plan | str]]:
-    """(name, plan) per entry; a string instead of a plan says why there is none."""
+def study_plans(pool: PoolSpec, job: JobSpec, num_layers: int, families, profile) -> list[tuple[str, Plan | str]]:
+    """(name, plan) per entry; a string instead of a plan says why there is none.
+
+    The plain families are the paper's setting: every device takes part, with shares
+    in proportion to speed (``proportional_plan``), so a family that cannot fit shows
+    as a measured failure. The last entry is the planner's choice for step time.
+    """
+    from edgepool.launch.prepare import proportional_plan
+    from edgepool.planner import plan as search
+
     out: list[tuple[str, Plan | str]] = []
     for fam in families:
         try:
-            out.append((fam, family_plan(pool, job, num_layers, fam)))
-        except (PlanError, InfeasibleError) as exc:
+            out.append((fam, proportional_plan(pool, job, num_layers, fam)))
+        except PlanError as exc:
             out.append((fam, str(exc)))
-    if include_planner:
-        try:
-            out.append(("planner", family_plan(pool, job, num_layers, "auto")))
-        except (PlanError, InfeasibleError) as exc:
-            out.append(("planner", str(exc)))
+    try:
+        out.append(("planner", search(pool, job, profile, objective="time").plan))
+    except (PlanError, InfeasibleError) as exc:
+        out.append(("planner", str(exc)))
     return out
 
 
 def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, console=None, families=FAMILIES,
-              include_planner: bool = True, deadline_s: float = 240.0, progress: bool = True) -> dict:
+              deadline_s: float = 240.0, progress: bool = True) -> dict:
     from edgepool.report.machine import machine_info
     from edgepool.report.study import write_study
     from edgepool.runtime.train import RunSpec, model_config
@@ -122,15 +141,21 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
                   ffn=cfg.ffn, num_kv_heads=cfg.num_kv_heads)
     rows: list[StudyRow] = []
     notes: list[str] = []
+    from edgepool.cost import estimate
+
     with pool_placement(pool, log=log) as placement:
         notes += placement.notes
-        for name, plan in study_plans(pool, job, cfg.num_layers, families, include_planner):
+        profile, prediction_source = study_profile(pool, job, cfg, placement, log=log)
+        for name, plan in study_plans(pool, job, cfg.num_layers, families, profile):
             if isinstance(plan, str):
                 rows.append(StudyRow(name=name, status="infeasible", cause=plan))
                 continue
             row = StudyRow(name=name, status="ok", plan_id=plan.plan_id, parallelism=plan.parallelism,
                            plan=json.loads(plan.dumps()))
-            row.predicted_step_time_s, row.predicted_energy_j, row.prediction_source = predict(plan, pool, job, cfg)
+            cost = estimate(plan, pool, profile, shape)
+            row.predicted_step_time_s, row.predicted_energy_j = cost.step_time_s, cost.energy_j
+            row.prediction_source = prediction_source
+            row.predicted_fits = cost.feasible
             run_dir = out_dir / "runs" / name
             shutil.rmtree(run_dir, ignore_errors=True)
             row.run_dir = str(run_dir)
@@ -168,6 +193,7 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
         "model": {"family": cfg.family, "hidden": cfg.hidden, "num_layers": cfg.num_layers, "num_params": cfg.num_params()},
         "global_batch": job.train.global_batch, "seq_len": job.train.seq_len,
         "testbed": notes, "emulated": placement.emulated,
+        "prediction_source": prediction_source,
         "energy_note": "modelled: catalog busy/idle power x measured busy time (CPU time / CPU cap) + radio energy per byte",
         "rows": [asdict(r) for r in rows],
     }

@@ -62,26 +62,39 @@ def _classes(groups: dict[tuple[int, int], GroupTable], base: float) -> tuple[li
 
 
 def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: str = "sum",
-          pp_only: bool = False, min_stages: int = 1, bound: float = INF) -> DPResult | None:
+          pp_only: bool = False, min_stages: int = 1, bound: float = INF, relaxed: bool = False) -> DPResult | None:
     """The best pipeline (``kind="sum"``: least tau with every machine <= X;
     ``kind="max"``: least period). None if nothing fits.
 
-    ``bound``: groups whose gradient sync alone is at least ``bound`` are skipped (no
-    plan using them can reach a step time below ``bound``).
+    ``bound``: groups that cannot be part of a plan faster than ``bound`` are skipped
+    (every use of a group costs at least ``M W + sync`` on some layer range).
+
+    ``relaxed``: charge each boundary only its prepended group's side,
+    ``lam_g + max(base, a_g) <= max(lam_P, lam_Q) + max(base, a_P, a_Q)``, so one
+    boundary class suffices; the value is then a lower bound on tau (cheap pruning of a
+    micro-batch count before the exact runs).
     """
     sp = tables.space
     N, L = len(sp.order), tables.L
     base = tables.base(M)
     groups: dict[tuple[int, int], tuple[GroupTable, object]] = {}
     t_small = 0
-    for g, m in tables.groups_for(M, modes, pp_only):
-        if kind == "sum" and m.min_sync >= bound:
+    for g in tables.groups_for(M, modes, pp_only):
+        # Every plan using the group takes at least M W + sync on some layer range: its
+        # stage's work per micro-batch enters the fill once and the period M - 1 times.
+        if kind == "sum" and bound < INF and tables.cheap_bound(g, M) >= bound:
+            continue
+        m = tables.mats(g, M)
+        if kind == "sum" and m.min_step >= bound:
             continue
         groups[(g.a, g.b)] = (g, m)
         t_small = max(t_small, m.t_small)
     if not groups:
         return None
-    cls_keys, cls_index = _classes({k: v[0] for k, v in groups.items()}, base)
+    if relaxed:
+        cls_keys, cls_index = [(0.0, 0.0)], {}
+    else:
+        cls_keys, cls_index = _classes({k: v[0] for k, v in groups.items()}, base)
     R = len(cls_keys)
     NONE = R
     lam = np.array([k[0] for k in cls_keys])
@@ -121,12 +134,15 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
             if gm is None:
                 continue
             g, m = gm
-            cg = cls_index[(g.lam_s, max(base, g.a_s))]
+            cg = 0 if relaxed else cls_index[(g.lam_s, max(base, g.a_s))]
             C = m.C if kind == "sum" else m.W
             feas = m.W <= X
             optim = m.optim if kind == "sum" else np.zeros(L + 1)
             ga = max(base, g.a_s)
-            link = 2.0 * (np.maximum(g.lam_s, lam) + np.maximum(ga, aa))  # to each class, (R,)
+            if relaxed:
+                link = np.array([2.0 * (g.lam_s + ga)])
+            else:
+                link = 2.0 * (np.maximum(g.lam_s, lam) + np.maximum(ga, aa))  # to each class, (R,)
             link = np.where(link <= X, link, INF)
             SVb = SV[:, b]
             # k = 0: g becomes the last stage (and, at l0 = 0, the only one).
@@ -180,6 +196,8 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
     best = float(final[idx])
     if not np.isfinite(best):
         return None
+    if relaxed:
+        return DPResult(value=best, stages=())
     k, rho, sigma = idx[0] + 1, idx[1], idx[2]
     e = int(SVarg[0, 0, k, rho, sigma])
     l = 0

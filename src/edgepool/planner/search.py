@@ -4,12 +4,13 @@
 
 1. the DP (``dp.solve``) with ``kind="max"`` gives the smallest achievable period
    ``X_lo`` of a pipeline of dp groups, and with no cap the least ``tau``;
-2. ``T = tau + (M-1) * period`` is then minimised over the cap ``X`` by branch and
-   bound on intervals of X: a plan found under cap X (tau_X, period p_X <= X) settles
-   every cap in ``[p_X, X]``; an interval ``[lo, hi)`` whose plans all have
-   ``tau >= t`` cannot beat the incumbent when ``t + (M-1) lo >= T_best`` and is
-   dropped. Intervals shrink until that bound closes them (to 1e-9 relative), so the
-   optimum is exact up to that tolerance;
+2. ``T = tau + (M-1) * period`` is then minimised over the cap ``X`` by descending
+   the staircase of Pareto-optimal (tau, period) pairs: a plan found under cap X
+   (least tau ``t``, period ``p <= X``) settles every cap in ``[p, X]``, so the next
+   cap is just below ``p`` (1e-9 relative). Every plan with a period below the cap has
+   ``tau >= t``, so the descent stops when ``t + (M-1) X_lo >= T_best`` or when the
+   cap falls below ``(T_best - t) / (M - 1)``; the optimum is exact up to that
+   1e-9 relative step;
 3. single-stage sp and tp plans (every run of the canonical order) are evaluated with
    the cost model when a lower bound (perfectly shared compute plus their collectives)
    does not already exceed the best time.
@@ -34,8 +35,6 @@ each ("needs 3.1 GB on nano-1, which has 2.0 GB free for training").
 
 from __future__ import annotations
 
-import heapq
-import math
 import time
 from dataclasses import dataclass, field, replace
 
@@ -152,11 +151,15 @@ class _Search:
                 self._prefix_tables[n_devices] = Tables(sub, self.net)
             tables = self._prefix_tables[n_devices]
 
-        def run(X: float, kind: str = "sum", bound: float = INF) -> dpmod.DPResult | None:
+        def run(X: float, kind: str = "sum", bound: float = INF, relaxed: bool = False) -> dpmod.DPResult | None:
             self.dp_runs += 1
             return dpmod.solve(tables, M, modes, X=X, kind=kind, pp_only=pp_only, min_stages=min_stages,
-                               bound=bound)
+                               bound=bound, relaxed=relaxed)
 
+        if incumbent < INF:  # a cheap lower bound first: can this M beat the incumbent at all?
+            lb = run(INF, bound=incumbent, relaxed=True)
+            if lb is None or lb.value >= incumbent * (1 - 1e-12):
+                return None
         r0 = run(INF, bound=incumbent)
         if r0 is None:
             return None
@@ -167,30 +170,25 @@ class _Search:
             return best
         lo = run(INF, "max")
         x_lo = lo.value if lo is not None else best.cost.period_s
-        # Intervals [lo, hi) of the period, with a lower bound t on tau of any plan there:
-        # a plan there has T >= t + (M-1) lo, and beats best_T only if its period is
-        # below (best_T - t) / (M - 1).
-        heap: list[tuple[float, float, float, float]] = []
-        if x_lo < best.cost.period_s:
-            heapq.heappush(heap, (r0.value + (M - 1) * x_lo, x_lo, best.cost.period_s, r0.value))
-        while heap:
-            lb, a, b, t = heapq.heappop(heap)
+        # Descend the (tau, period) staircase: the next cap is just below the period of
+        # the last plan found, so every run finds a new Pareto point (a plan with a
+        # shorter period and a larger tau). Stop when no plan with a period in
+        # [x_lo, cap) can beat the best time: tau + (M-1) x_lo >= best_T.
+        t, b = r0.value, best.cost.period_s
+        while True:
             b = min(b, (best_T - t) / (M - 1))
-            if lb >= best_T * (1 - 1e-12) or b - a <= 1e-9 * max(b, 1e-30):
-                continue
-            mid = 0.5 * (a + b)
-            r = run(mid, bound=best_T)
+            if b <= x_lo or t + (M - 1) * x_lo >= best_T * (1 - 1e-12):
+                break
+            cap = b * (1 - 1e-9)
+            r = run(cap, bound=best_T)
             if r is None:
-                heapq.heappush(heap, (t + (M - 1) * mid, mid, b, t))
-                continue
+                break
             cand = self.evaluate(self.from_dp(r, M, modes))
             self.explored.append(cand)
             if cand.step_time_s < best.step_time_s:
                 best = cand
                 best_T = min(best_T, cand.step_time_s)
-            p = min(cand.cost.period_s, mid)
-            heapq.heappush(heap, (r.value + (M - 1) * a, a, p, r.value))
-            heapq.heappush(heap, (t + (M - 1) * mid, mid, b, t))
+            t, b = r.value, min(cand.cost.period_s, cap)
         return best
 
     # -- single-stage plans ----------------------------------------------------------------
@@ -220,7 +218,8 @@ class _Search:
         a_split = sum(lp.act_bytes.head + lp.act_bytes.ffn + lp.act_bytes.quad * T for lp in blocks)
         blocks_params = p_rep + p_split
         opt_f = 2 + prof.opt_state_factor
-        caps = {d.name: memory_cap_bytes(d) for d in order}
+        # What the model may use: the cap less the framework's own resident memory.
+        caps = {d.name: memory_cap_bytes(d) - prof.runtime_bytes for d in order}
         speed = {d.name: sp.speed(d, self.max_modes[d.name]) for d in order}
         for M in sp.microbatches:
             mb = shape.global_batch // M
@@ -543,6 +542,8 @@ def _energy_candidates(search: _Search, fastest: Candidate, family: str | None, 
         if c.cost.feasible:
             structures[c.plan.plan_id] = c
     pipelines = family in (None, "pp")
+    M0 = fastest.plan.num_microbatches
+    ms = [m for m in sp.microbatches if m in (M0 // 2, M0, 2 * M0)] or list(sp.microbatches)
     if pipelines:  # fewer devices: the fastest plan without the slowest kinds
         kinds_in_order: list[str] = []
         for d in sp.order:
@@ -550,7 +551,7 @@ def _energy_candidates(search: _Search, fastest: Candidate, family: str | None, 
                 kinds_in_order.append(d.kind)
         for keep in range(1, len(kinds_in_order)):
             n_dev = sum(1 for d in sp.order if d.kind in kinds_in_order[:keep])
-            for M in sp.microbatches:
+            for M in ms:
                 c = search.best_for_m(M, INF, pp_only=family == "pp", min_stages=2 if family == "pp" else 1,
                                       n_devices=n_dev)
                 if c is not None and c.cost.feasible:
@@ -576,8 +577,6 @@ def _energy_candidates(search: _Search, fastest: Candidate, family: str | None, 
     current = best_of(out)
     if current is None:
         return out
-    M0 = fastest.plan.num_microbatches
-    ms = [m for m in sp.microbatches if m in (M0 // 2, M0, 2 * M0)] or list(sp.microbatches)
     assign = dict(search.max_modes)
     used = {d.kind for d in sp.order if d.name in fastest.plan.devices}
     for _ in range(rounds):

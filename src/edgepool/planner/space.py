@@ -31,6 +31,7 @@ The space (the search is exact over it; ``enumerate_plans`` lists it for tests):
 from __future__ import annotations
 
 import heapq
+from functools import lru_cache
 import itertools
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -51,7 +52,12 @@ def canonical_order(pool: PoolSpec) -> list[DeviceSpec]:
     return sorted(pool.devices, key=key)
 
 
-def minimax_counts(items: int, speeds: list[float]) -> tuple[int, ...] | None:
+def minimax_counts(items: int, speeds: list[float] | tuple[float, ...]) -> tuple[int, ...] | None:
+    return _minimax_counts(items, tuple(speeds))
+
+
+@lru_cache(maxsize=65536)
+def _minimax_counts(items: int, speeds: tuple[float, ...]) -> tuple[int, ...] | None:
     """Whole items minimising ``max count_i / speed_i``, each count >= 1 (None if impossible).
 
     Greedy: give each next item to the device whose finishing time ``(count+1)/speed``

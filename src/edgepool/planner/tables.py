@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgepool.cost.model import device_speed, memory_cap_bytes
+from edgepool.cost.model import memory_cap_bytes
 from edgepool.cost.network import Network
 from edgepool.planner.space import Space
 
@@ -49,6 +49,7 @@ class GroupMats:
     optim: np.ndarray  # (L+1,): optimizer time as stage 0 over [0, l)
     min_sync: float  # the group's smallest possible sync (one block)
     t_small: int  # the largest in-flight count below M that fits some layer range (0: none)
+    min_step: float  # a lower bound on the step time of any plan using the group: min of M W + sync
 
 
 @dataclass
@@ -106,73 +107,91 @@ class Tables:
         self.valid = np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1)
         self.ref = prof.reference_speed
         self.opt_f = prof.opt_state_factor
+        self.runtime_bytes = prof.runtime_bytes
         self._cache: dict[tuple, GroupTable | None] = {}
         self._mats: dict[tuple, GroupMats] = {}
         self._groups: dict[tuple, list] = {}
+        self._dev_cache: dict[tuple, tuple] = {}
+        self._row_cache: dict[tuple, tuple] = {}
+        self.min_block_params = float(params.min()) if len(params) else 0.0
         self._mat_bytes = 0
 
+    def _device(self, d, mode: str) -> tuple:
+        """(speed, cap, busy - idle, radio J/MB, idle W, bandwidth, latency) of a device in a mode."""
+        key = (d.name, mode)
+        hit = self._dev_cache.get(key)
+        if hit is None:
+            from edgepool import catalog
+
+            kind = catalog.get(d.kind)
+            pm = kind.power_mode(mode)
+            # What the model may use: the cap less the framework's own resident memory.
+            cap = memory_cap_bytes(d) - self.runtime_bytes
+            hit = (self.space.speed(d, mode), cap, pm.busy_w - pm.idle_w, kind.radio_j_per_mb,
+                   pm.idle_w, self.net.dev_Bps[d.name], self.net.dev_latency_s[d.name])
+            self._dev_cache[key] = hit
+        return hit
+
+    def _row(self, speed: float, x: int) -> tuple:
+        """Prefix sums and stage-0 extras of a device of ``speed`` with ``x`` samples."""
+        key = (speed, x)
+        hit = self._row_cache.get(key)
+        if hit is None:
+            prof, T = self.space.profile, self.T
+            slow = self.ref / speed
+            tokens = x * T
+            zero = np.zeros(1)
+            fwd = np.concatenate([zero, np.cumsum((self.fix_f + tokens * self.tok_f) * slow)])
+            bwd = np.concatenate([zero, np.cumsum((self.fix_b + tokens * self.tok_b) * slow)])
+            act = np.concatenate([zero, np.cumsum(tokens * self.tok_act)])
+            emb, head = prof.embed, prof.head
+            ff = (emb.fixed_fwd_s + emb.fwd_s.at(tokens, T)) * slow
+            fb = (emb.fixed_bwd_s + emb.bwd_s.at(tokens, T) + head.fixed_fwd_s + head.fixed_bwd_s
+                  + head.fwd_s.at(tokens, T) + head.bwd_s.at(tokens, T)) * slow
+            hit = (fwd, bwd, act, ff, fb, head.act_bytes.at(tokens, T))
+            self._row_cache[key] = hit
+        return hit
+
     def group(self, a: int, b: int, M: int, modes: dict[str, str]) -> GroupTable | None:
-        key = (a, b, M, tuple(sorted(modes.items())))
+        key = (a, b, M, tuple(modes[d.name] for d in self.space.order[a:b]))
         if key in self._cache:
             return self._cache[key]
         sp = self.space
-        devs = list(sp.order[a:b])
+        devs = sp.order[a:b]
         counts = sp.shares("dp", devs, modes, M)
         if counts is None:
             self._cache[key] = None
             return None
-        prof, T, net = sp.profile, self.T, self.net
-        rows: dict[tuple, list] = {}
-        from edgepool import catalog
-
+        prof = sp.profile
+        rows: dict[tuple, int] = {}
+        bws, lam, idle = [], 0.0, 0.0
         for d, x in zip(devs, counts):
-            speed = sp.speed(d, modes[d.name])
-            kind = catalog.get(d.kind)
-            pm = kind.power_mode(modes[d.name])
-            rk = (speed, x, memory_cap_bytes(d), pm.busy_w - pm.idle_w, kind.radio_j_per_mb)
-            rows.setdefault(rk, []).append(d)
+            speed, cap, bmi, radio, idle_w, bw, lat = self._device(d, modes[d.name])
+            rk = (speed, x, cap, bmi, radio)
+            rows[rk] = rows.get(rk, 0) + 1
+            bws.append(bw)
+            lam = max(lam, lat)
+            idle += idle_w
         keys = list(rows)
-        r = len(keys)
-        L = self.L
-        fwd_pre = np.zeros((r, L + 1))
-        bwd_pre = np.zeros((r, L + 1))
-        act_pre = np.zeros((r, L + 1))
-        first_fwd = np.zeros(r)
-        first_bwd = np.zeros(r)
-        transient = np.zeros(r)
-        for j, (speed, x, _cap, _bmi, _radio) in enumerate(keys):
-            slow = self.ref / speed
-            tokens = x * T
-            fwd_pre[j, 1:] = np.cumsum((self.fix_f + tokens * self.tok_f) * slow)
-            bwd_pre[j, 1:] = np.cumsum((self.fix_b + tokens * self.tok_b) * slow)
-            act_pre[j, 1:] = np.cumsum(tokens * self.tok_act)
-            emb, head = prof.embed, prof.head
-            first_fwd[j] = (emb.fixed_fwd_s + emb.fwd_s.at(tokens, T)) * slow
-            first_bwd[j] = (emb.fixed_bwd_s + emb.bwd_s.at(tokens, T) + head.fixed_fwd_s + head.fixed_bwd_s
-                            + head.fwd_s.at(tokens, T) + head.bwd_s.at(tokens, T)) * slow
-            transient[j] = head.act_bytes.at(tokens, T)
+        parts = [self._row(k[0], k[1]) for k in keys]
         n = len(devs)
-        bws = [net.dev_Bps[d.name] for d in devs]
         a_s = max(x * self.row_bytes / bw for x, bw in zip(counts, bws))
-        lam = max(net.dev_latency_s[d.name] for d in devs)
         if n >= 2:
-            per = 2.0 * (n - 1) / n
-            kappa = per / min(bws)
-            if net.shared:
-                kappa = max(kappa, 2.0 * (n - 1) / net.channel_Bps)
+            kappa = 2.0 * (n - 1) / n / min(bws)
+            if self.net.shared:
+                kappa = max(kappa, 2.0 * (n - 1) / self.net.channel_Bps)
             sync_lat = 2 * (n - 1) * lam
         else:
             kappa = sync_lat = 0.0
-        from edgepool import catalog as _cat
-
         gt = GroupTable(
-            a=a, b=b, modes=dict(modes), counts=counts, fwd_pre=fwd_pre, bwd_pre=bwd_pre, act_pre=act_pre,
-            first_fwd=first_fwd, first_bwd=first_bwd, transient=transient,
+            a=a, b=b, modes={d.name: modes[d.name] for d in devs}, counts=counts,
+            fwd_pre=np.stack([p[0] for p in parts]), bwd_pre=np.stack([p[1] for p in parts]),
+            act_pre=np.stack([p[2] for p in parts]), first_fwd=np.array([p[3] for p in parts]),
+            first_bwd=np.array([p[4] for p in parts]), transient=np.array([p[5] for p in parts]),
             cap=np.array([k[2] for k in keys]),
             optim_rate=np.array([self.ref / k[0] * prof.optim_s_per_param_byte for k in keys]),
-            a_s=a_s, lam_s=lam, sync_lat_s=sync_lat, kappa=kappa,
-            idle_w=sum(_cat.get(d.kind).power_mode(modes[d.name]).idle_w for d in devs),
-            busy_minus_idle=np.array([k[3] for k in keys]), mult=np.array([len(rows[k]) for k in keys]),
+            a_s=a_s, lam_s=lam, sync_lat_s=sync_lat, kappa=kappa, idle_w=idle,
+            busy_minus_idle=np.array([k[3] for k in keys]), mult=np.array([rows[k] for k in keys]),
             radio_j_per_byte=np.array([k[4] / 1e6 for k in keys]), rows_x=np.array([k[1] for k in keys]),
         )
         self._cache[key] = gt
@@ -218,8 +237,15 @@ class Tables:
         k = np.where(room < 0, -1, k)
         return np.minimum(k.min(axis=0), M).astype(np.int32)
 
-    def groups_for(self, M: int, modes: dict[str, str], pp_only: bool = False) -> list[tuple[GroupTable, "GroupMats"]]:
-        """Every valid group of the canonical order for M, with its matrices (cached)."""
+    def cheap_bound(self, g: GroupTable, M: int) -> float:
+        """A lower bound on the step time of any plan using the group, without matrices:
+        M times its fastest one-block machine time, plus its smallest sync."""
+        one = (g.fwd_pre[:, 1:] - g.fwd_pre[:, :-1]) + (g.bwd_pre[:, 1:] - g.bwd_pre[:, :-1])
+        w = float(one.max(axis=0).min())
+        return M * w + (g.sync_lat_s + g.kappa * self.min_block_params if g.kappa else 0.0)
+
+    def groups_for(self, M: int, modes: dict[str, str], pp_only: bool = False) -> list[GroupTable]:
+        """Every valid group of the canonical order for M (cached)."""
         names = [d.name for d in self.space.order]
         key = (M, tuple(modes[n] for n in names), pp_only)
         if key not in self._groups:
@@ -229,15 +255,15 @@ class Tables:
                 for b in range(a + 1, N + 1):
                     if pp_only and b - a != 1:
                         continue
-                    g = self.group(a, b, M, {n: modes[n] for n in names[a:b]})
+                    g = self.group(a, b, M, modes)
                     if g is not None:
-                        out.append((g, self.mats(g, M)))
+                        out.append(g)
             self._groups[key] = out
         return self._groups[key]
 
     def mats(self, g: GroupTable, M: int, budget_bytes: float = 3e8) -> GroupMats:
         """The group's matrices, cached while the cache stays under ``budget_bytes``."""
-        key = (g.a, g.b, M, tuple(sorted(g.modes.items())))
+        key = (g.a, g.b, M, tuple(g.modes[d.name] for d in self.space.order[g.a:g.b]))
         hit = self._mats.get(key)
         if hit is not None:
             return hit
@@ -246,8 +272,10 @@ class Tables:
         min_sync = float(np.min(np.where(self.valid, sync, INF))) if g.kappa else 0.0
         kmax = self.kmax(g, M)
         tight = kmax[self.valid & (kmax >= 1) & (kmax < M)]
+        fits = self.valid & (kmax >= 1)
+        min_step = float(np.min(np.where(fits, M * W + sync, INF))) if fits.any() else INF
         m = GroupMats(W=W, C=W + sync, kmax=kmax, optim=self.optim_first(g), min_sync=min_sync,
-                      t_small=int(tight.max()) if tight.size else 0)
+                      t_small=int(tight.max()) if tight.size else 0, min_step=min_step)
         size = W.nbytes * 2 + m.kmax.nbytes
         if self._mat_bytes + size <= budget_bytes:
             self._mats[key] = m

@@ -34,12 +34,13 @@ def table_rows(result: dict) -> list[list[str]]:
             _fmt(r["energy_per_step_j"], ".2f"), _fmt(r["energy_per_sample_j"], ".3f"),
             _fmt(peak and peak / MB, ".0f"), busy or "-", _fmt(r["bytes_per_step"] and r["bytes_per_step"] / MB, ".2f"),
             _fmt(r["predicted_step_time_s"], ".3f"), _fmt(r["predicted_energy_j"], ".2f"),
+            "-" if r.get("predicted_fits") is None else ("yes" if r["predicted_fits"] else "no"),
         ])
     return rows
 
 
 HEADERS = ["run", "plan", "status", "step s", "samples/s", "J/step", "J/sample", "peak MB", "busy", "MB sent/step",
-           "pred. step s", "pred. J"]
+           "pred. step s", "pred. J", "pred. fits"]
 
 
 def comparison(result: dict) -> str | None:
@@ -84,8 +85,9 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{result['seq_len']}, {result['steps']} steps (means over steps after the first).",
         f"Testbed: {'; '.join(result['testbed']) or 'plain local processes'}.",
         f"Energy: {result['energy_note']}. Times are this host's; the testbed keeps the pool's speed ratios.",
-        "Predictions: the cost model with an analytic profile, in reference-device seconds; they rank plans, "
-        "they are not this host's absolute times.", "",
+        f"Predictions: {result.get('prediction_source', 'cost model')}.",
+        "Plain families (dp, sp, tp, pp) use every device with shares in proportion to speed (the paper's setting); "
+        "`planner` is the planner's choice for step time.", "",
         "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS),
     ]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]

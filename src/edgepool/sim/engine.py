@@ -196,7 +196,8 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
     roles = [role_of(plan, r) for r in range(plan.world_size)]
     comms = [group_comm(plan, s, profile, shape, net) for s in range(S)]
     opt_f = profile.opt_state_factor
-    static = {n: w.params_bytes * (2 + opt_f) for n, w in work.items()}
+    # The framework's own memory, then parameters, gradients and optimizer state.
+    static = {n: profile.runtime_bytes + w.params_bytes * (2 + opt_f) for n, w in work.items()}
 
     # Transfers of every boundary, and how many each receiver waits for.
     flows_of: dict[tuple[int, bool], list[tuple[str, str, float]]] = {}

@@ -52,7 +52,12 @@ class DeviceSpec(_Strict):
         return self.host in ("local", "emulated")
 
     def resolved_memory_gb(self) -> float:
-        return self.memory_gb if self.memory_gb is not None else catalog.get(self.kind).memory_gb
+        """Memory (GB) this device gives to training: ``memory_gb`` when the pool states
+        it (the testbed caps an emulated device's rank at exactly this), else the kind's
+        memory less what its OS and services keep (catalog ``reserved_gb``)."""
+        if self.memory_gb is not None:
+            return self.memory_gb
+        return catalog.get(self.kind).usable_memory_gb
 
     def speed(self) -> float:
         """Relative training speed: ``compute_scale`` if given, else the catalog's figure."""

@@ -15,8 +15,9 @@ The testbed keeps the *ratios* between devices and chooses one scale factor,
 ``cap_cores = speed * cores_per_speed``, never below ``min_cores``. Absolute times on
 the testbed are this host's; only the ratios are the pool's.
 
-Memory. ``memory_gb`` (or the catalog's) is the device's memory; the cap is that many
-bytes (1 GB = 10^9 bytes). ``memory_fit="exact"`` (default) keeps every cap exact, which
+Memory. ``DeviceSpec.resolved_memory_gb()`` (the pool's ``memory_gb``, else the
+catalog's memory less its OS reserve) is what the device gives to training; the cap is
+that many bytes (1 GB = 10^9 bytes). ``memory_fit="exact"`` (default) keeps every cap exact, which
 is what makes out-of-memory results faithful, and warns if the caps add up to more than
 the host has available. ``memory_fit="fit"`` scales every cap by one factor so that the
 caps add up to at most ``memory_headroom`` of the available memory; a model that fits
