@@ -94,7 +94,7 @@ def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw",
     torch.set_num_threads(threads)
     import resource
 
-    import torch.distributed  # noqa: F401 - part of a rank's resident memory
+    import torch.distributed as _dist  # noqa: F401 - part of a rank's resident memory
 
     runtime_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + GLOO_ALLOWANCE_BYTES
     dims = ModelDims.of(cfg)

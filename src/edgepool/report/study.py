@@ -57,14 +57,26 @@ def comparison(result: dict) -> str | None:
             f"plain parallelism {best['name']} at {best['step_time_s']:.3f} s/step: {ratio:.2f}x ({verdict})")
 
 
+def _g(v, scale: float = 1.0) -> str:
+    return "-" if v is None else f"{v / scale:.3g}"
+
+
+STATUS = {"ok": "ok", "out of memory": "OOM", "infeasible": "no plan", "timeout": "timeout"}
+
+
 def print_table(result: dict, console) -> None:
+    """A compact study table for a terminal (study.md has every column)."""
     from rich.table import Table
 
     t = Table(title=f"Study on pool {result['pool']} (energy: modelled)")
-    for h in HEADERS:
-        t.add_column(h, justify="right" if h not in ("run", "plan", "status", "busy") else "left")
-    for row in table_rows(result):
-        t.add_row(*row)
+    for h in ("run", "status", "step s", "smp/s", "J/step", "peak MB", "MB/step", "pred s", "pred J"):
+        t.add_column(h, justify="left" if h in ("run", "status") else "right")
+    for r in result["rows"]:
+        peak = max((d["peak_memory_bytes"] for d in r["devices"].values()), default=None)
+        name = r["name"] if r["name"] == r["parallelism"] or not r["parallelism"] else f"{r['name']} ({r['parallelism']})"
+        t.add_row(name, STATUS.get(r["status"], r["status"]), _g(r["step_time_s"]), _g(r["samples_per_s"]),
+                  _g(r["energy_per_step_j"]), "-" if peak is None else f"{peak / 1e6:.0f}", _g(r["bytes_per_step"], 1e6),
+                  _g(r["predicted_step_time_s"]), _g(r["predicted_energy_j"]))
     console.print(t)
     for r in result["rows"]:
         if r["status"] != "ok":
