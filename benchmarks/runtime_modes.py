@@ -20,8 +20,9 @@ import yaml
 
 from edgepool.errors import EdgepoolError
 from edgepool.launch.local import launch_local
-from edgepool.launch.prepare import prepare_run
-from edgepool.report.machine import machine_info, machine_line
+from edgepool.launch.prepare import prepare_run, proportional_plan
+from edgepool.specs import load_job, load_pool
+from edgepool.machine import machine_info, machine_line
 from edgepool.testing import CORPUS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def main() -> None:
             "model": {"family": "gpt", "size": args.size, "num_layers": 4},
             "data": {"path": str(CORPUS)},
             "train": {"global_batch": 8, "seq_len": 64, "steps": args.steps, "lr": 1e-3},
-            "parallelism": {"mode": "dp", "num_microbatches": 4, "schedule": "1f1b"},
+            "parallelism": {"mode": "dp", "num_microbatches": 2, "schedule": "1f1b"},
         }))
         for n, modes in MODES.items():
             pool = tmp / f"pool{n}.yaml"
@@ -51,7 +52,11 @@ def main() -> None:
             for mode in modes:
                 out = tmp / f"{n}-{mode}"
                 try:
-                    spec = prepare_run(pool, job, out_dir=out, parallelism=mode)
+                    # The plain family over all n devices (--parallelism would let the
+                    # planner leave devices out).
+                    plan_file = tmp / f"plan-{n}-{mode}.json"
+                    plan_file.write_text(proportional_plan(load_pool(pool), load_job(job), 4, mode).dumps())
+                    spec = prepare_run(pool, job, out_dir=out, plan_path=str(plan_file))
                     s = launch_local(spec, progress=False)
                     rows.append({"devices": n, "mode": mode, "plan_id": s["plan_id"], "status": "ok",
                                  "mean_step_time_s": s["mean_step_time_s"], "samples_per_s": s["samples_per_s"],
@@ -69,9 +74,11 @@ def main() -> None:
     lines = [
         "# Runtime throughput per parallelism (measured)", "",
         f"Machine: {machine_line(info)}.", "",
-        f"GPT `{args.size}` with 4 layers, global batch 8, sequence 64, 4 micro-batches (1F1B for pipelines), "
+        f"GPT `{args.size}` with 4 layers, global batch 8, sequence 64, 2 micro-batches (1F1B) for pipelines, "
         f"{args.steps} steps; mean step time over steps after the first. Every device is a local process on this "
-        "machine, so all modes share its cores: this compares the modes' overheads here, not edge-device speeds.",
+        "machine, so all modes share its cores: this compares the modes' overheads here, not edge-device speeds. "
+        "Each mode uses every device with equal shares (all devices are alike). Another session's work may have "
+        "shared the machine; compare rows within this table only.",
         "Written by `benchmarks/runtime_modes.py`.", "",
         "| devices | mode | plan | step time (s) | samples/s | bytes sent / step | peak RSS per rank (MB) | final loss |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -129,7 +129,7 @@ def study_plans(pool: PoolSpec, job: JobSpec, num_layers: int, families, profile
 
 def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, console=None, families=FAMILIES,
               deadline_s: float = 240.0, progress: bool = True) -> dict:
-    from edgepool.report.machine import machine_info
+    from edgepool.machine import machine_info
     from edgepool.report.study import write_study
     from edgepool.runtime.train import RunSpec, model_config
 

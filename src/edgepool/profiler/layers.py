@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -17,6 +16,7 @@ import torch
 from edgepool.cost.profile import LayerProfile, ModelDims, ModelProfile, Parts, analytic_profile, block_flops
 from edgepool.models import StageModel
 from edgepool.models.config import ModelConfig
+from edgepool.machine import cpu_name
 
 # gloo's buffers and threads once a group is up: the resident memory of a rank with a
 # tiny model (about 350 MB here) less that of a bare `import torch` (about 220 MB), less
@@ -26,15 +26,7 @@ CACHE_DIR = Path(os.environ.get("EDGEPOOL_CACHE", Path.home() / ".cache" / "edge
 
 
 def host_id() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return cpu
+    return cpu_name()
 
 
 def cache_key(cfg: ModelConfig, seq_len: int, optimizer: str, threads: int) -> str:

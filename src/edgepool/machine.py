@@ -7,15 +7,19 @@ import platform
 from datetime import datetime, timezone
 
 
-def machine_info() -> dict:
+def cpu_name() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return cpu
+
+
+def machine_info() -> dict:
+    cpu = cpu_name()
     mem_gb = None
     try:
         for line in open("/proc/meminfo"):
