@@ -1,0 +1,43 @@
+"""The profiler: measured per-part costs of a tiny model, the cache, the link fit."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgepool.cost import ModelDims, analytic_profile
+from edgepool.models.config import preset
+from edgepool.profiler import layers
+from edgepool.profiler.link import fit_link
+
+
+def test_measured_profile_is_positive_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(layers, "CACHE_DIR", tmp_path)
+    cfg = preset("gpt", "tiny", vocab_size=260, num_layers=2)
+    prof, path, cached = layers.cached_profile(cfg, seq_len=16)
+    assert not cached and path.parent == tmp_path and prof.source == "measured"
+    block = prof.blocks[0]
+    assert block.fwd_s.total(16) > 0 and block.bwd_s.total(16) > 0
+    assert block.act_bytes.total(16) > 0 and prof.optim_s_per_param_byte > 0
+    assert prof.runtime_bytes > 50e6  # torch alone is resident
+    # Shape-free: the parameter bytes are the analytic ones, whatever was timed.
+    assert block.params_bytes == analytic_profile(ModelDims.of(cfg)).blocks[0].params_bytes
+    again, path2, cached2 = layers.cached_profile(cfg, seq_len=16)
+    assert cached2 and path2 == path and again == prof
+    _, path3, _ = layers.cached_profile(cfg, seq_len=32)  # another shape, another key
+    assert path3 != path
+
+
+def test_fit_recovers_a_linear_model():
+    rows = [(t, c) for t, c in [(8, 8), (16, 16), (32, 16), (64, 32), (8, 32)]]
+    ys = [1e-3 + 2e-6 * t + 3e-8 * t * c for t, c in rows]
+    fixed, a, q = layers._fit(rows, ys, quad=True)
+    assert fixed == pytest.approx(1e-3, rel=1e-6) and a == pytest.approx(2e-6, rel=1e-6)
+    assert q == pytest.approx(3e-8, rel=1e-6)
+
+
+def test_link_fit_gives_latency_and_bandwidth():
+    # 2 ms one way plus 100 Mbit/s.
+    points = [(n, 2e-3 + n * 8 / 100e6) for n in (1_000, 100_000, 1_000_000, 4_000_000)]
+    link = fit_link(points)
+    assert link["latency_ms"] == pytest.approx(2.0, rel=1e-6)
+    assert link["bandwidth_mbps"] == pytest.approx(100.0, rel=1e-6)
