@@ -186,7 +186,8 @@ def test_boundaries_cover_every_need_exactly_once(modes, sizes, shares):
 def test_1f1b_order_is_complete_and_bounds_in_flight(stages, m):
     for s in range(stages):
         order = compute_order(stages, s, m, "1f1b")
-        assert sorted(order) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)])
+        heads = [("H", i) for i in range(m)] if s == 0 else []  # the data owners' heads
+        assert sorted(order) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)] + heads)
         alive = peak = 0
         for kind, _ in order:
             alive += 1 if kind == "F" else -1
@@ -194,6 +195,15 @@ def test_1f1b_order_is_complete_and_bounds_in_flight(stages, m):
         assert peak == min(stages - s, m)
     gpipe = compute_order(stages, 0, m, "gpipe")
     assert gpipe[:m] == [("F", i) for i in range(m)]  # gpipe holds all m at once
+
+
+def test_heads_run_as_soon_as_their_microbatch_arrives():
+    """Stage 0 does not hold head i back until its own backward of i: with 4 stages the
+    head of micro-batch 1 comes before stage 0's backward of micro-batch 0."""
+    order = compute_order(4, 0, 8, "1f1b")
+    assert order.index(("H", 1)) < order.index(("B", 0))
+    for i in range(8):
+        assert order.index(("H", i)) < order.index(("B", i))
 
 
 def test_lower_gives_owners_embed_and_head():

@@ -24,13 +24,16 @@ group) then ``optim``.
 Schedules (S stages, M micro-batches, stage s):
 
 - ``gpipe``: all M forwards, then all M backwards, in micro-batch order.
-- ``1f1b``: ``w = min(S - s - 1, M)`` warm-up forwards, then M - w pairs of one forward
-  and one backward, then w cool-down backwards (Narayanan et al., PipeDream-Flush). At
-  most ``w + 1`` micro-batches' activations are alive at once, instead of M.
+- ``1f1b``: at most ``S - s`` micro-batches in flight on stage s, backward first when
+  one is ready (Narayanan et al., PipeDream-Flush): ``min(S - s, M)`` micro-batches'
+  activations alive at once, instead of M.
 
-A data owner sits on stage 0, so its ``head`` of micro-batch i is placed just before
-stage 0's backward of i (which waits on it through the whole pipeline), and its
-``embed`` just before stage 0's forward of i.
+The data owners sit on stage 0, so the head of micro-batch i (after the last stage's
+forward of i, before its backward) is one more pass on stage 0. ``stage_orders`` lays
+out all passes by list-scheduling the whole pipeline once, so each head runs as soon as
+its micro-batch arrives (placing it just before stage 0's own backward would make
+every micro-batch's backward cross the pipeline alone). An owner's ``embed`` comes just
+before stage 0's forward of i.
 
 Sends are asynchronous and receives blocking in the runtime; both schedules are
 deadlock-free under that rule because every stage consumes micro-batches in the order
@@ -40,6 +43,7 @@ its neighbour produces them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from edgepool.specs.plan import Plan, role_of
@@ -58,17 +62,93 @@ class Op:
         return self.kind if self.mb < 0 else f"{self.kind}[{self.mb}]"
 
 
+_DURATION = {"F": 1.0, "H": 1.0, "B": 2.0}  # unit costs that only set the order
+
+
+@lru_cache(maxsize=256)
+def stage_orders(num_stages: int, num_microbatches: int, schedule: str) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """The order of forward ('F'), head ('H', stage 0's data owners) and backward ('B')
+    passes of every stage, from one list-scheduled run of the whole pipeline.
+
+    Dependencies: F(s, i) after F(s-1, i); H(i) after F(S-1, i); B(S-1, i) after H(i);
+    B(s, i) after B(s+1, i). Each stage takes its micro-batches in order and, when
+    idle, starts the ready pass of highest priority:
+
+    - ``1f1b``: B, then H, then F while fewer than ``S - s`` micro-batches are in flight;
+    - ``gpipe``: F, then H, then B (all forwards first).
+
+    Unit durations (F 1, H 1, B 2) only decide the order. Because every stage's order
+    is read off one valid execution, the orders are deadlock-free together under
+    blocking receives and asynchronous sends. The heads run as soon as their
+    micro-batch leaves the last stage, so backward passes of successive micro-batches
+    overlap across stages.
+    """
+    S, M = num_stages, num_microbatches
+    nxt = {"F": [0] * S, "B": [0] * S, "H": 0}
+    done: dict[tuple[str, int, int], float] = {}
+    free = [0.0] * S
+    orders: list[list[tuple[str, int]]] = [[] for _ in range(S)]
+    total = M * (2 * S + 1)
+    t = 0.0
+
+    def ready(kind: str, s: int) -> int | None:
+        i = nxt["H"] if kind == "H" else nxt[kind][s]
+        if i >= M:
+            return None
+        if kind == "F":
+            dep = ("F", s - 1, i) if s > 0 else None
+            if schedule == "1f1b" and nxt["F"][s] - nxt["B"][s] >= S - s:
+                return None
+        elif kind == "H":
+            dep = ("F", S - 1, i)
+        else:
+            dep = ("H", 0, i) if s == S - 1 else ("B", s + 1, i)
+        if dep is not None and done.get(dep, float("inf")) > t:
+            return None
+        return i
+
+    priority = ("B", "H", "F") if schedule == "1f1b" else ("F", "H", "B")
+    while len(done) < total:
+        progressed = False
+        for s in range(S):
+            if free[s] > t:
+                continue
+            for kind in priority:
+                if kind == "H" and s != 0:
+                    continue
+                i = ready(kind, s)
+                if i is None:
+                    continue
+                done[(kind, 0 if kind == "H" else s, i)] = t + _DURATION[kind]
+                free[s] = t + _DURATION[kind]
+                orders[s].append((kind, i))
+                if kind == "H":
+                    nxt["H"] += 1
+                else:
+                    nxt[kind][s] += 1
+                progressed = True
+                break
+        pending = [v for v in list(done.values()) + free if v > t]
+        if not pending:
+            if not progressed:
+                raise RuntimeError(f"schedule {schedule} with {S} stages and {M} micro-batches cannot progress")
+            continue
+        t = min(pending)
+    return tuple(tuple(o) for o in orders)
+
+
 def compute_order(num_stages: int, stage: int, num_microbatches: int, schedule: str) -> list[tuple[str, int]]:
-    """The order of forward ('F') and backward ('B') passes of one stage."""
-    m = num_microbatches
-    if schedule == "gpipe":
-        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
-    warm = min(num_stages - stage - 1, m)
-    order = [("F", i) for i in range(warm)]
-    for i in range(m - warm):
-        order += [("F", warm + i), ("B", i)]
-    order += [("B", i) for i in range(m - warm, m)]
-    return order
+    """One stage's passes (see ``stage_orders``)."""
+    return list(stage_orders(num_stages, num_microbatches, schedule)[stage])
+
+
+def peak_inflight(num_stages: int, stage: int, num_microbatches: int, schedule: str) -> int:
+    """Most micro-batches whose activations a stage holds at once under the schedule."""
+    alive = peak = 0
+    for kind, _ in compute_order(num_stages, stage, num_microbatches, schedule):
+        alive += {"F": 1, "B": -1}.get(kind, 0)
+        peak = max(peak, alive)
+    return peak
 
 
 def is_data_owner(plan: Plan, rank: int) -> bool:
@@ -85,9 +165,10 @@ def lower_rank(plan: Plan, rank: int) -> list[Op]:
             if owner:
                 ops.append(Op("embed", mb))
             ops += [Op("recv_act", mb), Op("fwd", mb), Op("send_act", mb)]
-        else:
+        elif kind == "H":
             if owner:
                 ops.append(Op("head", mb))
+        else:
             ops += [Op("recv_grad", mb), Op("bwd", mb), Op("send_grad", mb)]
             if owner:
                 ops.append(Op("embed_bwd", mb))
