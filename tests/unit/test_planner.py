@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -219,8 +220,13 @@ def test_energy_objective_saves_energy_on_a_jetson_pool():
     assert not green.exact
 
 
+EXAMPLE_JOB = Path(__file__).resolve().parents[2] / "examples" / "job-gpt-tiny.yaml"
+
+
 def test_planner_cost_and_sim_import_without_torch():
     code = ("import sys; import edgepool.planner, edgepool.cost, edgepool.sim; "
+            "from edgepool.specs import load_job; from edgepool.planner.search import job_model_dims; "
+            f"job_model_dims(load_job({str(EXAMPLE_JOB)!r})); "  # planning a job resolves its model without torch
             "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]

@@ -25,12 +25,12 @@ def run(args) -> int:
 
     from edgepool.errors import SpecError
     from edgepool.profiler.layers import cached_profile
-    from edgepool.runtime.train import model_config
+    from edgepool.models.config import job_model_config
     from edgepool.specs import load_job, load_pool
 
     console = Console()
     job = load_job(args.job)
-    cfg = model_config(job)
+    cfg = job_model_config(job)
     prof, path, cached = cached_profile(cfg, seq_len=job.train.seq_len, optimizer=job.train.optimizer,
                                         refresh=args.refresh, progress=lambda m: console.print(f"  measuring {m}"))
     console.print(f"profile of {prof.model} ({prof.source}, {'from cache' if cached else 'measured now'}): {path}")

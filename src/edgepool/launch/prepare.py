@@ -95,11 +95,12 @@ def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | P
                 parallelism: str | None = None, steps: int | None = None, resume: bool = False,
                 any_host: bool = False, log=print):
     """``any_host``: allow real hosts (their data files are checked on their own host)."""
-    from edgepool.runtime.train import RunSpec, model_config
+    from edgepool.models.config import job_model_config
+    from edgepool.runtime.train import RunSpec
 
     pool = load_pool(pool_path)
     job = load_job(job_path)
-    cfg = model_config(job)
+    cfg = job_model_config(job)
     plan_file = plan_path or job.parallelism.plan
     if plan_file is not None and parallelism is not None:
         raise SpecError("give either --plan or --parallelism, not both")

@@ -131,12 +131,13 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
               deadline_s: float = 240.0, progress: bool = True) -> dict:
     from edgepool.machine import machine_info
     from edgepool.report.study import write_study
-    from edgepool.runtime.train import RunSpec, model_config
+    from edgepool.models.config import job_model_config
+    from edgepool.runtime.train import RunSpec
 
     log = console.print if console is not None else print
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = model_config(job)
+    cfg = job_model_config(job)
     shape = Shape(global_batch=job.train.global_batch, seq_len=job.train.seq_len, num_heads=cfg.num_heads,
                   ffn=cfg.ffn, num_kv_heads=cfg.num_kv_heads)
     rows: list[StudyRow] = []

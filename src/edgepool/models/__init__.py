@@ -13,53 +13,23 @@ single-device training.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from edgepool.models.config import ModelConfig, from_hf_config, preset
-from edgepool.models.layers import Block, Embedding, Head, init_weights
 
 FAMILIES = ("gpt", "bert", "llama")
 
-
-def _seeded(seed: int, part: int, build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 100003 + part)
-        module = build()
-        init_weights(module)
-    return module
+# torch-backed names load on first use, so ``import edgepool.models.config`` (the planner's
+# path to model dimensions) never imports torch.
+_LAZY = {"StageModel": "edgepool.models.stage", "build_model": "edgepool.models.stage",
+         "load_pretrained": "edgepool.models.hf", "with_seeded_init": "edgepool.models.hf"}
 
 
-class StageModel(nn.Module):
-    """The parts of a model one device holds: optional embed, a block range, optional head."""
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
-    def __init__(self, cfg: ModelConfig, layers: tuple[int, int], *, embed: bool, head: bool, seed: int = 0):
-        super().__init__()
-        self.cfg, self.layers = cfg, tuple(layers)
-        self.embed = _seeded(seed, 0, lambda: Embedding(cfg)) if embed else None
-        self.blocks = nn.ModuleDict(
-            {str(i): _seeded(seed, 1 + i, lambda: Block(cfg)) for i in range(*layers)}
-        )
-        self.head = _seeded(seed, 1 + cfg.num_layers, lambda: Head(cfg)) if head else None
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'edgepool.models' has no attribute {name!r}")
 
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks.values():
-            x = block(x)
-        return x
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Full forward (needs embed and head): token ids -> logits."""
-        assert self.embed is not None and self.head is not None
-        return self.head(self.run_blocks(self.embed(ids)))
-
-
-def build_model(cfg: ModelConfig, seed: int = 0) -> StageModel:
-    """The whole model on one device."""
-    return StageModel(cfg, (0, cfg.num_layers), embed=True, head=True, seed=seed)
-
-
-# Last, because hf builds on StageModel and build_model above.
-from edgepool.models.hf import load_pretrained, with_seeded_init  # noqa: E402
 
 __all__ = ["FAMILIES", "ModelConfig", "StageModel", "build_model", "from_hf_config", "load_pretrained", "preset",
            "with_seeded_init"]

@@ -146,3 +146,23 @@ def _check_llama(raw: dict, path: Path) -> None:
         kind = (raw.get(key) or {}).get("rope_type", (raw.get(key) or {}).get("type", "default"))
         if kind != "default":
             raise SpecError(f"{path}: {key} type {kind!r} is not supported; only default rotary embeddings")
+
+
+def job_model_config(job) -> ModelConfig:
+    """The job's model config (a ``specs.JobSpec``); vocabulary and [MASK] come from
+    its tokenizer. No torch: the planner resolves models through this."""
+    from edgepool.data import load_tokenizer
+
+    m = job.model
+    tok = load_tokenizer(m.pretrained)
+    if m.pretrained is not None:
+        cfg = from_hf_config(m.pretrained)
+    else:
+        cfg = preset(m.family, m.size or "tiny", vocab_size=m.vocab_size or tok.vocab_size, num_layers=m.num_layers,
+                     hidden=m.hidden, num_heads=m.num_heads, ffn=m.ffn, max_seq_len=m.max_seq_len)
+    cfg = cfg.__class__(**{**cfg.to_dict(), "dropout": m.dropout, "mask_token_id": tok.mask_token_id})
+    if job.train.seq_len > cfg.max_seq_len:
+        raise SpecError(f"train.seq_len {job.train.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}; lower it")
+    if tok.vocab_size > cfg.vocab_size:
+        raise SpecError(f"the tokenizer has {tok.vocab_size} tokens but model vocab_size is {cfg.vocab_size}; raise model.vocab_size")
+    return cfg

@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 from edgepool.errors import SpecError
-from edgepool.models import StageModel
+from edgepool.models.stage import StageModel
 from edgepool.models.config import ModelConfig, from_hf_config
 
 # Prefixes of the task-head classes (BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM).

@@ -608,13 +608,11 @@ def _energy_candidates(search: _Search, fastest: Candidate, family: str | None, 
 
 # -- used by the launcher -------------------------------------------------------------------------
 def job_model_dims(job):
-    """The job's model dimensions. Resolving a job's config reads its tokenizer and, for
-    now, lives in the runtime package (which imports torch); call only from places that
-    may import it."""
+    """The job's model dimensions (reads its tokenizer; no torch)."""
     from edgepool.cost.profile import ModelDims
-    from edgepool.runtime.train import model_config
+    from edgepool.models.config import job_model_config
 
-    return ModelDims.of(model_config(job))
+    return ModelDims.of(job_model_config(job))
 
 
 def plan_for_run(pool: PoolSpec, job, family: str | None = None, objective: str = "time") -> Plan:

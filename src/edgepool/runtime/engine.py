@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from edgepool.data import IGNORE, Sampler
-from edgepool.models import StageModel
+from edgepool.models.stage import StageModel
 from edgepool.models.config import ModelConfig
 from edgepool.models.parallel import ParallelCtx
 from edgepool.models.tp import shard_block

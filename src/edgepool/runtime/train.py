@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from edgepool.data import Sampler, load_tokenizer
+from edgepool.data import Sampler
 from edgepool.errors import SpecError
 from edgepool.models import build_model
-from edgepool.models.config import ModelConfig, from_hf_config, preset
+from edgepool.models.config import ModelConfig, job_model_config
 from edgepool.runtime import checkpoint
 from edgepool.runtime.engine import Engine
 from edgepool.runtime.groups import StageGroups, init_world, shutdown
@@ -51,23 +51,6 @@ class RunSpec(BaseModel):
     @classmethod
     def read(cls, path: Path) -> "RunSpec":
         return cls.model_validate_json(Path(path).read_text())
-
-
-def model_config(job: JobSpec) -> ModelConfig:
-    """The job's model config; vocabulary and [MASK] come from its tokenizer."""
-    m = job.model
-    tok = load_tokenizer(m.pretrained)
-    if m.pretrained is not None:
-        cfg = from_hf_config(m.pretrained)
-    else:
-        cfg = preset(m.family, m.size or "tiny", vocab_size=m.vocab_size or tok.vocab_size, num_layers=m.num_layers,
-                     hidden=m.hidden, num_heads=m.num_heads, ffn=m.ffn, max_seq_len=m.max_seq_len)
-    cfg = cfg.__class__(**{**cfg.to_dict(), "dropout": m.dropout, "mask_token_id": tok.mask_token_id})
-    if job.train.seq_len > cfg.max_seq_len:
-        raise SpecError(f"train.seq_len {job.train.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}; lower it")
-    if tok.vocab_size > cfg.vocab_size:
-        raise SpecError(f"the tokenizer has {tok.vocab_size} tokens but model vocab_size is {cfg.vocab_size}; raise model.vocab_size")
-    return cfg
 
 
 def initial_state(job: JobSpec, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
@@ -116,7 +99,7 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
     try:
         if dist.get_world_size() != plan.world_size:
             raise SpecError(f"the plan has {plan.world_size} devices but {dist.get_world_size()} ranks joined")
-        cfg = model_config(job)
+        cfg = job_model_config(job)
         device = plan.devices[rank]
         groups = StageGroups.build(plan, rank, job.train.timeout_s)
         sampler = sampler_for(run, device, cfg) if is_data_owner(plan, rank) else None
