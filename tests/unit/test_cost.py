@@ -10,6 +10,7 @@ from _plan_helpers import bert_base, make_pool, tiny
 from edgepool.cost import (ModelDims, ModelProfile, Network, analytic_profile, device_speed, estimate,
                            memory_cap_bytes, shape_for)
 from edgepool.cost.model import boundary_flows, device_work
+from edgepool.cost.network import PAYLOAD_FRACTION
 from edgepool.errors import PlanError, SpecError
 from edgepool.specs import Plan, StagePlan
 from edgepool.specs.plan import boundary
@@ -50,17 +51,20 @@ def test_network_point_to_point_and_shared():
     pool = make_pool(["jetson-nano"] * 3, medium="switched", bandwidth_mbps=80, latency_ms=1)
     net = Network.of(pool)
     mb = 10e6  # bytes
+    # 80 Mbit/s of link rate carries 80 * 1448/1514 Mbit/s of TCP payload.
+    rate = 10e6 * PAYLOAD_FRACTION
+    assert net.channel_Bps == pytest.approx(rate)
     # Two transfers between different pairs run in parallel on a switch...
     t = net.transfer_time([("d0", "d1", mb), ("d2", "d0", mb)])
-    assert t == pytest.approx(1e-3 + mb / 10e6)
+    assert t == pytest.approx(1e-3 + mb / rate)
     shared = Network.of(make_pool(["jetson-nano"] * 3, medium="shared", bandwidth_mbps=80, latency_ms=1))
     # ...and share the one channel on a shared medium.
-    assert shared.transfer_time([("d0", "d1", mb), ("d2", "d0", mb)]) == pytest.approx(1e-3 + 2 * mb / 10e6)
-    assert shared.airtime([("d0", "d1", mb)]) == pytest.approx(1.0)
+    assert shared.transfer_time([("d0", "d1", mb), ("d2", "d0", mb)]) == pytest.approx(1e-3 + 2 * mb / rate)
+    assert shared.airtime([("d0", "d1", mb)]) == pytest.approx(mb / rate)
     assert net.transfer_time([("d0", "d0", mb)]) == 0.0
     # Ring all-reduce: 2 (p-1)/p of the bytes through every device, 2 (p-1) steps.
-    assert net.allreduce_time(["d0", "d1", "d2"], mb) == pytest.approx(4e-3 + (4 / 3) * mb / 10e6)
-    assert shared.allreduce_time(["d0", "d1", "d2"], mb) == pytest.approx(4e-3 + 4 * mb / 10e6)
+    assert net.allreduce_time(["d0", "d1", "d2"], mb) == pytest.approx(4e-3 + (4 / 3) * mb / rate)
+    assert shared.allreduce_time(["d0", "d1", "d2"], mb) == pytest.approx(4e-3 + 4 * mb / rate)
 
 
 def test_single_device_time_is_its_compute():

@@ -32,6 +32,15 @@ it, so the airtime of a ring all-reduce is ``2 (p-1) n / B``.
 Latency of a transfer between devices a and b is ``max(lat_a, lat_b)``, where a
 device's latency is its ``latency_ms`` override, else the network's.
 
+**Rates are payload rates.** A pool's ``bandwidth_mbps`` is a link rate: what a NIC or
+a Wi-Fi station reports, and what the testbed's tc shapes (tc counts link-layer bytes).
+Tensors travel as TCP payload, and a full 1514-byte Ethernet frame carries 1448 bytes
+of it (20 IP + 32 TCP-with-timestamps + 14 Ethernet header bytes), so the bytes of a
+tensor move at ``PAYLOAD_FRACTION = 1448 / 1514`` (95.6%) of the link rate. Measured on
+the testbed (``docs/results/testbed-links.md``): 95.6-97% of the configured rate.
+``Network.of`` applies it, so every rate of a ``Network`` (``channel_Bps``,
+``dev_Bps``) is bytes of payload per second.
+
 Units: bytes, seconds, bytes per second (``_Bps``). 1 Mbit/s = 125000 bytes/s.
 """
 
@@ -43,6 +52,8 @@ from typing import Iterable
 from edgepool.specs.pool import PoolSpec
 
 MBPS_TO_BPS = 1e6 / 8  # bytes per second in one megabit per second
+# TCP payload bytes per link-layer byte of a full Ethernet frame (see the module docstring).
+PAYLOAD_FRACTION = 1448 / 1514
 
 
 @dataclass(frozen=True)
@@ -56,11 +67,12 @@ class Network:
     @classmethod
     def of(cls, pool: PoolSpec) -> "Network":
         net = pool.network
+        rate = MBPS_TO_BPS * PAYLOAD_FRACTION
         return cls(
             medium=net.medium,
-            channel_Bps=net.bandwidth_mbps * MBPS_TO_BPS,
+            channel_Bps=net.bandwidth_mbps * rate,
             latency_s=net.latency_ms / 1e3,
-            dev_Bps={d.name: (d.bandwidth_mbps or net.bandwidth_mbps) * MBPS_TO_BPS for d in pool.devices},
+            dev_Bps={d.name: (d.bandwidth_mbps or net.bandwidth_mbps) * rate for d in pool.devices},
             dev_latency_s={d.name: (d.latency_ms if d.latency_ms is not None else net.latency_ms) / 1e3
                            for d in pool.devices},
         )
