@@ -9,7 +9,7 @@ import pytest
 from _plan_helpers import bert_base, make_pool, tiny
 from edgepool.cost import (ModelDims, ModelProfile, Network, analytic_profile, device_speed, estimate,
                            memory_cap_bytes, shape_for)
-from edgepool.cost.model import boundary_flows, device_work
+from edgepool.cost.model import boundary_flows, device_work, group_comm
 from edgepool.cost.network import PAYLOAD_FRACTION
 from edgepool.errors import PlanError, SpecError
 from edgepool.specs import Plan, StagePlan
@@ -132,6 +132,25 @@ def test_tp_and_sp_collectives_and_owner():
     sp = Plan(num_layers=2, stages=[StagePlan(layers=(0, 2), mode="sp", devices=("d0", "d1"))])
     c = estimate(sp, pool, prof, shape)
     assert c.stages[0].coll_fwd_s > 0 and c.sync_s > 0
+
+
+def test_sp_collectives_are_the_runtimes():
+    """Per block: K and V all-gathered separately, slices padded to the longest (gloo's
+    all-gather takes equal parts); backward all-reduces the whole K and V gradients."""
+    prof = tiny(num_layers=2, hidden=256)
+    pool = make_pool(["jetson-orin-nano", "jetson-nano"], medium="shared", bandwidth_mbps=100, latency_ms=0)
+    shape = shape_for(prof, 4, 30)
+    sp = Plan(num_layers=2, stages=[StagePlan(layers=(0, 2), mode="sp", devices=("d0", "d1"), shares=(2, 1))])
+    gc = group_comm(sp, 0, prof, shape, Network.of(pool))
+    kv_row = prof.dims.kv_dim * prof.dtype_bytes
+    part, full = 4 * 20 * kv_row, 4 * 30 * kv_row  # 30 tokens split 20 + 10: slices padded to 20
+    rate = 100 / 8 * 1e6 * PAYLOAD_FRACTION
+    assert gc.coll_send_bytes == {"d0": 2 * 2 * part, "d1": 2 * 2 * part}
+    assert gc.coll_send_bytes_bwd == {"d0": 2 * 2 * full, "d1": 2 * 2 * full}
+    # Shared channel: every device's sends cross it.
+    assert gc.coll_fwd_s == pytest.approx(2 * 2 * 2 * part / rate)
+    assert gc.coll_bwd_s == pytest.approx(2 * 2 * 2 * full / rate)
+    assert gc.coll_steps == 4 and gc.coll_steps_bwd == 8
 
 
 def test_more_bandwidth_is_never_slower():

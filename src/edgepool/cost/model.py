@@ -14,8 +14,10 @@ of the attention and ``ffn_i / ffn`` of the MLP. Its time is the reference time 
 data owners of stage 0 also embed their own samples, and compute head, loss and its
 backward on them (``specs.plan.owner_regions``). A stage's per-micro-batch forward
 ``F_s`` is the slowest device's forward plus the group's own collectives (tp: two
-all-reduces of the activation per block; sp: an all-gather of K and V per block),
-``B_s`` likewise for the backward (the owners' head is part of it).
+all-reduces of the activation per block; sp: all-gathers of K and of V per block, each
+slice padded to the longest), ``B_s`` likewise for the backward (tp: two all-reduces;
+sp: all-reduces of the whole K and V gradients; the owners' head is part of it), as
+the runtime runs them (``group_comm``).
 
 **Boundaries.** Boundary k carries a micro-batch's activations into stage k (k = 0:
 from the owners' embedding; k = S: back to the owners' head) and their gradients the
@@ -251,15 +253,23 @@ class DeviceWork:
 
 @dataclass(frozen=True)
 class GroupComm:
-    """A stage group's own communication: per-micro-batch collectives and the sync."""
+    """A stage group's own communication: per-micro-batch collectives and the sync.
+
+    ``coll_send_bytes`` and ``coll_steps`` are the forward's; ``coll_send_bytes_bwd``
+    and ``coll_steps_bwd`` the backward's (tp: the same; sp: all-reduces backward where
+    the forward all-gathers).
+    """
 
     coll_fwd_s: float
     coll_bwd_s: float
     coll_airtime_s: float  # per micro-batch, fwd + bwd
-    coll_send_bytes: dict[str, float]  # per micro-batch and direction, what each device sends
-    coll_steps: int  # latency-bound ring steps per direction per micro-batch
+    coll_send_bytes: dict[str, float]  # per micro-batch, forward: what each device sends
+    coll_steps: int  # latency-bound ring steps of the forward per micro-batch
     sync_bytes: float  # gradient bytes all-reduced once per step (0: no sync)
     sync_s: float
+    coll_send_bytes_bwd: dict[str, float] = field(default_factory=dict)  # per micro-batch, backward
+    coll_steps_bwd: int = 0
+    coll_airtime_fwd_s: float = 0.0  # the forward's part of coll_airtime_s
 
 
 def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape) -> dict[str, DeviceWork]:
@@ -305,9 +315,18 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
 
 
 def group_comm(plan: Plan, s: int, profile: ModelProfile, shape: Shape, net: Network) -> GroupComm:
-    """Stage s's collectives per micro-batch (tp: 2 all-reduces per block each way; sp: a
-    K/V all-gather per block forward and a reduce-scatter backward) and its gradient sync
-    (dp and sp groups: ring all-reduce of the replicated parameters)."""
+    """Stage s's collectives per micro-batch and its gradient sync, as the runtime runs
+    them (``models.parallel``):
+
+    - tp: two all-reduces of the activation per block forward (attention and MLP
+      outputs, Megatron's *g*) and two backward (their input gradients, *f*);
+    - sp: per block, K and V are all-gathered separately, each device's slice padded to
+      the longest slice (gloo's all-gather takes equal parts); the backward all-reduces
+      the whole gathered K and V gradients (gloo has no uneven reduce-scatter) and each
+      device keeps its slice;
+    - dp and sp groups: one ring all-reduce of the replicated parameters' gradients per
+      step (the sync).
+    """
     st = plan.stages[s]
     names = list(st.devices)
     n = len(names)
@@ -315,24 +334,30 @@ def group_comm(plan: Plan, s: int, profile: ModelProfile, shape: Shape, net: Net
     nblk = b - a
     mb = microbatch_size(plan, shape)
     unit = profile.act_elem_bytes
-    coll_f = coll_air = 0.0
+    coll_f = coll_b = air_f = air_b = 0.0
     send: dict[str, float] = {x: 0.0 for x in names}
-    steps = 0
+    send_b: dict[str, float] = dict(send)
+    steps = steps_b = 0
     if n > 1 and st.mode == "tp":
         act_bytes = mb * shape.seq_len * unit
-        coll_f = 2 * nblk * net.allreduce_time(names, act_bytes)
-        coll_air = 4 * nblk * net.allreduce_airtime(names, act_bytes)
+        coll_f = coll_b = 2 * nblk * net.allreduce_time(names, act_bytes)
+        air_f = air_b = 2 * nblk * net.allreduce_airtime(names, act_bytes)
         send = {x: 2 * nblk * 2.0 * (n - 1) / n * act_bytes for x in names}
-        steps = 2 * nblk * 2 * (n - 1)
+        send_b = dict(send)
+        steps = steps_b = 2 * nblk * 2 * (n - 1)
     elif n > 1 and st.mode == "sp":
-        sizes = [2.0 * mb * t * profile.dims.kv_dim * profile.dtype_bytes for t in stage_split(plan, s, shape).seq]
-        coll_f = nblk * net.allgather_time(names, sizes)
-        coll_air = 2 * nblk * net.allgather_airtime(names, sizes)
-        total = sum(sizes)
-        # Ring: device i receives everything but its own part, from its predecessor, and
-        # forwards as much to its successor.
-        send = {names[(i - 1) % n]: nblk * (total - sizes[i]) for i in range(n)}
-        steps = nblk * (n - 1)
+        kv_row = profile.dims.kv_dim * profile.dtype_bytes  # K (or V) bytes of one token
+        part = mb * max(stage_split(plan, s, shape).seq) * kv_row  # one padded slice of K (or V)
+        full = mb * shape.seq_len * kv_row  # the gathered K (or V)
+        coll_f = 2 * nblk * net.allgather_time(names, [part] * n)
+        air_f = 2 * nblk * net.allgather_airtime(names, [part] * n)
+        coll_b = 2 * nblk * net.allreduce_time(names, full)
+        air_b = 2 * nblk * net.allreduce_airtime(names, full)
+        # Ring all-gather: every device forwards the n - 1 slices that are not its own.
+        send = {x: 2 * nblk * (n - 1) * part for x in names}
+        send_b = {x: 2 * nblk * 2.0 * (n - 1) / n * full for x in names}
+        steps = 2 * nblk * (n - 1)
+        steps_b = 2 * nblk * 2 * (n - 1)
     sync_bytes = sync = 0.0
     if n > 1 and st.mode in ("dp", "sp"):
         blocks = profile.blocks[a:b]
@@ -340,8 +365,9 @@ def group_comm(plan: Plan, s: int, profile: ModelProfile, shape: Shape, net: Net
         if s == 0 and st.mode == "dp":  # every dp owner holds an embed/head replica
             sync_bytes += profile.embed.params_at() + profile.head.params_at()
         sync = net.allreduce_time(names, sync_bytes)
-    return GroupComm(coll_fwd_s=coll_f, coll_bwd_s=coll_f, coll_airtime_s=coll_air, coll_send_bytes=send,
-                     coll_steps=steps, sync_bytes=sync_bytes, sync_s=sync)
+    return GroupComm(coll_fwd_s=coll_f, coll_bwd_s=coll_b, coll_airtime_s=air_f + air_b, coll_send_bytes=send,
+                     coll_steps=steps, sync_bytes=sync_bytes, sync_s=sync, coll_send_bytes_bwd=send_b,
+                     coll_steps_bwd=steps_b, coll_airtime_fwd_s=air_f)
 
 
 def boundary_flows(plan: Plan, shape: Shape, profile: ModelProfile, k: int, backward: bool) -> list[tuple[str, str, float]]:
@@ -371,11 +397,11 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
         gc = group_comm(plan, s, profile, shape, net)
         for x in names:
             # A ring sends and receives the same volume on every device.
-            dev_bytes[x] += M * 2 * 2 * gc.coll_send_bytes[x]
+            dev_bytes[x] += M * 2 * (gc.coll_send_bytes[x] + gc.coll_send_bytes_bwd[x])
             if gc.sync_bytes:
                 dev_bytes[x] += 2 * (2.0 * (n - 1) / n * gc.sync_bytes)
-        chan_f += gc.coll_airtime_s / 2
-        chan_b += gc.coll_airtime_s / 2
+        chan_f += gc.coll_airtime_fwd_s
+        chan_b += gc.coll_airtime_s - gc.coll_airtime_fwd_s
         inflight = M if plan.schedule == "gpipe" else min(S - s, M)
         stage_costs.append(StageCost(
             fwd_s=max(work[x].fwd_s for x in names) + gc.coll_fwd_s,

@@ -273,7 +273,11 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
                 if dur[m.device] > 0:
                     segments.append(Segment(m.device, now, now + dur[m.device], str(op), "compute"))
                     m.busy_s += dur[m.device]
-            start_comm, steps, sizes = now + max(dur.values()), gc.coll_steps, gc.coll_send_bytes
+            if op.kind == "fwd":
+                steps, sizes = gc.coll_steps, gc.coll_send_bytes
+            else:
+                steps, sizes = gc.coll_steps_bwd, gc.coll_send_bytes_bwd
+            start_comm = now + max(dur.values())
         lat = net.lat(names)
         pending = [n]
 
