@@ -1,14 +1,19 @@
 """Timing and memory of a model's parts on this host (see the package docstring).
 
-Timing is the *fastest* of several calls after warm-up calls (``_best_time``), not the
-median: the profile stands for this host's uncontended speed, which the testbed's CPU
-caps then scale. On a machine shared with other work a median absorbs that work's load
-(profiles measured here under a concurrent test run came out up to 4x slow) and the
-error is cached with the profile; the minimum is the estimator that noise only ever
-pushes up. A backward pass is timed on its own (forward outside the timer), not as
-(forward + backward) - forward, which doubled the noise of a small difference.
-``PROFILE_METHOD`` is part of the cache key, so profiles measured the old way are
-measured again.
+Timing is the *CPU time* (``time.process_time``) of the *fastest* of several calls
+after warm-up calls (``_best_time``), not the median wall time: the profile stands for
+this host's uncontended speed, which the testbed's CPU caps then scale (a device capped
+at c cores spends CPU time / c of wall time on the work). On a machine shared with
+other work, wall time absorbs that work's load (a profile measured here during a
+concurrent test run came out up to 4x slow, and the error was cached with the
+profile); CPU time does not count the time the process waited for a core, and the
+minimum drops the calls that other work's cache traffic slowed down. Under heavy
+oversubscription (4 busy processes on 2 cores) the result still came out up to 1.4x
+slow, against 4x before. A backward pass is timed on its own (forward outside the
+timer), not as (forward + backward) - forward, which doubled the noise of a small
+difference. Ranks run one thread (``torch.set_num_threads(1)``), so CPU time is the
+compute time. ``PROFILE_METHOD`` is part of the cache key, so profiles measured the
+old way are measured again.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ def cache_key(cfg: ModelConfig, seq_len: int, optimizer: str, threads: int) -> s
 
 
 def _best_time(fn, repeats: int, setup=None, warmup: int = 2) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn`` after ``warmup`` untimed ones.
+    """CPU seconds of the fastest of ``repeats`` timed calls of ``fn`` after ``warmup``
+    untimed ones.
 
     ``setup`` (untimed) runs before every call and its result is passed to ``fn``.
     """
