@@ -374,7 +374,7 @@ def write(result: dict, out: Path, wall_s: float | None) -> None:
 
     pipe = [r["measured"]["step_time_s"] for r in rows
             if r["measured"]["status"] == "ok" and (r["name"].startswith("pp") or r["name"] == "hybrid")]
-    pipe_lo, pipe_hi = (min(pipe), max(pipe)) if pipe else (0.0, 0.0)
+    pipe_lo = min(pipe) if pipe else 0.0
     worst = sorted((r for r in rows if r["step_error_pct"] is not None), key=lambda r: -abs(r["step_error_pct"]))[:3]
     if worst:
         lines += [
@@ -386,9 +386,9 @@ def write(result: dict, out: Path, wall_s: float | None) -> None:
             "just before it needs the data, so a boundary transfer runs in series with the receiving stage's work, "
             "not beside it as the cost model's pipelined boundaries assume; on a fast link with a small model the "
             "transfers are a large part of a stage's time. Receives posted ahead by the runtime remove the cause. "
-            f"Pipeline steps ({pipe_lo:.2f}-{pipe_hi:.2f} s here) also vary from run to run on this testbed: the CFS "
-            f"quota period of the devices' cgroups ({CFS_PERIOD_US / 1e3:g} ms) is as long as a step, and the "
-            "periods' relative phase changes with every bring-up.",
+            f"Short pipeline steps (from {pipe_lo:.2f} s here) also vary from run to run on this testbed: they last "
+            f"only a few CFS quota periods of the devices' cgroups ({CFS_PERIOD_US / 1e3:g} ms each), and the periods' "
+            "relative phase changes with every bring-up.",
         ]
     lines += ["", f"Testbed (the last pool's; the others differ in devices and rate): {'; '.join(result['testbed'])}", ""]
     (out / "cost-model.md").write_text("\n".join(lines))
