@@ -133,6 +133,23 @@ class Engine:
             b0, b1, t0, t1 = t.region
             self.wire.send(tensor[b0 - hb : b1 - hb, t0 - ht : t1 - ht].detach().contiguous(), t.dst, self._tag(mb, k, grad))
 
+    def _post_step(self) -> None:
+        """Post every receive of the step at its start (``Wire.post``). The buffers are
+        one boundary tensor per micro-batch, small next to a stage's kept activations."""
+        S = len(self.plan.stages)
+        k = self.role.stage
+        wanted = {"recv_act": (self._fwd, k), "recv_grad": (self._bwd, k + 1), "head": (self._fwd, S),
+                  "embed_bwd": (self._bwd, 0)}
+        for op in self.ops:
+            if op.kind not in wanted:
+                continue
+            table, b = wanted[op.kind]
+            grad = table is self._bwd
+            for t in table[b]:
+                if t.dst == self.rank:
+                    b0, b1, t0, t1 = t.region
+                    self.wire.post((b1 - b0, t1 - t0, self.cfg.hidden), torch.float32, t.src, self._tag(op.mb, b, grad))
+
     def _recv(self, need: Region, transfers, mb: int, k: int, grad: bool) -> torch.Tensor:
         nb0, nb1, nt0, nt1 = need
         buf = torch.zeros(nb1 - nb0, nt1 - nt0, self.cfg.hidden)
@@ -226,6 +243,7 @@ class Engine:
         events: list[tuple[str, float, float]] = []
         t_start, cpu_start = time.perf_counter(), time.process_time()
         self.model.train()
+        self._post_step()
         for op in self.ops:
             t0 = time.perf_counter()
             try:

@@ -1,7 +1,8 @@
 """Point-to-point transfers with timeouts, a local mailbox and byte counting.
 
 ``send`` is asynchronous (``dist.isend``); ``recv`` blocks on ``dist.irecv`` with the
-run's timeout and raises a ``PeerError`` naming the silent peer. A transfer to the
+run's timeout and raises a ``PeerError`` naming the silent peer. ``post`` puts a receive
+up ahead of need, so that the transfer overlaps the receiver's compute. A transfer to the
 rank itself never touches the network: it goes through an in-process mailbox.
 
 ``bytes_sent`` counts what this rank handed to the network: point-to-point payloads
@@ -30,7 +31,21 @@ class Wire:
         self.rank, self.timeout_s, self.names = rank, timeout_s, names
         self._mailbox: dict[tuple[int, int], torch.Tensor] = {}
         self._pending: list[tuple[object, int]] = []
+        self._posted: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
         self.bytes_sent = 0
+
+    def post(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int) -> None:
+        """Post a receive ahead of need. Gloo moves a message only once its receive is
+        posted, so a receive posted just before the data is needed serialises the
+        transfer with the receiver's compute; posted early, the transfer overlaps it."""
+        if src == self.rank or (src, tag) in self._posted:
+            return
+        buf = torch.empty(shape, dtype=dtype)
+        try:
+            work = dist.irecv(buf, src, tag=tag)
+        except RuntimeError as exc:
+            raise PeerError(f"{self._who(src)} is unreachable: {first_line(exc)}") from None
+        self._posted[(src, tag)] = (work, buf)
 
     def _who(self, rank: int) -> str:
         return f"rank {rank} ({self.names[rank]})"
@@ -50,6 +65,10 @@ class Wire:
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int, what: str) -> torch.Tensor:
         if src == self.rank:
             return self._mailbox.pop((src, tag))
+        if (src, tag) in self._posted:
+            work, buf = self._posted.pop((src, tag))
+            self._wait(work, src, f"receiving {what}")
+            return buf
         buf = torch.empty(shape, dtype=dtype)
         try:
             work = dist.irecv(buf, src, tag=tag)
@@ -72,6 +91,7 @@ class Wire:
         for work, dst in pending:
             self._wait(work, dst, "sending")
         assert not self._mailbox, f"unconsumed local transfers: {list(self._mailbox)}"
+        assert not self._posted, f"unconsumed posted receives: {list(self._posted)}"
 
     def count_collective(self, tensor: torch.Tensor, group_size: int, kind: str) -> None:
         if group_size <= 1:
