@@ -114,7 +114,20 @@ def shape_for(profile: ModelProfile, global_batch: int, seq_len: int) -> Shape:
 
 # -- results -----------------------------------------------------------------------------
 @dataclass(frozen=True)
-class DeviceCost:
+class EnergyParts:
+    """A device's energy over one step, by part (shared by the cost model and simulator)."""
+
+    busy_energy_j: float
+    idle_energy_j: float
+    radio_energy_j: float
+
+    @property
+    def energy_j(self) -> float:
+        return self.busy_energy_j + self.idle_energy_j + self.radio_energy_j
+
+
+@dataclass(frozen=True)
+class DeviceCost(EnergyParts):
     name: str
     kind: str
     power_mode: str
@@ -127,13 +140,6 @@ class DeviceCost:
     memory_cap_bytes: float
     memory_parts: dict[str, float]
     bytes_moved: float  # sent + received per step
-    busy_energy_j: float
-    idle_energy_j: float
-    radio_energy_j: float
-
-    @property
-    def energy_j(self) -> float:
-        return self.busy_energy_j + self.idle_energy_j + self.radio_energy_j
 
     @property
     def fits(self) -> bool:

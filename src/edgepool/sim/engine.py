@@ -36,7 +36,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from edgepool import catalog
-from edgepool.cost.model import boundary_flows, device_work, group_comm, power_mode_of
+from edgepool.cost.model import EnergyParts, boundary_flows, device_work, group_comm, power_mode_of
 from edgepool.cost.network import Network
 from edgepool.cost.profile import ModelProfile
 from edgepool.errors import PlanError
@@ -57,7 +57,7 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class DeviceTrace:
+class DeviceTrace(EnergyParts):
     name: str
     power_mode: str
     finish_s: float
@@ -65,13 +65,6 @@ class DeviceTrace:
     idle_s: float
     peak_memory_bytes: float
     bytes_moved: float
-    busy_energy_j: float
-    idle_energy_j: float
-    radio_energy_j: float
-
-    @property
-    def energy_j(self) -> float:
-        return self.busy_energy_j + self.idle_energy_j + self.radio_energy_j
 
 
 @dataclass(frozen=True)
