@@ -26,9 +26,9 @@ What is compared:
 The pools describe what the testbed really emulates: where the kernel has no netem,
 links have rate only, so the pools' ``latency_ms`` and ``jitter_ms`` are 0. The CPU caps
 add up to ``--host-cpus`` (default 1.5 of this host's 2 cores), which leaves room for
-the launcher and keeps every device at or under one core (a rank runs one thread), and
-the devices' cgroups get the largest CPU weight (``prioritise``), so other work on the
-host cannot take the CPU their caps promise.
+the launcher and keeps every device at or under one core (a rank runs one thread); the
+testbed gives the devices' cgroups the largest CPU weight, so other work on the host
+cannot take the CPU their caps promise (``testbed.cgroups.DeviceCgroup.set_cpu_priority``).
 
 Targets (issue 4): median absolute step-time error at most 10%, none over 25%.
 
@@ -39,13 +39,14 @@ Causes found with this benchmark (numbers in the commit messages and the report)
   the whole K and V gradients backward per block (``cost.model.group_comm``);
 - fixed in the profiler: timings are the CPU time of the fastest call, so a profile
   measured while other work runs is not slow (``profiler.layers``);
-- not in the cost model: gloo moves a point-to-point message only once the receiver has
-  posted its receive. The runtime posts each receive just before it needs the data, so
-  a boundary transfer runs in series with the receiver's work instead of beside it, as
-  the cost model's pipelined boundaries (and the planner's tables, which follow them)
-  assume. Pipelines on fast links, where transfers are a large part of a stage's
-  time, then measure slower than predicted. Receives posted ahead in the runtime remove
-  it (and make those steps faster); the notes under the table name the runs it affects.
+- fixed in the runtime: gloo moves a point-to-point message only once the receiver has
+  posted its receive, and the runtime posted each receive just before it needed the
+  data, so boundary transfers ran in series with compute. It now posts every receive of
+  a step at its start (``runtime.engine``);
+- fixed in the testbed: a CFS quota is a budget per period, and with the kernel's
+  default 100 ms period a device that waits on the network part of the time ran short
+  pipeline steps faster than its cap allows (the figures are in the commit that made the
+  period 10 ms). The testbed now uses 10 ms periods (``testbed.cgroups.CFS_PERIOD_US``).
 
     python benchmarks/validate_cost_model.py [--timed-s 2] [--host-cpus 1.5] [--only 3-50] [--plans pp-1f1b]
     python benchmarks/validate_cost_model.py --repredict   # re-predict the stored runs
@@ -184,40 +185,6 @@ def run_one(pool, plan, placement, out_dir: Path, steps: int) -> dict:
     }
 
 
-def prioritise(state) -> dict[Path, str]:
-    """Give the emulated devices' cgroups the largest CPU weight; return the files
-    changed outside this testbed's own cgroups, with their old values.
-
-    A CFS quota caps a device; it does not guarantee it. With the default weight, one
-    cgroup (all the devices' parent) competes with every busy process of the root cgroup
-    as a single process would, so other work on the host (a test run) takes CPU the caps
-    promise and the measured devices run slower than their caps. The caps add up to
-    ``--host-cpus`` (less than the host has), so other work keeps the rest.
-    """
-    changed: dict[Path, str] = {}
-    for c in state.caps.devices if state.caps else ():
-        cpu_dir = state.cgroup(c.device).cpu_dir
-        for d in (cpu_dir.parent, cpu_dir):
-            for name, top in (("cpu.shares", "262144"), ("cpu.weight", "10000")):  # cgroup v1, v2
-                f = d / name
-                if f.exists():
-                    if d == cpu_dir.parent and f not in changed:
-                        changed[f] = f.read_text().strip()
-                    f.write_text(top)
-                    break
-    return changed
-
-
-def restore(changed: dict[Path, str]) -> None:
-    """Put back what ``prioritise`` changed, where it still exists (the shared parent
-    cgroup outlives a testbed while another testbed uses it)."""
-    for f, old in changed.items():
-        try:
-            f.write_text(old)
-        except OSError:
-            pass
-
-
 def measure(args) -> dict:
     from edgepool.launch.local import pool_placement
     from edgepool.launch.study import study_profile
@@ -249,7 +216,6 @@ def measure(args) -> dict:
                 continue
             pool = pool_spec(n, mbps, latency_ms)
             state = Testbed.up(pool, host_cpus=args.host_cpus, replace=True)
-            changed = prioritise(state)
             try:
                 with pool_placement(pool, log=lambda m: None) as placement:
                     if not placement.emulated:
@@ -280,7 +246,6 @@ def measure(args) -> dict:
                         rows.append(row)
             finally:
                 Testbed.down(tag=state.tag)
-                restore(changed)
     return {"rows": rows, "profile": profile_json, "profile_notes": profile_notes[:1],
             "prediction_source": prediction_source, "testbed": notes, "host_cpus": args.host_cpus,
             "timed_s": args.timed_s, "latency_ms": latency_ms, "raw_dir": str(raw)}
@@ -381,14 +346,8 @@ def write(result: dict, out: Path, wall_s: float | None) -> None:
             "", "Largest step-time errors: " + "; ".join(
                 f"{r['name']} on {r['devices']} devices at {r['link_mbps']:g} Mbit/s ({r['step_error_pct']:+.1f}%)"
                 for r in worst) + (f"; over the {TARGET_MAX_PCT:g}% target: {'; '.join(over)}" if over else "") + ".",
-            "Known cause of the pipelines' errors on the fast link, found with this benchmark: gloo moves a "
-            "point-to-point message only once the receiver has posted its receive, and the runtime posts each receive "
-            "just before it needs the data, so a boundary transfer runs in series with the receiving stage's work, "
-            "not beside it as the cost model's pipelined boundaries assume; on a fast link with a small model the "
-            "transfers are a large part of a stage's time. Receives posted ahead by the runtime remove the cause. "
-            f"Short pipeline steps (from {pipe_lo:.2f} s here) also vary from run to run on this testbed: they last "
-            f"only a few CFS quota periods of the devices' cgroups ({CFS_PERIOD_US / 1e3:g} ms each), and the periods' "
-            "relative phase changes with every bring-up.",
+            f"Short pipeline steps (from {pipe_lo:.2f} s here) last a few tens of the devices' CFS quota periods "
+            f"({CFS_PERIOD_US / 1e3:g} ms each), so they vary by some percent from one run to the next."
         ]
     lines += ["", f"Testbed (the last pool's; the others differ in devices and rate): {'; '.join(result['testbed'])}", ""]
     (out / "cost-model.md").write_text("\n".join(lines))

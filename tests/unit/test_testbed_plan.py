@@ -26,7 +26,7 @@ def test_cpu_caps_keep_ratios_and_fit_the_host():
     cores = {c.device: c.cpu_cores for c in plan.devices}
     assert cores == pytest.approx({"fast": 1.0, "slow1": 0.25, "slow2": 0.25, "mid": 0.5})
     assert plan.cores_per_speed == pytest.approx(0.25) and plan.total_cores == pytest.approx(2.0)
-    assert plan.of("mid").cpu_quota_us == 50_000 and plan.of("mid").cpu_period_us == 100_000
+    assert plan.of("mid").cpu_quota_us == 5_000 and plan.of("mid").cpu_period_us == 10_000
     assert plan.of("fast").num_threads == 1 and plan.warnings == ()
     assert "1.0 relative speed = 0.250 host cores" in plan.describe()
 
@@ -49,6 +49,8 @@ def test_tiny_devices_get_a_floor_and_a_warning():
     devs = [_dev("big", compute_scale=1000), _dev("tiny", compute_scale=1)]
     plan = plan_caps(devs, host_cpus=1.0, host_memory_bytes=10**10)
     assert plan.of("tiny").cpu_cores == 0.05
+    # 0.05 cores of a 10 ms period would be under the kernel's 1 ms minimum quota: the period grows instead.
+    assert plan.of("tiny").cpu_quota_us == 1_000 and plan.of("tiny").cpu_period_us == 20_000
     assert any(w.startswith("tiny:") for w in plan.warnings)
 
 
@@ -187,8 +189,12 @@ def test_v2_cgroup_files(tmp_path):
     cg = cgroups.DeviceCgroup(info, "ep-ab1-a")
     cg.create()
     assert (tmp_path / "edgepool" / "ep-ab1-a").is_dir()
-    assert cg.set_cpu_cores(0.25) == 25_000
-    assert (cg.cpu_dir / "cpu.max").read_text() == "25000 100000" and cg.cpu_quota_cores() == 0.25
+    assert cg.set_cpu_cores(0.25) == 2_500
+    assert (cg.cpu_dir / "cpu.max").read_text() == "2500 10000" and cg.cpu_quota_cores() == 0.25
+    (cg.cpu_dir / "cpu.weight").write_text("100")
+    (cg.cpu_dir.parent / "cpu.weight").write_text("100")
+    cg.set_cpu_priority()
+    assert (cg.cpu_dir / "cpu.weight").read_text() == (cg.cpu_dir.parent / "cpu.weight").read_text() == "10000"
     (cg.memory_dir / "memory.swap.max").write_text("max")
     cg.set_memory_bytes(10**9)
     assert cg.memory_limit_bytes() == 10**9 and (cg.memory_dir / "memory.swap.max").read_text() == "0"

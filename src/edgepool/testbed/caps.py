@@ -115,7 +115,10 @@ def plan_caps(
     caps = []
     for d, s, m in zip(devices, speeds, mems):
         raw = s * cores_per_speed
-        cores = max(min_cores, raw, MIN_QUOTA_US / period_us)
+        cores = max(min_cores, raw)
+        # A short period keeps the cap a rate, not a burst budget (see cgroups.CFS_PERIOD_US);
+        # a small cap gets a longer period, because the kernel refuses quotas under 1 ms.
+        dev_period = max(period_us, math.ceil(MIN_QUOTA_US / cores))
         if cores > raw + 1e-12:
             warnings.append(
                 f"{d.name}: relative speed {s:g} would get {raw:.3f} cores; raised to the "
@@ -126,8 +129,8 @@ def plan_caps(
                 device=d.name,
                 speed=s,
                 cpu_cores=cores,
-                cpu_quota_us=int(round(cores * period_us)),
-                cpu_period_us=period_us,
+                cpu_quota_us=int(round(cores * dev_period)),
+                cpu_period_us=dev_period,
                 memory_bytes=int(m * memory_scale),
             )
         )

@@ -31,9 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-CFS_PERIOD_US = 100_000
+# A CFS quota is a budget per period, not a rate: a device idle for part of a period
+# (waiting on the network) may then run at full host speed until its budget is spent.
+# With 100 ms (the kernel's default) a capped device ran short pipeline steps up to
+# 1.4x faster than its cap (benchmarks/validate_cost_model.py); 10 ms keeps the cap
+# close to a rate at the scale of one micro-batch.
+CFS_PERIOD_US = 10_000
 # The kernel refuses a CFS quota under 1 ms.
 MIN_QUOTA_US = 1_000
+MAX_SHARES_V1, MAX_WEIGHT_V2 = 262_144, 10_000
 PARENT_NAME = os.environ.get("EDGEPOOL_CGROUP_PARENT", "edgepool")
 
 
@@ -183,6 +189,21 @@ class DeviceCgroup:
         else:
             _write(self.cpu_dir / "cpu.max", f"{quota_us} {period_us}")
         return quota_us
+
+    def set_cpu_priority(self) -> None:
+        """Give this device's cgroup and the shared parent the largest CPU weight.
+
+        A CFS quota caps a device; it does not guarantee it. With the default weight,
+        the parent (all devices together) competes with every busy process of the root
+        cgroup as one process would, so other work on the host takes CPU the caps
+        promise. The caps add up to less than the host (``caps.plan_caps``), so other
+        work keeps the rest. The parent is this module's own (``PARENT_NAME``).
+        """
+        for d in (self.cpu_dir.parent, self.cpu_dir):
+            if self.info.version == 1:
+                _write(d / "cpu.shares", str(MAX_SHARES_V1))
+            elif (d / "cpu.weight").exists():
+                _write(d / "cpu.weight", str(MAX_WEIGHT_V2))
 
     def set_memory_bytes(self, limit_bytes: int) -> None:
         """Cap memory (and swap, so the cap cannot be escaped by swapping)."""

@@ -552,6 +552,7 @@ class Testbed:
                     try:
                         cg.create()
                         cg.set_cpu_cores(c.cpu_cores, c.cpu_period_us)
+                        cg.set_cpu_priority()
                         cg.set_memory_bytes(c.memory_bytes)
                     except OSError as exc:
                         raise TestbedError(f"cannot set up cgroup {cg.name} for {c.device}: {exc}") from None
