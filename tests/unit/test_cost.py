@@ -163,6 +163,27 @@ def test_more_bandwidth_is_never_slower():
     assert times[0] > times[1] > times[2]
 
 
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_shared_channel_term_bounds_channel_bound_pipelines(schedule):
+    """A slow shared channel: the channel carries M * chan while stages other than the
+    first compute beside it, so the step is W_0 + M chan, below the flow shop's fill plus
+    (M - 1) channel periods; a fast channel leaves the flow-shop term."""
+    prof = tiny(num_layers=4, hidden=256)
+    shape = shape_for(prof, 8, 128)
+    pp = Plan(num_layers=4, num_microbatches=4, schedule=schedule,
+              stages=[StagePlan(layers=(0, 1), devices=("d0",)), StagePlan(layers=(1, 3), devices=("d1",)),
+                      StagePlan(layers=(3, 4), devices=("d2",))])
+    slow = estimate(pp, make_pool(["jetson-nano"] * 3, bandwidth_mbps=5), prof, shape)
+    s0 = slow.stages[0]
+    assert slow.bottleneck == "shared channel"
+    assert slow.pipe_s == pytest.approx(s0.fwd_s + s0.bwd_s + 4 * slow.chan_s)
+    assert slow.pipe_s < slow.fill_s + 3 * slow.chan_s
+    assert slow.chan_s == pytest.approx(sum(lk.airtime_s for lk in slow.links))
+    fast = estimate(pp, make_pool(["jetson-nano"] * 3, bandwidth_mbps=10_000), prof, shape)
+    assert fast.bottleneck.startswith("stage")
+    assert fast.pipe_s == pytest.approx(fast.fill_s + 3 * fast.period_s)
+
+
 def test_memory_cap_and_violation_message():
     prof = bert_base()
     pool = make_pool(["jetson-nano"], extra={"memory_gb": [2.0]})

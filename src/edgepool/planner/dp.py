@@ -3,13 +3,16 @@
 For a fixed micro-batch count M, power modes and a cap ``X`` on the period, the cost
 model's step time of a pipeline of dp groups is
 
-    T = tau + (M - 1) * period,   tau = sum_s (W_s + sync_s) + sum_k 2 c_k + optim_0
+    T = max(tau + (M - 1) * period, W_0 + optim_0 + sum_s sync_s + M * chan),
+    tau = sum_s (W_s + sync_s) + sum_k 2 c_k + optim_0
 
 (``cost.model``: machine work ``W_s = max F + max B`` per micro-batch, boundaries
 ``c_k`` each way, gradient syncs, stage 0's optimizer step; ``period`` is the slowest
-machine or the shared channel). ``tau`` is a sum over stages and boundaries, so with
-every machine constrained to ``<= X`` it is minimised exactly by a DP; the period term
-is handled outside by searching over ``X`` (``search.best_for_m``).
+machine; the second term, on a shared medium with two or more stages, is the channel's
+``chan = 2 S base`` per micro-batch). ``tau`` is a sum over stages and boundaries, so
+with every machine constrained to ``<= X`` it is minimised exactly by a DP; the period
+term is handled outside by searching over ``X`` (``search.best_for_m``), which also
+caps the number of stages (``max_stages``) to find the plans the channel term favours.
 
 The DP goes backwards (from the last block), prepending one stage at a time. A state
 ``(l, e, k, rho, sigma)`` means: blocks ``[l, L)`` and canonical devices ``[e, N)`` are
@@ -24,8 +27,8 @@ two groups are left out. Prepending group ``[a, b)`` over blocks ``[l0, l)``:
         V[l, e, k, rho, sigma] + W_g(l0, l) + sync_g(l0, l) + 2 c(g, rho)
         (+ optim_g(l) + 2 c(g, sigma) when l0 = 0: g is stage 0)
 
-subject to memory (``kmax_g(l0, l) >= min(k+1, M)``), every machine ``<= X`` and, on a
-shared medium, the channel (``2 S base <= X``). ``kind="max"`` replaces sums by maxima
+subject to memory (``kmax_g(l0, l) >= min(k+1, M)``), every machine ``<= X`` and at most
+``max_stages`` stages. ``kind="max"`` replaces sums by maxima
 and yields the smallest achievable period (a lower bound for the ``X`` search).
 
 The work per group is a handful of numpy operations on ``(L+1) x (L+1)`` matrices, so
@@ -34,7 +37,6 @@ one run costs O(N^2 L^2 K R) element operations with small constants.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +64,8 @@ def _classes(groups: dict[tuple[int, int], GroupTable], base: float) -> tuple[li
 
 
 def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: str = "sum",
-          pp_only: bool = False, min_stages: int = 1, bound: float = INF, relaxed: bool = False) -> DPResult | None:
+          pp_only: bool = False, min_stages: int = 1, max_stages: int | None = None, bound: float = INF,
+          relaxed: bool = False) -> DPResult | None:
     """The best pipeline (``kind="sum"``: least tau with every machine <= X;
     ``kind="max"``: least period). None if nothing fits.
 
@@ -99,14 +102,13 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
     NONE = R
     lam = np.array([k[0] for k in cls_keys])
     aa = np.array([k[1] for k in cls_keys])
-    use_chan = kind == "sum" and base > 0 and X < INF
-    s_max = math.floor(X / (2 * base) * (1 + 1e-12)) if use_chan else None
+    use_cap = max_stages is not None and max_stages < min(N, L)
     # Suffix stage counts that memory can tell apart: beyond t_small + 1 every tight
-    # entry is infeasible and every ample one feasible. The channel needs exact counts
-    # up to s_max.
+    # entry is infeasible and every ample one feasible. A stage cap needs exact counts
+    # up to it.
     kcap = min(N, L, t_small + 1)
-    if use_chan and s_max < min(N, L):
-        kcap = max(kcap, s_max)
+    if use_cap:
+        kcap = max(kcap, max_stages)
     kcap = max(kcap, 1)
     K = kcap + 1
     shape = (L + 1, N + 1, K, R + 1, R + 1)
@@ -124,8 +126,8 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
     inflight = np.minimum(ks + 1, M)
     k_target = np.minimum(ks + 1, kcap)
     stage_ok = np.ones(K - 1, dtype=bool)
-    if use_chan:
-        stage_ok = 2 * (ks + 1) * base <= X * (1 + 1e-12)
+    if use_cap:
+        stage_ok = ks + 1 <= max_stages
     first_ok = (ks + 1) >= min_stages
 
     for a in range(N - 1, -1, -1):

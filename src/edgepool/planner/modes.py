@@ -9,13 +9,15 @@ a group towards its faster devices.
 
 With every group's option fixed, the cost model gives (``cost.model``)
 
-    T = tau + (M - 1) * X,   E = eps + P * T,
+    T = max(tau + (M - 1) * X, beta + M * chan),   E = eps + P * T,
 
-where ``tau`` (sums of stage work, boundaries, syncs, stage 0's optimizer step) and
-``eps`` (``(busy_w - idle_w) * busy`` plus radio energy, per device) and ``P`` (idle
-watts of the plan's devices) are sums over groups, ``X`` a maximum. A label-setting DP
-over the stages in order keeps, per (option of stage 0, option of the previous stage),
-the labels ``(tau, X, eps, P)`` that no other label beats in all four; every objective
+where ``tau`` (sums of stage work, boundaries, syncs, stage 0's optimizer step),
+``beta`` (stage 0's work and optimizer step plus every sync: what the shared channel
+cannot overlap; ``chan = 2 S base``, 0 on a switched medium or with one stage), ``eps``
+(``(busy_w - idle_w) * busy`` plus radio energy, per device) and ``P`` (idle watts of
+the plan's devices) are sums over groups, ``X`` a maximum. A label-setting DP over the
+stages in order keeps, per (option of stage 0, option of the previous stage), the
+labels ``(tau, X, eps, P, beta)`` that no other label beats in all five; every objective
 (time, energy, energy under a deadline, energy-delay product) is non-decreasing in each
 of them, so the Pareto labels contain every optimum. The option of stage 0 is part of
 the state because the last stage's boundary goes back to stage 0's data owners.
@@ -81,11 +83,11 @@ def _options(tables: Tables, a: int, b: int, l0: int, l1: int, M: int, S: int, s
 
 
 def _pareto(labels: list[tuple]) -> list[tuple]:
-    """Labels (tau, X, eps, P, ...) not dominated in the first four fields."""
-    labels = sorted(labels, key=lambda t: t[:4])
+    """Labels (tau, X, eps, P, beta, ...) not dominated in the first five fields."""
+    labels = sorted(labels, key=lambda t: t[:5])
     keep: list[tuple] = []
     for lab in labels:
-        if any(k[0] <= lab[0] and k[1] <= lab[1] and k[2] <= lab[2] and k[3] <= lab[3] for k in keep):
+        if any(all(k[i] <= lab[i] for i in range(5)) for k in keep):
             continue
         keep.append(lab)
     return keep
@@ -109,32 +111,35 @@ def mode_choices(tables: Tables, stages: list[tuple[int, int, int, int]], M: int
         return 2.0 * tables.link(o1.g, o2.g, base)
 
     chan = 2 * S * base if S >= 2 else 0.0
-    # state: (first option index, previous option index) -> labels (tau, X, eps, P, choice tuple)
+
+    def time(tau: float, X: float, beta: float) -> float:
+        return max(tau + (M - 1) * X, beta + M * chan) if chan > 0 else tau + (M - 1) * X
+
+    # state: (first option index, previous option index) -> labels (tau, X, eps, P, beta, choice tuple)
     states: dict[tuple[int, int], list[tuple]] = {}
     for i, o in enumerate(opts[0]):
-        states[(i, i)] = [(o.W + o.sync + o.optim0, max(o.W, chan), o.eps, o.idle_w, (i,))]
+        states[(i, i)] = [(o.W + o.sync + o.optim0, o.W, o.eps, o.idle_w, o.W + o.sync + o.optim0, (i,))]
     for s in range(1, S):
         nxt: dict[tuple[int, int], list[tuple]] = {}
         for (f, p), labs in states.items():
             op = opts[s - 1][p]
             for j, o in enumerate(opts[s]):
                 lk = link(op, o)
-                for tau, X, eps, P, ch in labs:
+                for tau, X, eps, P, beta, ch in labs:
                     nxt.setdefault((f, j), []).append(
-                        (tau + o.W + o.sync + lk, max(X, o.W, lk), eps + o.eps, P + o.idle_w, ch + (j,)))
+                        (tau + o.W + o.sync + lk, max(X, o.W, lk), eps + o.eps, P + o.idle_w, beta + o.sync, ch + (j,)))
         states = {}
         for key, labs in nxt.items():
             labs = _pareto(labs)
             if len(labs) > max_labels:
-                labs = sorted(labs, key=lambda t: t[0] + (M - 1) * t[1])[: max_labels // 2] + \
-                    sorted(labs, key=lambda t: t[2] + t[3] * (t[0] + (M - 1) * t[1]))[: max_labels // 2]
+                labs = sorted(labs, key=lambda t: time(t[0], t[1], t[4]))[: max_labels // 2] + \
+                    sorted(labs, key=lambda t: t[2] + t[3] * time(t[0], t[1], t[4]))[: max_labels // 2]
             states[key] = labs
     out = []
     for (f, p), labs in states.items():
         lk = link(opts[S - 1][p], opts[0][f]) if S >= 2 else 0.0
-        for tau, X, eps, P, ch in labs:
-            tau2, X2 = tau + lk, max(X, lk)
-            T = tau2 + (M - 1) * X2
+        for tau, X, eps, P, beta, ch in labs:
+            T = time(tau + lk, max(X, lk), beta)
             modes = {k: v for s, j in enumerate(ch) for k, v in opts[s][j].modes.items()}
             out.append(ModeChoice(modes=modes, step_time_s=T, energy_j=eps + P * T))
     return out

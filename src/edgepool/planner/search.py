@@ -1,17 +1,26 @@
 """``plan(pool, job, profile, objective)``: the best Plan, the Pareto frontier and baselines.
 
-**Time** (exact over the plan space of ``space``). For every micro-batch count M:
+**Time.** The step time of a pipeline of dp groups is
+``T = max(tau + (M-1) * period, beta + M * chan)`` (``dp`` module docstring): a
+flow-shop term, and on a shared medium a channel term. For every micro-batch count M:
 
 1. the DP (``dp.solve``) with ``kind="max"`` gives the smallest achievable period
    ``X_lo`` of a pipeline of dp groups, and with no cap the least ``tau``;
-2. ``T = tau + (M-1) * period`` is then minimised over the cap ``X`` by descending
-   the staircase of Pareto-optimal (tau, period) pairs: a plan found under cap X
-   (least tau ``t``, period ``p <= X``) settles every cap in ``[p, X]``, so the next
-   cap is just below ``p`` (1e-9 relative). Every plan with a period below the cap has
-   ``tau >= t``, so the descent stops when ``t + (M-1) X_lo >= T_best`` or when the
-   cap falls below ``(T_best - t) / (M - 1)``; the optimum is exact up to that
-   1e-9 relative step;
-3. single-stage sp and tp plans (every run of the canonical order) are evaluated with
+2. the flow-shop term ``tau + (M-1) * period`` is minimised over the cap ``X`` by
+   descending the staircase of Pareto-optimal (tau, period) pairs: a plan found under
+   cap X (least tau ``t``, period ``p <= X``) settles every cap in ``[p, X]``, so the
+   next cap is just below ``p`` (1e-9 relative). Every plan with a period below the
+   cap has ``tau >= t``, and ``T`` is at least the flow-shop term, so the descent stops
+   when ``t + (M-1) X_lo >= T_best`` or when the cap falls below
+   ``(T_best - t) / (M - 1)``. Where the flow-shop term decides, the optimum is exact
+   up to that 1e-9 relative step;
+3. on a shared medium, where the channel term grows with the number of stages, the
+   least-tau plan with at most S stages for every S below the best plan's, and then,
+   if the channel decides the best plan, a local search that moves single layer
+   boundaries (``shift_boundaries``). This part is not proven exact: it trades tau
+   against stage 0's work, which the DP does not see. Checked against exhaustive
+   enumeration on random pools where the channel decides (``tests/unit/test_planner.py``);
+4. single-stage sp and tp plans (every run of the canonical order) are evaluated with
    the cost model when a lower bound (perfectly shared compute plus their collectives)
    does not already exceed the best time.
 
@@ -151,10 +160,11 @@ class _Search:
                 self._prefix_tables[n_devices] = Tables(sub, self.net)
             tables = self._prefix_tables[n_devices]
 
-        def run(X: float, kind: str = "sum", bound: float = INF, relaxed: bool = False) -> dpmod.DPResult | None:
+        def run(X: float, kind: str = "sum", bound: float = INF, relaxed: bool = False,
+                max_stages: int | None = None) -> dpmod.DPResult | None:
             self.dp_runs += 1
             return dpmod.solve(tables, M, modes, X=X, kind=kind, pp_only=pp_only, min_stages=min_stages,
-                               bound=bound, relaxed=relaxed)
+                               max_stages=max_stages, bound=bound, relaxed=relaxed)
 
         if incumbent < INF:  # a cheap lower bound first: can this M beat the incumbent at all?
             lb = run(INF, bound=incumbent, relaxed=True)
@@ -189,6 +199,57 @@ class _Search:
                 best = cand
                 best_T = min(best_T, cand.step_time_s)
             t, b = r.value, min(cand.cost.period_s, cap)
+        # On a shared medium the channel term M * chan grows with the number of stages S
+        # (chan = 2 S base), so the least-tau plan with at most S stages is a candidate
+        # for every S whose channel term alone does not already exceed the best time.
+        base = tables.base(M)
+        if base > 0:
+            for s_cap in range(max(2, min_stages), len(best.plan.stages)):
+                if M * 2 * s_cap * base >= best_T * (1 - 1e-12):
+                    break
+                r = run(INF, bound=best_T, max_stages=s_cap)
+                if r is None:
+                    continue
+                cand = self.evaluate(self.from_dp(r, M, modes))
+                self.explored.append(cand)
+                if cand.step_time_s < best.step_time_s:
+                    best, best_T = cand, min(best_T, cand.step_time_s)
+        if best.cost.bottleneck == "shared channel":
+            best = self.shift_boundaries(best, M, modes)
+        return best
+
+    def shift_boundaries(self, best: Candidate, M: int, modes: dict[str, str]) -> Candidate:
+        """Local search for a channel-bound pipeline: move one layer boundary between
+        two stages by one block while that lowers the step time.
+
+        The DP minimises ``tau`` for a period cap; when the channel term decides, the
+        best plan trades ``tau`` against stage 0's work (``dp`` module docstring), which
+        the DP does not see, and the optimum sits next to the DP's plan.
+        """
+        index = {d.name: i for i, d in enumerate(self.space.order)}
+        stages = [dpmod.DPStage(index[st.devices[0]], index[st.devices[-1]] + 1, st.layers[0], st.layers[1])
+                  for st in best.plan.stages]
+        if any(st.mode != "dp" for st in best.plan.stages):
+            return best
+        improved = True
+        while improved:
+            improved = False
+            for i in range(len(stages) - 1):
+                for step in (-1, 1):
+                    cut = stages[i].l1 + step
+                    if not stages[i].l0 < cut < stages[i + 1].l1:
+                        continue
+                    moved = list(stages)
+                    moved[i] = dpmod.DPStage(stages[i].a, stages[i].b, stages[i].l0, cut)
+                    moved[i + 1] = dpmod.DPStage(stages[i + 1].a, stages[i + 1].b, cut, stages[i + 1].l1)
+                    built = [self.space.stage((st.l0, st.l1), "dp", list(self.space.order[st.a:st.b]), modes, M)
+                             for st in moved]
+                    if any(b is None for b in built):
+                        continue
+                    cand = self.evaluate(self.space.make_plan(built, M, {n: modes[n] for b in built for n in b.devices}))
+                    self.explored.append(cand)
+                    if cand.cost.feasible and cand.step_time_s < best.step_time_s * (1 - 1e-12):
+                        best, stages, improved = cand, moved, True
         return best
 
     # -- single-stage plans ----------------------------------------------------------------
@@ -335,7 +396,9 @@ def explain(c: Candidate, best: Candidate, objective: str) -> str:
     ratio = score(objective, c.step_time_s, c.energy_j) / max(1e-30, score(objective, best.step_time_s, best.energy_j))
     coll = M * sum(sc.coll_fwd_s + sc.coll_bwd_s for sc in k.stages)
     links = sum(lk.fwd_s + lk.bwd_s for lk in k.links)
-    if k.bottleneck.startswith(("boundary", "shared")):
+    if k.bottleneck == "shared channel":
+        links = M * k.chan_s
+    elif k.bottleneck.startswith("boundary"):
         links += (M - 1) * k.period_s
     parts = {"gradient all-reduce": k.sync_s, "per-block tp/sp collectives": coll,
              "activation transfers between stages": links}
