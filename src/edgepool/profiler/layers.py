@@ -38,7 +38,7 @@ from edgepool.machine import cpu_name
 # the profiler's own imports. An estimate, measured once on this kind of machine.
 GLOO_ALLOWANCE_BYTES = 100e6
 # Bump when the measurement changes, so cached profiles are measured again.
-PROFILE_METHOD = 2
+PROFILE_METHOD = 3
 CACHE_DIR = Path(os.environ.get("EDGEPOOL_CACHE", Path.home() / ".cache" / "edgepool")) / "profiles"
 
 
@@ -103,6 +103,22 @@ def _shapes(seq_len: int, max_seq: int) -> list[tuple[int, int]]:
     return sorted({(1, max(2, t // 2)), (2, t), (4, t), (8, t), (2, min(max_seq, 2 * t))})
 
 
+# A fresh process computes slower for its first half second or so (allocator growth,
+# page faults, library initialisation): the same block's fastest call measured 5.6-6.3
+# ms in a new process's first calls and 4.3 ms after, every time. Profiles measured
+# cold came out up to 1.5x slow depending on which shapes fell into that window.
+WARM_UP_CPU_S = 1.0
+
+
+def _warm_up(block, cfg: ModelConfig, seq_len: int) -> None:
+    """Run the block forward and backward for ``WARM_UP_CPU_S`` of CPU time, untimed."""
+    x = torch.randn(2, seq_len, cfg.hidden, requires_grad=True)
+    g = torch.randn(2, seq_len, cfg.hidden)
+    t0 = time.process_time()
+    while time.process_time() - t0 < WARM_UP_CPU_S:
+        block(x).backward(g)
+
+
 def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw", repeats: int = 15,
                     threads: int = 1, progress=None) -> ModelProfile:
     """Measure a profile of ``cfg`` on this host (see the package docstring)."""
@@ -117,6 +133,7 @@ def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw",
     flops, _ = block_flops(dims)
     stage = StageModel(cfg, (0, 1), embed=True, head=True, seed=0)
     block, embed, head = stage.blocks["0"], stage.embed, stage.head
+    _warm_up(block, cfg, seq_len)
     rows, fwd, bwd, act = [], [], [], []
     for b, t in _shapes(seq_len, cfg.max_seq_len):
         x = torch.randn(b, t, cfg.hidden, requires_grad=True)

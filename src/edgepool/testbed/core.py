@@ -517,7 +517,7 @@ class Testbed:
         if caps and features.caps:
             cap_plan = plan_caps(
                 emulated,
-                host_cpus=host_cpus or cgroups.host_cpus(),
+                host_cpus=host_cpus or cgroups.device_cpus(),
                 host_memory_bytes=cgroups.host_memory_available_bytes(),
                 cpu_fit=cpu_fit,
                 memory_fit=memory_fit,
