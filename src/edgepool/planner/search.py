@@ -176,6 +176,7 @@ class _Search:
         best = self.evaluate(self.from_dp(r0, M, modes))
         self.explored.append(best)
         best_T = min(incumbent, best.step_time_s)
+        flow_min = _flow_shop_s(best.cost)
         if M == 1 or r0.value >= best_T * (1 - 1e-12):
             return best
         lo = run(INF, "max")
@@ -195,21 +196,29 @@ class _Search:
                 break
             cand = self.evaluate(self.from_dp(r, M, modes))
             self.explored.append(cand)
+            flow_min = min(flow_min, _flow_shop_s(cand.cost))
             if cand.step_time_s < best.step_time_s:
                 best = cand
                 best_T = min(best_T, cand.step_time_s)
             t, b = r.value, min(cand.cost.period_s, cap)
+        # Every plan takes at least its flow-shop term, and the descent saw the least
+        # one that could matter: if the best time equals it, the channel term decides
+        # nothing and the best plan is optimal.
+        if best_T <= flow_min * (1 + 1e-12):
+            return best
         # On a shared medium the channel term M * chan grows with the number of stages S
         # (chan = 2 S base), so the least-tau plan with at most S stages is a candidate
         # for every S whose channel term alone does not already exceed the best time.
+        # Fewer stages only raise the least tau, so the caps go down from the best plan's
+        # stage count until the flow-shop bound of the least tau reaches the best time.
         base = tables.base(M)
         if base > 0:
-            for s_cap in range(max(2, min_stages), len(best.plan.stages)):
+            for s_cap in range(len(best.plan.stages) - 1, max(2, min_stages) - 1, -1):
                 if M * 2 * s_cap * base >= best_T * (1 - 1e-12):
-                    break
-                r = run(INF, bound=best_T, max_stages=s_cap)
-                if r is None:
                     continue
+                r = run(INF, bound=best_T, max_stages=s_cap)
+                if r is None or r.value + (M - 1) * x_lo >= best_T * (1 - 1e-12):
+                    break
                 cand = self.evaluate(self.from_dp(r, M, modes))
                 self.explored.append(cand)
                 if cand.step_time_s < best.step_time_s:
@@ -381,6 +390,11 @@ class _Search:
             if best is None or cand.step_time_s < best.step_time_s:
                 best = cand
         return best
+
+
+def _flow_shop_s(c: PlanCost) -> float:
+    """The step time without the shared channel's term (``cost.model``): a lower bound."""
+    return c.fill_s + (c.num_microbatches - 1) * c.period_s + c.sync_s + c.optim_s
 
 
 # -- explanations ------------------------------------------------------------------------------
