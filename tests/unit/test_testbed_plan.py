@@ -54,6 +54,20 @@ def test_tiny_devices_get_a_floor_and_a_warning():
     assert any(w.startswith("tiny:") for w in plan.warnings)
 
 
+def test_devices_are_pinned_to_cpus_with_room():
+    from edgepool.testbed.caps import pin_cpus
+
+    # Largest first, each on the CPU with the most room left.
+    assert pin_cpus({"orin": 0.55, "tx2": 0.41, "nano": 0.27, "rpi": 0.27}, [0, 1]) == {
+        "orin": (0,), "tx2": (1,), "nano": (1,), "rpi": (0,)}
+    assert pin_cpus({"big": 2.0, "small": 0.5}, [0, 1, 2]) == {"big": (0, 1), "small": (2,)}
+    plan = plan_caps([_dev("a", compute_scale=3), _dev("b", compute_scale=1)], host_cpus=2.0,
+                     host_memory_bytes=10**10, cpu_ids=[4, 5])
+    assert plan.of("a").cpus == (4, 5) and plan.of("b").cpus == (4,)
+    assert "a on CPU 4,5; b on CPU 4" in plan.describe()
+    assert plan_caps([_dev("a")], host_cpus=1.0, host_memory_bytes=10**10).of("a").cpus == ()
+
+
 def test_memory_caps_exact_or_scaled():
     devs = [_dev("a", memory_gb=4), _dev("b", memory_gb=4)]
     exact = plan_caps(devs, host_cpus=2, host_memory_bytes=6 * 10**9)
@@ -210,7 +224,7 @@ def _fake_state() -> core.TestbedState:
     info, _ = cgroups.detect(V1)
     devs = [_dev("a", compute_scale=1), _dev("b", compute_scale=3)]
     lay = _layout(NetworkSpec(), devs)
-    caps = plan_caps(devs, host_cpus=2, host_memory_bytes=10**10)
+    caps = plan_caps(devs, host_cpus=2, host_memory_bytes=10**10, cpu_ids=[0, 1])
     return core.TestbedState(tag="ab1", pool_name="p", emulated=True, layout=lay, caps=caps, cgroup_info=info, local_devices=["me"])
 
 
@@ -219,6 +233,7 @@ def test_command_prefix_joins_cgroups_before_the_namespace():
     p = st.command_prefix("a")
     assert p[:2] == ["sh", "-c"] and p[-4:] == ["ip", "netns", "exec", "ep-ab1-a"]
     assert "echo $$ > /sys/fs/cgroup/memory/edgepool/ep-ab1-a/cgroup.procs" in p[2] and p[2].endswith('exec "$@"')
+    assert p[4:7] == ["taskset", "-c", "0"] and st.command_prefix("b")[4:7] == ["taskset", "-c", "0,1"]
     env = st.env("a")
     assert env["GLOO_SOCKET_IFNAME"] == "ep0" and env["MASTER_ADDR"] == "10.213.7.1" == st.master_addr
     assert env["EDGEPOOL_DEVICE_ADDR"] == "10.213.7.10" and env["OMP_NUM_THREADS"] == "1"

@@ -228,6 +228,9 @@ class TestbedState:
         if cg is not None:
             writes = " && ".join(f"echo $$ > {shlex.quote(str(f))}" for f in cg.procs_files)
             prefix = ["sh", "-c", f'{writes} && exec "$@"', "edgepool-enter"]
+        caps = self.device_caps(device)
+        if caps is not None and caps.cpus:
+            prefix += ["taskset", "-c", ",".join(map(str, caps.cpus))]
         return prefix + ["ip", "netns", "exec", ns]
 
     def env(self, device: str) -> dict[str, str]:
@@ -261,6 +264,9 @@ class TestbedState:
         cg = self.cgroup(device)
         if cg is not None:
             cg.add_pid(os.getpid())
+        caps = self.device_caps(device)
+        if caps is not None and caps.cpus:
+            os.sched_setaffinity(0, caps.cpus)
         _setns(self.netns(device) or "")
 
     # -- accounting --------------------------------------------------------------------
@@ -388,7 +394,7 @@ class TestbedState:
             d["layout"] = net.NetLayout(**lay)
         if d.get("caps"):
             c = dict(d["caps"])
-            c["devices"] = tuple(DeviceCaps(**x) for x in c["devices"])
+            c["devices"] = tuple(DeviceCaps(**{**x, "cpus": tuple(x.get("cpus", ()))}) for x in c["devices"])
             c["warnings"] = tuple(c["warnings"])
             d["caps"] = CapsPlan(**c)
         if d.get("cgroup_info"):
@@ -518,6 +524,7 @@ class Testbed:
             cap_plan = plan_caps(
                 emulated,
                 host_cpus=host_cpus or cgroups.device_cpus(),
+                cpu_ids=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (),
                 host_memory_bytes=cgroups.host_memory_available_bytes(),
                 cpu_fit=cpu_fit,
                 memory_fit=memory_fit,
