@@ -45,7 +45,6 @@ Causes found with this benchmark (numbers in the commit messages and the report)
   measured while other work runs is not slow, and they start after a one-second
   warm-up, because a fresh process computes up to 1.5x slower for its first half
   second (``profiler.layers``);
-
 - fixed in the runtime: gloo moves a point-to-point message only once the receiver has
   posted its receive, and the runtime posted each receive just before it needed the
   data, so boundary transfers ran in series with compute. It now posts every receive of
@@ -54,16 +53,16 @@ Causes found with this benchmark (numbers in the commit messages and the report)
   default 100 ms period a device that waits on the network part of the time ran short
   pipeline steps faster than its cap allows (the figures are in the commit that made the
   period 10 ms). The testbed now uses 10 ms periods (``testbed.cgroups.CFS_PERIOD_US``);
-- not fixed: on the 200 Mbit/s link, short pipelines measure 10-30% slower than
-  predicted, and their ranks use far more CPU per step than the profile's compute
-  (energy, which is modelled from measured CPU time, comes out 33-39% above the
-  prediction in the same rows). In a trace of the 2-device GPipe run, the 1-core
-  device's forward of its three blocks took 7.0 ms against 4.8 ms predicted, 6.45 ms
-  even with no caps at all, against 5.0-5.4 ms for the same blocks timed alone; its
-  cgroup was throttled in a third of its 10 ms periods, because gloo's I/O threads share
-  the device's quota with its compute thread (on a real multi-core board they would
-  run on other cores). 1F1B adds the round trip of every micro-batch through the data
-  owners' head, which the closed form leaves out and the simulator shows (its column).
+- fixed in the testbed: each device is pinned to host CPUs; unpinned, the scheduler
+  moved the devices' threads between CPUs and they spent more CPU time per step than
+  their profile (``testbed.caps.pin_cpus``);
+- not fixed: 1F1B on the fast link. GPipe pipelines there now measure close to the
+  prediction, but 1F1B and the hybrid (a 1F1B pipeline) measure well above it. The
+  data owners on stage 0 compute the head, so every micro-batch makes a round trip
+  through all stages and back, and 1F1B keeps only S micro-batches in flight on stage
+  0: when the round trip (all stages' work plus four transfers per boundary) is longer
+  than S periods, stage 0 waits. The closed form leaves these bubbles out; the
+  simulator, which executes the schedule, shows them (its column).
 
     python benchmarks/validate_cost_model.py [--timed-s 2] [--host-cpus 1.5] [--only 3-50] [--plans pp-1f1b]
     python benchmarks/validate_cost_model.py --repredict   # re-predict the stored runs

@@ -391,8 +391,7 @@ def remove_empty_parent(info: CgroupInfo, parent: str = PARENT_NAME) -> None:
 
 # CPUs the testbed leaves outside the devices' caps, for the launcher, the kernel's
 # network work (htb, IFB, TCP) and the rest of the host. Without it the caps add up to
-# the whole host, the devices compete with that work and run slower than their caps
-# (the demo's pipelines measured about 20% slower than predicted).
+# the whole host, and the devices compete with that work.
 HOST_RESERVE_CPUS = 0.5
 
 
