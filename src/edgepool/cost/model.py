@@ -67,8 +67,11 @@ shared channel they share it; on a switched network this is conservative.
 **Memory** of device i (bytes): the framework's own resident memory
 (``profile.runtime_bytes``: interpreter, torch, gloo) + parameters + gradients + optimizer state
 (``(2 + opt_state_factor) * params_i``) + activations of the micro-batches in flight
-(``act_i * n_inflight``: M for gpipe, ``min(S - s, M)`` for 1f1b, lower.py) + the
-owners' transient head activations (logits and their gradient).
+(``act_i * n_inflight``, ``specs.plan.inflight_limit``: M for gpipe, one per stage to the
+end plus the owners' head for 1f1b) + the owners' transient head activations (logits and
+their gradient). On the owners this assumes the head runs while the most micro-batches
+are in flight, which the schedule does not always do: an upper bound by at most the
+smaller of one micro-batch's activations and the transient (the simulator is exact).
 
 **Energy** of device i over the step: ``busy_w * busy_i + idle_w * (T - busy_i) +
 radio_j_per_mb * MB_i``, with ``busy_i = M * (compute F_i + B_i) + optim_i`` (waiting
@@ -86,7 +89,8 @@ from edgepool import catalog
 from edgepool.cost.network import Network
 from edgepool.cost.profile import ModelProfile
 from edgepool.errors import PlanError
-from edgepool.specs.plan import (Estimate, Plan, Shape, boundary, microbatch_size, owner_regions, stage_split)
+from edgepool.specs.plan import (Estimate, Plan, Shape, boundary, inflight_limit, microbatch_size, owner_regions,
+                                 stage_split)
 from edgepool.specs.pool import DeviceSpec, PoolSpec
 
 GB = 1e9
@@ -423,7 +427,7 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
                 dev_bytes[x] += 2 * (2.0 * (n - 1) / n * gc.sync_bytes)
         chan_f += gc.coll_airtime_fwd_s
         chan_b += gc.coll_airtime_s - gc.coll_airtime_fwd_s
-        inflight = M if plan.schedule == "gpipe" else min(S - s, M)
+        inflight = inflight_limit(S, s, M, plan.schedule)
         stage_costs.append(StageCost(
             fwd_s=max(work[x].fwd_s for x in names) + gc.coll_fwd_s,
             bwd_s=max(work[x].bwd_s for x in names) + gc.coll_bwd_s,

@@ -17,7 +17,7 @@ caps the number of stages (``max_stages``) to find the plans the channel term fa
 The DP goes backwards (from the last block), prepending one stage at a time. A state
 ``(l, e, k, rho, sigma)`` means: blocks ``[l, L)`` and canonical devices ``[e, N)`` are
 decided; the suffix has ``k`` stages (capped: the memory of a 1f1b stage depends on the
-number of stages after it, ``min(S - s, M)`` micro-batches in flight); its first stage
+number of stages after it, ``specs.plan.inflight_limit``); its first stage
 (the next boundary's receiver) has boundary class ``rho`` and its last stage (the one
 that sends back to the data owners) class ``sigma``. A boundary's time depends on both
 of its groups only through their classes (``tables`` module docstring). Devices between
@@ -27,7 +27,8 @@ two groups are left out. Prepending group ``[a, b)`` over blocks ``[l0, l)``:
         V[l, e, k, rho, sigma] + W_g(l0, l) + sync_g(l0, l) + 2 c(g, rho)
         (+ optim_g(l) + 2 c(g, sigma) when l0 = 0: g is stage 0)
 
-subject to memory (``kmax_g(l0, l) >= min(k+1, M)``), every machine ``<= X`` and at most
+subject to memory (``kmax_g(l0, l) >= min(k+2, M)``; ``min(2, M)`` for a last stage, 1 for
+a single one), every machine ``<= X`` and at most
 ``max_stages`` stages. ``kind="max"`` replaces sums by maxima
 and yields the smallest achievable period (a lower bound for the ``X`` search).
 
@@ -123,7 +124,9 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
     SVarg[:, N] = N
     comb = np.add if kind == "sum" else np.maximum
     ks = np.arange(1, K)  # source suffix lengths of the pipeline transitions
-    inflight = np.minimum(ks + 1, M)
+    # specs.plan.inflight_limit for 1f1b: a stage prepended to k >= 1 stages is in a
+    # pipeline of two or more, so it keeps k + 1, plus one for the owners' head.
+    inflight = np.minimum(ks + 2, M)
     k_target = np.minimum(ks + 1, kcap)
     stage_ok = np.ones(K - 1, dtype=bool)
     if use_cap:
@@ -150,7 +153,10 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
             # k = 0: g becomes the last stage (and, at l0 = 0, the only one).
             src = SVb[L, 0, NONE, NONE]
             if np.isfinite(src):
-                c0 = np.where(feas[:, L] & (m.kmax[:, L] >= 1), C[:, L], INF)
+                # A last stage keeps min(2, M) (itself and the owners' head), the only one 1.
+                need = np.full(L + 1, min(2, M))
+                need[0] = 1
+                c0 = np.where(feas[:, L] & (m.kmax[:, L] >= need), C[:, L], INF)
                 cand = comb(c0, src)
                 cand[0] = comb(cand[0], optim[L]) if kind == "sum" else cand[0]
                 if pp_only or min_stages > 1:

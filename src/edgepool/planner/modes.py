@@ -31,6 +31,7 @@ import numpy as np
 
 from edgepool.planner.space import Space, group_mode_assignments
 from edgepool.planner.tables import INF, GroupTable, Tables
+from edgepool.specs.plan import inflight_limit
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def _options(tables: Tables, a: int, b: int, l0: int, l1: int, M: int, S: int, s
         g = tables.group(a, b, M, modes)
         if g is None:
             continue
-        inflight = min(S - s, M)
+        inflight = inflight_limit(S, s, M, "1f1b")
         if tables.kmax(g, M)[l0, l1] < inflight:
             continue
         f = g.fwd_pre[:, l1] - g.fwd_pre[:, l0]

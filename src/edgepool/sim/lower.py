@@ -24,9 +24,11 @@ group) then ``optim``.
 Schedules (S stages, M micro-batches, stage s):
 
 - ``gpipe``: all M forwards, then all M backwards, in micro-batch order.
-- ``1f1b``: at most ``S - s`` micro-batches in flight on stage s, backward first when
-  one is ready (Narayanan et al., PipeDream-Flush): ``min(S - s, M)`` micro-batches'
-  activations alive at once, instead of M.
+- ``1f1b``: backward first when one is ready, and at most ``S - s + 1`` micro-batches
+  in flight on stage s (Narayanan et al., PipeDream-Flush, with the data owners' head
+  counted as a stage after the last; ``specs.plan.inflight_limit``) instead of M. With
+  ``S - s``, every micro-batch's round trip through the owners' head left stage 0
+  waiting, and 1F1B pipelines on a fast link ran slower (figures in the commit).
 
 The data owners sit on stage 0, so the head of micro-batch i (after the last stage's
 forward of i, before its backward) is one more pass on stage 0. ``stage_orders`` lays
@@ -46,7 +48,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-from edgepool.specs.plan import Plan, role_of
+from edgepool.specs.plan import Plan, inflight_limit, role_of
 
 OpKind = Literal[
     "embed", "recv_act", "fwd", "send_act", "head", "recv_grad", "bwd", "send_grad", "embed_bwd", "sync_grads", "optim"
@@ -74,7 +76,8 @@ def stage_orders(num_stages: int, num_microbatches: int, schedule: str) -> tuple
     B(s, i) after B(s+1, i). Each stage takes its micro-batches in order and, when
     idle, starts the ready pass of highest priority:
 
-    - ``1f1b``: B, then H, then F while fewer than ``S - s`` micro-batches are in flight;
+    - ``1f1b``: B, then H, then F while fewer than ``inflight_limit`` micro-batches are
+      in flight;
     - ``gpipe``: F, then H, then B (all forwards first).
 
     Unit durations (F 1, H 1, B 2) only decide the order. Because every stage's order
@@ -97,7 +100,7 @@ def stage_orders(num_stages: int, num_microbatches: int, schedule: str) -> tuple
             return None
         if kind == "F":
             dep = ("F", s - 1, i) if s > 0 else None
-            if schedule == "1f1b" and nxt["F"][s] - nxt["B"][s] >= S - s:
+            if schedule == "1f1b" and nxt["F"][s] - nxt["B"][s] >= inflight_limit(S, s, M, schedule):
                 return None
         elif kind == "H":
             dep = ("F", S - 1, i)
@@ -140,15 +143,6 @@ def stage_orders(num_stages: int, num_microbatches: int, schedule: str) -> tuple
 def compute_order(num_stages: int, stage: int, num_microbatches: int, schedule: str) -> list[tuple[str, int]]:
     """One stage's passes (see ``stage_orders``)."""
     return list(stage_orders(num_stages, num_microbatches, schedule)[stage])
-
-
-def peak_inflight(num_stages: int, stage: int, num_microbatches: int, schedule: str) -> int:
-    """Most micro-batches whose activations a stage holds at once under the schedule."""
-    alive = peak = 0
-    for kind, _ in compute_order(num_stages, stage, num_microbatches, schedule):
-        alive += {"F": 1, "B": -1}.get(kind, 0)
-        peak = max(peak, alive)
-    return peak
 
 
 def is_data_owner(plan: Plan, rank: int) -> bool:

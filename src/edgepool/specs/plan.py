@@ -196,6 +196,20 @@ class StageSplit:
     ffn: tuple[int, ...]  # FFN columns (tp), else all
 
 
+def inflight_limit(num_stages: int, stage: int, num_microbatches: int, schedule: str) -> int:
+    """Most micro-batches whose activations a stage keeps at once (``sim.lower``).
+
+    GPipe: all M. 1F1B (PipeDream-Flush): one per stage from this one to the end, where
+    the data owners' head on stage 0 counts as one more stage after the last (with two
+    or more stages every micro-batch goes back to the owners before its backward; with
+    one, the head runs inside stage 0's own pass).
+    """
+    S, M = num_stages, num_microbatches
+    if schedule == "gpipe":
+        return M
+    return min(S - stage + (1 if S > 1 else 0), M)
+
+
 def microbatch_size(plan: Plan, shape: Shape) -> int:
     if shape.global_batch % plan.num_microbatches:
         raise PlanError(
