@@ -19,7 +19,7 @@ flow-shop term, and on a shared medium a channel term. For every micro-batch cou
    if the channel decides the best plan, a local search that moves single layer
    boundaries (``shift_boundaries``). This part is not exact: it trades tau against
    stage 0's work, which the DP does not see, and on rare pools it misses the optimum
-   by a little. Checked against exhaustive enumeration on seeded pools where the
+   by a few percent. Checked against exhaustive enumeration on seeded pools where the
    channel decides (``tests/unit/test_planner.py``);
 4. single-stage sp and tp plans (every run of the canonical order) are evaluated with
    the cost model when a lower bound (perfectly shared compute plus their collectives)
