@@ -56,13 +56,13 @@ Causes found with this benchmark (numbers in the commit messages and the report)
 - fixed in the testbed: each device is pinned to host CPUs; unpinned, the scheduler
   moved the devices' threads between CPUs and they spent more CPU time per step than
   their profile (``testbed.caps.pin_cpus``);
-- not fixed: 1F1B on the fast link. GPipe pipelines there now measure close to the
-  prediction, but 1F1B and the hybrid (a 1F1B pipeline) measure well above it. The
-  data owners on stage 0 compute the head, so every micro-batch makes a round trip
-  through all stages and back, and 1F1B keeps only S micro-batches in flight on stage
-  0: when the round trip (all stages' work plus four transfers per boundary) is longer
-  than S periods, stage 0 waits. The closed form leaves these bubbles out; the
-  simulator, which executes the schedule, shows them (its column).
+- fixed in the runtime: 1F1B kept only ``S - s`` micro-batches in flight, and every
+  micro-batch's round trip through the data owners' head (on stage 0) left stage 0
+  waiting; the head now counts as a stage (``specs.plan.inflight_limit``);
+- not fixed: short pipelines on the fast link still measure slower than predicted,
+  the hybrid most. The closed form counts no bubbles from the round trips through the
+  owners' head queueing on the shared channel; the simulator, which executes the
+  schedule, shows most of them (its column).
 
     python benchmarks/validate_cost_model.py [--timed-s 2] [--host-cpus 1.5] [--only 3-50] [--plans pp-1f1b]
     python benchmarks/validate_cost_model.py --repredict   # re-predict the stored runs
