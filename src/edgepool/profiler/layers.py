@@ -104,9 +104,10 @@ def _shapes(seq_len: int, max_seq: int) -> list[tuple[int, int]]:
 
 
 # A fresh process computes slower for its first half second or so (allocator growth,
-# page faults, library initialisation): the same block's fastest call measured 5.6-6.3
-# ms in a new process's first calls and 4.3 ms after, every time. Profiles measured
-# cold came out up to 1.5x slow depending on which shapes fell into that window.
+# page faults, library initialisation): the same block's fastest call was slower in a
+# new process's first calls than after, every time, so profiles measured cold came out
+# slow depending on which shapes fell into that window (figures in the commit that
+# added the warm-up).
 WARM_UP_CPU_S = 1.0
 
 

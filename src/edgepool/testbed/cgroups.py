@@ -33,9 +33,9 @@ from typing import Literal
 
 # A CFS quota is a budget per period, not a rate: a device idle for part of a period
 # (waiting on the network) may then run at full host speed until its budget is spent.
-# With 100 ms (the kernel's default) a capped device ran short pipeline steps up to
-# 1.4x faster than its cap (benchmarks/validate_cost_model.py); 10 ms keeps the cap
-# close to a rate at the scale of one micro-batch.
+# With 100 ms (the kernel's default) a capped device ran short pipeline steps faster
+# than its cap (measured with benchmarks/validate_cost_model.py; figures in the commit
+# that set 10 ms); 10 ms keeps the cap close to a rate at the scale of one micro-batch.
 CFS_PERIOD_US = 10_000
 # The kernel refuses a CFS quota under 1 ms.
 MIN_QUOTA_US = 1_000
