@@ -134,3 +134,19 @@ def test_gantt_chart(tmp_path):
     out = draw_gantt(r, tmp_path / "step.png", order=plan.devices)
     assert out.stat().st_size > 5000
     assert r.to_estimate().source == "simulator"
+
+
+def test_a_flow_ending_below_the_clock_resolution_finishes():
+    # Late in an hours-long step, now + remaining / rate rounds to now; the flow must
+    # still finish, or time stops (it did: tp and 64-stage plans never finished).
+    pool = make_pool(["jetson-nano", "jetson-nano"], medium="shared", bandwidth_mbps=100)
+    net = _Net(Network.of(pool))
+    done = []
+    now = 5e4
+    net.add("d0", "d1", 1e-5, now, lambda: done.append(1), delay_s=0.0)
+    net.allocate(now)
+    t = net.next_event(now)
+    assert t == now  # the rounding this guards against
+    for f in net.advance(now, t):
+        f.on_done()
+    assert done == [1]

@@ -44,7 +44,10 @@ from edgepool.sim.lower import Op, lower
 from edgepool.specs.plan import Estimate, Plan, Shape, role_of
 from edgepool.specs.pool import PoolSpec
 
-_EPS = 1e-12
+# Times are seconds from the step's start; a step can last hours, where 1e-12 is below a
+# double's resolution and a flow's last bytes would take "no time" forever. A nanosecond
+# is far below anything the model resolves.
+_EPS = 1e-9
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,9 @@ class _Net:
         for f in self.flows:
             if f.start_s <= now + _EPS and f.rate > 0:
                 f.remaining -= f.rate * dt
-            if f.start_s <= to + _EPS and f.remaining <= 1e-6:
+            # Done when what is left would take under _EPS: ``now + remaining / rate``
+            # may round to ``now`` late in a long step, and time would stop.
+            if f.start_s <= to + _EPS and f.remaining <= max(1e-6, f.rate * _EPS):
                 done.append(f)
         self.flows = [f for f in self.flows if f not in done]
         return done
