@@ -163,9 +163,9 @@ def predict(row: dict, profile) -> dict:
                   num_kv_heads=cfg.num_kv_heads)
     c = estimate(plan, pool, profile, shape)
     sim = simulate(plan, pool, profile, shape)
-    return {"step_time_s": c.step_time_s, "energy_j": c.energy_j, "pipe_s": c.pipe_s, "sync_s": c.sync_s,
-            "optim_s": c.optim_s, "bottleneck": c.bottleneck, "fits": c.feasible,
-            "simulated_step_time_s": sim.step_time_s}
+    return {"step_time_s": sim.step_time_s, "energy_j": sim.energy_j, "source": "simulator",
+            "model_step_time_s": c.step_time_s, "model_energy_j": c.energy_j, "pipe_s": c.pipe_s, "sync_s": c.sync_s,
+            "optim_s": c.optim_s, "bottleneck": c.bottleneck, "fits": c.feasible}
 
 
 def error_pct(pred: float | None, meas: float | None) -> float | None:
@@ -281,23 +281,24 @@ def write(result: dict, out: Path, wall_s: float | None) -> None:
 
     rows = result["rows"]
     errs: list[float] = []
-    sim_errs: list[float] = []
+    model_errs: list[float] = []
     for r in rows:
         m, p = r["measured"], r["predicted"]
+        r.pop("sim_error_pct", None)  # older files: the simulator had its own column
         r["step_error_pct"] = error_pct(p["step_time_s"], m.get("step_time_s"))
         r["energy_error_pct"] = error_pct(p["energy_j"], m.get("energy_j"))
-        r["sim_error_pct"] = error_pct(p["simulated_step_time_s"], m.get("step_time_s"))
+        r["model_error_pct"] = error_pct(p["model_step_time_s"], m.get("step_time_s"))
         if r["step_error_pct"] is not None:
             errs.append(abs(r["step_error_pct"]))
-            sim_errs.append(abs(r["sim_error_pct"]))
+            model_errs.append(abs(r["model_error_pct"]))
     summary = {
         "runs": len(rows), "measured_runs": len(errs),
         "median_abs_step_error_pct": statistics.median(errs) if errs else None,
         "max_abs_step_error_pct": max(errs) if errs else None,
         "median_abs_energy_error_pct": statistics.median(abs(r["energy_error_pct"]) for r in rows
                                                          if r["energy_error_pct"] is not None) if errs else None,
-        "median_abs_sim_error_pct": statistics.median(sim_errs) if sim_errs else None,
-        "max_abs_sim_error_pct": max(sim_errs) if sim_errs else None,
+        "median_abs_model_error_pct": statistics.median(model_errs) if model_errs else None,
+        "max_abs_model_error_pct": max(model_errs) if model_errs else None,
         "target_median_pct": TARGET_MEDIAN_PCT, "target_max_pct": TARGET_MAX_PCT,
     }
     summary["targets_met"] = bool(errs) and summary["median_abs_step_error_pct"] <= TARGET_MEDIAN_PCT and \
@@ -311,7 +312,7 @@ def write(result: dict, out: Path, wall_s: float | None) -> None:
     info = result["machine"]
     med, mx = summary["median_abs_step_error_pct"], summary["max_abs_step_error_pct"]
     lines = [
-        "# Cost model: predicted vs measured (testbed)", "",
+        "# Planner's predictions vs measured (testbed)", "",
         f"Machine: {machine_line(info)}.", "",
         "Written by `benchmarks/validate_cost_model.py`; do not edit by hand.", "",
         f"Model: GPT, hidden {MODEL['hidden']}, {MODEL['num_layers']} layers, {MODEL['num_heads']} heads, "
@@ -323,26 +324,30 @@ def write(result: dict, out: Path, wall_s: float | None) -> None:
         f"channel of {' or '.join(f'{m:g}' for m in LINKS_MBPS)} Mbit/s, latency {result['latency_ms']:g} ms "
         f"(what the testbed emulates), memory cap {MEMORY_GB:g} GB each; CPU caps add up to "
         f"{result['host_cpus']:g} host cores.",
-        f"Predictions: {result['prediction_source'].split(' (')[0]} (each pool's CPU caps give its reference speed). "
-        f"Profile: {'; '.join(n.removeprefix('profile: ') for n in result.get('profile_notes', [])) or 'in the JSON file'}.",
+        "Profile: measured on this host (`launch.study.study_profile`); each pool's CPU caps give its reference "
+        f"speed: {'; '.join(n.removeprefix('profile: ') for n in result.get('profile_notes', [])) or 'in the JSON file'}.",
         "CPU caps (host cores): " + "; ".join(
             f"{n} devices: " + ", ".join(f"{d} {c:.2f}" for d, c in caps.items()) for n, caps in _caps(rows).items()) + ".",
-        "Energy per step: predicted = the cost model; measured = modelled from measured CPU time and bytes sent "
+        "Predicted = the planner's estimate of a plan: the discrete-event simulator (`sim.engine`) running the "
+        "plan's op order on the pool, which is what `planner.plan` reports for its choice and ranks its finalists "
+        "by. The cost model's closed form (`cost.estimate`), which the planner's search optimises, is shown beside "
+        "it.",
+        "Energy per step: predicted = the simulator's; measured = modelled from measured CPU time and bytes sent "
         "(`launch.study.modelled_step_energy`): both modelled, no sensor.", "",
-        f"**Step-time error (|predicted - measured| / measured): median {med:.1f}% (target <= {TARGET_MEDIAN_PCT:g}%), "
-        f"max {mx:.1f}% (target <= {TARGET_MAX_PCT:g}%): "
+        f"**Step-time error of the prediction (|predicted - measured| / measured): median {med:.1f}% "
+        f"(target <= {TARGET_MEDIAN_PCT:g}%), max {mx:.1f}% (target <= {TARGET_MAX_PCT:g}%): "
         f"{'targets met' if summary['targets_met'] else 'TARGETS MISSED'}.** "
-        f"Energy: median |error| {summary['median_abs_energy_error_pct']:.1f}%. The discrete-event simulator "
-        f"(`sim.engine`, same profile): median {summary['median_abs_sim_error_pct']:.1f}%, max "
-        f"{summary['max_abs_sim_error_pct']:.1f}%." if errs else "No run finished.",
+        f"Energy: median |error| {summary['median_abs_energy_error_pct']:.1f}%. The cost model's closed form: "
+        f"median {summary['median_abs_model_error_pct']:.1f}%, max {summary['max_abs_model_error_pct']:.1f}%."
+        if errs else "No run finished.",
         "",
     ]
     if wall_s is not None:
         lines += [f"Benchmark wall time: {wall_s / 60:.1f} min.", ""]
     lines += [
         "| devices | link Mbit/s | plan | plan id | steps | step s measured | step s predicted | error | "
-        "step s simulated | J/step measured | J/step predicted | error | predicted bottleneck |",
-        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "step s cost model | error | J/step measured | J/step predicted | error | cost-model bottleneck |",
+        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     over = []
     for r in rows:
@@ -350,13 +355,13 @@ def write(result: dict, out: Path, wall_s: float | None) -> None:
         head = f"| {r['devices']} | {r['link_mbps']:g} | {r['name']} | {r['plan_id']} | {m.get('steps', '-')} |"
         if m["status"] != "ok":
             lines.append(f"{head} {m['status']}: {m.get('cause', '')} | {p['step_time_s']:.3f} | - | "
-                         f"{p['simulated_step_time_s']:.3f} | - | {p['energy_j']:.2f} | - | {p['bottleneck']} |")
+                         f"{p['model_step_time_s']:.3f} | - | - | {p['energy_j']:.2f} | - | {p['bottleneck']} |")
             continue
         if abs(r["step_error_pct"]) > TARGET_MAX_PCT:
             over.append(f"{r['name']} on {r['devices']} devices at {r['link_mbps']:g} Mbit/s")
         lines.append(
             f"{head} {m['step_time_s']:.3f} | {p['step_time_s']:.3f} | {r['step_error_pct']:+.1f}% | "
-            f"{p['simulated_step_time_s']:.3f} | {m['energy_j']:.2f} | {p['energy_j']:.2f} | "
+            f"{p['model_step_time_s']:.3f} | {r['model_error_pct']:+.1f}% | {m['energy_j']:.2f} | {p['energy_j']:.2f} | "
             f"{r['energy_error_pct']:+.1f}% | {p['bottleneck']} |")
     from edgepool.testbed.cgroups import CFS_PERIOD_US
 

@@ -69,7 +69,7 @@ def test_mode_matches_single(tmp_path, single, name, family, schedule):
 def test_parallelism_flag_takes_the_planners_best_of_family(tmp_path):
     losses = _train(tmp_path, "planned-pp", "--parallelism", "pp")
     run = json.loads((tmp_path / "planned-pp" / "run.json").read_text())
-    assert run["plan"]["parallelism"] in ("pp", "single") and run["plan"]["estimate"]["source"] == "cost-model"
+    assert run["plan"]["parallelism"] in ("pp", "single") and run["plan"]["estimate"]["source"] == "simulator"
     assert len(losses) == STEPS
 
 

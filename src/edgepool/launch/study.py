@@ -99,9 +99,10 @@ def study_profile(pool: PoolSpec, job: JobSpec, cfg, placement: Placement, log=p
             prof, path, cached = cached_profile(cfg, seq_len=job.train.seq_len, optimizer=job.train.optimizer)
             log(f"profile: {prof.model} measured on this host ({'cached' if cached else 'now'}: {path})")
             return (replace(prof, reference_speed_value=1.0 / cores_per_speed),
-                    f"cost model, profile measured on this host, testbed CPU caps ({cores_per_speed:.3f} cores per unit speed)")
+                    f"simulator (memory: cost model), profile measured on this host, testbed CPU caps "
+                    f"({cores_per_speed:.3f} cores per unit speed)")
     return (analytic_profile(ModelDims.of(cfg), optimizer=job.train.optimizer),
-            "cost model, analytic profile (catalog reference-device seconds)")
+            "simulator (memory: cost model), analytic profile (catalog reference-device seconds)")
 
 
 def study_plans(pool: PoolSpec, job: JobSpec, num_layers: int, families, profile) -> list[tuple[str, Plan | str]]:
@@ -143,6 +144,7 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
     rows: list[StudyRow] = []
     notes: list[str] = []
     from edgepool.cost import estimate
+    from edgepool.sim.engine import simulate
 
     with pool_placement(pool, log=log) as placement:
         notes += placement.notes
@@ -153,8 +155,11 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
                 continue
             row = StudyRow(name=name, status="ok", plan_id=plan.plan_id, parallelism=plan.parallelism,
                            plan=json.loads(plan.dumps()))
+            # The prediction is the simulator's (as the planner's estimate); the cost
+            # model checks memory (an upper bound on the data owners).
             cost = estimate(plan, pool, profile, shape)
-            row.predicted_step_time_s, row.predicted_energy_j = cost.step_time_s, cost.energy_j
+            sim = simulate(plan, pool, profile, shape)
+            row.predicted_step_time_s, row.predicted_energy_j = sim.step_time_s, sim.energy_j
             row.prediction_source = prediction_source
             row.predicted_fits = cost.feasible
             run_dir = out_dir / "runs" / name
