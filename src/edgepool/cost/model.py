@@ -89,7 +89,7 @@ from edgepool import catalog
 from edgepool.cost.network import Network
 from edgepool.cost.profile import ModelProfile
 from edgepool.errors import PlanError
-from edgepool.specs.plan import (Estimate, Plan, Shape, boundary, inflight_limit, microbatch_size, owner_regions,
+from edgepool.specs.plan import (Plan, Shape, boundary, inflight_limit, microbatch_size, owner_regions,
                                  stage_split)
 from edgepool.specs.pool import DeviceSpec, PoolSpec
 
@@ -225,10 +225,6 @@ class PlanCost:
                 out.append(f"needs {d.memory_bytes / GB:.2f} GB on {d.name}, which has {d.memory_cap_bytes / GB:.2f} GB "
                            f"free for training ({d.kind})")
         return out
-
-    def to_estimate(self, objective: str | None = None, source: str = "cost-model") -> Estimate:
-        return Estimate(step_time_s=self.step_time_s, energy_j=self.energy_j, peak_memory_bytes=self.peak_memory_bytes,
-                        source=source, objective=objective, energy_source="modelled (catalog power figures)")
 
 
 # -- the model ---------------------------------------------------------------------------
