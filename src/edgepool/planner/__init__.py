@@ -2,9 +2,10 @@
 
 ``plan(pool, job, profile, objective="time", deadline_s=None, family=None) -> PlanResult``
 searches the plan space of ``planner.space`` with a dynamic program over layer ranges
-and device groups (``planner.dp``), evaluates every candidate with ``cost.model`` and
-returns the best plan (with its estimate), the time-energy Pareto frontier and the best
-plan of each plain parallelism with the reason it lost. Pure Python and numpy; no torch.
+and device groups (``planner.dp``), evaluates every candidate with ``cost.model``, runs
+the best of them in the simulator (``sim.engine``), and returns the best plan by the
+simulator (with its estimate), the time-energy Pareto frontier and the best plan of
+each plain parallelism with the reason it lost. Pure Python and numpy; no torch.
 """
 
 from __future__ import annotations

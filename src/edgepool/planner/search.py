@@ -35,9 +35,24 @@ exactly. The result is the best by the objective; the time-energy frontier is th
 Pareto set of everything evaluated. This is exact over power modes for those
 structures, not over all structures (``PlanResult.exact`` says which search ran).
 
+**Finalists.** The cost model is a closed form: on a shared channel it counts no
+queueing of the pipeline's round trips through the data owners' head, and it adds the
+dp groups' gradient all-reduces up, so it differs from the discrete-event simulator
+(``sim.engine``, which runs every rank's ops on the pool and tracks measured steps more
+closely: ``docs/results/cost-model.md``) by tens of percent on pipelines, in both
+directions. So the plans the search produced are ranked by the cost model, and its
+best (``FINALISTS`` of them meeting the deadline in the simulator, at most
+``MAX_SIMULATED`` runs; ``_finalists``), the GPipe twin of each 1F1B pipeline among them
+(where its M micro-batches fit), and up to ``FRONTIER_SIMS`` points of the cost model's
+frontier run in the simulator, whose step time and energy decide. The chosen plan's
+estimate is the simulator's (``source="simulator"``); ``PlanResult.model_best`` is the
+cost model's own optimum, which is what the exactness claims above are about. A plan
+outside the finalists that the simulator would rank first is missed.
+
 **Baselines.** The best plan of each plain family (dp, sp, tp over any run of devices,
 and uniform pp: every device one stage, blocks split evenly) is evaluated with the
-cost model and compared with the chosen plan; ``explain`` says why it lost.
+cost model, simulated when it is within ``BASELINE_SIM_FACTOR`` of the chosen plan's
+time, and compared with the chosen plan; ``explain`` says why it lost.
 
 Infeasible pools raise ``InfeasibleError`` with the closest candidates and what broke
 each ("needs 3.1 GB on nano-1, which has 2.0 GB free for training").
