@@ -4,9 +4,10 @@ For catalog pools of Jetson boards (Ethernet and Wi-Fi) and two models, the plan
 first finds the fastest plan with every device at its maximum nvpmodel mode (time
 objective), then the least-energy plan whose step time is within 1% of it (energy
 objective with ``deadline_s = 1.01 x`` the fastest step; power modes chosen per device,
-structure free). For context the same is done with a 5% budget. Energy is the cost
-model's (busy and idle watts of each catalog mode over the step, plus radio energy per
-byte): modelled from catalog figures, several of which are estimates (see
+structure free). For context the same is done with a 5% budget. Times and energy are
+the planner's predictions: the simulator's, for the plans it picks among the cost
+model's finalists. Energy is busy and idle watts of each catalog mode over the step,
+plus radio energy per byte: modelled from catalog figures, several of which are estimates (see
 ``edgepool devices KIND``). Every figure in ``docs/results/energy-modes.md`` is computed
 by this script.
 
@@ -62,12 +63,12 @@ def main() -> int:
                 shape = shape_for(profile, batch, 128)
                 t0 = time.perf_counter()
                 fast = plan(pool, None, profile, shape=shape)
-                T0, E0 = fast.cost.step_time_s, fast.cost.energy_j
+                T0, E0 = fast.plan.estimate.step_time_s, fast.plan.estimate.energy_j
                 out = {"model": model, "pool": pool_name, "batch": batch, "T0": T0, "E0": E0,
                        "fast": f"{fast.plan.parallelism}, {len(fast.plan.stages)} st, M={fast.plan.num_microbatches}"}
                 for budget in (0.01, 0.05):
                     green = plan(pool, None, profile, shape=shape, objective="energy", deadline_s=(1 + budget) * T0)
-                    out[budget] = (green.cost.step_time_s, green.cost.energy_j, green.plan.power_modes)
+                    out[budget] = (green.plan.estimate.step_time_s, green.plan.estimate.energy_j, green.plan.power_modes)
                 out["wall_s"] = time.perf_counter() - t0
                 rows.append(out)
                 T1, E1, modes = out[0.01]
@@ -80,8 +81,9 @@ def main() -> int:
     lines = [
         "# Energy saved by per-device power modes at <= 1% longer step time",
         "",
-        "Computed by `benchmarks/energy_modes.py` with the cost model and the planner (analytic profiles,",
-        "sequence 128). *Fastest* is the time-optimal plan with every device at its maximum nvpmodel mode;",
+        "Computed by `benchmarks/energy_modes.py` with the planner (analytic profiles, sequence 128; times and",
+        "energy are its predictions: the simulator's, for the plans it picks among the cost model's finalists).",
+        "*Fastest* is the time-optimal plan with every device at its maximum nvpmodel mode;",
         "*1% budget* is the least-energy plan (structure and per-device modes free) whose step time is at",
         "most 1.01 x the fastest; *5%* likewise. Energy per step is modelled from catalog power figures",
         "(busy/idle watts per mode, radio J/MB), several of them estimates; no board was measured here.",

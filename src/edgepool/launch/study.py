@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -184,8 +185,11 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
                 continue
             metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
             energy = modelled_step_energy(pool, plan, metrics, placement, spec.threads)
-            row.step_time_s = summary["mean_step_time_s"]
-            row.samples_per_s = summary["samples_per_s"]
+            # Median over the steps after the first: a step can still be warming up
+            # (the second of a GPipe plan often is), and the host is shared.
+            timed = [r["step_time_s"] for r in (metrics[1:] if len(metrics) > 1 else metrics)]
+            row.step_time_s = statistics.median(timed)
+            row.samples_per_s = job.train.global_batch / row.step_time_s
             row.final_loss = summary["final_loss"]
             row.energy_per_step_j = sum(e["energy_j"] for e in energy.values())
             row.energy_per_sample_j = row.energy_per_step_j / job.train.global_batch

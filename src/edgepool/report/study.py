@@ -94,7 +94,7 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{m['date']}.",
         f"Model: {result['model']['family']} with {result['model']['num_layers']} layers, hidden {result['model']['hidden']}, "
         f"{result['model']['num_params'] / 1e6:.1f} M parameters; global batch {result['global_batch']}, sequence "
-        f"{result['seq_len']}, {result['steps']} steps (means over steps after the first).",
+        f"{result['seq_len']}, {result['steps']} steps (step time: median over the steps after the first; energy: their mean).",
         f"Testbed: {'; '.join(result['testbed']) or 'plain local processes'}.",
         f"Energy: {result['energy_note']}. Times are this host's; the testbed keeps the pool's speed ratios.",
         f"Predictions: {result.get('prediction_source', 'cost model')}.",
