@@ -328,3 +328,18 @@ def test_the_simulator_picks_among_the_cost_models_finalists():
         assert est.step_time_s <= model_best_sim * (1 + 1e-9)
         faster += est.step_time_s < 0.95 * model_best_sim
     assert faster >= 5
+
+
+def test_a_deadline_at_the_fastest_simulated_step_is_met():
+    """The energy objective under a deadline of the time objective's predicted step
+    always has that plan to fall back on (its finalists run for every objective)."""
+    prof = bert_base()
+    pool = make_pool(["jetson-orin-nano", "jetson-tx2", "jetson-tx2", "jetson-nano", "jetson-nano"], medium="shared",
+                     bandwidth_mbps=300)
+    for batch in (32, 64):
+        shape = shape_for(prof, batch, 128)
+        fast = plan(pool, None, prof, shape=shape)
+        t0 = fast.plan.estimate.step_time_s
+        green = plan(pool, None, prof, shape=shape, objective="energy", deadline_s=t0)
+        assert green.plan.estimate.step_time_s <= t0 * (1 + 1e-9)
+        assert green.plan.estimate.energy_j <= fast.plan.estimate.energy_j * (1 + 1e-9)

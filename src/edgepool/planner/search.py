@@ -44,7 +44,9 @@ directions. So the plans the search produced are ranked by the cost model, and i
 best (``FINALISTS`` of them meeting the deadline in the simulator, at most
 ``MAX_SIMULATED`` runs; ``_finalists``), the GPipe twin of each 1F1B pipeline among them
 (where its M micro-batches fit), and up to ``FRONTIER_SIMS`` points of the cost model's
-frontier run in the simulator, whose step time and energy decide. The chosen plan's
+frontier run in the simulator, whose step time and energy decide. The time objective's
+finalists run for every objective, so the energy objective under a deadline set from
+the fastest plan's predicted step always has that plan to fall back on. The chosen plan's
 estimate is the simulator's (``source="simulator"``); ``PlanResult.model_best`` is the
 cost model's own optimum, which is what the exactness claims above are about. A plan
 outside the finalists that the simulator would rank first is missed.
@@ -566,6 +568,7 @@ def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", de
     exact = objective == "time"
     cands: list[Candidate] = [c for c in search.explored if c.cost.feasible] + [fastest]
     cands += [b.candidate for b in baselines.values() if b.candidate is not None]
+    time_cands = _dedupe(cands)  # what the time objective ranks (below: its finalists run for every objective)
     if explore_modes if explore_modes is not None else objective != "time" or deadline_s is not None:
         cands += _energy_candidates(search, fastest, family, objective, deadline_s)
     cands = _dedupe(cands)
@@ -573,9 +576,14 @@ def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", de
     model_best = _best(objective, cands, deadline_s)
 
     # 4. Finalists: the cost model's best plans (and its frontier) run in the simulator,
-    # whose step decides, deadline included.
-    simulated = _finalists(search, cands, objective, deadline_s)
-    simulated = _dedupe(simulated + [search.simulated(c) for c in _spread(frontier(cands), FRONTIER_SIMS)])
+    # whose step decides, deadline included. The time objective's finalists run for
+    # every objective, so a deadline set from the fastest plan's simulated time is met.
+    simulated = _finalists(search, time_cands, "time", None)
+    simulated += [search.simulated(c) for c in _spread(frontier(time_cands), FRONTIER_SIMS)]
+    if objective != "time" or deadline_s is not None or len(cands) > len(time_cands):
+        simulated += _finalists(search, cands, objective, deadline_s)
+        simulated += [search.simulated(c) for c in _spread(frontier(cands), FRONTIER_SIMS)]
+    simulated = _dedupe(simulated)
     pick = _best(objective, simulated, deadline_s)
     if pick is None:
         raise InfeasibleError(f"no plan meets the deadline of {deadline_s:.3g} s per step; the fastest plan takes "
