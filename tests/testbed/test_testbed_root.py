@@ -19,6 +19,7 @@ import pytest
 from edgepool.specs.pool import PoolSpec
 from edgepool.testbed import Testbed, TestbedError, is_available, measure_throughput
 from edgepool.testbed import cgroups as cg_mod
+from edgepool.testbed import net
 from edgepool.testbed.core import state_path
 
 _AVAIL = is_available()
@@ -71,6 +72,11 @@ def test_up_down_leaves_nothing():
         # attach() reads the same state back from disk.
         again = Testbed.attach(tag=tag)
         assert again is not None and again.env("a") == state.env("a") and again.command_prefix("b") == state.command_prefix("b")
+        # The devices' TCP is Linux's default, not whatever this host is tuned to.
+        if state.layout.tcp_congestion:
+            cc = subprocess.run(["ip", "netns", "exec", state.netns("a"), "sysctl", "-n",
+                                 "net.ipv4.tcp_congestion_control"], capture_output=True, text=True, check=True)
+            assert cc.stdout.strip() == net.TCP_CONGESTION
     finally:
         reports = Testbed.down(tag=tag)
     assert reports[0].ok, reports[0].problems

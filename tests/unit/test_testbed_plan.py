@@ -271,3 +271,16 @@ def test_without_root_the_testbed_falls_back_to_plain_processes(monkeypatch):
 def test_pool_without_emulated_devices_needs_nothing():
     st = Testbed.up(PoolSpec(devices=(DeviceSpec(name="me", kind="host-cpu"),)))
     assert not st.emulated and "no device with host: emulated" in st.notice
+
+
+def test_every_namespace_gets_the_devices_tcp_congestion_control():
+    lay = _layout(NetworkSpec(medium="shared", bandwidth_mbps=70), [_dev("a"), _dev("b")])
+    steps = [" ".join(s.argv) for s in net.setup_steps(lay)]
+    for ns in ("ep-ab1-a", "ep-ab1-b"):
+        assert f"ip netns exec {ns} sysctl -q -w net.ipv4.tcp_congestion_control={net.TCP_CONGESTION}" in steps
+    assert any(net.TCP_CONGESTION in line for line in lay.describe())
+    # Where the kernel cannot set it, the namespaces keep the host's, and the layout says so.
+    lay = net.plan_network(NetworkSpec(medium="shared"), [_dev("a")], tag="ab1", subnet="10.213.7.0/24",
+                           netem=False, host_congestion="bbr", congestion_ok=False)
+    assert not any("tcp_congestion_control" in " ".join(s.argv) for s in net.setup_steps(lay))
+    assert any("host's bbr, NOT cubic" in u for u in lay.unshaped)

@@ -97,6 +97,35 @@ def _list_links() -> list[tuple[str, str]]:
     return [(x.get("ifname", ""), (x.get("linkinfo") or {}).get("info_kind", "")) for x in data]
 
 
+_SYSCTL_TCP = Path("/proc/sys/net/ipv4")
+
+
+def _allow_congestion(name: str) -> tuple[str, bool, str]:
+    """(the host's congestion control, whether ``name`` can be set in a namespace, note).
+
+    A namespace may set only the congestion controls the host allows; if ``name`` is
+    available but not allowed, it is added to the host's allowed list (a permission:
+    the host's own default is unchanged), and the note says so.
+    """
+    try:
+        host = (_SYSCTL_TCP / "tcp_congestion_control").read_text().strip()
+        available = (_SYSCTL_TCP / "tcp_available_congestion_control").read_text().split()
+        allowed_path = _SYSCTL_TCP / "tcp_allowed_congestion_control"
+        allowed = allowed_path.read_text().split()
+    except OSError:
+        return "unknown", False, ""
+    if name == host or name in allowed:
+        return host, True, ""
+    if name not in available:
+        return host, False, ""
+    try:
+        allowed_path.write_text(" ".join(allowed + [name]))
+    except OSError:
+        return host, False, ""
+    return host, True, (f"added {name} to the host's allowed TCP congestion controls (net.ipv4."
+                        f"tcp_allowed_congestion_control; the host's own stays {host})")
+
+
 def _taken_subnets() -> list[str]:
     out = []
     p = _run(["ip", "-j", "-4", "addr", "show"], check=False)
@@ -511,6 +540,9 @@ class Testbed:
 
         t0 = time.monotonic()
         notices: list[str] = []
+        host_cc, cc_ok, cc_note = _allow_congestion(net.TCP_CONGESTION)
+        if cc_note:
+            notices.append(cc_note)
         layout = net.plan_network(
             pool.network,
             emulated,
@@ -518,6 +550,8 @@ class Testbed:
             subnet=subnet or net.default_subnet(tag, _taken_subnets()),
             netem=features.netem,
             shared_ok=bool(features.shared_medium),
+            host_congestion=host_cc,
+            congestion_ok=cc_ok,
         )
         cap_plan: CapsPlan | None = None
         if caps and features.caps:

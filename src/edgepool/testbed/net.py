@@ -51,6 +51,12 @@ MAX_IFNAME = 15
 QUEUE_S = 0.05
 MIN_QUEUE_BYTES = 4 * 65536
 NETEM_LIMIT_PACKETS = 1000
+# TCP congestion control inside every namespace: Linux's default, which Jetson's L4T and
+# Ubuntu ship. A new namespace inherits the host's, and hosts tuned for the data centre
+# often run BBR, whose minimum RTT taken on the unshaped veth (microseconds) keeps its
+# window at a few segments, so a shaped link's queueing starves it: a 2-stage hybrid at
+# 200 Mbit/s stalled ~100 ms in most steps under BBR and not under CUBIC.
+TCP_CONGESTION = "cubic"
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ class NetLayout:
     netem: bool
     devices: tuple[DeviceNet, ...]
     unshaped: tuple[str, ...]
+    tcp_congestion: str | None = None  # set in every namespace; None: the host's
 
     def of(self, device: str) -> DeviceNet:
         for d in self.devices:
@@ -108,6 +115,8 @@ class NetLayout:
             if self.netem and (d.delay_ms or d.jitter_ms or d.loss_pct):
                 extra = f", netem {d.delay_ms:g}+-{d.jitter_ms:g} ms per direction, loss {d.loss_pct:g}% up"
             lines.append(f"{d.device}: netns {d.netns}, {d.address} on {d.ns_if}, {link}{extra}")
+        if self.tcp_congestion:
+            lines.append(f"TCP congestion control in every namespace: {self.tcp_congestion}")
         lines.extend(self.unshaped)
         return lines
 
@@ -141,8 +150,12 @@ def plan_network(
     subnet: str,
     netem: bool,
     shared_ok: bool = True,
+    host_congestion: str = TCP_CONGESTION,
+    congestion_ok: bool = True,
 ) -> NetLayout:
-    """Plan links for the emulated ``devices``; ``netem``/``shared_ok`` say what the kernel has."""
+    """Plan links for the emulated ``devices``; ``netem``/``shared_ok``/``congestion_ok``
+    say what the kernel has (``congestion_ok``: ``TCP_CONGESTION`` can be set in a
+    namespace; else the namespaces keep ``host_congestion``)."""
     if not tag or len(tag) > 4 or not tag.isalnum() or tag.lower() != tag:
         raise ValueError(f"tag must be 1-4 lower-case letters or digits, got {tag!r}")
     net = ipaddress.ip_network(subnet)
@@ -191,6 +204,9 @@ def plan_network(
                 f"({network.jitter_ms:g} ms) and loss ({network.loss_pct:g}%) are NOT emulated, because this "
                 f"kernel has no netem"
             )
+    if not congestion_ok and host_congestion != TCP_CONGESTION:
+        unshaped.append(f"TCP congestion control is the host's {host_congestion}, NOT {TCP_CONGESTION} (the "
+                        f"devices' usual): this kernel cannot set {TCP_CONGESTION} in a namespace")
     return NetLayout(
         tag=tag,
         medium=medium,
@@ -202,6 +218,7 @@ def plan_network(
         netem=netem,
         devices=tuple(out),
         unshaped=tuple(unshaped),
+        tcp_congestion=TCP_CONGESTION if congestion_ok else None,
     )
 
 
@@ -324,6 +341,9 @@ def setup_steps(layout: NetLayout) -> list[Step]:
         steps.append(Step(ipn + ("addr", "add", f"{d.address}/{layout.prefix_len}", "dev", d.ns_if)))
         steps.append(Step(ipn + ("link", "set", d.ns_if, "up")))
         steps.append(Step(ipn + ("link", "set", "lo", "up")))
+        if layout.tcp_congestion:
+            steps.append(Step(("ip", "netns", "exec", d.netns, "sysctl", "-q", "-w",
+                               f"net.ipv4.tcp_congestion_control={layout.tcp_congestion}")))
         steps.extend(shaping_steps(("tc", "-n", d.netns), d.ns_if, d.up_bps, d.delay_ms, d.jitter_ms, d.loss_pct))
         steps.extend(shaping_steps(("tc",), d.host_if, d.down_bps, d.delay_ms, d.jitter_ms, 0.0))
         if layout.ifb:
