@@ -54,8 +54,9 @@ NETEM_LIMIT_PACKETS = 1000
 # TCP congestion control inside every namespace: Linux's default, which Jetson's L4T and
 # Ubuntu ship. A new namespace inherits the host's, and hosts tuned for the data centre
 # often run BBR, whose minimum RTT taken on the unshaped veth (microseconds) keeps its
-# window at a few segments, so a shaped link's queueing starves it: a 2-stage hybrid at
-# 200 Mbit/s stalled ~100 ms in most steps under BBR and not under CUBIC.
+# window at a few segments, so a shaped link's queueing starves it: a 2-stage hybrid on
+# a shaped link stalled in most steps under BBR and not under CUBIC (figures in the
+# commit that set this).
 TCP_CONGESTION = "cubic"
 
 
