@@ -56,9 +56,10 @@ transfer) and the last one's backward (after the last), so with two or more stag
 second term is a lower bound that ignores the channel's idle gaps: at the turn from
 forward to backward, and where a micro-batch's round trip through the data owners'
 head waits behind other transfers (1F1B, with few micro-batches in flight, most). On
-the testbed's fast links such pipelines measure markedly slower than this
-(``docs/results/cost-model.md``, its cost-model column); the planner therefore takes
-its final prediction from the simulator (``planner.search``, finalists). With one stage
+the testbed's fast links such pipelines measure slower than this
+(``docs/results/cost-model.md``, its cost-model column), and on large Wi-Fi pools the
+simulator finds them much slower; the planner therefore takes its final prediction from
+the simulator (``planner.search``, finalists). With one stage
 the channel is used only inside stage 0's synchronous work, already in ``W_0``.
 
 Then the gradient all-reduces of dp/sp groups (ring, ``cost.network``) and the
