@@ -64,8 +64,8 @@ Causes found with this benchmark (numbers in the commit messages and the report)
   pipelines on the fast link measured slower than it predicts. The prediction is now the
   simulator's, which runs the schedule (``planner.search``, finalists); the closed form
   stays in the table. Since the fix below, the two are about as close to the testbed
-  here; the simulator over-predicts 1F1B on the fast link (it serves a micro-batch's
-  round trip later than the runtime does), and the closed form GPipe;
+  here; the simulator over-predicts 1F1B on the fast link (cause not found), the closed
+  form under-predicts GPipe there;
 - fixed in the testbed: a namespace inherited the host's TCP congestion control, BBR on
   this host, whose window, sized from a microsecond minimum RTT on the unshaped veth,
   starved on shaped links: in most steps of the hybrid on the fast link one
