@@ -3,6 +3,8 @@ state round trip, and the fallback without root. None of this needs root."""
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -284,3 +286,16 @@ def test_every_namespace_gets_the_devices_tcp_congestion_control():
                            netem=False, host_congestion="bbr", congestion_ok=False)
     assert not any("tcp_congestion_control" in " ".join(s.argv) for s in net.setup_steps(lay))
     assert any("host's bbr, NOT cubic" in u for u in lay.unshaped)
+
+
+def test_env_reports_meters_testbed_features_and_tcp(capsys):
+    from edgepool.cli.main import main
+    from edgepool.testbed.core import congestion_controls
+
+    assert main(["env", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["meters"] and rep["testbed"] and rep["summary"]
+    assert any(line.startswith("energy:") for line in rep["summary"])
+    testbed_up = any("shaped links" in line for line in rep["summary"])
+    if testbed_up and congestion_controls() is not None:
+        assert any("TCP congestion control" in line for line in rep["summary"])

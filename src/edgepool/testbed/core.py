@@ -100,6 +100,17 @@ def _list_links() -> list[tuple[str, str]]:
 _SYSCTL_TCP = Path("/proc/sys/net/ipv4")
 
 
+def congestion_controls() -> tuple[str, list[str], list[str]] | None:
+    """The host's TCP congestion control, the available ones and the ones a namespace
+    may set (``net.ipv4.tcp_*congestion_control``), or None where unreadable."""
+    try:
+        return ((_SYSCTL_TCP / "tcp_congestion_control").read_text().strip(),
+                (_SYSCTL_TCP / "tcp_available_congestion_control").read_text().split(),
+                (_SYSCTL_TCP / "tcp_allowed_congestion_control").read_text().split())
+    except OSError:
+        return None
+
+
 def _allow_congestion(name: str) -> tuple[str, bool, str]:
     """(the host's congestion control, whether ``name`` can be set in a namespace, note).
 
@@ -107,19 +118,16 @@ def _allow_congestion(name: str) -> tuple[str, bool, str]:
     available but not allowed, it is added to the host's allowed list (a permission:
     the host's own default is unchanged), and the note says so.
     """
-    try:
-        host = (_SYSCTL_TCP / "tcp_congestion_control").read_text().strip()
-        available = (_SYSCTL_TCP / "tcp_available_congestion_control").read_text().split()
-        allowed_path = _SYSCTL_TCP / "tcp_allowed_congestion_control"
-        allowed = allowed_path.read_text().split()
-    except OSError:
+    cc = congestion_controls()
+    if cc is None:
         return "unknown", False, ""
+    host, available, allowed = cc
     if name == host or name in allowed:
         return host, True, ""
     if name not in available:
         return host, False, ""
     try:
-        allowed_path.write_text(" ".join(allowed + [name]))
+        (_SYSCTL_TCP / "tcp_allowed_congestion_control").write_text(" ".join(allowed + [name]))
     except OSError:
         return host, False, ""
     return host, True, (f"added {name} to the host's allowed TCP congestion controls (net.ipv4."

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from edgepool.energy import meter_report
 from edgepool.testbed import cgroups
+from edgepool.testbed.core import congestion_controls
+from edgepool.testbed.net import TCP_CONGESTION
 from edgepool.testbed.probe import probe
 
 
@@ -52,6 +54,11 @@ def environment_report(refresh: bool = False) -> EnvironmentReport:
         summary.append(
             "testbed: CPU and memory caps via " + (f.cgroup.describe() if f.cgroup else f"NONE ({f.caps.reason})")
         )
+        cc = congestion_controls()
+        if cc is not None:
+            host_cc, available, _ = cc
+            ns_cc = TCP_CONGESTION if TCP_CONGESTION in available or host_cc == TCP_CONGESTION else host_cc
+            summary.append(f"testbed: TCP congestion control {ns_cc} in the namespaces (this host's own: {host_cc})")
     else:
         summary.append(f"testbed: unavailable ({net.reason}); emulated devices run as plain local processes")
     sensors = [n for n, ok, _ in meters if ok and n in ("zeus", "tegrastats")]
