@@ -4,7 +4,6 @@ state round trip, and the fallback without root. None of this needs root."""
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
