@@ -184,7 +184,7 @@ def error_pct(pred: float | None, meas: float | None) -> float | None:
 
 def run_one(pool, plan, placement, out_dir: Path, steps: int) -> dict:
     from edgepool.launch.local import RankFailed, launch_local
-    from edgepool.launch.study import modelled_step_energy
+    from edgepool.launch.study import modelled_step_energy, timed_steps
     from edgepool.runtime.train import RunSpec
 
     spec = RunSpec(pool=pool, job=job_spec(plan.schedule), plan=plan, out_dir=str(out_dir), steps=steps)
@@ -194,7 +194,7 @@ def run_one(pool, plan, placement, out_dir: Path, steps: int) -> dict:
     except RankFailed as exc:
         return {"status": "failed", "cause": exc.reason, "wall_s": time.monotonic() - t0}
     metrics = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln]
-    timed = metrics[1:] if len(metrics) > 1 else metrics
+    timed = timed_steps(metrics)
     energy = modelled_step_energy(pool, plan, metrics, placement, spec.threads)
     return {
         "status": "ok", "wall_s": time.monotonic() - t0, "steps": steps,

@@ -56,12 +56,18 @@ class StudyRow:
     run_dir: str = ""
 
 
+def timed_steps(metrics: list[dict]) -> list[dict]:
+    """The step records a measurement uses: every step after the first (which pays for
+    start-up), or the only one."""
+    return metrics[1:] if len(metrics) > 1 else metrics
+
+
 def modelled_step_energy(pool: PoolSpec, plan: Plan, metrics: list[dict], placement: Placement,
                          threads: int) -> dict[str, dict]:
     """Per-device modelled energy and busy % per step (mean over steps after the first)."""
     from edgepool.energy import model_energy_j
 
-    recs = metrics[1:] if len(metrics) > 1 else metrics
+    recs = timed_steps(metrics)
     out: dict[str, dict] = {}
     for name in plan.devices:
         dev = pool.device(name)
@@ -187,8 +193,7 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
             energy = modelled_step_energy(pool, plan, metrics, placement, spec.threads)
             # Median over the steps after the first: a step can still be warming up
             # (the second of a GPipe plan often is), and the host is shared.
-            timed = [r["step_time_s"] for r in (metrics[1:] if len(metrics) > 1 else metrics)]
-            row.step_time_s = statistics.median(timed)
+            row.step_time_s = statistics.median(r["step_time_s"] for r in timed_steps(metrics))
             row.samples_per_s = job.train.global_batch / row.step_time_s
             row.final_loss = summary["final_loss"]
             row.energy_per_step_j = sum(e["energy_j"] for e in energy.values())
