@@ -13,7 +13,7 @@ from edgepool.cost.model import boundary_flows, device_work, group_comm
 from edgepool.cost.network import PAYLOAD_FRACTION
 from edgepool.errors import PlanError, SpecError
 from edgepool.specs import Plan, StagePlan
-from edgepool.specs.plan import boundary
+from edgepool.specs.layout import Layout
 
 
 def single(name, L=12, M=1):
@@ -108,7 +108,7 @@ def test_dp_sync_and_boundaries_use_the_plan_functions():
     c = estimate(pp, pool, prof, shape)
     assert [lk.k for lk in c.links] == [1, 2]  # boundary 0 is local for a dp first stage
     for lk in c.links:
-        expect = sum((t.region[1] - t.region[0]) * (t.region[3] - t.region[2]) for t in boundary(pp, shape, lk.k))
+        expect = sum((t.region[1] - t.region[0]) * (t.region[3] - t.region[2]) for t in Layout.of(pp, shape).boundary(lk.k))
         assert lk.fwd_bytes == expect * prof.act_elem_bytes
         assert lk.fwd_bytes == sum(f[2] for f in boundary_flows(pp, shape, prof, lk.k, False))
     # 1f1b keeps fewer micro-batches in flight than gpipe on the first stage.

@@ -176,7 +176,7 @@ def test_result_has_frontier_and_baselines():
     prof = tiny(6, hidden=256)
     pool = make_pool(["jetson-orin-nano", "jetson-nano", "jetson-nano"], medium="switched", bandwidth_mbps=1000)
     res = plan(pool, None, prof, shape=shape_for(prof, 8, 64), explore_modes=True)
-    assert set(res.baselines) == {"dp", "sp", "tp", "pp-uniform"}
+    assert set(res.baselines) == {"dp", "sp", "tp", "fsdp", "pp-uniform"}
     assert all(b.why for b in res.baselines.values())
     ts = [c.step_time_s for c in res.frontier]
     es = [c.energy_j for c in res.frontier]

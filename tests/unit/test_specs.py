@@ -16,7 +16,8 @@ from edgepool.errors import PlanError, SpecError
 from edgepool.sim.lower import compute_order, lower
 from edgepool.specs.plan import inflight_limit
 from edgepool.specs import Plan, StagePlan, load_job, load_plan, load_pool
-from edgepool.specs.plan import Shape, boundary, check_plan, split_counts, stage_regions
+from edgepool.specs.layout import Layout, check_plan
+from edgepool.specs.plan import Shape, split_counts
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 POOL = EXAMPLES / "pool-local.yaml"
@@ -166,16 +167,17 @@ def test_boundaries_cover_every_need_exactly_once(modes, sizes, shares):
     plan = Plan(num_layers=len(modes), stages=stages, num_microbatches=2)
     shape = Shape(global_batch=12, seq_len=12, num_heads=6, ffn=24)
     check_plan(plan, shape)
-    from edgepool.specs.plan import owner_regions, stage_ranks
+    from edgepool.specs.plan import stage_ranks
+    lay = Layout.of(plan, shape)
 
     ranks = stage_ranks(plan)
     for k in range(len(stages) + 1):
         for backward in (False, True):
-            fwd_dst = (ranks[0], owner_regions(plan, shape)) if k == len(stages) else (ranks[k], stage_regions(plan, k, shape))
-            fwd_src = (ranks[0], owner_regions(plan, shape)) if k == 0 else (ranks[k - 1], stage_regions(plan, k - 1, shape))
+            fwd_dst = (ranks[0], list(lay.owners)) if k == len(stages) else (ranks[k], list(lay.regions[k]))
+            fwd_src = (ranks[0], list(lay.owners)) if k == 0 else (ranks[k - 1], list(lay.regions[k - 1]))
             dst_ranks, need = fwd_src if backward else fwd_dst
             cells: dict[int, list] = {r: [] for r in dst_ranks}
-            for t in boundary(plan, shape, k, backward=backward):
+            for t in lay.boundary(k, backward=backward):
                 b0, b1, t0, t1 = t.region
                 cells[t.dst] += [(b, x) for b in range(b0, b1) for x in range(t0, t1)]
             for r, (b0, b1, t0, t1) in zip(dst_ranks, need):
@@ -218,12 +220,11 @@ def test_lower_gives_owners_embed_and_head():
 
 def test_tp_split_respects_kv_groups():
     plan = Plan(num_layers=1, stages=[StagePlan(layers=(0, 1), devices=("a", "b"), mode="tp", shares=(3, 1))])
-    from edgepool.specs.plan import stage_split
 
-    split = stage_split(plan, 0, Shape(global_batch=2, seq_len=4, num_heads=8, ffn=16, num_kv_heads=4))
+    split = Layout.of(plan, Shape(global_batch=2, seq_len=4, num_heads=8, ffn=16, num_kv_heads=4)).splits[0]
     assert split.heads == (6, 2) and sum(split.ffn) == 16
     with pytest.raises(PlanError):
-        stage_split(plan, 0, Shape(global_batch=2, seq_len=4, num_heads=8, ffn=16, num_kv_heads=3))
+        Layout.of(plan, Shape(global_batch=2, seq_len=4, num_heads=8, ffn=16, num_kv_heads=3))
 
 
 def test_spec_error_is_a_value_error():

@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from edgepool.cost.model import estimate
     from edgepool.sim.engine import simulate
     from edgepool.specs.job import load_job
-    from edgepool.specs.plan import check_plan, load_plan
+    from edgepool.specs.layout import check_plan
+    from edgepool.specs.plan import load_plan
     from edgepool.specs.pool import load_pool
 
     pool = load_pool(args.pool)

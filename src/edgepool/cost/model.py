@@ -2,9 +2,10 @@
 
 Inputs: the ``Plan``, the ``PoolSpec`` (devices, power modes, network), a
 ``ModelProfile`` (per-layer costs on a reference device) and the ``Shape`` (global
-batch, sequence length, heads, FFN). Byte counts between stages come from
-``specs.plan.boundary`` and the splits from ``specs.plan.stage_split``; nothing here
-re-derives who sends what.
+batch, sequence length, heads, FFN). Splits, regions and the transfers between stages
+come from ``specs.layout.Layout``, and everything that depends on a stage's mode (its
+part of every block, its memory, its collectives) from that mode's module
+(``edgepool.modes``); nothing here re-derives who sends what or branches on a mode.
 
 **Compute.** Device i of a stage computes its part of every block of the stage for
 every micro-batch (see ``cost.profile``): dp gives it ``batch_i`` samples, sp
@@ -12,12 +13,13 @@ every micro-batch (see ``cost.profile``): dp gives it ``batch_i`` samples, sp
 of the attention and ``ffn_i / ffn`` of the MLP. Its time is the reference time times
 ``speed_ref / speed_i`` (catalog speed in its power mode, or ``compute_scale``). The
 data owners of stage 0 also embed their own samples, and compute head, loss and its
-backward on them (``specs.plan.owner_regions``). A stage's per-micro-batch forward
-``F_s`` is the slowest device's forward plus the group's own collectives (tp: two
-all-reduces of the activation per block; sp: all-gathers of K and of V per block, each
-slice padded to the longest), ``B_s`` likewise for the backward (tp: two all-reduces;
-sp: all-reduces of the whole K and V gradients; the owners' head is part of it), as
-the runtime runs them (``group_comm``).
+backward on them (``Layout.owners``). A stage's per-micro-batch forward
+``F_s`` is the slowest device's forward plus the group's own collectives (the mode's
+``comm``: tp two all-reduces of the activation per block; sp all-gathers of K and of V
+per block; fsdp an all-gather of every unit's parameters), ``B_s`` likewise for the
+backward (tp two all-reduces; sp all-reduces of the whole K and V gradients; fsdp an
+all-gather and a reduce-scatter per unit; the owners' head is part of it), as the
+runtime runs them (``group_comm``).
 
 **Boundaries.** Boundary k carries a micro-batch's activations into stage k (k = 0:
 from the owners' embedding; k = S: back to the owners' head) and their gradients the
@@ -70,7 +72,8 @@ shared channel they share it; on a switched network this is conservative.
 
 **Memory** of device i (bytes): the framework's own resident memory
 (``profile.runtime_bytes``: interpreter, torch, gloo) + parameters + gradients + optimizer state
-(``(2 + opt_state_factor) * params_i``) + activations of the micro-batches in flight
+as the mode holds them (the mode's ``memory``: ``(2 + opt_state_factor) * params_i`` for
+replicas and tp slices; fsdp shards them and keeps one unit whole) + activations of the micro-batches in flight
 (``act_i * n_inflight``, ``specs.plan.inflight_limit``: M for gpipe, one per stage to the
 end plus the owners' head for 1f1b) + the owners' transient head activations (logits and
 their gradient). On the owners this assumes the head runs while the most micro-batches
@@ -92,9 +95,11 @@ from dataclasses import dataclass, field
 from edgepool import catalog
 from edgepool.cost.network import Network
 from edgepool.cost.profile import ModelProfile
+from edgepool import modes
 from edgepool.errors import PlanError
-from edgepool.specs.plan import (Plan, Shape, boundary, inflight_limit, microbatch_size, owner_regions,
-                                 stage_split)
+from edgepool.modes import GroupComm, StageWork
+from edgepool.specs.layout import Layout
+from edgepool.specs.plan import Plan, Shape, inflight_limit
 from edgepool.specs.pool import DeviceSpec, PoolSpec
 
 GB = 1e9
@@ -232,22 +237,6 @@ class PlanCost:
 
 
 # -- the model ---------------------------------------------------------------------------
-def _stage_parts(plan: Plan, s: int, shape: Shape, profile: ModelProfile):
-    """Per device of stage s: (tokens, head_frac, ffn_frac) of its block work."""
-    st = plan.stages[s]
-    sp = stage_split(plan, s, shape)
-    mb = microbatch_size(plan, shape)
-    out = []
-    for i in range(len(st.devices)):
-        if st.mode == "dp":
-            out.append((sp.batch[i] * shape.seq_len, 1.0, 1.0))
-        elif st.mode == "sp":
-            out.append((mb * sp.seq[i], 1.0, 1.0))
-        else:
-            out.append((mb * shape.seq_len, sp.heads[i] / shape.num_heads, sp.ffn[i] / shape.ffn))
-    return out
-
-
 @dataclass(frozen=True)
 class DeviceWork:
     """Durations (seconds, this device's speed) and sizes (bytes) of one device's ops.
@@ -263,9 +252,15 @@ class DeviceWork:
     head_s: float
     embed_bwd_s: float
     optim_s: float
-    params_bytes: float
+    params_bytes: float  # at full size: this device's part of its blocks, plus embed and head on an owner
     act_bytes: float  # kept per micro-batch in flight
     transient_bytes: float  # the head's logits and their gradient
+    state_bytes: dict[str, float] = field(default_factory=dict)  # params, grads, optimizer as the mode holds them
+
+    @property
+    def static_bytes(self) -> float:
+        """Parameters, gradients and optimizer state (without the runtime's own)."""
+        return sum(self.state_bytes.values())
 
     @property
     def fwd_s(self) -> float:
@@ -276,25 +271,13 @@ class DeviceWork:
         return self.head_s + self.blocks_bwd_s + self.embed_bwd_s
 
 
-@dataclass(frozen=True)
-class GroupComm:
-    """A stage group's own communication: per-micro-batch collectives and the sync.
-
-    ``coll_send_bytes`` and ``coll_steps`` are the forward's; ``coll_send_bytes_bwd``
-    and ``coll_steps_bwd`` the backward's (tp: the same; sp: all-reduces backward where
-    the forward all-gathers).
-    """
-
-    coll_fwd_s: float
-    coll_bwd_s: float
-    coll_airtime_s: float  # per micro-batch, fwd + bwd
-    coll_send_bytes: dict[str, float]  # per micro-batch, forward: what each device sends
-    coll_steps: int  # latency-bound ring steps of the forward per micro-batch
-    sync_bytes: float  # gradient bytes all-reduced once per step (0: no sync)
-    sync_s: float
-    coll_send_bytes_bwd: dict[str, float] = field(default_factory=dict)  # per micro-batch, backward
-    coll_steps_bwd: int = 0
-    coll_airtime_fwd_s: float = 0.0  # the forward's part of coll_airtime_s
+def stage_work(plan: Plan, s: int, profile: ModelProfile, shape: Shape) -> StageWork:
+    """What stage s's mode needs to price its memory and collectives (``modes.base``)."""
+    lay = Layout.of(plan, shape)
+    st = plan.stages[s]
+    owns = tuple(s == 0 and lay.owners[i] != (0, 0, 0, 0) for i in range(len(st.devices)))
+    return StageWork(stage=s, names=st.devices, split=lay.splits[s], microbatch=lay.microbatch, shape=shape,
+                     profile=profile, layers=st.layers, owns_data=owns)
 
 
 def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape) -> dict[str, DeviceWork]:
@@ -308,15 +291,17 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
             raise PlanError(f"plan uses device {name!r}, which is not in the pool ({', '.join(devs)})")
     T_seq = shape.seq_len
     ref = profile.reference_speed
-    owners = owner_regions(plan, shape)
+    lay = Layout.of(plan, shape)
+    owners = lay.owners
     out: dict[str, DeviceWork] = {}
     for s, st in enumerate(plan.stages):
         a, b = st.layers
         blocks = profile.blocks[a:b]
-        parts = _stage_parts(plan, s, shape, profile)
+        mode = modes.get(st.mode)
+        sw = stage_work(plan, s, profile, shape)
         for i, name in enumerate(st.devices):
             slow = ref / device_speed(devs[name], power_mode_of(plan, devs[name]))
-            tokens, hf, ff = parts[i]
+            tokens, hf, ff = mode.block_part(lay.splits[s], i, lay.microbatch, shape)
             f = sum(lp.fixed_fwd_s + lp.fwd_s.at(tokens, T_seq, hf, ff) for lp in blocks)
             bw = sum(lp.fixed_bwd_s + lp.bwd_s.at(tokens, T_seq, hf, ff) for lp in blocks)
             act = sum(lp.act_bytes.at(tokens, T_seq, hf, ff) for lp in blocks)
@@ -332,74 +317,26 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
                     hd = head.fixed_fwd_s + head.fixed_bwd_s + head.fwd_s.at(own, T_seq) + head.bwd_s.at(own, T_seq)
                     params += emb.params_at() + head.params_at()
                     transient = head.act_bytes.at(own, T_seq)
+            optim_params = params * mode.optim_fraction(sw)
             out[name] = DeviceWork(
                 blocks_fwd_s=f * slow, blocks_bwd_s=bw * slow, embed_fwd_s=ef * slow, head_s=hd * slow,
-                embed_bwd_s=eb * slow, optim_s=slow * profile.optim_s_per_param_byte * params,
-                params_bytes=params, act_bytes=act, transient_bytes=transient)
+                embed_bwd_s=eb * slow, optim_s=slow * profile.optim_s_per_param_byte * optim_params,
+                params_bytes=params, act_bytes=act, transient_bytes=transient,
+                state_bytes=mode.memory(sw, i, params))
     return out
 
 
 def group_comm(plan: Plan, s: int, profile: ModelProfile, shape: Shape, net: Network) -> GroupComm:
     """Stage s's collectives per micro-batch and its gradient sync, as the runtime runs
-    them (``models.parallel``):
-
-    - tp: two all-reduces of the activation per block forward (attention and MLP
-      outputs, Megatron's *g*) and two backward (their input gradients, *f*);
-    - sp: per block, K and V are all-gathered separately, each device's slice padded to
-      the longest slice (gloo's all-gather takes equal parts); the backward all-reduces
-      the whole gathered K and V gradients (gloo has no uneven reduce-scatter) and each
-      device keeps its slice;
-    - dp and sp groups: one ring all-reduce of the replicated parameters' gradients per
-      step (the sync).
-    """
-    st = plan.stages[s]
-    names = list(st.devices)
-    n = len(names)
-    a, b = st.layers
-    nblk = b - a
-    mb = microbatch_size(plan, shape)
-    unit = profile.act_elem_bytes
-    coll_f = coll_b = air_f = air_b = 0.0
-    send: dict[str, float] = {x: 0.0 for x in names}
-    send_b: dict[str, float] = dict(send)
-    steps = steps_b = 0
-    if n > 1 and st.mode == "tp":
-        act_bytes = mb * shape.seq_len * unit
-        coll_f = coll_b = 2 * nblk * net.allreduce_time(names, act_bytes)
-        air_f = air_b = 2 * nblk * net.allreduce_airtime(names, act_bytes)
-        send = {x: 2 * nblk * 2.0 * (n - 1) / n * act_bytes for x in names}
-        send_b = dict(send)
-        steps = steps_b = 2 * nblk * 2 * (n - 1)
-    elif n > 1 and st.mode == "sp":
-        kv_row = profile.dims.kv_dim * profile.dtype_bytes  # K (or V) bytes of one token
-        part = mb * max(stage_split(plan, s, shape).seq) * kv_row  # one padded slice of K (or V)
-        full = mb * shape.seq_len * kv_row  # the gathered K (or V)
-        coll_f = 2 * nblk * net.allgather_time(names, [part] * n)
-        air_f = 2 * nblk * net.allgather_airtime(names, [part] * n)
-        coll_b = 2 * nblk * net.allreduce_time(names, full)
-        air_b = 2 * nblk * net.allreduce_airtime(names, full)
-        # Ring all-gather: every device forwards the n - 1 slices that are not its own.
-        send = {x: 2 * nblk * (n - 1) * part for x in names}
-        send_b = {x: 2 * nblk * 2.0 * (n - 1) / n * full for x in names}
-        steps = 2 * nblk * (n - 1)
-        steps_b = 2 * nblk * 2 * (n - 1)
-    sync_bytes = sync = 0.0
-    if n > 1 and st.mode in ("dp", "sp"):
-        blocks = profile.blocks[a:b]
-        sync_bytes = sum(lp.params_at() for lp in blocks)
-        if s == 0 and st.mode == "dp":  # every dp owner holds an embed/head replica
-            sync_bytes += profile.embed.params_at() + profile.head.params_at()
-        sync = net.allreduce_time(names, sync_bytes)
-    return GroupComm(coll_fwd_s=coll_f, coll_bwd_s=coll_b, coll_airtime_s=air_f + air_b, coll_send_bytes=send,
-                     coll_steps=steps, sync_bytes=sync_bytes, sync_s=sync, coll_send_bytes_bwd=send_b,
-                     coll_steps_bwd=steps_b, coll_airtime_fwd_s=air_f)
+    them: its mode's ``comm`` (``edgepool.modes``)."""
+    return modes.get(plan.stages[s].mode).comm(stage_work(plan, s, profile, shape), net)
 
 
 def boundary_flows(plan: Plan, shape: Shape, profile: ModelProfile, k: int, backward: bool) -> list[tuple[str, str, float]]:
     """Non-local transfers ``(src device, dst device, bytes)`` across boundary k."""
     unit = profile.act_elem_bytes
     out = []
-    for t in boundary(plan, shape, k, backward=backward):
+    for t in Layout.of(plan, shape).boundary(k, backward=backward):
         src, dst = plan.devices[t.src], plan.devices[t.dst]
         if src != dst:
             out.append((src, dst, (t.region[1] - t.region[0]) * (t.region[3] - t.region[2]) * unit))
@@ -480,7 +417,6 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
 
     # -- per device: memory and energy ---------------------------------------------------
     out: dict[str, DeviceCost] = {}
-    opt_f = profile.opt_state_factor
     for s, st in enumerate(plan.stages):
         for name in st.devices:
             dev = devs[name]
@@ -488,11 +424,8 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             pm = kind.power_mode(mode_of[name])
             w = work[name]
             busy = M * (w.fwd_s + w.bwd_s) + w.optim_s
-            mem_parts = {
-                "runtime": profile.runtime_bytes,
-                "params": w.params_bytes, "grads": w.params_bytes, "optimizer": opt_f * w.params_bytes,
-                "activations": w.act_bytes * stage_costs[s].inflight, "transient": w.transient_bytes,
-            }
+            mem_parts = {"runtime": profile.runtime_bytes, **w.state_bytes,
+                         "activations": w.act_bytes * stage_costs[s].inflight, "transient": w.transient_bytes}
             out[name] = DeviceCost(
                 name=name, kind=dev.kind, power_mode=pm.name, stage=s, speed=device_speed(dev, pm.name),
                 fwd_s=w.fwd_s, bwd_s=w.bwd_s, busy_s=busy,

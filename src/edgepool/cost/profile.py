@@ -124,7 +124,7 @@ class ModelProfile:
     """Costs of every part of a model on ``reference_kind`` in ``reference_mode``.
 
     ``blocks[i]`` is Transformer block i; ``embed`` and ``head`` run on the data owners
-    (see ``specs.plan.owner_regions``). ``head.act_bytes`` is a transient peak (logits
+    (see ``specs.layout.Layout.owners``). ``head.act_bytes`` is a transient peak (logits
     and their gradient live only during the head's own forward and backward).
     ``optim_s_per_param_byte`` is the optimizer step's time per parameter byte on the
     reference device; ``opt_state_factor`` the optimizer state bytes per parameter byte.

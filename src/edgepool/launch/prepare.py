@@ -16,7 +16,8 @@ from pathlib import Path
 
 from edgepool.errors import InfeasibleError, PlanError, SpecError
 from edgepool.specs.job import JobSpec, load_job
-from edgepool.specs.plan import Plan, Shape, StagePlan, check_plan, load_plan, split_counts
+from edgepool.specs.layout import check_plan
+from edgepool.specs.plan import Plan, Shape, StagePlan, load_plan, split_counts
 from edgepool.specs.pool import PoolSpec, load_pool
 
 FAMILIES = ("single", "dp", "sp", "tp", "pp", "hybrid")

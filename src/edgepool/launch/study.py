@@ -27,7 +27,8 @@ from edgepool import catalog
 from edgepool.errors import EdgepoolError, InfeasibleError, PlanError
 from edgepool.launch.local import Placement, RankFailed, launch_local, pool_placement
 from edgepool.specs.job import JobSpec
-from edgepool.specs.plan import Plan, Shape, check_plan
+from edgepool.specs.layout import check_plan
+from edgepool.specs.plan import Plan, Shape
 from edgepool.specs.pool import PoolSpec
 
 FAMILIES = ("dp", "sp", "tp", "pp")

@@ -16,6 +16,16 @@ def _seeded(seed: int, part: int, build):
     return module
 
 
+class Blocks(nn.ModuleDict):
+    """A stage's blocks, run in order. A module of its own so that a mode can wrap the
+    blocks as one unit (``modes.fsdp`` makes it the FSDP root the forward goes through)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.values():
+            x = block(x)
+        return x
+
+
 class StageModel(nn.Module):
     """The parts of a model one device holds: optional embed, a block range, optional head."""
 
@@ -23,15 +33,13 @@ class StageModel(nn.Module):
         super().__init__()
         self.cfg, self.layers = cfg, tuple(layers)
         self.embed = _seeded(seed, 0, lambda: Embedding(cfg)) if embed else None
-        self.blocks = nn.ModuleDict(
+        self.blocks = Blocks(
             {str(i): _seeded(seed, 1 + i, lambda: Block(cfg)) for i in range(*layers)}
         )
         self.head = _seeded(seed, 1 + cfg.num_layers, lambda: Head(cfg)) if head else None
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks.values():
-            x = block(x)
-        return x
+        return self.blocks(x)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Full forward (needs embed and head): token ids -> logits."""

@@ -66,13 +66,15 @@ import time
 from dataclasses import dataclass, field, replace
 
 from edgepool import catalog
+from edgepool import modes as modes_mod
+from edgepool.modes import BoundInputs
 from edgepool.cost.model import PlanCost, device_speed, estimate, memory_cap_bytes, shape_for
 from edgepool.cost.network import Network
 from edgepool.cost.profile import ModelProfile
 from edgepool.errors import InfeasibleError, PlanError
 from edgepool.planner import dp as dpmod
 from edgepool.planner.modes import frontier, mode_choices
-from edgepool.planner.space import Space, group_mode_assignments, mode_options
+from edgepool.planner.space import PIPELINE_MODE, Space, group_mode_assignments, mode_options
 from edgepool.planner.tables import INF, Tables
 from edgepool.sim.engine import SimResult, simulate
 from edgepool.specs.plan import Plan, Shape, StagePlan, split_counts
@@ -83,7 +85,7 @@ FINALISTS = 6  # the cost model's best plans that the simulator ranks
 MAX_SIMULATED = 24  # simulator runs for finalists, at most (deadlines skip plans)
 FRONTIER_SIMS = 24  # frontier points simulated (evenly spread)
 BASELINE_SIM_FACTOR = 2.0  # baselines within this factor of the chosen plan are simulated
-FAMILIES = ("dp", "sp", "tp", "pp")
+FAMILIES = modes_mod.NAMES + ("pp",)
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,7 @@ class _Search:
         sp = self.space
         stages = []
         for st in res.stages:
-            s = sp.stage((st.l0, st.l1), "dp", list(sp.order[st.a:st.b]), modes, M)
+            s = sp.stage((st.l0, st.l1), PIPELINE_MODE, list(sp.order[st.a:st.b]), modes, M)
             assert s is not None
             stages.append(s)
         return sp.make_plan(stages, M, {n: modes[n] for s in stages for n in s.devices})
@@ -280,7 +282,7 @@ class _Search:
         index = {d.name: i for i, d in enumerate(self.space.order)}
         stages = [dpmod.DPStage(index[st.devices[0]], index[st.devices[-1]] + 1, st.layers[0], st.layers[1])
                   for st in best.plan.stages]
-        if any(st.mode != "dp" for st in best.plan.stages):
+        if any(st.mode != PIPELINE_MODE for st in best.plan.stages):
             return best
         improved = True
         while improved:
@@ -293,7 +295,7 @@ class _Search:
                     moved = list(stages)
                     moved[i] = dpmod.DPStage(stages[i].a, stages[i].b, stages[i].l0, cut)
                     moved[i + 1] = dpmod.DPStage(stages[i + 1].a, stages[i + 1].b, cut, stages[i + 1].l1)
-                    built = [self.space.stage((st.l0, st.l1), "dp", list(self.space.order[st.a:st.b]), modes, M)
+                    built = [self.space.stage((st.l0, st.l1), PIPELINE_MODE, list(self.space.order[st.a:st.b]), modes, M)
                              for st in moved]
                     if any(b is None for b in built):
                         continue
@@ -305,31 +307,20 @@ class _Search:
 
     # -- single-stage plans ----------------------------------------------------------------
     def single_stage(self, modes_allowed: tuple[str, ...]) -> dict[str, Candidate | None]:
-        """Best single-stage plan per family: "single" (one device), dp, sp, tp (2+ devices).
+        """Best single-stage plan per family: "single" (one device), and each allowed mode
+        (2+ devices).
 
-        dp uses the closed form of ``tables``; sp and tp are evaluated with the cost model
-        unless a lower bound (exact compute of the split, plus the group's collectives
-        and sync, without the boundaries to the data owner) exceeds the family's best.
+        The pipeline mode (dp) uses the closed form of ``tables``; every other mode is
+        evaluated with the cost model unless its lower bound (the mode's
+        ``single_stage_bound``: exact compute of the split, plus the group's collectives
+        and sync) exceeds the family's best.
         """
         sp, prof, shape, net = self.space, self.profile, self.shape, self.net
         order = list(sp.order)
         N, L, T = len(order), prof.num_layers, shape.seq_len
         best: dict[str, Candidate | None] = {m: None for m in ("single",) + modes_allowed}
-        best_t: dict[str, tuple[float, int, int, int] | None] = {m: None for m in ("single", "dp")}
-        ref = prof.reference_speed
-        blocks = prof.blocks
-        fix = sum(lp.fixed_fwd_s + lp.fixed_bwd_s for lp in blocks)
-        comp = {k: sum(getattr(lp.fwd_s, k) + getattr(lp.bwd_s, k) for lp in blocks) for k in ("rep", "head", "ffn", "quad")}
-        emb, head = prof.embed, prof.head
-        own_fix = emb.fixed_fwd_s + emb.fixed_bwd_s + head.fixed_fwd_s + head.fixed_bwd_s
-        own_tok = emb.fwd_s.total(T) + emb.bwd_s.total(T) + head.fwd_s.total(T) + head.bwd_s.total(T)
-        unit = prof.act_elem_bytes
-        p_rep = sum(lp.params_bytes.rep for lp in blocks)
-        p_split = sum(lp.params_bytes.head + lp.params_bytes.ffn for lp in blocks)
-        a_rep = sum(lp.act_bytes.rep for lp in blocks)
-        a_split = sum(lp.act_bytes.head + lp.act_bytes.ffn + lp.act_bytes.quad * T for lp in blocks)
-        blocks_params = p_rep + p_split
-        opt_f = 2 + prof.opt_state_factor
+        best_t: dict[str, tuple[float, int, int, int] | None] = {m: None for m in ("single", PIPELINE_MODE)}
+        bound_in = bound_inputs(prof, T)
         # What the model may use: the cap less the framework's own resident memory.
         caps = {d.name: memory_cap_bytes(d) - prof.runtime_bytes for d in order}
         speed = {d.name: sp.speed(d, self.max_modes[d.name]) for d in order}
@@ -339,7 +330,7 @@ class _Search:
                 for b in range(a + 1, N + 1):
                     n = b - a
                     names = [d.name for d in order[a:b]]
-                    fam = "single" if n == 1 else "dp"
+                    fam = "single" if n == 1 else PIPELINE_MODE
                     if fam in best_t:
                         g = self.tables.group(a, b, M, {x: self.max_modes[x] for x in names})
                         if g is not None:
@@ -349,50 +340,28 @@ class _Search:
                     if n == 1:
                         continue
                     speeds = [speed[x] for x in names]
-                    for mode in modes_allowed:
-                        if mode == "dp":
+                    for name in modes_allowed:
+                        mode = modes_mod.get(name)
+                        if mode.in_pipelines:
                             continue
-                        counts = sp.shares(mode, order[a:b], self.max_modes, M)
+                        counts = sp.shares(name, order[a:b], self.max_modes, M)
                         if counts is None:
                             continue
-                        total = sum(counts)
-                        per, short = [], None
-                        for c, s_, x in zip(counts, speeds, names):
-                            if mode == "tp":
-                                hf = c / total
-                                t_ = fix + mb * T * (comp["rep"] + (comp["head"] + comp["quad"] * T + comp["ffn"]) * hf)
-                                need = opt_f * (p_rep + p_split * hf) + mb * T * (a_rep + a_split * hf)
-                            else:
-                                t_ = fix + mb * c * (comp["rep"] + comp["head"] + comp["ffn"] + comp["quad"] * T)
-                                need = opt_f * blocks_params + mb * c * (a_rep + a_split)
-                            if need > caps[x]:
-                                short = (need / max(caps[x], 1.0), f"needs at least {need / 1e9:.2f} GB on {x}, which has "
-                                                         f"{caps[x] / 1e9:.2f} GB free for training")
-                                break
-                            per.append(t_ * ref / s_)
-                        if short is not None:
-                            prev = self.family_short.get(mode)
+                        per, per_mb, once, miss = mode.single_stage_bound(bound_in, counts, speeds, names, caps, mb,
+                                                                          net, prof.reference_speed)
+                        if miss is not None:
+                            need, x = miss
+                            short = (need / max(caps[x], 1.0), f"needs at least {need / 1e9:.2f} GB on {x}, which has "
+                                                               f"{caps[x] / 1e9:.2f} GB free for training")
+                            prev = self.family_short.get(name)
                             if prev is None or short[0] < prev[0]:
-                                self.family_short[mode] = short
+                                self.family_short[name] = short
                             continue
-                        per[0] += (own_fix + mb * T * own_tok) * ref / speeds[0]
-                        full = mb * T * unit
-                        if mode == "tp":
-                            coll = 4 * L * net.allreduce_time(names, full)
-                            sync = 0.0
-                            # the owner sends the embedded input and the head's gradient to every replica
-                            edge = 2 * net.transfer_time([(names[0], x, full) for x in names[1:]])
-                        else:
-                            sizes = [2.0 * mb * c * prof.dims.kv_dim * prof.dtype_bytes for c in counts]
-                            coll = 2 * L * net.allgather_time(names, sizes)
-                            sync = net.allreduce_time(names, blocks_params)
-                            part = [(names[0], x, mb * c * unit) for x, c in zip(names[1:], counts[1:])]
-                            edge = 4 * net.transfer_time(part)
-                        lb = M * (max(per) + coll + edge) + sync
-                        cur = best[mode]
+                        lb = M * (max(per) + per_mb) + once
+                        cur = best[name]
                         if cur is not None and lb >= cur.step_time_s:
                             continue
-                        st = sp.stage((0, L), mode, order[a:b], self.max_modes, M)
+                        st = sp.stage((0, L), name, order[a:b], self.max_modes, M)
                         if st is None:
                             continue
                         cand = self.evaluate(sp.make_plan([st], M, {x: self.max_modes[x] for x in names}))
@@ -400,14 +369,14 @@ class _Search:
                             self.infeasible.append(cand)
                             continue
                         if cur is None or cand.step_time_s < cur.step_time_s:
-                            best[mode] = cand
+                            best[name] = cand
         for fam, bt in best_t.items():
-            if bt is not None and (fam == "single" or "dp" in modes_allowed):
+            if bt is not None and (fam == "single" or PIPELINE_MODE in modes_allowed):
                 _, a, b, M = bt
-                st = sp.stage((0, L), "dp", order[a:b], self.max_modes, M)
+                st = sp.stage((0, L), PIPELINE_MODE, order[a:b], self.max_modes, M)
                 best[fam] = self.evaluate(sp.make_plan([st], M, {x.name: self.max_modes[x.name] for x in order[a:b]}))
-        if "dp" not in modes_allowed:
-            best.pop("dp", None)
+        if PIPELINE_MODE not in modes_allowed:
+            best.pop(PIPELINE_MODE, None)
         return best
 
     def uniform_pp(self) -> Candidate | None:
@@ -432,6 +401,25 @@ class _Search:
             if best is None or cand.step_time_s < best.step_time_s:
                 best = cand
         return best
+
+
+def bound_inputs(prof: ModelProfile, seq_len: int) -> BoundInputs:
+    """The whole-model aggregates of the modes' single-stage bounds (``modes.base``)."""
+    T, blocks = seq_len, prof.blocks
+    emb, head = prof.embed, prof.head
+    return BoundInputs(
+        seq_len=T, num_layers=prof.num_layers, fix=sum(lp.fixed_fwd_s + lp.fixed_bwd_s for lp in blocks),
+        comp={k: sum(getattr(lp.fwd_s, k) + getattr(lp.bwd_s, k) for lp in blocks) for k in ("rep", "head", "ffn", "quad")},
+        own_fix=emb.fixed_fwd_s + emb.fixed_bwd_s + head.fixed_fwd_s + head.fixed_bwd_s,
+        own_tok=emb.fwd_s.total(T) + emb.bwd_s.total(T) + head.fwd_s.total(T) + head.bwd_s.total(T),
+        p_rep=sum(lp.params_bytes.rep for lp in blocks),
+        p_split=sum(lp.params_bytes.head + lp.params_bytes.ffn for lp in blocks),
+        a_rep=sum(lp.act_bytes.rep for lp in blocks),
+        a_split=sum(lp.act_bytes.head + lp.act_bytes.ffn + lp.act_bytes.quad * T for lp in blocks),
+        max_block_params=max(lp.params_at() for lp in blocks),
+        owner_params=emb.params_at() + head.params_at(), owner_unit_params=max(emb.params_at(), head.params_at()),
+        opt_f=2 + prof.opt_state_factor, act_elem_bytes=prof.act_elem_bytes,
+        kv_row_bytes=prof.dims.kv_dim * prof.dtype_bytes)
 
 
 def _flow_shop_s(c: PlanCost) -> float:
@@ -540,7 +528,7 @@ def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", de
                                   min_stages=2 if family == "pp" else 1)
             if c is not None and c.cost.feasible and (best is None or c.step_time_s < best.step_time_s):
                 best = c
-    single_modes = ("dp", "sp", "tp") if family is None else ((family,) if family in ("dp", "sp", "tp") else ())
+    single_modes = modes_mod.NAMES if family is None else ((family,) if family in modes_mod.NAMES else ())
     singles = search.single_stage(single_modes) if single_modes else {}
     if family is not None:
         singles.pop("single", None)
@@ -688,7 +676,7 @@ def _dedupe(cands: list[Candidate]) -> list[Candidate]:
 
 def _no_family_reason(search: _Search, fam: str) -> str:
     n = len(search.pool.devices)
-    if fam in ("sp", "tp") and n < 2:
+    if fam in modes_mod.NAMES and n < 2:
         return f"{fam} needs at least 2 devices"
     if fam == "pp-uniform" and min(n, search.profile.num_layers) < 2:
         return "pp needs at least 2 devices and 2 blocks"
@@ -709,11 +697,11 @@ def _refine(search: _Search, c: Candidate, etables: Tables, energy_space: Space)
     out: list[Candidate] = []
     contiguous = all([index[n] for n in st.devices] == list(range(index[st.devices[0]], index[st.devices[0]] + len(st.devices)))
                      for st in plan.stages)
-    if all(st.mode == "dp" for st in plan.stages) and contiguous:
+    if all(st.mode == PIPELINE_MODE for st in plan.stages) and contiguous:
         stages = [(index[st.devices[0]], index[st.devices[0]] + len(st.devices), st.layers[0], st.layers[1])
                   for st in plan.stages]
         for ch in frontier(mode_choices(etables, stages, plan.num_microbatches, "energy")):
-            stplans = [energy_space.stage((l0, l1), "dp", list(sp.order[a:b]), ch.modes, plan.num_microbatches)
+            stplans = [energy_space.stage((l0, l1), PIPELINE_MODE, list(sp.order[a:b]), ch.modes, plan.num_microbatches)
                        for a, b, l0, l1 in stages]
             out.append(search.evaluate(energy_space.make_plan(stplans, plan.num_microbatches, ch.modes)))
     elif len(plan.stages) == 1:

@@ -8,14 +8,18 @@ The space (the search is exact over it; ``enumerate_plans`` lists it for tests):
    link faster never changes which plans exist.
 2. **Groups** are runs of consecutive devices in that order; stages take their groups
    in that order (stage 0 the earliest). Devices outside every group are left out.
-3. **Single-stage plans**: one group in ``dp``, ``sp`` or ``tp`` (a group of one
-   device is plain single-device training, written ``dp``; restricted to a family,
-   dp, sp and tp plans have at least two devices and pp plans at least two stages).
+3. **Single-stage plans**: one group in any mode of ``edgepool.modes`` (dp, tp, sp,
+   fsdp; a group of one device is plain single-device training, written ``dp``;
+   restricted to a family, such plans have at least two devices and pp plans at least
+   two stages).
 4. **Pipelines** (2 or more stages): contiguous layer ranges of at least one block,
-   every group in ``dp`` (Asteroid-style pipeline of data-parallel groups). tp and sp
-   need per-block collectives of whole activations, which on an edge LAN only pay off,
-   if ever, inside a single stage.
-5. **Shares**: whole items (samples for dp, tokens for sp, KV-head groups for tp) are
+   every group in ``dp`` (Asteroid-style pipeline of data-parallel groups; the mode
+   with ``in_pipelines``, whose closed form ``tables`` holds). tp and sp need per-block
+   collectives of whole activations, which on an edge LAN only pay off, if ever, inside
+   a single stage; fsdp stages inside pipelines run when written in a plan, but the
+   pipeline search does not place them yet.
+5. **Shares**: whole items (the mode's ``num_items``: samples for dp and fsdp, tokens
+   for sp, KV-head groups for tp) are
    given one at a time to the device that would finish its items soonest, i.e. they
    minimise ``max_i items_i / speed_i`` (speed in the device's power mode); each
    device gets at least one. The shares written into the plan are these counts, so
@@ -37,12 +41,15 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from edgepool import catalog
+from edgepool import modes as modes_mod
 from edgepool.cost.model import device_speed
 from edgepool.cost.profile import ModelProfile
 from edgepool.specs.plan import Plan, Shape, StagePlan
 from edgepool.specs.pool import DeviceSpec, PoolSpec
 
-MODES_SINGLE = ("dp", "sp", "tp")
+# Modes a single stage may take, and the one the pipeline search composes (``tables``).
+MODES_SINGLE = modes_mod.NAMES
+PIPELINE_MODE = next(m.name for m in modes_mod.all_modes() if m.in_pipelines)
 
 
 def canonical_order(pool: PoolSpec) -> list[DeviceSpec]:
@@ -75,14 +82,6 @@ def _minimax_counts(items: int, speeds: tuple[float, ...]) -> tuple[int, ...] | 
         counts[i] += 1
         heapq.heappush(heap, ((counts[i] + 1) / speeds[i], i))
     return tuple(counts)
-
-
-def items_for(mode: str, mb: int, shape: Shape) -> int:
-    if mode == "dp":
-        return mb
-    if mode == "sp":
-        return shape.seq_len
-    return shape.num_kv_heads or shape.num_heads
 
 
 def mode_options(dev: DeviceSpec, objective: str) -> tuple[str, ...]:
@@ -141,12 +140,12 @@ class Space:
 
     def shares(self, mode: str, devices: list[DeviceSpec], modes: dict[str, str], M: int) -> tuple[int, ...] | None:
         mb = self.shape.global_batch // M
-        return minimax_counts(items_for(mode, mb, self.shape), [self.speed(d, modes[d.name]) for d in devices])
+        return minimax_counts(modes_mod.get(mode).num_items(mb, self.shape), [self.speed(d, modes[d.name]) for d in devices])
 
     def stage(self, layers: tuple[int, int], mode: str, devices: list[DeviceSpec], modes: dict[str, str],
               M: int) -> StagePlan | None:
         if len(devices) == 1:
-            return StagePlan(layers=layers, mode="dp", devices=(devices[0].name,))
+            return StagePlan(layers=layers, mode=PIPELINE_MODE, devices=(devices[0].name,))
         counts = self.shares(mode, devices, modes, M)
         if counts is None:
             return None
@@ -185,10 +184,10 @@ def enumerate_plans(space: Space) -> Iterator[Plan]:
     fam = space.family
     for M in space.microbatches:
         # Single-stage plans.
-        if fam in (None, "dp", "sp", "tp"):
+        if fam is None or fam in MODES_SINGLE:
             for a, b in runs(N):
                 devs = order[a:b]
-                modes_single = ("dp",) if b - a == 1 else (MODES_SINGLE if fam is None else (fam,))
+                modes_single = (PIPELINE_MODE,) if b - a == 1 else (MODES_SINGLE if fam is None else (fam,))
                 if fam is not None and b - a == 1:
                     continue  # a family plan (dp, sp, tp) has at least two devices
                 for mode in modes_single:
@@ -196,7 +195,7 @@ def enumerate_plans(space: Space) -> Iterator[Plan]:
                         st = space.stage((0, L), mode, devs, modes, M)
                         if st is not None:
                             yield space.make_plan([st], M, modes)
-        if fam in ("dp", "sp", "tp"):
+        if fam in MODES_SINGLE:
             continue
         # Pipelines of dp groups (pp: groups of one device).
         for S in range(2, min(N, L) + 1):
@@ -210,7 +209,7 @@ def enumerate_plans(space: Space) -> Iterator[Plan]:
                         modes = {k: v for c in combo for k, v in c.items()}
                         stages = []
                         for i, (a, b) in enumerate(groups):
-                            st = space.stage((edges[i], edges[i + 1]), "dp", order[a:b], modes, M)
+                            st = space.stage((edges[i], edges[i + 1]), PIPELINE_MODE, order[a:b], modes, M)
                             if st is None:
                                 break
                             stages.append(st)

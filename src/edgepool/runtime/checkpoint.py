@@ -130,6 +130,6 @@ def find_resumable(root: Path, rank: int, plan_id: str, log=print) -> int | None
 
 def load(root: Path, step: int, engine, rank: int) -> None:
     payload = torch.load(step_dir(root, step) / f"rank-{rank}.pt", weights_only=False)
-    engine.model.load_state_dict(payload["model"])
+    engine.load_local_state(payload["model"])
     engine.optim.load_state_dict(payload["optim"])
     torch.set_rng_state(payload["rng"])

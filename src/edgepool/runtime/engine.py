@@ -3,12 +3,15 @@
 Composition order (fixed, as in torchtitan):
 
 1. build only this stage's parts (blocks of its layer range; embed and head only on a
-   data owner), seeded so they equal the same parts of a single-device model;
-2. TP: slice each block to this device's heads and FFN columns (``models.tp``);
-3. SP: give each block this device's token slice of the sequence;
-4. DP/SP replicas: gradients are all-reduced in the stage group once per step;
-5. the optimizer over the local parameters;
-6. the pipeline schedule: the ops of ``sim.lower.lower_rank``, executed in order.
+   data owner) at full size, seeded so they equal the same parts of a single-device
+   model, and load the given state into them;
+2. the stage's mode makes them this device's part (``Mode.apply`` of
+   ``edgepool.modes``): tp slices each block to its heads and FFN columns
+   (``models.tp``), sp gives each block its token slice of the sequence, fsdp shards
+   every unit's parameters over the group (FSDP2 ``fully_shard``), dp keeps replicas;
+3. replicas (dp, sp): their gradients are all-reduced in the stage group once per step;
+4. the optimizer over the local parameters (an fsdp device's shards);
+5. the pipeline schedule: the ops of ``sim.lower.lower_rank``, executed in order.
 
 Gradient weighting: every loss is a sum over a device's own target tokens divided by
 the number of target tokens in the whole global batch, so summing gradients over
@@ -29,16 +32,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from edgepool import modes
 from edgepool.data import IGNORE, Sampler
 from edgepool.models.stage import StageModel
 from edgepool.models.config import ModelConfig
 from edgepool.models.parallel import ParallelCtx
-from edgepool.models.tp import shard_block
 from edgepool.runtime.groups import StageGroups
 from edgepool.errors import PeerError
 from edgepool.runtime.wire import Wire, first_line
 from edgepool.sim.lower import is_data_owner, lower_rank
-from edgepool.specs.plan import EMPTY, Plan, Region, Shape, boundary, offsets, owner_regions, role_of, stage_regions, stage_split
+from edgepool.specs.layout import Layout
+from edgepool.specs.plan import EMPTY, Plan, Region, Shape, role_of
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Engine:
         self.role = role_of(plan, rank)
         self.shape = Shape(global_batch=global_batch, seq_len=seq_len, num_heads=cfg.num_heads, ffn=cfg.ffn,
                            num_kv_heads=cfg.num_kv_heads)
+        self.layout = Layout.of(plan, self.shape)
         self.owner = is_data_owner(plan, rank)
         self.sampler = sampler
         if self.owner and sampler is None:
@@ -76,48 +81,44 @@ class Engine:
         self.wire = Wire(rank, timeout_s, plan.devices)
         self.group = groups.of_stage(self.role.stage)
         s, i = self.role.stage, self.role.index
-        self.region: Region = stage_regions(plan, s, self.shape)[i]
-        self.owner_region: Region = owner_regions(plan, self.shape)[i] if s == 0 else EMPTY
+        self.region: Region = self.layout.regions[s][i]
+        self.owner_region: Region = self.layout.owners[i] if s == 0 else EMPTY
         self.mb_size = global_batch // plan.num_microbatches
         self.num_targets = global_batch * (sampler.targets_per_sample() if sampler else 0)
 
-        # 1. this stage's parts only
+        # 1. this stage's parts only, at full size, with the given state (full tensors)
         st = plan.stages[s]
         model = StageModel(cfg, st.layers, embed=self.owner, head=self.owner, seed=seed)
-        split = stage_split(plan, s, self.shape)
+        if state_dict is not None:
+            own = model.state_dict()
+            missing = [k for k in own if k not in state_dict]
+            if missing:
+                raise KeyError(f"state is missing {len(missing)} tensors, e.g. {missing[:3]}")
+            model.load_state_dict({k: state_dict[k] for k in own})
+        # 2. the stage's mode makes it this device's part (``edgepool.modes``): tp slices
+        #    every block to its heads and FFN columns, sp gives every block its token
+        #    slice, fsdp shards the parameters over the group (FSDP2); dp changes nothing
+        self.mode = modes.get(st.mode)
         ctx = ParallelCtx(wire=self.wire)
         self.shard_spec: dict[str, tuple[int, int, int]] = {}
-        if st.mode == "tp" and self.group is not None:
-            # 2. TP: this device's heads and FFN columns
-            h0, f0 = offsets(split.heads)[i], offsets(split.ffn)[i]
-            ctx.tp_group = self.group
-            for name, block in model.blocks.items():
-                spec = shard_block(block, heads=(h0, h0 + split.heads[i]), ffn=(f0, f0 + split.ffn[i]))
-                self.shard_spec.update({f"blocks.{name}.{k}": v for k, v in spec.items()})
-        if st.mode == "sp" and self.group is not None:
-            # 3. SP: this device's tokens
-            ctx.sp_group, ctx.sp_lens, ctx.sp_index = self.group, split.seq, i
+        if self.group is not None:
+            self.shard_spec = self.mode.apply(model, group=self.group, split=self.layout.splits[s], index=i, ctx=ctx,
+                                              owner=self.owner)
         for block in model.blocks.values():
             block.set_ctx(ctx)
         self.model = model
-        if state_dict is not None:
-            self.load_full_state(state_dict)
-        # 4. replicated parameters synchronised once per step
-        self.sync_params = []
-        if self.group is not None and st.mode in ("dp", "sp"):
-            self.sync_params = list(model.blocks.parameters())
-            if st.mode == "dp":  # every dp device owns data, so embed and head are replicas too
-                self.sync_params += [p for m in (model.embed, model.head) if m is not None for p in m.parameters()]
-        # 5. optimizer
+        # 3. replicated parameters synchronised once per step (dp, sp)
+        self.sync_params = self.mode.sync_params(model, owner=self.owner) if self.group is not None else []
+        # 4. optimizer
         params = list(model.parameters())
         if optimizer == "sgd":
             self.optim = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
         else:
             self.optim = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        # 6. the boundaries this rank takes part in
+        # 5. the boundaries this rank takes part in
         num_stages = len(plan.stages)
-        self._fwd = {k: boundary(plan, self.shape, k) for k in range(num_stages + 1)}
-        self._bwd = {k: boundary(plan, self.shape, k, backward=True) for k in range(num_stages + 1)}
+        self._fwd = dict(enumerate(self.layout.fwd))
+        self._bwd = dict(enumerate(self.layout.bwd))
         self._tags = 2 * (num_stages + 1)
         self._state: dict[str, dict[int, object]] = {}
 
@@ -270,21 +271,12 @@ class Engine:
 
     # -- state in full-model coordinates ----------------------------------------------
     def local_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """This rank's tensors in full-model names (shards where its mode shards;
+        ``shard_spec`` says where each shard sits in the full tensor)."""
+        return self.mode.local_state(self.model)
 
-    def load_full_state(self, full: dict[str, torch.Tensor]) -> None:
-        """Load full-model tensors, slicing TP shards; missing parts are an error."""
-        own = self.model.state_dict()
-        missing = [k for k in own if k not in full]
-        if missing:
-            raise KeyError(f"state is missing {len(missing)} tensors, e.g. {missing[:3]}")
-        with torch.no_grad():
-            for name, t in own.items():
-                src = full[name]
-                if name in self.shard_spec:
-                    dim, a, b = self.shard_spec[name]
-                    src = src.narrow(dim, a, b - a)
-                t.copy_(src)
+    def load_local_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.mode.load_local_state(self.model, state)
 
 
 def stitch(states: list[dict[str, torch.Tensor]], specs: list[dict[str, tuple[int, int, int]]]) -> dict[str, torch.Tensor]:

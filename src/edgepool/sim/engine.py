@@ -6,10 +6,11 @@ It executes ``lower(plan)``, each rank's op list, exactly as the runtime orders 
   the durations of ``cost.model.device_work`` (the same per-device compute the cost
   model uses, so the two agree where their assumptions coincide);
 - ``send_act``/``send_grad``/``embed``/``head`` start the transfers of
-  ``specs.plan.boundary`` as network flows and do not wait for them (asynchronous
+  ``specs.layout.Layout`` boundaries as network flows and do not wait for them (asynchronous
   sends); ``recv_*``, ``head`` and ``embed_bwd`` block until every flow they need has
   arrived (blocking receives);
-- tp and sp ``fwd``/``bwd`` and ``sync_grads`` are group operations: every member
+- ``fwd``/``bwd`` of a mode with collectives inside (tp, sp, fsdp: ``Mode.group_ops``)
+  and ``sync_grads`` are group operations: every member
   waits for the others, computes its share, then the group runs its ring collective as
   flows (one flow per ring edge, after the ring's latency-bound steps).
 
@@ -35,7 +36,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from edgepool import catalog
+from edgepool import catalog, modes
 from edgepool.cost.model import EnergyParts, boundary_flows, device_work, group_comm, power_mode_of
 from edgepool.cost.network import Network
 from edgepool.cost.profile import ModelProfile
@@ -193,9 +194,8 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
     S = len(plan.stages)
     roles = [role_of(plan, r) for r in range(plan.world_size)]
     comms = [group_comm(plan, s, profile, shape, net) for s in range(S)]
-    opt_f = profile.opt_state_factor
-    # The framework's own memory, then parameters, gradients and optimizer state.
-    static = {n: profile.runtime_bytes + w.params_bytes * (2 + opt_f) for n, w in work.items()}
+    # The framework's own memory, then parameters, gradients and optimizer state as the mode holds them.
+    static = {n: profile.runtime_bytes + w.static_bytes for n, w in work.items()}
 
     # Transfers of every boundary, and how many each receiver waits for.
     flows_of: dict[tuple[int, bool], list[tuple[str, str, float]]] = {}
@@ -316,7 +316,7 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
         role = roles[rk.rank]
         w = work[rk.device]
         s, mb = role.stage, op.mb
-        grouped = len(role.group) > 1 and role.mode in ("tp", "sp")
+        grouped = len(role.group) > 1 and modes.get(role.mode).group_ops
         if op.kind in ("fwd", "bwd") and grouped or op.kind == "sync_grads":
             return group_op(rk, op)
         if op.kind == "embed":

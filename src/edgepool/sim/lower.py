@@ -16,10 +16,10 @@ Op kinds, per micro-batch ``mb``:
 - ``head`` (data owners only): receive the last stage's output for the device's own
   samples, compute head, loss and its backward with the device's own labels, and send
   the gradient back. Raw data (token ids and labels) never leaves its device; see
-  ``specs.plan.owner_regions`` and ``specs.plan.boundary``.
+  ``specs.layout.Layout``.
 
-and once per step ``sync_grads`` (all-reduce of replicated gradients inside a dp or sp
-group) then ``optim``.
+and once per step ``sync_grads`` (all-reduce of replicated gradients inside a group
+whose mode syncs them: dp, sp; ``Mode.syncs_grads``) then ``optim``.
 
 Schedules (S stages, M micro-batches, stage s):
 
@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
+from edgepool import modes
 from edgepool.specs.plan import Plan, inflight_limit, role_of
 
 OpKind = Literal[
@@ -146,8 +147,10 @@ def compute_order(num_stages: int, stage: int, num_microbatches: int, schedule: 
 
 
 def is_data_owner(plan: Plan, rank: int) -> bool:
+    """Whether ``rank`` embeds and computes the loss on samples of its own: every
+    first-stage device of a mode that owns data (dp, fsdp), else the group's first."""
     role = role_of(plan, rank)
-    return role.is_first and (role.mode == "dp" or role.index == 0)
+    return role.is_first and (modes.get(role.mode).owns_data or role.index == 0)
 
 
 def lower_rank(plan: Plan, rank: int) -> list[Op]:
@@ -166,7 +169,7 @@ def lower_rank(plan: Plan, rank: int) -> list[Op]:
             ops += [Op("recv_grad", mb), Op("bwd", mb), Op("send_grad", mb)]
             if owner:
                 ops.append(Op("embed_bwd", mb))
-    if len(role.group) > 1 and role.mode in ("dp", "sp"):
+    if len(role.group) > 1 and modes.get(role.mode).syncs_grads:
         ops.append(Op("sync_grads"))
     ops.append(Op("optim"))
     return ops

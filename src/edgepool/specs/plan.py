@@ -6,7 +6,11 @@ one intra-stage mode:
 
 - ``dp``: per-device batch shares of each micro-batch (may be uneven);
 - ``tp``: per-device attention-head and FFN shares (Megatron-style, may be uneven);
-- ``sp``: per-device sequence shares (may be uneven).
+- ``sp``: per-device sequence shares (may be uneven);
+- ``fsdp``: per-device batch shares, parameters, gradients and optimizer state sharded.
+
+Each mode is one module of ``edgepool.modes``; ``specs.layout`` resolves a plan's
+shares into items, regions and transfers through them.
 
 Pure DP/TP/SP is one stage over all devices, pure PP is S stages of one device, and
 Asteroid-style hybrid is S stages with groups of different sizes. The embedding belongs
@@ -32,7 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validat
 from edgepool.errors import PlanError
 
 SCHEMA_VERSION = 1
-StageMode = Literal["dp", "tp", "sp"]
+# The plan schema's mode list; each mode lives in ``edgepool.modes.<name>``.
+StageMode = Literal["dp", "tp", "sp", "fsdp"]
 
 
 class _Strict(BaseModel):
@@ -219,51 +224,6 @@ def microbatch_size(plan: Plan, shape: Shape) -> int:
     return shape.global_batch // plan.num_microbatches
 
 
-def stage_split(plan: Plan, stage: int, shape: Shape) -> StageSplit:
-    st = plan.stages[stage]
-    n = len(st.devices)
-    mb = microbatch_size(plan, shape)
-    full = lambda v: tuple(v for _ in range(n))  # noqa: E731
-    batch, seq, heads, ffn = full(mb), full(shape.seq_len), full(shape.num_heads), full(shape.ffn)
-    if st.mode == "dp":
-        batch = split_counts(mb, st.weights)
-    elif st.mode == "sp":
-        seq = split_counts(shape.seq_len, st.weights)
-    else:
-        heads = split_counts(shape.num_heads, st.weights)
-        ffn = split_counts(shape.ffn, st.weights)
-        kv = shape.num_kv_heads or shape.num_heads
-        if kv != shape.num_heads:
-            if shape.num_heads % kv:
-                raise PlanError(f"num_heads {shape.num_heads} is not a multiple of num_kv_heads {kv}")
-            grp = shape.num_heads // kv
-            heads = tuple(h * grp for h in split_counts(kv, st.weights))
-    for what, counts, total in (("samples of a micro-batch", batch, mb), ("tokens", seq, shape.seq_len),
-                                ("heads", heads, shape.num_heads), ("FFN columns", ffn, shape.ffn)):
-        if min(counts) < 1:
-            dev = st.devices[counts.index(min(counts))]
-            raise PlanError(
-                f"stage {stage} ({st.mode}) gives device {dev!r} 0 of {total} {what} (split {list(counts)}); "
-                "raise its share, use fewer devices in this stage, or fewer micro-batches"
-            )
-    return StageSplit(batch=batch, seq=seq, heads=heads, ffn=ffn)
-
-
-def check_plan(plan: Plan, shape: Shape, device_names: list[str] | None = None, num_layers: int | None = None) -> None:
-    """Everything that can be checked before any process starts. Raises PlanError."""
-    if num_layers is not None and plan.num_layers != num_layers:
-        raise PlanError(f"plan has num_layers {plan.num_layers} but the model has {num_layers}; re-plan for this model")
-    if device_names is not None:
-        for d in plan.devices:
-            if d not in device_names:
-                raise PlanError(f"plan uses device {d!r}, which is not in the pool ({', '.join(device_names)}); fix the plan or the pool")
-        for d, mode in plan.power_modes.items():
-            if d not in device_names:
-                raise PlanError(f"power_modes names device {d!r}, which is not in the pool")
-    for i in range(len(plan.stages)):
-        stage_split(plan, i, shape)
-
-
 # -- roles and regions: pure functions shared by runtime and simulator ---------------
 @dataclass(frozen=True)
 class Role:
@@ -315,24 +275,6 @@ def role_of(plan: Plan, rank: int) -> Role:
 Region = tuple[int, int, int, int]  # (batch start, batch stop, token start, token stop) in a micro-batch
 
 
-def stage_regions(plan: Plan, stage: int, shape: Shape) -> list[Region]:
-    """The part of each micro-batch's activations each device of a stage holds."""
-    sp = stage_split(plan, stage, shape)
-    mode = plan.stages[stage].mode
-    mb = microbatch_size(plan, shape)
-    out = []
-    for i in range(len(plan.stages[stage].devices)):
-        if mode == "dp":
-            b0 = offsets(sp.batch)[i]
-            out.append((b0, b0 + sp.batch[i], 0, shape.seq_len))
-        elif mode == "sp":
-            t0 = offsets(sp.seq)[i]
-            out.append((0, mb, t0, t0 + sp.seq[i]))
-        else:
-            out.append((0, mb, 0, shape.seq_len))
-    return out
-
-
 @dataclass(frozen=True)
 class Transfer:
     src: int  # sending rank
@@ -341,21 +283,6 @@ class Transfer:
 
 
 EMPTY: Region = (0, 0, 0, 0)
-
-
-def owner_regions(plan: Plan, shape: Shape) -> list[Region]:
-    """The part of each micro-batch whose raw data each first-stage device owns.
-
-    Data never leaves its device: a device reads its samples from its own file, embeds
-    them, and computes the loss on them with its own labels. In a dp first stage every
-    device owns its batch share; in a tp or sp first stage the group's first device owns
-    the whole micro-batch and the others own nothing (they receive embedded activations).
-    """
-    regions = stage_regions(plan, 0, shape)
-    if plan.stages[0].mode == "dp":
-        return regions
-    mb = microbatch_size(plan, shape)
-    return [(0, mb, 0, shape.seq_len)] + [EMPTY] * (len(regions) - 1)
 
 
 def transfers(have: list[Region], have_replicated: bool, need: list[Region]) -> list[tuple[int, int, Region]]:
@@ -376,28 +303,3 @@ def transfers(have: list[Region], have_replicated: bool, need: list[Region]) -> 
             if b0 < b1 and t0 < t1:
                 out.append((i, j, (b0, b1, t0, t1)))
     return out
-
-
-def boundary(plan: Plan, shape: Shape, k: int, *, backward: bool = False) -> list[Transfer]:
-    """The transfers across boundary ``k`` of a micro-batch, as global ranks.
-
-    Boundary 0 runs from the data owners (embedding) into stage 0's blocks, boundary k
-    (0 < k < S) from stage k-1 to stage k, and boundary S from the last stage's blocks
-    to the data owners (head and loss). Forward carries activations; ``backward=True``
-    carries their gradients the other way. A tp group holds replicas of its input and
-    output and of their gradients, so one replica sends each piece.
-    """
-    num_stages = len(plan.stages)
-    ranks = stage_ranks(plan)
-    owner = (ranks[0], owner_regions(plan, shape), False)
-
-    def side(s: int) -> tuple[tuple[int, ...], list[Region], bool]:
-        return ranks[s], stage_regions(plan, s, shape), plan.stages[s].mode == "tp"
-
-    src = owner if k == 0 else side(k - 1)
-    dst = owner if k == num_stages else side(k)
-    if backward:
-        src, dst = dst, src
-    src_ranks, have, replicated = src
-    dst_ranks, need, _ = dst
-    return [Transfer(src_ranks[i], dst_ranks[j], r) for i, j, r in transfers(have, replicated, need)]

@@ -1,0 +1,216 @@
+"""What an intra-stage mode is: the plug point every mode module fills in.
+
+A stage's group of devices splits the stage's work in one mode. A mode module holds
+everything about its mode and nothing else does (``edgepool.modes``):
+
+- **split**: how the group's shares turn into whole items (samples, tokens, heads and
+  FFN columns) and which part of each micro-batch's activations a device holds (its
+  *region*);
+- **data**: whether every first-stage device owns its samples (embeds them, computes
+  head and loss with its own labels) or only the group's first device does;
+- **work**: what part of every block a device computes (tokens, head and FFN
+  fractions, which ``cost.profile.Parts.at`` prices);
+- **memory**: the parameter, gradient and optimizer bytes a device holds;
+- **collectives**: the group's own communication per micro-batch and per step, as
+  the runtime runs it (``GroupComm``);
+- **lowering**: whether forward and backward are group operations (members wait for
+  each other) and whether a ``sync_grads`` op ends the step;
+- **engine**: ``apply`` changes a built stage model for this device (slices it,
+  shards it, gives it its collectives) and names the parameters synced once per step.
+
+Everything here is pure Python; ``apply`` and the state hooks import torch when they
+run, so ``import edgepool.modes`` stays cheap and the planner never loads torch.
+
+Units: seconds, bytes, counts (``num_``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from edgepool.errors import PlanError
+from edgepool.specs.plan import Region, Shape, StageSplit, offsets, split_counts
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgepool.cost.network import Network
+    from edgepool.cost.profile import ModelProfile
+
+
+@dataclass(frozen=True)
+class GroupComm:
+    """A stage group's own communication: per-micro-batch collectives and the sync.
+
+    ``coll_send_bytes`` and ``coll_steps`` are the forward's; ``coll_send_bytes_bwd``
+    and ``coll_steps_bwd`` the backward's (tp: the same; sp: all-reduces backward where
+    the forward all-gathers; fsdp: one all-gather forward, an all-gather and a
+    reduce-scatter backward).
+    """
+
+    coll_fwd_s: float = 0.0
+    coll_bwd_s: float = 0.0
+    coll_airtime_s: float = 0.0  # per micro-batch, fwd + bwd
+    coll_send_bytes: dict[str, float] = field(default_factory=dict)  # per micro-batch, forward: what each device sends
+    coll_steps: int = 0  # latency-bound ring steps of the forward per micro-batch
+    sync_bytes: float = 0.0  # gradient bytes all-reduced once per step (0: no sync)
+    sync_s: float = 0.0
+    coll_send_bytes_bwd: dict[str, float] = field(default_factory=dict)  # per micro-batch, backward
+    coll_steps_bwd: int = 0
+    coll_airtime_fwd_s: float = 0.0  # the forward's part of coll_airtime_s
+
+    def send_bytes(self, name: str, backward: bool) -> float:
+        return (self.coll_send_bytes_bwd if backward else self.coll_send_bytes).get(name, 0.0)
+
+
+@dataclass(frozen=True)
+class StageWork:
+    """What a mode's cost hooks need to know about one stage (built by ``cost.model``).
+
+    ``block_params``: the stage's blocks' parameter bytes at full size, one per block;
+    ``owner_params``: the embed and head bytes on a data owner (0 elsewhere).
+    """
+
+    stage: int
+    names: tuple[str, ...]
+    split: StageSplit
+    microbatch: int
+    shape: Shape
+    profile: "ModelProfile"
+    layers: tuple[int, int]
+    owns_data: tuple[bool, ...]
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+
+@dataclass(frozen=True)
+class BoundInputs:
+    """Whole-model aggregates the planner's single-stage lower bound uses (one per search).
+
+    ``comp``: the blocks' forward plus backward seconds per token, by part; ``fix``: their
+    fixed seconds per call; ``p_rep``/``p_split`` parameter bytes (repeated, split by
+    tp); ``a_rep``/``a_split`` activation bytes per token (kept per micro-batch);
+    ``opt_f``: bytes per parameter byte for parameters, gradients and optimizer state.
+    """
+
+    seq_len: int
+    num_layers: int
+    fix: float
+    comp: dict[str, float]
+    own_fix: float  # a data owner's embed and head: fixed seconds per call
+    own_tok: float  # and seconds per token
+    p_rep: float
+    p_split: float
+    a_rep: float
+    a_split: float
+    max_block_params: float
+    owner_params: float  # embed + head
+    owner_unit_params: float  # the larger of embed and head
+    opt_f: float
+    act_elem_bytes: int
+    kv_row_bytes: float
+
+    @property
+    def blocks_params(self) -> float:
+        return self.p_rep + self.p_split
+
+
+class Mode:
+    """The base of every mode module's ``MODE``. Defaults are dp's replicated shape."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    item: ClassVar[str] = "samples of a micro-batch"  # what the shares count
+    owns_data: ClassVar[bool] = False  # every first-stage device owns its samples
+    replicated_io: ClassVar[bool] = False  # every device holds the stage's whole input and output
+    group_ops: ClassVar[bool] = False  # fwd/bwd wait for the whole group (collectives inside)
+    syncs_grads: ClassVar[bool] = False  # one gradient all-reduce per step (sync_grads)
+    in_pipelines: ClassVar[bool] = False  # the planner's pipeline search places it in pipelines
+
+    # -- split ------------------------------------------------------------------------
+    def num_items(self, microbatch: int, shape: Shape) -> int:
+        """How many whole items the group shares out (the planner's minimax unit)."""
+        return microbatch
+
+    def split(self, weights: tuple[float, ...], microbatch: int, shape: Shape) -> StageSplit:
+        n = len(weights)
+        full = lambda v: tuple(v for _ in range(n))  # noqa: E731
+        return StageSplit(batch=split_counts(microbatch, weights), seq=full(shape.seq_len),
+                          heads=full(shape.num_heads), ffn=full(shape.ffn))
+
+    def region(self, split: StageSplit, index: int, microbatch: int, shape: Shape) -> Region:
+        b0 = offsets(split.batch)[index]
+        return (b0, b0 + split.batch[index], 0, shape.seq_len)
+
+    # -- work and memory ----------------------------------------------------------------
+    def block_part(self, split: StageSplit, index: int, microbatch: int, shape: Shape) -> tuple[float, float, float]:
+        """(query tokens, head fraction, FFN fraction) of every block this device computes."""
+        return (split.batch[index] * shape.seq_len, 1.0, 1.0)
+
+    def memory(self, w: StageWork, index: int, params_bytes: float) -> dict[str, float]:
+        """Parameter, gradient and optimizer bytes of device ``index`` holding
+        ``params_bytes`` of parameters at full size (its blocks' part, plus embed and
+        head on a data owner)."""
+        opt = w.profile.opt_state_factor
+        return {"params": params_bytes, "grads": params_bytes, "optimizer": opt * params_bytes}
+
+    def optim_fraction(self, w: StageWork) -> float:
+        """The fraction of a device's parameters its optimizer steps on."""
+        return 1.0
+
+    def comm(self, w: StageWork, net: "Network") -> GroupComm:
+        return GroupComm(coll_send_bytes={x: 0.0 for x in w.names}, coll_send_bytes_bwd={x: 0.0 for x in w.names})
+
+    def owner_work(self, b: BoundInputs, tokens: float, speed: float, ref_speed: float) -> float:
+        """A data owner's embed and head seconds per micro-batch for ``tokens`` of its own."""
+        return (b.own_fix + tokens * b.own_tok) * ref_speed / speed
+
+    def single_stage_bound(self, b: BoundInputs, counts: tuple[int, ...], speeds: list[float], names: list[str],
+                           caps: dict[str, float], microbatch: int, net: "Network",
+                           ref_speed: float) -> tuple[list[float], float, float, tuple[float, str] | None]:
+        """The planner's cheap bound for a single stage of this mode over ``names``.
+
+        Returns (per-device compute seconds per micro-batch, the owners' embed and head
+        included; communication seconds per micro-batch; seconds once per step;
+        the first memory miss as (bytes needed, device) or None). The cost model charges
+        at least ``M * (max compute + per micro-batch) + once``: exact compute of the
+        split, the group's collectives, no pipeline bubbles.
+        """
+        raise NotImplementedError(f"mode {self.name} has no single-stage bound")
+
+    # -- engine (torch) ---------------------------------------------------------------
+    def apply(self, model: Any, *, group: Any, split: StageSplit, index: int, ctx: Any,
+              owner: bool) -> dict[str, tuple[int, int, int]]:
+        """Make ``model`` (this device's full-size stage parts) this mode's part of the
+        stage. Returns the shard spec ``name -> (dim, start, stop)`` of every tensor that
+        holds a slice of the full tensor (``runtime.engine.stitch``)."""
+        return {}
+
+    def sync_params(self, model: Any, *, owner: bool) -> list:
+        """Parameters whose gradients the group all-reduces once per step."""
+        return []
+
+    def local_state(self, model: Any) -> dict:
+        """This device's tensors (its shards where the mode shards), detached copies."""
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def load_local_state(self, model: Any, state: dict) -> None:
+        model.load_state_dict(state)
+
+
+def check_split(mode: Mode, stage: int, devices: tuple[str, ...], split: StageSplit, microbatch: int,
+                shape: Shape) -> None:
+    """Every device gets at least one of every item its mode shares out."""
+    for what, counts, total in (("samples of a micro-batch", split.batch, microbatch), ("tokens", split.seq, shape.seq_len),
+                                ("heads", split.heads, shape.num_heads), ("FFN columns", split.ffn, shape.ffn)):
+        if min(counts) < 1:
+            dev = devices[counts.index(min(counts))]
+            raise PlanError(
+                f"stage {stage} ({mode.name}) gives device {dev!r} 0 of {total} {what} (split {list(counts)}); "
+                "raise its share, use fewer devices in this stage, or fewer micro-batches"
+            )

@@ -1,0 +1,141 @@
+"""``fsdp``: sharded data parallelism (ZeRO-3) inside a stage's group, uneven batch shares.
+
+As in ``dp``, every device computes its share of each micro-batch's samples and, on a
+first stage, owns them (embeds them, computes head and loss with its own labels). But
+no device holds the whole stage: parameters, gradients and optimizer state are sharded
+over the group, and each unit (every block, and the embed and head on a first stage) is
+all-gathered just before it computes and freed again after.
+
+**Engine.** ``torch.distributed.fsdp.fully_shard`` (FSDP2) does the work: each block,
+the embed and the head are one FSDP unit each, and the blocks' container is the root the
+stage's forward goes through, on a CPU ``DeviceMesh`` made from the stage group. FSDP2
+shards every parameter on dim 0 (``torch.chunk``: the first devices take
+``ceil(rows / n)`` rows). Two settings are ours:
+
+- the reduce-scatter **sums** (``set_gradient_divide_factor(1.0)`` with
+  ``set_force_sum_reduction_for_comms``; gloo has no ``PREMUL_SUM``): every device's
+  loss is already divided by the whole global batch's target count
+  (``runtime.engine``), so the sum is the full-batch gradient for any uneven shares;
+- every unit reshards after its forward (``reshard_after_forward=True``, also on the
+  embed and head, which FSDP2 would otherwise keep whole as roots), so at most one
+  unit's parameters are whole at a time.
+
+Each micro-batch's backward reduce-scatters its gradients into the sharded gradient,
+which accumulates over micro-batches; nothing is synced at the end of the step.
+
+**Cost.** Per micro-batch and unit of ``u`` bytes: one ring all-gather in the forward,
+an all-gather and a reduce-scatter in the backward, each moving ``(n-1)/n * u`` per
+device (``cost.network.allgather_time``; a ring reduce-scatter moves what a ring
+all-gather does), one collective call per unit (its latency-bound steps). The embed's
+and head's collectives run inside the owners' embed and head ops; the cost model and the
+simulator charge them with the stage's forward and backward, which adds up the same.
+
+**Memory.** ``(P / n) * (2 + opt_state)`` for the shards of parameters, gradients and
+optimizer state, plus the largest unit whole twice (its gathered parameters and their
+unsharded gradient before the reduce-scatter). Rows that do not divide evenly leave the
+first devices a row more; the model counts the even ``P / n``.
+"""
+
+from __future__ import annotations
+
+from edgepool.modes.base import BoundInputs, GroupComm, Mode, StageWork
+
+
+def _units(w: StageWork, index: int) -> list[float]:
+    """Bytes of every FSDP unit device ``index`` takes part in, at full size."""
+    a, b = w.layers
+    units = [lp.params_at() for lp in w.profile.blocks[a:b]]
+    if w.owns_data[index]:
+        units += [w.profile.embed.params_at(), w.profile.head.params_at()]
+    return units
+
+
+class ShardedDataParallel(Mode):
+    name = "fsdp"
+    summary = "dp with parameters, gradients and optimizer state sharded (ZeRO-3, FSDP2)"
+    item = "samples of a micro-batch"
+    owns_data = True
+    group_ops = True
+
+    def memory(self, w: StageWork, index: int, params_bytes: float) -> dict[str, float]:
+        n = w.num_devices
+        if n < 2:
+            return super().memory(w, index, params_bytes)
+        whole = max(_units(w, index))
+        shard = params_bytes / n
+        return {"params": shard + whole, "grads": shard + whole, "optimizer": w.profile.opt_state_factor * shard}
+
+    def optim_fraction(self, w: StageWork) -> float:
+        return 1.0 / w.num_devices
+
+    def comm(self, w: StageWork, net) -> GroupComm:
+        names, n = list(w.names), w.num_devices
+        zero = {x: 0.0 for x in names}
+        if n < 2:
+            return GroupComm(coll_send_bytes=zero, coll_send_bytes_bwd=dict(zero))
+        # Every device of a dp-like first stage owns data, so all take part in every unit.
+        units = _units(w, 0)
+        ag = sum(net.allgather_time(names, [u / n] * n) for u in units)
+        air = sum(net.allgather_airtime(names, [u / n] * n) for u in units)
+        send = sum((n - 1) * u / n for u in units)
+        steps = len(units) * (n - 1)
+        return GroupComm(coll_fwd_s=ag, coll_bwd_s=2 * ag, coll_airtime_s=3 * air,
+                         coll_send_bytes={x: send for x in names}, coll_steps=steps,
+                         coll_send_bytes_bwd={x: 2 * send for x in names}, coll_steps_bwd=2 * steps,
+                         coll_airtime_fwd_s=air)
+
+    def single_stage_bound(self, b: BoundInputs, counts, speeds, names, caps, microbatch, net, ref_speed):
+        T, c = b.seq_len, b.comp
+        n = len(names)
+        P = b.blocks_params + b.owner_params
+        whole = max(b.max_block_params, b.owner_unit_params)
+        per = []
+        for cnt, s_, x in zip(counts, speeds, names):
+            t_ = b.fix + cnt * T * (c["rep"] + c["head"] + c["ffn"] + c["quad"] * T)
+            need = b.opt_f * P / n + 2 * whole + cnt * T * (b.a_rep + b.a_split)
+            if need > caps[x]:
+                return per, 0.0, 0.0, (need, x)
+            per.append(t_ * ref_speed / s_ + self.owner_work(b, cnt * T, s_, ref_speed))  # every device owns data
+        # One all-gather of everything costs no more than one per unit (fewer latencies).
+        coll = 3 * net.allgather_time(names, [P / n] * n)
+        return per, coll, 0.0, None
+
+    # -- engine -------------------------------------------------------------------------
+    def apply(self, model, *, group, split, index, ctx, owner):
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = DeviceMesh.from_group(group, "cpu")
+        n = mesh.size()
+        full_rows = {k: v.shape[0] for k, v in model.state_dict().items()}
+        units = list(model.blocks.values()) + [m for m in (model.embed, model.head) if m is not None]
+        for unit in units:
+            fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+        fully_shard(model.blocks, mesh=mesh, reshard_after_forward=True)
+        for m in [model.blocks] + units:
+            m.set_gradient_divide_factor(1.0)  # sum: losses are already global means
+            m.set_force_sum_reduction_for_comms(True)
+        spec = {}
+        for name, rows in full_rows.items():
+            chunk = -(-rows // n)
+            start = min(index * chunk, rows)
+            spec[name] = (0, start, min(start + chunk, rows))
+        return spec
+
+    def local_state(self, model) -> dict:
+        return {k: _local(v).detach().clone() for k, v in model.state_dict().items()}
+
+    def load_local_state(self, model, state: dict) -> None:
+        import torch
+
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                _local(v).copy_(state[k])
+
+
+def _local(t):
+    """A DTensor's local shard (FSDP2 parameters), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+MODE = ShardedDataParallel()

@@ -1,0 +1,95 @@
+"""``tp``: Megatron-style tensor parallelism inside a stage's group, uneven shares.
+
+Each device holds a slice of every block: its attention heads (whole KV-head groups
+under grouped-query attention) and FFN columns (``models.tp.shard_block``), and every
+device holds the stage's whole input and output (replicas). Per block the forward
+all-reduces the attention and MLP outputs (Megatron's *g*) and the backward their input
+gradients (*f*): four all-reduces of a micro-batch's activations per block
+(``models.parallel``). Only the group's first device owns data on a first stage.
+"""
+
+from __future__ import annotations
+
+from edgepool.errors import PlanError
+from edgepool.modes.base import BoundInputs, GroupComm, Mode, StageWork
+from edgepool.specs.plan import Region, Shape, StageSplit, offsets, split_counts
+
+
+class TensorParallel(Mode):
+    name = "tp"
+    summary = "heads and FFN columns split (Megatron), four activation all-reduces per block"
+    item = "KV-head groups"
+    replicated_io = True
+    group_ops = True
+
+    def num_items(self, microbatch: int, shape: Shape) -> int:
+        return shape.num_kv_heads or shape.num_heads
+
+    def split(self, weights, microbatch: int, shape: Shape) -> StageSplit:
+        n = len(weights)
+        heads = split_counts(shape.num_heads, weights)
+        ffn = split_counts(shape.ffn, weights)
+        kv = shape.num_kv_heads or shape.num_heads
+        if kv != shape.num_heads:
+            if shape.num_heads % kv:
+                raise PlanError(f"num_heads {shape.num_heads} is not a multiple of num_kv_heads {kv}")
+            grp = shape.num_heads // kv
+            heads = tuple(h * grp for h in split_counts(kv, weights))
+        return StageSplit(batch=tuple(microbatch for _ in range(n)), seq=tuple(shape.seq_len for _ in range(n)),
+                          heads=heads, ffn=ffn)
+
+    def region(self, split: StageSplit, index: int, microbatch: int, shape: Shape) -> Region:
+        return (0, microbatch, 0, shape.seq_len)
+
+    def block_part(self, split: StageSplit, index: int, microbatch: int, shape: Shape):
+        return (microbatch * shape.seq_len, split.heads[index] / shape.num_heads, split.ffn[index] / shape.ffn)
+
+    def comm(self, w: StageWork, net) -> GroupComm:
+        names, n = list(w.names), w.num_devices
+        zero = {x: 0.0 for x in names}
+        if n < 2:
+            return GroupComm(coll_send_bytes=zero, coll_send_bytes_bwd=dict(zero))
+        nblk = w.num_blocks
+        act_bytes = w.microbatch * w.shape.seq_len * w.profile.act_elem_bytes
+        coll = 2 * nblk * net.allreduce_time(names, act_bytes)
+        air = 2 * nblk * net.allreduce_airtime(names, act_bytes)
+        send = {x: 2 * nblk * 2.0 * (n - 1) / n * act_bytes for x in names}
+        steps = 2 * nblk * 2 * (n - 1)
+        return GroupComm(coll_fwd_s=coll, coll_bwd_s=coll, coll_airtime_s=2 * air, coll_send_bytes=send,
+                         coll_steps=steps, coll_send_bytes_bwd=dict(send), coll_steps_bwd=steps,
+                         coll_airtime_fwd_s=air)
+
+    def single_stage_bound(self, b: BoundInputs, counts, speeds, names, caps, microbatch, net, ref_speed):
+        T, mb = b.seq_len, microbatch
+        c = b.comp
+        total = sum(counts)
+        per = []
+        for cnt, s_, x in zip(counts, speeds, names):
+            hf = cnt / total
+            t_ = b.fix + mb * T * (c["rep"] + (c["head"] + c["quad"] * T + c["ffn"]) * hf)
+            need = b.opt_f * (b.p_rep + b.p_split * hf) + mb * T * (b.a_rep + b.a_split * hf)
+            if need > caps[x]:
+                return per, 0.0, 0.0, (need, x)
+            per.append(t_ * ref_speed / s_)
+        per[0] += self.owner_work(b, mb * T, speeds[0], ref_speed)  # the group's first device owns the data
+        full = mb * T * b.act_elem_bytes
+        L = b.num_layers
+        coll = 4 * L * net.allreduce_time(names, full)
+        # the owner sends the embedded input and the head's gradient to every replica
+        edge = 2 * net.transfer_time([(names[0], x, full) for x in names[1:]])
+        return per, coll + edge, 0.0, None
+
+    # -- engine -------------------------------------------------------------------------
+    def apply(self, model, *, group, split, index, ctx, owner):
+        from edgepool.models.tp import shard_block
+
+        h0, f0 = offsets(split.heads)[index], offsets(split.ffn)[index]
+        ctx.tp_group = group
+        spec: dict[str, tuple[int, int, int]] = {}
+        for name, block in model.blocks.items():
+            part = shard_block(block, heads=(h0, h0 + split.heads[index]), ffn=(f0, f0 + split.ffn[index]))
+            spec.update({f"blocks.{name}.{k}": v for k, v in part.items()})
+        return spec
+
+
+MODE = TensorParallel()

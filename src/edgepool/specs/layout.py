@@ -1,0 +1,114 @@
+"""A plan resolved for one (plan, shape): splits, regions, data owners, boundaries.
+
+``Layout.of(plan, shape)`` computes once, through each stage's mode
+(``edgepool.modes``), what the cost model, the simulator and the runtime all read:
+
+- ``splits[s]``: stage s's shares as whole items (``StageSplit``);
+- ``regions[s][i]``: the part of each micro-batch's activations device i of stage s
+  holds, as (batch start, batch stop, token start, token stop);
+- ``owners[i]``: the part whose raw data first-stage device i owns. Data never leaves
+  its device: a device reads its samples from its own file, embeds them, and computes
+  the loss on them with its own labels. In a mode that owns data (dp, fsdp) every device
+  owns its batch share; otherwise the group's first device owns the whole micro-batch
+  and the others own nothing (they receive embedded activations);
+- ``fwd[k]`` / ``bwd[k]``: the transfers across boundary k as global ranks. Boundary 0
+  runs from the data owners (embedding) into stage 0's blocks, boundary k (0 < k < S)
+  from stage k-1 to stage k, and boundary S from the last stage's blocks to the data
+  owners (head and loss). Forward carries activations, backward their gradients the
+  other way. A group whose mode holds replicas of its input and output (tp) sends each
+  piece from one replica.
+
+Building a layout checks the plan against the shape (``PlanError`` with the numbers);
+``check_plan`` adds the checks against the pool and the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgepool import modes
+from edgepool.errors import PlanError
+from edgepool.specs.plan import (EMPTY, Plan, Region, Role, Shape, StageSplit, Transfer, microbatch_size, role_of,
+                                 stage_ranks, transfers)
+
+
+@dataclass(frozen=True)
+class Layout:
+    plan: Plan
+    shape: Shape
+    microbatch: int
+    ranks: tuple[tuple[int, ...], ...]
+    splits: tuple[StageSplit, ...]
+    regions: tuple[tuple[Region, ...], ...]
+    owners: tuple[Region, ...]
+    fwd: tuple[tuple[Transfer, ...], ...]
+    bwd: tuple[tuple[Transfer, ...], ...]
+
+    @classmethod
+    def of(cls, plan: Plan, shape: Shape) -> "Layout":
+        key = (plan.plan_id, shape)
+        hit = _CACHE.get(key)
+        if hit is not None and hit.plan == plan:
+            return hit
+        mb = microbatch_size(plan, shape)
+        splits, regions = [], []
+        for s, st in enumerate(plan.stages):
+            mode = modes.get(st.mode)
+            sp = mode.split(st.weights, mb, shape)
+            modes.check_split(mode, s, st.devices, sp, mb, shape)
+            splits.append(sp)
+            regions.append(tuple(mode.region(sp, i, mb, shape) for i in range(len(st.devices))))
+        if modes.get(plan.stages[0].mode).owns_data:
+            owners = regions[0]
+        else:
+            owners = ((0, mb, 0, shape.seq_len),) + (EMPTY,) * (len(regions[0]) - 1)
+        ranks = tuple(stage_ranks(plan))
+        S = len(plan.stages)
+
+        def crossing(k: int, backward: bool) -> tuple[Transfer, ...]:
+            src_s, dst_s = k - 1, k  # stage indices; -1 / S are the owners
+            src = (ranks[0], owners, False) if k == 0 else (ranks[src_s], regions[src_s],
+                                                            modes.get(plan.stages[src_s].mode).replicated_io)
+            dst = (ranks[0], owners, False) if k == S else (ranks[dst_s], regions[dst_s],
+                                                           modes.get(plan.stages[dst_s].mode).replicated_io)
+            if backward:
+                src, dst = dst, src
+            src_ranks, have, replicated = src
+            dst_ranks, need, _ = dst
+            return tuple(Transfer(src_ranks[i], dst_ranks[j], r) for i, j, r in transfers(list(have), replicated, list(need)))
+
+        layout = cls(plan=plan, shape=shape, microbatch=mb, ranks=ranks, splits=tuple(splits), regions=tuple(regions),
+                     owners=tuple(owners), fwd=tuple(crossing(k, False) for k in range(S + 1)),
+                     bwd=tuple(crossing(k, True) for k in range(S + 1)))
+        if len(_CACHE) > 4096:
+            _CACHE.clear()
+        _CACHE[key] = layout
+        return layout
+
+    def role(self, rank: int) -> Role:
+        return role_of(self.plan, rank)
+
+    def boundary(self, k: int, *, backward: bool = False) -> tuple[Transfer, ...]:
+        return (self.bwd if backward else self.fwd)[k]
+
+    def owns_data(self, rank: int) -> bool:
+        """Whether ``rank`` embeds and computes the loss on some samples of its own."""
+        role = role_of(self.plan, rank)
+        return role.is_first and self.owners[role.index] != EMPTY
+
+
+_CACHE: dict[tuple, Layout] = {}
+
+
+def check_plan(plan: Plan, shape: Shape, device_names: list[str] | None = None, num_layers: int | None = None) -> None:
+    """Everything that can be checked before any process starts. Raises PlanError."""
+    if num_layers is not None and plan.num_layers != num_layers:
+        raise PlanError(f"plan has num_layers {plan.num_layers} but the model has {num_layers}; re-plan for this model")
+    if device_names is not None:
+        for d in plan.devices:
+            if d not in device_names:
+                raise PlanError(f"plan uses device {d!r}, which is not in the pool ({', '.join(device_names)}); fix the plan or the pool")
+        for d in plan.power_modes:
+            if d not in device_names:
+                raise PlanError(f"power_modes names device {d!r}, which is not in the pool")
+    Layout.of(plan, shape)
