@@ -66,6 +66,22 @@ def test_mode_matches_single(tmp_path, single, name, family, schedule):
         assert abs(a - b) <= 1e-4 * abs(a), (name, single, losses)
 
 
+def test_fsdp_on_three_processes_matches_single(tmp_path, single):
+    """Sharded data parallelism over three local processes with uneven batch shares."""
+    from edgepool.specs import Plan, StagePlan
+
+    plan = Plan(num_layers=4, stages=[StagePlan(layers=(0, 4), mode="fsdp", devices=("laptop", "orin", "nano-1"),
+                                                shares=(2.0, 1.5, 1.0))])
+    path = tmp_path / "plan-fsdp.json"
+    path.write_text(plan.dumps())
+    losses = _train(tmp_path, "fsdp", "--plan", str(path))
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert set(summary["devices"]) == {"laptop", "orin", "nano-1"}
+    assert all(d["bytes_sent"] > 0 for d in summary["devices"].values())  # FSDP2's collectives are counted
+    for a, b in zip(single, losses):
+        assert abs(a - b) <= 1e-4 * abs(a), ("fsdp", single, losses)
+
+
 def test_parallelism_flag_takes_the_planners_best_of_family(tmp_path):
     losses = _train(tmp_path, "planned-pp", "--parallelism", "pp")
     run = json.loads((tmp_path / "planned-pp" / "run.json").read_text())

@@ -15,12 +15,15 @@ import shlex
 from pathlib import Path
 
 
+from edgepool.launch.prepare import FAMILIES
+
+
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", required=True)
     p.add_argument("--job", required=True)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--plan")
-    g.add_argument("--parallelism", choices=["single", "dp", "sp", "tp", "pp", "hybrid", "auto"])
+    g.add_argument("--parallelism", choices=[*FAMILIES, "auto"])
     p.add_argument("--steps", type=int)
     p.add_argument("--out", required=True, help="run folder; the same path on every host")
     p.add_argument("--master", required=True, help="ADDR:PORT of rank 0's host, reachable from every host")

@@ -9,6 +9,8 @@ tokenizer), which imports torch; the planner itself does not.
 
 from __future__ import annotations
 
+from edgepool import modes
+
 import argparse
 from pathlib import Path
 
@@ -19,7 +21,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", help="model profile JSON (default: analytic profile of the job's model)")
     parser.add_argument("--objective", choices=("time", "energy", "edp"), default="time")
     parser.add_argument("--deadline", type=float, metavar="S", help="step-time limit in seconds")
-    parser.add_argument("--parallelism", choices=("dp", "sp", "tp", "pp"), help="best plan of this family only")
+    parser.add_argument("--parallelism", choices=(*modes.NAMES, "pp"), help="best plan of this family only")
     parser.add_argument("--max-microbatches", type=int, help="largest micro-batch count to consider")
     parser.add_argument("--frontier", action="store_true", help="also search power modes and print the frontier")
     parser.add_argument("-o", "--output", help="write the plan as JSON here")

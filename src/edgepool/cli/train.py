@@ -8,12 +8,15 @@ import json
 from rich.console import Console
 
 
+from edgepool.launch.prepare import FAMILIES
+
+
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", required=True, help="pool file (YAML)")
     p.add_argument("--job", required=True, help="job file (YAML)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--plan", help="plan file (JSON or YAML), e.g. from `edgepool plan -o`")
-    g.add_argument("--parallelism", choices=["single", "dp", "sp", "tp", "pp", "hybrid", "auto"],
+    g.add_argument("--parallelism", choices=[*FAMILIES, "auto"],
                    help="build a plan of this family (shares in proportion to device speed)")
     p.add_argument("--steps", type=int, help="override the job's step count")
     p.add_argument("--out", required=True, help="output folder (metrics.jsonl, summary.json, checkpoints/)")

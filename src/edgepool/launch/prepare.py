@@ -20,7 +20,10 @@ from edgepool.specs.layout import check_plan
 from edgepool.specs.plan import Plan, Shape, StagePlan, load_plan, split_counts
 from edgepool.specs.pool import PoolSpec, load_pool
 
-FAMILIES = ("single", "dp", "sp", "tp", "pp", "hybrid")
+from edgepool import modes
+
+# Plan families: one device, a single stage in each mode, pipelines.
+FAMILIES = ("single",) + modes.NAMES + ("pp", "hybrid")
 
 
 def _microbatches(global_batch: int, target: int) -> int:
@@ -37,7 +40,7 @@ def proportional_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str
     schedule = par.schedule or "1f1b"
     if family == "single":
         return Plan(num_layers=num_layers, stages=[StagePlan(layers=(0, num_layers), devices=(by_speed[0].name,))])
-    if family in ("dp", "sp", "tp"):
+    if family in modes.NAMES:
         names = tuple(d.name for d in devices)
         # One stage: micro-batches would only be gradient accumulation; they are for pipelines.
         return Plan(num_layers=num_layers, num_microbatches=1, schedule="gpipe",
@@ -64,7 +67,7 @@ def proportional_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str
             counts[i] = 1
     stages, start = [], 0
     for g, c in zip(groups, counts):
-        stages.append(StagePlan(layers=(start, start + c), devices=g, mode="dp",
+        stages.append(StagePlan(layers=(start, start + c), devices=g,
                                 shares=tuple(speed[n] for n in g) if len(g) > 1 else None))
         start += c
     return Plan(num_layers=num_layers, stages=stages, schedule=schedule,
@@ -74,7 +77,7 @@ def proportional_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str
 def family_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str, log=print) -> Plan:
     """The plan for ``--parallelism family``.
 
-    ``auto``: the planner's best plan. ``dp|sp|tp|pp``: the planner's best plan of that
+    ``auto``: the planner's best plan. A mode (``dp|sp|tp|fsdp``) or ``pp``: the planner's best plan of that
     family; when none fits, the proportional plan of that family over every device,
     with a warning (the user asked for it; it may run out of memory). ``single`` and
     ``hybrid``: the proportional plan.
@@ -83,7 +86,7 @@ def family_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str, log=
 
     if family == "auto":
         return plan_for_run(pool, job)
-    if family in ("dp", "sp", "tp", "pp"):
+    if family in modes.NAMES + ("pp",):
         try:
             return plan_for_run(pool, job, family=family)
         except InfeasibleError as exc:

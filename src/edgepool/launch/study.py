@@ -31,7 +31,9 @@ from edgepool.specs.layout import check_plan
 from edgepool.specs.plan import Plan, Shape
 from edgepool.specs.pool import PoolSpec
 
-FAMILIES = ("dp", "sp", "tp", "pp")
+from edgepool import modes
+
+FAMILIES = modes.NAMES + ("pp",)  # a single stage in each mode, and pipelines
 
 
 @dataclass
@@ -163,18 +165,18 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
                 continue
             row = StudyRow(name=name, status="ok", plan_id=plan.plan_id, parallelism=plan.parallelism,
                            plan=json.loads(plan.dumps()))
-            # The prediction is the simulator's (as the planner's estimate); the cost
-            # model checks memory (an upper bound on the data owners).
-            cost = estimate(plan, pool, profile, shape)
-            sim = simulate(plan, pool, profile, shape)
-            row.predicted_step_time_s, row.predicted_energy_j = sim.step_time_s, sim.energy_j
-            row.prediction_source = prediction_source
-            row.predicted_fits = cost.feasible
             run_dir = out_dir / "runs" / name
-            shutil.rmtree(run_dir, ignore_errors=True)
             row.run_dir = str(run_dir)
             try:
                 check_plan(plan, shape, device_names=pool.device_names, num_layers=cfg.num_layers)
+                # The prediction is the simulator's (as the planner's estimate); the cost
+                # model checks memory (an upper bound on the data owners).
+                cost = estimate(plan, pool, profile, shape)
+                sim = simulate(plan, pool, profile, shape)
+                row.predicted_step_time_s, row.predicted_energy_j = sim.step_time_s, sim.energy_j
+                row.prediction_source = prediction_source
+                row.predicted_fits = cost.feasible
+                shutil.rmtree(run_dir, ignore_errors=True)
                 spec = RunSpec(pool=pool, job=job, plan=plan, out_dir=str(run_dir), steps=steps)
                 log(f"[bold]{name}[/bold]: plan {plan.plan_id} ({plan.parallelism}, {len(plan.stages)} stage(s))")
                 summary = launch_local(spec, placement=placement, progress=progress, console=console,
@@ -186,11 +188,22 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
                 log(f"  {name}: {row.status}: {row.cause}")
                 rows.append(row)
                 continue
+            except PlanError as exc:  # the plan cannot be built on this pool (e.g. a share rounds to zero)
+                row.status, row.cause = "infeasible", str(exc)
+                rows.append(row)
+                continue
             except EdgepoolError as exc:
                 row.status, row.cause = "failed", str(exc)
                 rows.append(row)
                 continue
-            metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
+            try:
+                metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
+                if not timed_steps(metrics):
+                    raise ValueError(f"{run_dir / 'metrics.jsonl'} has no timed step")
+            except (OSError, ValueError) as exc:  # one run's missing metrics never end the study
+                row.status, row.cause = "failed", f"no usable metrics: {exc}"
+                rows.append(row)
+                continue
             energy = modelled_step_energy(pool, plan, metrics, placement, spec.threads)
             # Median over the steps after the first: a step can still be warming up
             # (the second of a GPipe plan often is), and the host is shared.

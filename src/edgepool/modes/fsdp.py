@@ -110,6 +110,8 @@ class ShardedDataParallel(Mode):
         full_rows = {k: v.shape[0] for k, v in model.state_dict().items()}
         units = list(model.blocks.values()) + [m for m in (model.embed, model.head) if m is not None]
         for unit in units:
+            if ctx.wire is not None:  # count what FSDP2 sends, as the cost model does
+                _count_traffic(unit, ctx.wire, n)
             fully_shard(unit, mesh=mesh, reshard_after_forward=True)
         fully_shard(model.blocks, mesh=mesh, reshard_after_forward=True)
         for m in [model.blocks] + units:
@@ -131,6 +133,22 @@ class ShardedDataParallel(Mode):
         with torch.no_grad():
             for k, v in model.state_dict().items():
                 _local(v).copy_(state[k])
+
+
+def _count_traffic(unit, wire, n: int) -> None:
+    """Add a ring all-gather's bytes per forward and an all-gather's and a
+    reduce-scatter's per backward of ``unit`` to ``wire.bytes_sent``."""
+    per = int((n - 1) / n * sum(p.numel() * p.element_size() for p in unit.parameters()))
+
+    def fwd(module, args, output):
+        wire.bytes_sent += per
+        if output.requires_grad:  # its backward all-gathers and reduce-scatters
+            output.register_hook(bwd)
+
+    def bwd(grad):
+        wire.bytes_sent += 2 * per
+
+    unit.register_forward_hook(fwd)
 
 
 def _local(t):

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Family = Literal["gpt", "bert", "llama"]
-Mode = Literal["single", "dp", "sp", "tp", "pp", "hybrid", "auto"]
+Mode = Literal["single", "dp", "sp", "tp", "fsdp", "pp", "hybrid", "auto"]
 
 
 class _Strict(BaseModel):
