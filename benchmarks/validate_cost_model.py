@@ -20,7 +20,7 @@ What is compared:
   from one to the next here (CFS quota periods, other work on the host).
 - energy per step: predicted = the cost model's energy; measured side = the study's
   modelled energy from *measured* CPU time and bytes sent
-  (``launch.study.modelled_step_energy``). Neither is a sensor reading (this machine
+  (``launch.study.step_energy``). Neither is a sensor reading (this machine
   has none); both are labelled ``modelled``.
 
 The pools describe what the testbed really emulates: where the kernel has no netem,
@@ -184,7 +184,7 @@ def error_pct(pred: float | None, meas: float | None) -> float | None:
 
 def run_one(pool, plan, placement, out_dir: Path, steps: int) -> dict:
     from edgepool.launch.local import RankFailed, launch_local
-    from edgepool.launch.study import modelled_step_energy, timed_steps
+    from edgepool.launch.study import step_energy, timed_steps
     from edgepool.runtime.train import RunSpec
 
     spec = RunSpec(pool=pool, job=job_spec(plan.schedule), plan=plan, out_dir=str(out_dir), steps=steps)
@@ -195,7 +195,7 @@ def run_one(pool, plan, placement, out_dir: Path, steps: int) -> dict:
         return {"status": "failed", "cause": exc.reason, "wall_s": time.monotonic() - t0}
     metrics = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln]
     timed = timed_steps(metrics)
-    energy = modelled_step_energy(pool, plan, metrics, placement, spec.threads)
+    energy = step_energy(pool, plan, metrics, placement, spec.threads)
     return {
         "status": "ok", "wall_s": time.monotonic() - t0, "steps": steps,
         "step_times_s": [m["step_time_s"] for m in metrics],
@@ -341,7 +341,7 @@ def write(result: dict, out: Path, wall_s: float | None) -> None:
         "by. The cost model's closed form (`cost.estimate`), which the planner's search optimises, is shown beside "
         "it.",
         "Energy per step: predicted = the simulator's; measured = modelled from measured CPU time and bytes sent "
-        "(`launch.study.modelled_step_energy`): both modelled, no sensor.", "",
+        "(`launch.study.step_energy`): both modelled, no sensor.", "",
         f"**Step-time error of the prediction (|predicted - measured| / measured): median {med:.1f}% "
         f"(target <= {TARGET_MEDIAN_PCT:g}%), max {mx:.1f}% (target <= {TARGET_MAX_PCT:g}%): "
         f"{'targets met' if summary['targets_met'] else 'TARGETS MISSED'}.** "

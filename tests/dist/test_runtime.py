@@ -63,6 +63,39 @@ def test_metrics_and_summary(tmp_path):
     assert [e[0] for e in trace["ranks"][1]["events"]][:3] == ["recv_act[0]", "fwd[0]", "send_act[0]"]
 
 
+def _run_replayed(rank, world, spec_json):
+    from edgepool.energy import ReplayMeter
+
+    spec = RunSpec.model_validate_json(spec_json)
+    watts = {"a": 7.5, "b": 2.5}
+    run_rank(rank, world, spec, log=lambda m: None,
+             meter_factory=lambda run, device, engine: (ReplayMeter.constant_power({device: watts[device]}), []))
+
+
+def test_step_records_carry_each_devices_meter_reading(tmp_path):
+    """Each rank's meter is a window around each step; the record keeps its joules and label."""
+    spec = RunSpec(pool=POOL, job=_job(), plan=PP, out_dir=str(tmp_path), steps=3)
+    run_distributed(_run_replayed, 2, spec.model_dump_json())
+    recs = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        for name, watts in (("a", 7.5), ("b", 2.5)):
+            d = r["devices"][name]
+            assert d["energy_source"] == "measured:replay"
+            # the window is the rank's own step (its start waits on its peers): power times
+            # a duration under the whole run's
+            assert 0 < d["energy_j"] < watts * 60
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["devices"]["a"]["energy_source"] == "measured:replay"
+    assert summary["devices"]["a"]["mean_energy_j"] == pytest.approx(
+        sum(r["devices"]["a"]["energy_j"] for r in recs[1:]) / (len(recs) - 1))
+
+
+def test_default_meter_here_is_modelled_and_says_so(tmp_path):
+    _train(tmp_path, 2)
+    recs = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(d["energy_source"] == "modelled" and d["energy_j"] > 0 for r in recs for d in r["devices"].values())
+
+
 def test_resume_continues_the_same_trajectory(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     _train(full, 6)

@@ -127,6 +127,8 @@ def launch_local(run, *, placement: Placement | None = None, progress: bool = Tr
         env.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=master,
                    MASTER_PORT=str(port), OMP_NUM_THREADS=str(run.threads), PYTHONUNBUFFERED="1")
         env.update({k: v for k, v in placement.env(device).items() if k != "MASTER_ADDR"})
+        if placement.cores(device):  # the modelled energy meter's busy time is CPU time over the cap
+            env["EDGEPOOL_CPU_CORES"] = str(placement.cores(device))
         log = out / "logs" / f"rank-{rank}.log"
         logs.append(log)
         cmd = placement.prefix(device) + [sys.executable, "-m", "edgepool.runtime.train", str(run_json)]

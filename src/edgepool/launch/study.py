@@ -65,9 +65,11 @@ def timed_steps(metrics: list[dict]) -> list[dict]:
     return metrics[1:] if len(metrics) > 1 else metrics
 
 
-def modelled_step_energy(pool: PoolSpec, plan: Plan, metrics: list[dict], placement: Placement,
-                         threads: int) -> dict[str, dict]:
-    """Per-device modelled energy and busy % per step (mean over steps after the first)."""
+def step_energy(pool: PoolSpec, plan: Plan, metrics: list[dict], placement: Placement,
+                threads: int) -> dict[str, dict]:
+    """Per-device energy per step (mean over ``timed_steps``) as each rank's meter read
+    it (``runtime.train.step_meter``: a sensor where one exists, else modelled), with its
+    source label, and the busy % the catalog model derives from CPU time."""
     from edgepool.energy import model_energy_j
 
     recs = timed_steps(metrics)
@@ -81,11 +83,13 @@ def modelled_step_energy(pool: PoolSpec, plan: Plan, metrics: list[dict], placem
                                 wall_s=r["step_time_s"], cpu_s=r["devices"][name]["cpu_s"], cores=cores,
                                 tx_bytes=r["devices"][name]["bytes_sent"]) for r in recs]
         n = len(parts)
-        energy = sum(p["energy_j"] for p in parts) / n
+        metered = [r["devices"][name].get("energy_j") for r in recs]
+        sources = sorted({r["devices"][name].get("energy_source", "none") for r in recs})
+        energy = sum(metered) / n if all(v is not None for v in metered) else None
         busy = sum(p["busy_s"] for p in parts) / n
         wall = sum(r["step_time_s"] for r in recs) / n
-        out[name] = {"energy_j": energy, "busy_pct": 100.0 * busy / wall if wall else 0.0, "power_mode": mode.name,
-                     "cores": cores}
+        out[name] = {"energy_j": energy, "energy_source": sources[0] if len(sources) == 1 else f"mixed({','.join(sources)})",
+                     "busy_pct": 100.0 * busy / wall if wall else 0.0, "power_mode": mode.name, "cores": cores}
     return out
 
 
@@ -204,14 +208,17 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
                 row.status, row.cause = "failed", f"no usable metrics: {exc}"
                 rows.append(row)
                 continue
-            energy = modelled_step_energy(pool, plan, metrics, placement, spec.threads)
+            energy = step_energy(pool, plan, metrics, placement, spec.threads)
             # Median over the steps after the first: a step can still be warming up
             # (the second of a GPipe plan often is), and the host is shared.
             row.step_time_s = statistics.median(r["step_time_s"] for r in timed_steps(metrics))
             row.samples_per_s = job.train.global_batch / row.step_time_s
             row.final_loss = summary["final_loss"]
-            row.energy_per_step_j = sum(e["energy_j"] for e in energy.values())
-            row.energy_per_sample_j = row.energy_per_step_j / job.train.global_batch
+            if all(e["energy_j"] is not None for e in energy.values()):
+                row.energy_per_step_j = sum(e["energy_j"] for e in energy.values())
+                row.energy_per_sample_j = row.energy_per_step_j / job.train.global_batch
+            labels = sorted({e["energy_source"] for e in energy.values()})
+            row.energy_source = labels[0] if len(labels) == 1 else f"mixed({','.join(labels)})"
             row.bytes_per_step = sum(d["bytes_sent"] for d in summary["devices"].values()) / summary["steps"]
             for d in plan.devices:
                 row.devices[d] = {**energy[d], "peak_memory_bytes": summary["devices"][d]["peak_memory_bytes"],
@@ -223,7 +230,8 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
         "global_batch": job.train.global_batch, "seq_len": job.train.seq_len,
         "testbed": notes, "emulated": placement.emulated,
         "prediction_source": prediction_source,
-        "energy_note": "modelled: catalog busy/idle power x measured busy time (CPU time / CPU cap) + radio energy per byte",
+        "energy_note": "each rank's meter around each step: a sensor where one exists, else modelled (catalog busy/idle "
+                       "power x measured busy time (CPU time / CPU cap) + radio energy per byte); rows say which",
         "rows": [asdict(r) for r in rows],
     }
     write_study(result, out_dir)

@@ -81,8 +81,12 @@ def _append_jsonl(path: Path, obj: dict) -> None:
 
 
 def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | None = None, log=print,
-             hard_exit: bool = False) -> dict | None:
+             hard_exit: bool = False, meter_factory=None) -> dict | None:
     """Train on this rank. Joins the world group unless one is already live (tests).
+
+    Each step is one window of this rank's energy meter (``step_meter``, or
+    ``meter_factory(run, device, engine) -> (meter, skipped)``); the step record carries
+    every device's joules and the meter's source label.
 
     ``hard_exit`` (a rank process of its own): after a clean run and a final barrier,
     leave with ``os._exit(0)`` instead of tearing gloo down. Now and then (about 1 run
@@ -128,25 +132,33 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
         gb, seq = job.train.global_batch, job.train.seq_len
         records = []
         fault = _fault(rank)
+        meter, skipped = (meter_factory or step_meter)(run, device, engine)
+        if skipped:
+            log(f"energy meter on {device}: {type(meter).__name__} ({'; '.join(skipped)})")
         for step in range(start, run.steps):
             if fault is not None and step == fault:
                 raise RuntimeError(f"injected fault at step {step} (EDGEPOOL_FAULT)")
+            meter.begin("step")
             res = engine.step(step, trace=step == run.steps - 1)
+            reading = meter.end("step").readings.get(device)
+            joules = (reading.energy_j, reading.source) if reading is not None else (None, "none")
             per_rank: list = [None] * world_size
-            dist.all_gather_object(per_rank, (device, res.bytes_sent, res.peak_memory_bytes, res.cpu_s, res.trace))
+            dist.all_gather_object(per_rank, (device, res.bytes_sent, res.peak_memory_bytes, res.cpu_s, res.trace,
+                                              joules))
             if rank == 0:
                 rec = {
                     "step": step, "loss": res.loss, "step_time_s": res.step_time_s,
                     "samples_per_s": gb / res.step_time_s, "tokens_per_s": gb * seq / res.step_time_s,
                     "plan_id": plan.plan_id,
-                    "devices": {d: {"peak_memory_bytes": m, "bytes_sent": b, "cpu_s": c} for d, b, m, c, _ in per_rank},
+                    "devices": {d: {"peak_memory_bytes": m, "bytes_sent": b, "cpu_s": c, "energy_j": e[0],
+                                    "energy_source": e[1]} for d, b, m, c, _, e in per_rank},
                 }
                 records.append(rec)
                 _append_jsonl(metrics_path, rec)
                 if res.trace:
                     trace = {"plan_id": plan.plan_id, "step": step,
                              "ranks": [{"rank": r, "device": d, "events": [list(e) for e in t]}
-                                       for r, (d, _, _, _, t) in enumerate(per_rank)]}
+                                       for r, (d, _, _, _, t, _) in enumerate(per_rank)]}
                     (out / "trace.json").write_text(json.dumps(trace))
             every = job.train.checkpoint_every
             if every and (step + 1) % every == 0:
@@ -171,6 +183,25 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
             shutdown(clean=clean)
 
 
+def step_meter(run: "RunSpec", device: str, engine):
+    """This rank's best energy meter and why better ones were skipped (``energy.select_meter``):
+    a sensor (zeus, tegrastats) where one exists, else the modelled meter on this
+    process's CPU time (over the device's CPU cap, ``EDGEPOOL_CPU_CORES``, when the
+    launcher knows it; else the run's threads) and the bytes this rank sent, with the
+    catalog's power figures for the device's power mode in the plan."""
+    import os
+
+    from edgepool.energy import ModelledDevice, ModelledMeter, process_cpu_seconds, select_meter
+
+    spec = run.pool.device(device)
+    cores = float(os.environ.get("EDGEPOOL_CPU_CORES") or run.threads)
+    mode = run.plan.power_modes.get(device, spec.power_mode)
+    modelled = ModelledMeter([ModelledDevice.from_catalog(device, spec.kind, power_mode=mode, cores=cores,
+                                                          cpu_s=process_cpu_seconds(children=False),
+                                                          tx_bytes=lambda: float(engine.wire.bytes_sent))])
+    return select_meter(device, modelled=modelled)
+
+
 def _fault(rank: int) -> int | None:
     """``EDGEPOOL_FAULT=rank=R,step=S`` makes rank R fail before step S (tests, drills)."""
     import os
@@ -180,6 +211,14 @@ def _fault(rank: int) -> int | None:
         return None
     kv = dict(part.split("=", 1) for part in spec.split(","))
     return int(kv["step"]) if int(kv["rank"]) == rank else None
+
+
+def _mean_energy(timed: list[dict], name: str) -> dict:
+    """Mean joules per timed step of a device, with the meter's source label."""
+    vals = [r["devices"][name].get("energy_j") for r in timed]
+    sources = sorted({r["devices"][name].get("energy_source", "none") for r in timed})
+    mean = sum(vals) / len(vals) if vals and all(v is not None for v in vals) else None
+    return {"mean_energy_j": mean, "energy_source": sources[0] if len(sources) == 1 else f"mixed({','.join(sources)})"}
 
 
 def summarize(plan: Plan, metrics_path: Path, resumed_from: int) -> dict:
@@ -195,6 +234,7 @@ def summarize(plan: Plan, metrics_path: Path, resumed_from: int) -> dict:
             "peak_memory_bytes": max(r["devices"][name]["peak_memory_bytes"] for r in recs),
             "bytes_sent": sum(r["devices"][name]["bytes_sent"] for r in recs),
             "mean_cpu_s": sum(r["devices"][name]["cpu_s"] for r in timed) / len(timed),
+            **_mean_energy(timed, name),
         }
     return {
         "plan_id": plan.plan_id, "parallelism": plan.parallelism, "schedule": plan.schedule,

@@ -46,9 +46,11 @@ class Layout:
 
     @classmethod
     def of(cls, plan: Plan, shape: Shape) -> "Layout":
-        key = (plan.plan_id, shape)
+        # Keyed by the plan object (held by the entry, so its id is not reused while
+        # cached): the cost model and the simulator ask many times per plan.
+        key = (id(plan), shape)
         hit = _CACHE.get(key)
-        if hit is not None and hit.plan == plan:
+        if hit is not None and hit.plan is plan:
             return hit
         mb = microbatch_size(plan, shape)
         splits, regions = [], []
