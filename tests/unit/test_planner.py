@@ -58,7 +58,7 @@ def test_search_equals_exhaustive_enumeration(case):
 
 
 @settings(max_examples=30, **SETTINGS)
-@given(cases(), st.sampled_from(["dp", "sp", "tp", "pp"]))
+@given(cases(), st.sampled_from(["dp", "sp", "tp", "fsdp", "pp"]))
 def test_family_search_equals_exhaustive_enumeration(case, family):
     pool, prof, shape = case
     best = brute_force(pool, prof, shape, family=family)
@@ -151,6 +151,26 @@ def test_a_pool_where_no_device_alone_fits_gets_a_pipeline():
     res = plan(pool, None, prof, shape=shape)
     assert res.plan.parallelism in ("pp", "hybrid")
     assert res.cost.feasible
+
+
+def test_a_sharded_group_inside_a_hybrid_trains_what_nothing_else_fits():
+    """GPT-2 small (untied embed and head) on three 1.6 GB Nanos: dp replicates it, pp puts
+    the whole embed and head on stage 0; an fsdp pair shards them under a pipeline."""
+    from edgepool.cost.profile import ModelDims, analytic_profile
+
+    prof = analytic_profile(ModelDims(family="gpt", vocab_size=50257, hidden=768, num_layers=12, num_heads=12,
+                                      ffn=3072))
+    pool = make_pool(["jetson-nano"] * 3, medium="switched", bandwidth_mbps=1000, extra={"memory_gb": [1.6] * 3})
+    shape = shape_for(prof, 4, 128)
+    for fam in ("dp", "pp", "fsdp"):
+        with pytest.raises(InfeasibleError):
+            plan(pool, None, prof, shape=shape, family=fam)
+    res = plan(pool, None, prof, shape=shape)
+    assert res.plan.parallelism == "hybrid" and res.cost.feasible
+    assert res.plan.stages[0].mode == "fsdp" and len(res.plan.stages[0].devices) == 2
+    twin = res.plan.model_copy(update={"stages": tuple(st.model_copy(update={"mode": "dp"}) for st in res.plan.stages)})
+    assert not estimate(twin, pool, prof, shape).feasible  # the same structure with replicas does not fit
+    assert res.model_best is not None and res.exact
 
 
 def test_nothing_fits_names_the_numbers():

@@ -317,7 +317,7 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
                     hd = head.fixed_fwd_s + head.fixed_bwd_s + head.fwd_s.at(own, T_seq) + head.bwd_s.at(own, T_seq)
                     params += emb.params_at() + head.params_at()
                     transient = head.act_bytes.at(own, T_seq)
-            optim_params = params * mode.optim_fraction(sw)
+            optim_params = params * mode.optim_fraction(len(st.devices))
             out[name] = DeviceWork(
                 blocks_fwd_s=f * slow, blocks_bwd_s=bw * slow, embed_fwd_s=ef * slow, head_s=hd * slow,
                 embed_bwd_s=eb * slow, optim_s=slow * profile.optim_s_per_param_byte * optim_params,

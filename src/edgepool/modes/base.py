@@ -152,16 +152,31 @@ class Mode:
         """(query tokens, head fraction, FFN fraction) of every block this device computes."""
         return (split.batch[index] * shape.seq_len, 1.0, 1.0)
 
-    def memory(self, w: StageWork, index: int, params_bytes: float) -> dict[str, float]:
-        """Parameter, gradient and optimizer bytes of device ``index`` holding
-        ``params_bytes`` of parameters at full size (its blocks' part, plus embed and
-        head on a data owner)."""
-        opt = w.profile.opt_state_factor
-        return {"params": params_bytes, "grads": params_bytes, "optimizer": opt * params_bytes}
+    def state_bytes(self, num_devices: int, params: Any, whole: Any, opt_state_factor: float) -> dict[str, Any]:
+        """Parameter, gradient and optimizer bytes of a device of a group of
+        ``num_devices`` whose part of the stage holds ``params`` bytes at full size, the
+        largest unit of it ``whole`` bytes. Plain arithmetic: floats (the cost model) and
+        numpy matrices over layer ranges (``planner.tables``) alike."""
+        return {"params": params, "grads": params, "optimizer": opt_state_factor * params}
 
-    def optim_fraction(self, w: StageWork) -> float:
+    def memory(self, w: StageWork, index: int, params_bytes: float) -> dict[str, float]:
+        """``state_bytes`` of device ``index`` holding ``params_bytes`` of parameters at
+        full size (its blocks' part, plus embed and head on a data owner)."""
+        return self.state_bytes(w.num_devices, params_bytes, self.largest_unit(w, index), w.profile.opt_state_factor)
+
+    def largest_unit(self, w: StageWork, index: int) -> float:
+        """The largest unit of parameters the mode gathers whole at once (0: none)."""
+        return 0.0
+
+    def optim_fraction(self, num_devices: int) -> float:
         """The fraction of a device's parameters its optimizer steps on."""
         return 1.0
+
+    def unit_collectives_s(self, names: list[str], net: "Network", unit_bytes: float) -> tuple[float, float]:
+        """Forward and backward collective seconds per micro-batch for one unit of
+        ``unit_bytes`` parameters (modes that gather parameters: fsdp). Affine in
+        ``unit_bytes``, which ``planner.tables`` relies on."""
+        return 0.0, 0.0
 
     def comm(self, w: StageWork, net: "Network") -> GroupComm:
         return GroupComm(coll_send_bytes={x: 0.0 for x in w.names}, coll_send_bytes_bwd={x: 0.0 for x in w.names})

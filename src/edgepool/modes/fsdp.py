@@ -56,17 +56,26 @@ class ShardedDataParallel(Mode):
     item = "samples of a micro-batch"
     owns_data = True
     group_ops = True
+    in_pipelines = True
 
-    def memory(self, w: StageWork, index: int, params_bytes: float) -> dict[str, float]:
-        n = w.num_devices
+    def state_bytes(self, num_devices, params, whole, opt_state_factor):
+        if num_devices < 2:
+            return super().state_bytes(num_devices, params, whole, opt_state_factor)
+        shard = params / num_devices
+        return {"params": shard + whole, "grads": shard + whole, "optimizer": opt_state_factor * shard}
+
+    def largest_unit(self, w: StageWork, index: int) -> float:
+        return max(_units(w, index)) if w.num_devices >= 2 else 0.0
+
+    def optim_fraction(self, num_devices: int) -> float:
+        return 1.0 / num_devices
+
+    def unit_collectives_s(self, names, net, unit_bytes):
+        n = len(names)
         if n < 2:
-            return super().memory(w, index, params_bytes)
-        whole = max(_units(w, index))
-        shard = params_bytes / n
-        return {"params": shard + whole, "grads": shard + whole, "optimizer": w.profile.opt_state_factor * shard}
-
-    def optim_fraction(self, w: StageWork) -> float:
-        return 1.0 / w.num_devices
+            return 0.0, 0.0
+        ag = net.allgather_time(names, [unit_bytes / n] * n)
+        return ag, 2 * ag  # forward: all-gather; backward: all-gather and reduce-scatter
 
     def comm(self, w: StageWork, net) -> GroupComm:
         names, n = list(w.names), w.num_devices
@@ -75,11 +84,12 @@ class ShardedDataParallel(Mode):
             return GroupComm(coll_send_bytes=zero, coll_send_bytes_bwd=dict(zero))
         # Every device of a dp-like first stage owns data, so all take part in every unit.
         units = _units(w, 0)
-        ag = sum(net.allgather_time(names, [u / n] * n) for u in units)
+        per_unit = [self.unit_collectives_s(names, net, u) for u in units]
+        fwd, bwd = sum(c[0] for c in per_unit), sum(c[1] for c in per_unit)
         air = sum(net.allgather_airtime(names, [u / n] * n) for u in units)
         send = sum((n - 1) * u / n for u in units)
         steps = len(units) * (n - 1)
-        return GroupComm(coll_fwd_s=ag, coll_bwd_s=2 * ag, coll_airtime_s=3 * air,
+        return GroupComm(coll_fwd_s=fwd, coll_bwd_s=bwd, coll_airtime_s=3 * air,
                          coll_send_bytes={x: send for x in names}, coll_steps=steps,
                          coll_send_bytes_bwd={x: 2 * send for x in names}, coll_steps_bwd=2 * steps,
                          coll_airtime_fwd_s=air)

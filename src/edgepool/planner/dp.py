@@ -1,4 +1,4 @@
-"""Dynamic programming over (layer suffix, device suffix) for pipelines of dp groups.
+"""Dynamic programming over (layer suffix, device suffix) for pipelines of dp and fsdp groups.
 
 For a fixed micro-batch count M, power modes and a cap ``X`` on the period, the cost
 model's step time of a pipeline of dp groups is
@@ -32,6 +32,12 @@ a single one), every machine ``<= X`` and at most
 ``max_stages`` stages. ``kind="max"`` replaces sums by maxima
 and yields the smallest achievable period (a lower bound for the ``X`` search).
 
+A run of devices may serve a stage in either pipeline mode (``Tables.groups_for``:
+dp replicas or fsdp shards). Both variants have the same shares and so the same
+boundary class; for every in-flight count and layer range the DP takes the cheaper
+variant that fits and remembers which (``bp_v``), so the mode is chosen exactly,
+entry by entry, at the cost of one more ``where`` per group.
+
 The work per group is a handful of numpy operations on ``(L+1) x (L+1)`` matrices, so
 one run costs O(N^2 L^2 K R) element operations with small constants.
 """
@@ -51,6 +57,7 @@ class DPStage:
     b: int
     l0: int
     l1: int
+    mode: str = "dp"  # the group's stage mode (``Tables.groups_for``)
 
 
 @dataclass(frozen=True)
@@ -59,9 +66,21 @@ class DPResult:
     stages: tuple[DPStage, ...]
 
 
-def _classes(groups: dict[tuple[int, int], GroupTable], base: float) -> tuple[list[tuple[float, float]], dict]:
-    keys = sorted({(g.lam_s, max(base, g.a_s)) for g in groups.values()})
+def _classes(groups: list[GroupTable], base: float) -> tuple[list[tuple[float, float]], dict]:
+    keys = sorted({(g.lam_s, max(base, g.a_s)) for g in groups})
     return keys, {k: i for i, k in enumerate(keys)}
+
+
+def _cheapest(costs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Elementwise least cost over variants and which variant gives it (None: one variant)."""
+    if len(costs) == 1:
+        return costs[0], None
+    best, which = costs[0], np.zeros(costs[0].shape, dtype=np.int8)
+    for i, c in enumerate(costs[1:], start=1):
+        lower = c < best
+        best = np.where(lower, c, best)
+        which[lower] = i
+    return best, which
 
 
 def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: str = "sum",
@@ -81,7 +100,9 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
     sp = tables.space
     N, L = len(sp.order), tables.L
     base = tables.base(M)
-    groups: dict[tuple[int, int], tuple[GroupTable, object]] = {}
+    # Every (a, b) may have one variant per pipeline mode (dp, fsdp); they share their
+    # boundary class (same shares, same links) and differ in W, sync, memory, optim.
+    groups: dict[tuple[int, int], list[tuple[GroupTable, object]]] = {}
     t_small = 0
     for g in tables.groups_for(M, modes, pp_only):
         # Every plan using the group takes at least M W + sync on some layer range: its
@@ -91,14 +112,15 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
         m = tables.mats(g, M)
         if kind == "sum" and m.min_step >= bound:
             continue
-        groups[(g.a, g.b)] = (g, m)
+        groups.setdefault((g.a, g.b), []).append((g, m))
         t_small = max(t_small, m.t_small)
+
     if not groups:
         return None
     if relaxed:
         cls_keys, cls_index = [(0.0, 0.0)], {}
     else:
-        cls_keys, cls_index = _classes({k: v[0] for k, v in groups.items()}, base)
+        cls_keys, cls_index = _classes([g for v in groups.values() for g, _ in v], base)
     R = len(cls_keys)
     NONE = R
     lam = np.array([k[0] for k in cls_keys])
@@ -117,6 +139,7 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
     bp_b = np.full(shape, -1, dtype=np.int32)
     bp_l = np.full(shape, -1, dtype=np.int32)
     bp_k = np.full(shape, -1, dtype=np.int32)
+    bp_v = np.full(shape, -1, dtype=np.int8)  # which variant of the group
     V[L, :, 0, NONE, NONE] = 0.0
     SV = np.full(shape, INF)
     SVarg = np.full(shape, -1, dtype=np.int32)
@@ -135,14 +158,20 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
 
     for a in range(N - 1, -1, -1):
         for b in range(a + 1, N + 1):
-            gm = groups.get((a, b))
-            if gm is None:
+            variants = groups.get((a, b))
+            if not variants:
                 continue
-            g, m = gm
+            g = variants[0][0]  # the variants share shares, links and so the boundary class
             cg = 0 if relaxed else cls_index[(g.lam_s, max(base, g.a_s))]
-            C = m.C if kind == "sum" else m.W
-            feas = m.W <= X
-            optim = m.optim if kind == "sum" else np.zeros(L + 1)
+            # Per variant: the stage's cost (stage 0's optimizer step folded into row 0)
+            # and where it is feasible (every machine <= X).
+            costs, feas = [], []
+            for gv, m in variants:
+                C = (m.C if kind == "sum" else m.W).copy()
+                if kind == "sum":
+                    C[0] += m.optim
+                costs.append(C)
+                feas.append(m.W <= X)
             ga = max(base, g.a_s)
             if relaxed:
                 link = np.array([2.0 * (g.lam_s + ga)])
@@ -156,9 +185,9 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
                 # A last stage keeps min(2, M) (itself and the owners' head), the only one 1.
                 need = np.full(L + 1, min(2, M))
                 need[0] = 1
-                c0 = np.where(feas[:, L] & (m.kmax[:, L] >= need), C[:, L], INF)
+                c0, vsel0 = _cheapest([np.where(f[:, L] & (m.kmax[:, L] >= need), C[:, L], INF)
+                                       for C, f, (_, m) in zip(costs, feas, variants)])  # (l0,)
                 cand = comb(c0, src)
-                cand[0] = comb(cand[0], optim[L]) if kind == "sum" else cand[0]
                 if pp_only or min_stages > 1:
                     cand[0] = INF
                 tgt = V[:, a, 1, cg, cg]
@@ -168,16 +197,17 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
                     bp_b[:, a, 1, cg, cg][better] = b
                     bp_l[:, a, 1, cg, cg][better] = L
                     bp_k[:, a, 1, cg, cg][better] = 0
+                    bp_v[:, a, 1, cg, cg][better] = vsel0[better] if vsel0 is not None else 0
             # k >= 1: g is prepended to a suffix of k stages.
             live = stage_ok & np.isfinite(SVb[:, 1:]).any(axis=(0, 2, 3))
             if not live.any():
                 continue
             kk = np.nonzero(live)[0]  # indices into ks
-            Ck = np.where(feas[None] & (m.kmax[None] >= inflight[kk][:, None, None]), C[None], INF)  # (k, l0, l)
+            # The cheapest variant that fits each in-flight count, per layer range.
+            Ck, vsel = _cheapest([np.where(f[None] & (m.kmax[None] >= inflight[kk][:, None, None]), C[None], INF)
+                                  for C, f, (_, m) in zip(costs, feas, variants)])  # (k, l0, l)
             U = comb(SVb[:, kk + 1, :R, :], link[None, None, :, None]).min(axis=2)  # (l, k, sigma)
             M3 = comb(Ck[:, :, :, None], U.transpose(1, 0, 2)[:, None, :, :])  # (k, l0, l, sigma)
-            if kind == "sum":
-                M3[:, 0] += optim[None, :, None]
             lbest = M3.argmin(axis=2)  # (k, l0, sigma)
             cand = np.take_along_axis(M3, lbest[:, :, None, :], axis=2)[:, :, 0, :]
             link_s = np.full(R + 1, INF)
@@ -193,6 +223,8 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
                     bp_b[:, a, k2, cg, :][better] = b
                     bp_l[:, a, k2, cg, :][better] = lbest[j][better]
                     bp_k[:, a, k2, cg, :][better] = k
+                    bp_v[:, a, k2, cg, :][better] = (0 if vsel is None else
+                                                     np.take_along_axis(vsel[j], lbest[j], axis=1)[better])
         # Devices [a, e) may be left out before a group starting at e.
         cur, nxt = V[:, a], SV[:, a + 1]
         take = cur <= nxt
@@ -213,10 +245,10 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
     while True:
         b, l1, kso = int(bp_b[l, e, k, rho, sigma]), int(bp_l[l, e, k, rho, sigma]), int(bp_k[l, e, k, rho, sigma])
         assert b > e and l1 > l, "broken back-pointer"
-        stages.append(DPStage(e, b, l, l1))
+        g = groups[(e, b)][int(bp_v[l, e, k, rho, sigma])][0]
+        stages.append(DPStage(e, b, l, l1, g.mode))
         if kso == 0:
             break
-        g = groups[(e, b)][0]
         ga = max(base, g.a_s)
         link = 2.0 * (np.maximum(g.lam_s, lam) + np.maximum(ga, aa))
         link = np.where(link <= X, link, INF)

@@ -1,11 +1,11 @@
 """``plan(pool, job, profile, objective)``: the best Plan, the Pareto frontier and baselines.
 
-**Time.** The step time of a pipeline of dp groups is
+**Time.** The step time of a pipeline of dp or fsdp groups is
 ``T = max(tau + (M-1) * period, beta + M * chan)`` (``dp`` module docstring): a
 flow-shop term, and on a shared medium a channel term. For every micro-batch count M:
 
 1. the DP (``dp.solve``) with ``kind="max"`` gives the smallest achievable period
-   ``X_lo`` of a pipeline of dp groups, and with no cap the least ``tau``;
+   ``X_lo`` of a pipeline of such groups, and with no cap the least ``tau``;
 2. the flow-shop term ``tau + (M-1) * period`` is minimised over the cap ``X`` by
    descending the staircase of Pareto-optimal (tau, period) pairs: a plan found under
    cap X (least tau ``t``, period ``p <= X``) settles every cap in ``[p, X]``, so the
@@ -21,9 +21,10 @@ flow-shop term, and on a shared medium a channel term. For every micro-batch cou
    stage 0's work, which the DP does not see, and on rare pools it misses the optimum
    by a few percent. Checked against exhaustive enumeration on seeded pools where the
    channel decides (``tests/unit/test_planner.py``);
-4. single-stage sp and tp plans (every run of the canonical order) are evaluated with
-   the cost model when a lower bound (perfectly shared compute plus their collectives)
-   does not already exceed the best time.
+4. single-stage plans of the other modes (sp, tp; every run of the canonical order)
+   are evaluated with the cost model when the mode's lower bound
+   (``single_stage_bound``: exact compute of the split plus its collectives) does not
+   already exceed the best time.
 
 **Energy, energy under a deadline, energy-delay product.** Structures (groups, layer
 ranges, M) come from the time search: every plan the branch and bound produced for
@@ -74,7 +75,7 @@ from edgepool.cost.profile import ModelProfile
 from edgepool.errors import InfeasibleError, PlanError
 from edgepool.planner import dp as dpmod
 from edgepool.planner.modes import frontier, mode_choices
-from edgepool.planner.space import PIPELINE_MODE, Space, group_mode_assignments, mode_options
+from edgepool.planner.space import PIPELINE_MODE, PIPELINE_MODES, Space, group_mode_assignments, mode_options
 from edgepool.planner.tables import INF, Tables
 from edgepool.sim.engine import SimResult, simulate
 from edgepool.specs.plan import Plan, Shape, StagePlan, split_counts
@@ -186,15 +187,15 @@ class _Search:
         sp = self.space
         stages = []
         for st in res.stages:
-            s = sp.stage((st.l0, st.l1), PIPELINE_MODE, list(sp.order[st.a:st.b]), modes, M)
+            s = sp.stage((st.l0, st.l1), st.mode, list(sp.order[st.a:st.b]), modes, M)
             assert s is not None
             stages.append(s)
         return sp.make_plan(stages, M, {n: modes[n] for s in stages for n in s.devices})
 
-    # -- pipelines of dp groups: DP + branch and bound over the period cap ---------------
+    # -- pipelines of dp/fsdp groups: DP + branch and bound over the period cap ----------
     def best_for_m(self, M: int, incumbent: float, *, pp_only: bool = False, min_stages: int = 1,
                    n_devices: int | None = None, modes: dict[str, str] | None = None) -> Candidate | None:
-        """The least step time over pipelines of dp groups with M micro-batches (exact),
+        """The least step time over pipelines of dp/fsdp groups with M micro-batches (exact),
         with every device in ``modes`` (default: maximum modes)."""
         modes = modes or self.max_modes
         tables = self.tables
@@ -280,10 +281,10 @@ class _Search:
         the DP does not see, and the optimum sits next to the DP's plan.
         """
         index = {d.name: i for i, d in enumerate(self.space.order)}
-        stages = [dpmod.DPStage(index[st.devices[0]], index[st.devices[-1]] + 1, st.layers[0], st.layers[1])
-                  for st in best.plan.stages]
-        if any(st.mode != PIPELINE_MODE for st in best.plan.stages):
+        if any(st.mode not in PIPELINE_MODES for st in best.plan.stages):
             return best
+        stages = [dpmod.DPStage(index[st.devices[0]], index[st.devices[-1]] + 1, st.layers[0], st.layers[1], st.mode)
+                  for st in best.plan.stages]
         improved = True
         while improved:
             improved = False
@@ -293,9 +294,9 @@ class _Search:
                     if not stages[i].l0 < cut < stages[i + 1].l1:
                         continue
                     moved = list(stages)
-                    moved[i] = dpmod.DPStage(stages[i].a, stages[i].b, stages[i].l0, cut)
-                    moved[i + 1] = dpmod.DPStage(stages[i + 1].a, stages[i + 1].b, cut, stages[i + 1].l1)
-                    built = [self.space.stage((st.l0, st.l1), PIPELINE_MODE, list(self.space.order[st.a:st.b]), modes, M)
+                    moved[i] = replace(stages[i], l1=cut)
+                    moved[i + 1] = replace(stages[i + 1], l0=cut)
+                    built = [self.space.stage((st.l0, st.l1), st.mode, list(self.space.order[st.a:st.b]), modes, M)
                              for st in moved]
                     if any(b is None for b in built):
                         continue
@@ -319,7 +320,7 @@ class _Search:
         order = list(sp.order)
         N, L, T = len(order), prof.num_layers, shape.seq_len
         best: dict[str, Candidate | None] = {m: None for m in ("single",) + modes_allowed}
-        best_t: dict[str, tuple[float, int, int, int] | None] = {m: None for m in ("single", PIPELINE_MODE)}
+        best_t: dict[str, tuple[float, int, int, int] | None] = {m: None for m in ("single",) + PIPELINE_MODES}
         bound_in = bound_inputs(prof, T)
         # What the model may use: the cap less the framework's own resident memory.
         caps = {d.name: memory_cap_bytes(d) - prof.runtime_bytes for d in order}
@@ -330,9 +331,10 @@ class _Search:
                 for b in range(a + 1, N + 1):
                     n = b - a
                     names = [d.name for d in order[a:b]]
-                    fam = "single" if n == 1 else PIPELINE_MODE
-                    if fam in best_t:
-                        g = self.tables.group(a, b, M, {x: self.max_modes[x] for x in names})
+                    # Pipeline modes (dp, fsdp) have the closed form of ``tables``.
+                    for fam, mode_name in ([("single", PIPELINE_MODE)] if n == 1 else
+                                           [(m, m) for m in PIPELINE_MODES if m in modes_allowed]):
+                        g = self.tables.group(a, b, M, {x: self.max_modes[x] for x in names}, mode_name)
                         if g is not None:
                             t_, _, fits = self.tables.single(g, M)
                             if fits and (best_t[fam] is None or t_ < best_t[fam][0]):
@@ -371,12 +373,13 @@ class _Search:
                         if cur is None or cand.step_time_s < cur.step_time_s:
                             best[name] = cand
         for fam, bt in best_t.items():
-            if bt is not None and (fam == "single" or PIPELINE_MODE in modes_allowed):
+            if bt is not None:
                 _, a, b, M = bt
-                st = sp.stage((0, L), PIPELINE_MODE, order[a:b], self.max_modes, M)
+                st = sp.stage((0, L), PIPELINE_MODE if fam == "single" else fam, order[a:b], self.max_modes, M)
                 best[fam] = self.evaluate(sp.make_plan([st], M, {x.name: self.max_modes[x.name] for x in order[a:b]}))
-        if PIPELINE_MODE not in modes_allowed:
-            best.pop(PIPELINE_MODE, None)
+        for m in PIPELINE_MODES:
+            if m not in modes_allowed:
+                best.pop(m, None)
         return best
 
     def uniform_pp(self) -> Candidate | None:

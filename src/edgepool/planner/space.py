@@ -13,11 +13,10 @@ The space (the search is exact over it; ``enumerate_plans`` lists it for tests):
    restricted to a family, such plans have at least two devices and pp plans at least
    two stages).
 4. **Pipelines** (2 or more stages): contiguous layer ranges of at least one block,
-   every group in ``dp`` (Asteroid-style pipeline of data-parallel groups; the mode
-   with ``in_pipelines``, whose closed form ``tables`` holds). tp and sp need per-block
-   collectives of whole activations, which on an edge LAN only pay off, if ever, inside
-   a single stage; fsdp stages inside pipelines run when written in a plan, but the
-   pipeline search does not place them yet.
+   every group of two or more devices in ``dp`` or ``fsdp`` (the modes with
+   ``in_pipelines``, whose closed form ``tables`` holds: Asteroid-style pipelines of
+   data-parallel groups, replicated or sharded). tp and sp need per-block collectives of
+   whole activations, which on an edge LAN only pay off, if ever, inside a single stage.
 5. **Shares**: whole items (the mode's ``num_items``: samples for dp and fsdp, tokens
    for sp, KV-head groups for tp) are
    given one at a time to the device that would finish its items soonest, i.e. they
@@ -49,7 +48,8 @@ from edgepool.specs.pool import DeviceSpec, PoolSpec
 
 # Modes a single stage may take, and the one the pipeline search composes (``tables``).
 MODES_SINGLE = modes_mod.NAMES
-PIPELINE_MODE = next(m.name for m in modes_mod.all_modes() if m.in_pipelines)
+PIPELINE_MODES = tuple(m.name for m in modes_mod.all_modes() if m.in_pipelines)
+PIPELINE_MODE = PIPELINE_MODES[0]  # the plain one: a one-device stage, the energy search's closed form
 
 
 def canonical_order(pool: PoolSpec) -> list[DeviceSpec]:
@@ -197,7 +197,7 @@ def enumerate_plans(space: Space) -> Iterator[Plan]:
                             yield space.make_plan([st], M, modes)
         if fam in MODES_SINGLE:
             continue
-        # Pipelines of dp groups (pp: groups of one device).
+        # Pipelines of dp and fsdp groups (pp: groups of one device).
         for S in range(2, min(N, L) + 1):
             for groups in group_sequences(N, S):
                 if fam == "pp" and any(b - a != 1 for a, b in groups):
@@ -205,13 +205,15 @@ def enumerate_plans(space: Space) -> Iterator[Plan]:
                 for bounds in itertools.combinations(range(1, L), S - 1):
                     edges = (0,) + bounds + (L,)
                     per_group = [group_mode_assignments(order[a:b], space.objective) for a, b in groups]
+                    stage_modes = [PIPELINE_MODES if b - a > 1 else (PIPELINE_MODE,) for a, b in groups]
                     for combo in itertools.product(*per_group):
                         modes = {k: v for c in combo for k, v in c.items()}
-                        stages = []
-                        for i, (a, b) in enumerate(groups):
-                            st = space.stage((edges[i], edges[i + 1]), PIPELINE_MODE, order[a:b], modes, M)
-                            if st is None:
-                                break
-                            stages.append(st)
-                        else:
-                            yield space.make_plan(stages, M, modes)
+                        for kinds in itertools.product(*stage_modes):
+                            stages = []
+                            for i, (a, b) in enumerate(groups):
+                                st = space.stage((edges[i], edges[i + 1]), kinds[i], order[a:b], modes, M)
+                                if st is None:
+                                    break
+                                stages.append(st)
+                            else:
+                                yield space.make_plan(stages, M, modes)

@@ -1,26 +1,33 @@
 """Stage and link costs of every candidate group, in the form the search needs.
 
-For a fixed micro-batch count M and a fixed power-mode assignment, the cost of a dp
-group ``[a, b)`` of the canonical order serving layers ``[l0, l)`` is a closed form of
-prefix sums over layers; this module computes those prefix sums once per group, and
-turns them into ``(l0, l)`` matrices on demand. The formulas are those of
-``cost.model`` specialised to a pipeline of dp groups (the search's space):
+For a fixed micro-batch count M, a fixed power-mode assignment and a pipeline mode
+(``dp`` or ``fsdp``, the modes with ``in_pipelines``), the cost of a group ``[a, b)``
+of the canonical order serving layers ``[l0, l)`` is a closed form of prefix sums over
+layers; this module computes those prefix sums once per group, and turns them into
+``(l0, l)`` matrices on demand. The formulas are those of ``cost.model`` specialised to
+a pipeline of such groups (the search's space), and everything that depends on the
+mode comes from the mode's own functions (``edgepool.modes``):
 
 - device i with ``x_i`` samples per micro-batch computes ``x_i * seq_len`` tokens of
-  every block; a stage's machine time is ``max_i F_i + max_i B_i``, where stage 0's
-  devices also embed their samples and run the head on them (they own the data);
-- a dp-to-dp boundary (and the boundary from the last stage back to the data owners of
-  stage 0) moves each sample row once, so device i sends and receives ``x_i`` rows of
-  ``hidden`` values each way. With ``a_g = max_i x_i * row_bytes / bw_i`` and
+  every block; a stage's machine time is ``max_i F_i + max_i B_i`` plus the mode's
+  collectives per micro-batch (fsdp: ``unit_collectives_s`` of every unit, affine in
+  the unit's bytes, so ``coll_lat_s * units + coll_per_byte * params``, read off the
+  mode's function at two sizes); stage 0's devices also embed their samples and run
+  the head on them (they own the data);
+- a group-to-group boundary (and the boundary from the last stage back to the data
+  owners of stage 0) moves each sample row once, so device i sends and receives ``x_i``
+  rows of ``hidden`` values each way. With ``a_g = max_i x_i * row_bytes / bw_i`` and
   ``lam_g = max_i latency_i``, the boundary between groups P and Q takes
   ``max(lam_P, lam_Q) + max(base, a_P, a_Q)`` each way, where ``base`` is the channel
   time of one micro-batch's activations on a shared medium (0 on a switched one);
   ``cost.network.transfer_time`` reduces to this when every device of P sends to some
   device of Q and every device of Q receives;
-- the gradient all-reduce of a group of n >= 2 devices is
+- the gradient all-reduce of a group of n >= 2 devices whose mode syncs (dp) is
   ``2 (n-1) lam_g + kappa_g * param_bytes`` (``cost.network.allreduce_time``);
-- memory of device i: ``(2 + opt_state) * params + act_i * inflight (+ transient on
-  stage 0)``; ``kmax`` is the largest in-flight count that fits every device.
+- memory of device i: the mode's ``state_bytes`` of the range's parameters (dp:
+  ``(2 + opt_state) * params``; fsdp: a 1/n shard of that plus the largest unit whole
+  twice) ``+ act_i * inflight (+ transient on stage 0)``; ``kmax`` is the largest
+  in-flight count that fits every device; the optimizer steps on the mode's share.
 
 ``tests/unit/test_planner.py`` checks that these closed forms equal ``cost.model`` on
 every plan of small spaces.
@@ -34,7 +41,8 @@ import numpy as np
 
 from edgepool.cost.model import memory_cap_bytes
 from edgepool.cost.network import Network
-from edgepool.planner.space import Space
+from edgepool import modes as modes_mod
+from edgepool.planner.space import PIPELINE_MODES, PIPELINE_MODE, Space
 
 INF = float("inf")
 
@@ -58,6 +66,7 @@ class GroupTable:
     b: int
     modes: dict[str, str]
     counts: tuple[int, ...]
+    mode: str  # the group's stage mode (one with ``in_pipelines``)
     # per distinct device row (r): prefix sums over layers (length L+1)
     fwd_pre: np.ndarray  # (r, L+1) seconds
     bwd_pre: np.ndarray
@@ -76,6 +85,9 @@ class GroupTable:
     mult: np.ndarray  # (r,) devices per row
     radio_j_per_byte: np.ndarray  # (r,) per row (per device)
     rows_x: np.ndarray  # (r,) samples per micro-batch of the row's devices
+    coll_lat_s: float = 0.0  # per unit gathered, per micro-batch (fwd + bwd): the mode's unit collectives
+    coll_per_byte: float = 0.0  # per parameter byte gathered, per micro-batch
+    optim_frac: float = 1.0  # share of its parameters a device's optimizer steps on
 
 
 class Tables:
@@ -104,6 +116,15 @@ class Tables:
         pm = self.param_pre[None, :] - self.param_pre[:, None]
         pm[0, :] += self.first_params
         self.param_mat = pm
+        # Units a gathering mode (fsdp) gathers over [l0, l): every block, plus embed and
+        # head on stage 0; and the largest of them.
+        lo, hi = np.meshgrid(np.arange(L + 1), np.arange(L + 1), indexing="ij")
+        self.units_mat = np.maximum(hi - lo, 0) + np.where(lo == 0, 2, 0)
+        whole = np.zeros((L + 1, L + 1))
+        for l0 in range(L):
+            whole[l0, l0 + 1:] = np.maximum.accumulate(params[l0:])
+        whole[0, :] = np.maximum(whole[0, :], max(prof.embed.params_at(), prof.head.params_at()))
+        self.whole_mat = whole
         self.valid = np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1)
         self.ref = prof.reference_speed
         self.opt_f = prof.opt_state_factor
@@ -152,13 +173,13 @@ class Tables:
             self._row_cache[key] = hit
         return hit
 
-    def group(self, a: int, b: int, M: int, modes: dict[str, str]) -> GroupTable | None:
-        key = (a, b, M, tuple(modes[d.name] for d in self.space.order[a:b]))
+    def group(self, a: int, b: int, M: int, modes: dict[str, str], mode: str = PIPELINE_MODE) -> GroupTable | None:
+        key = (a, b, M, tuple(modes[d.name] for d in self.space.order[a:b]), mode)
         if key in self._cache:
             return self._cache[key]
         sp = self.space
         devs = sp.order[a:b]
-        counts = sp.shares("dp", devs, modes, M)
+        counts = sp.shares(mode, devs, modes, M)
         if counts is None:
             self._cache[key] = None
             return None
@@ -176,15 +197,20 @@ class Tables:
         parts = [self._row(k[0], k[1]) for k in keys]
         n = len(devs)
         a_s = max(x * self.row_bytes / bw for x, bw in zip(counts, bws))
-        if n >= 2:
+        m = modes_mod.get(mode)
+        if n >= 2 and m.syncs_grads:
             kappa = 2.0 * (n - 1) / n / min(bws)
             if self.net.shared:
                 kappa = max(kappa, 2.0 * (n - 1) / self.net.channel_Bps)
             sync_lat = 2 * (n - 1) * lam
         else:
             kappa = sync_lat = 0.0
+        # The mode's unit collectives are affine in the unit's bytes: read off at 0 and 1 GB.
+        names = [d.name for d in devs]
+        c0, c1 = (sum(m.unit_collectives_s(names, self.net, u)) for u in (0.0, 1e9))
         gt = GroupTable(
-            a=a, b=b, modes={d.name: modes[d.name] for d in devs}, counts=counts,
+            a=a, b=b, modes={d.name: modes[d.name] for d in devs}, counts=counts, mode=mode,
+            coll_lat_s=c0, coll_per_byte=(c1 - c0) / 1e9, optim_frac=m.optim_fraction(n),
             fwd_pre=np.stack([p[0] for p in parts]), bwd_pre=np.stack([p[1] for p in parts]),
             act_pre=np.stack([p[2] for p in parts]), first_fwd=np.array([p[3] for p in parts]),
             first_bwd=np.array([p[4] for p in parts]), transient=np.array([p[5] for p in parts]),
@@ -211,10 +237,22 @@ class Tables:
         b = self._span(g.bwd_pre, g.first_bwd).max(axis=0)
         return f, b
 
+    def coll(self, g: GroupTable) -> np.ndarray:
+        """The mode's collectives per micro-batch over [l0, l) (0 unless it gathers units)."""
+        if not g.coll_lat_s and not g.coll_per_byte:
+            return np.zeros((self.L + 1, self.L + 1))
+        return g.coll_lat_s * self.units_mat + g.coll_per_byte * self.param_mat
+
+    def static_bytes(self, g: GroupTable) -> np.ndarray:
+        """Parameters, gradients and optimizer state over [l0, l), the mode's ``state_bytes``."""
+        parts = modes_mod.get(g.mode).state_bytes(g.b - g.a, self.param_mat, self.whole_mat, self.opt_f)
+        return sum(parts.values())
+
     def machine(self, g: GroupTable) -> np.ndarray:
-        """Stage machine time ``max F + max B`` per micro-batch; inf where l0 >= l."""
+        """Stage machine time ``max F + max B`` (+ the mode's collectives) per micro-batch;
+        inf where l0 >= l."""
         f, b = self.fwd_bwd(g)
-        return np.where(self.valid, f + b, INF)
+        return np.where(self.valid, f + b + self.coll(g), INF)
 
     def sync(self, g: GroupTable) -> np.ndarray:
         if g.kappa == 0:
@@ -223,12 +261,12 @@ class Tables:
 
     def optim_first(self, g: GroupTable) -> np.ndarray:
         """(L+1,): optimizer time of the group as stage 0 covering [0, l)."""
-        p = self.param_pre + self.first_params
+        p = (self.param_pre + self.first_params) * g.optim_frac
         return (g.optim_rate[:, None] * p[None, :]).max(axis=0)
 
     def kmax(self, g: GroupTable, M: int) -> np.ndarray:
         """Largest number of micro-batches in flight that fits every device (int, capped at M)."""
-        static = (2 + self.opt_f) * self.param_mat  # (L+1, L+1)
+        static = self.static_bytes(g)  # (L+1, L+1)
         act = g.act_pre[:, None, :] - g.act_pre[:, :, None]  # (r, L+1, L+1)
         room = g.cap[:, None, None] - static[None]
         room[:, 0, :] -= g.transient[:, None]
@@ -245,7 +283,8 @@ class Tables:
         return M * w + (g.sync_lat_s + g.kappa * self.min_block_params if g.kappa else 0.0)
 
     def groups_for(self, M: int, modes: dict[str, str], pp_only: bool = False) -> list[GroupTable]:
-        """Every valid group of the canonical order for M (cached)."""
+        """Every valid group of the canonical order for M, in every pipeline mode (one
+        device: the plain one), cached."""
         names = [d.name for d in self.space.order]
         key = (M, tuple(modes[n] for n in names), pp_only)
         if key not in self._groups:
@@ -255,15 +294,16 @@ class Tables:
                 for b in range(a + 1, N + 1):
                     if pp_only and b - a != 1:
                         continue
-                    g = self.group(a, b, M, modes)
-                    if g is not None:
-                        out.append(g)
+                    for mode in (PIPELINE_MODES if b - a > 1 else (PIPELINE_MODE,)):
+                        g = self.group(a, b, M, modes, mode)
+                        if g is not None:
+                            out.append(g)
             self._groups[key] = out
         return self._groups[key]
 
     def mats(self, g: GroupTable, M: int, budget_bytes: float = 3e8) -> GroupMats:
         """The group's matrices, cached while the cache stays under ``budget_bytes``."""
-        key = (g.a, g.b, M, tuple(g.modes[d.name] for d in self.space.order[g.a:g.b]))
+        key = (g.a, g.b, M, tuple(g.modes[d.name] for d in self.space.order[g.a:g.b]), g.mode)
         hit = self._mats.get(key)
         if hit is not None:
             return hit
@@ -283,15 +323,15 @@ class Tables:
         return m
 
     def single(self, g: GroupTable, M: int) -> tuple[float, float, bool]:
-        """A single-stage dp plan of the group: (step time, period, fits in memory), closed form."""
+        """A single-stage plan of the group: (step time, period, fits in memory), closed form."""
         L = self.L
         f = (g.fwd_pre[:, L] + g.first_fwd).max()
         b = (g.bwd_pre[:, L] + g.first_bwd).max()
-        W = float(f + b)
+        W = float(f + b + self.coll(g)[0, L])
         params = float(self.param_mat[0, L])
         sync = g.sync_lat_s + g.kappa * params if g.kappa else 0.0
-        optim = float((g.optim_rate * params).max())
-        mem = (2 + self.opt_f) * params + g.act_pre[:, L] + g.transient
+        optim = float((g.optim_rate * params * g.optim_frac).max())
+        mem = float(self.static_bytes(g)[0, L]) + g.act_pre[:, L] + g.transient
         return M * W + sync + optim, W, bool(np.all(mem <= g.cap))
 
     def link(self, gp: GroupTable, gq: GroupTable, base: float) -> float:
