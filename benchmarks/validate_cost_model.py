@@ -20,7 +20,7 @@ What is compared:
   from one to the next here (CFS quota periods, other work on the host).
 - energy per step: predicted = the cost model's energy; measured side = the study's
   modelled energy from *measured* CPU time and bytes sent
-  (``launch.study.step_energy``). Neither is a sensor reading (this machine
+  (each rank's modelled meter, ``runtime.train.step_meter``). Neither is a sensor reading (this machine
   has none); both are labelled ``modelled``.
 
 The pools describe what the testbed really emulates: where the kernel has no netem,
@@ -184,28 +184,29 @@ def error_pct(pred: float | None, meas: float | None) -> float | None:
 
 def run_one(pool, plan, placement, out_dir: Path, steps: int) -> dict:
     from edgepool.launch.local import RankFailed, launch_local
-    from edgepool.launch.study import step_energy, timed_steps
+    from edgepool.launch.study import device_figures
     from edgepool.runtime.train import RunSpec
+    from edgepool.specs.metrics import read_metrics, timed_steps
 
     spec = RunSpec(pool=pool, job=job_spec(plan.schedule), plan=plan, out_dir=str(out_dir), steps=steps)
     t0 = time.monotonic()
     try:
-        summary = launch_local(spec, placement=placement, progress=False, deadline_s=180.0)
+        summary = launch_local(spec, placement=placement, deadline_s=180.0)
     except RankFailed as exc:
         return {"status": "failed", "cause": exc.reason, "wall_s": time.monotonic() - t0}
-    metrics = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln]
+    metrics = read_metrics(out_dir / "metrics.jsonl")
     timed = timed_steps(metrics)
-    energy = step_energy(pool, plan, metrics, placement, spec.threads)
+    figs = device_figures(pool, plan, summary, placement, spec.threads)
     return {
         "status": "ok", "wall_s": time.monotonic() - t0, "steps": steps,
-        "step_times_s": [m["step_time_s"] for m in metrics],
-        "step_time_s": statistics.median(m["step_time_s"] for m in timed),
-        "energy_j": sum(e["energy_j"] for e in energy.values()),
-        "devices": {d: {"cpu_s": statistics.median(m["devices"][d]["cpu_s"] for m in timed),
-                        "bytes_sent": statistics.median(m["devices"][d]["bytes_sent"] for m in timed),
-                        "busy_pct": energy[d]["busy_pct"], "cores": energy[d]["cores"],
-                        "peak_memory_bytes": summary["devices"][d]["peak_memory_bytes"]} for d in plan.devices},
-        "final_loss": summary["final_loss"],
+        "step_times_s": [m.step_time_s for m in metrics],
+        "step_time_s": summary.step_time_s,
+        "energy_j": sum(f["energy_j"] for f in figs.values()),
+        "devices": {d: {"cpu_s": statistics.median(m.devices[d].cpu_s for m in timed),
+                        "bytes_sent": statistics.median(m.devices[d].bytes_sent for m in timed),
+                        "busy_pct": figs[d]["busy_pct"], "cores": figs[d]["cores"],
+                        "peak_memory_bytes": figs[d]["peak_memory_bytes"]} for d in plan.devices},
+        "final_loss": summary.final_loss,
     }
 
 
@@ -341,7 +342,7 @@ def write(result: dict, out: Path, wall_s: float | None) -> None:
         "by. The cost model's closed form (`cost.estimate`), which the planner's search optimises, is shown beside "
         "it.",
         "Energy per step: predicted = the simulator's; measured = modelled from measured CPU time and bytes sent "
-        "(`launch.study.step_energy`): both modelled, no sensor.", "",
+        "(each rank's modelled meter, `runtime.train.step_meter`): both modelled, no sensor.", "",
         f"**Step-time error of the prediction (|predicted - measured| / measured): median {med:.1f}% "
         f"(target <= {TARGET_MEDIAN_PCT:g}%), max {mx:.1f}% (target <= {TARGET_MAX_PCT:g}%): "
         f"{'targets met' if summary['targets_met'] else 'TARGETS MISSED'}.** "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 from datetime import datetime, timezone
 
 
@@ -46,3 +47,10 @@ def machine_line(info: dict | None = None) -> str:
     if "torch" in i:
         parts.append(f"torch {i['torch']}")
     return ", ".join(parts) + f"; measured {i['date']}"
+
+
+def free_port() -> int:
+    """A TCP port free on this machine's loopback now (for a local rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

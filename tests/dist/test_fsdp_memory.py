@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import os
 
-import torch
 
 from edgepool.data import ByteTokenizer, Sampler
 from edgepool.models.config import preset

@@ -13,6 +13,8 @@ import pytest
 
 from edgepool.cli.main import main
 
+pytestmark = pytest.mark.e2e  # real processes; `pytest -m "not e2e"` leaves them out
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 POOL = EXAMPLES / "pool-local.yaml"
 STEPS = 3

@@ -30,7 +30,7 @@ def test_study_dp_runs_out_of_memory_and_pp_trains(tmp_path):
                   data={"path": str(CORPUS)},
                   train={"global_batch": 4, "seq_len": 16, "steps": 2, "lr": 1e-4},
                   parallelism={"mode": "auto", "num_microbatches": 2, "schedule": "1f1b"})
-    result = run_study(pool, job, out_dir=tmp_path, steps=2, families=("dp", "pp"), progress=False, deadline_s=120)
+    result = run_study(pool, job, out_dir=tmp_path, steps=2, families=("dp", "pp"), deadline_s=120)
     rows = {r["name"]: r for r in result["rows"]}
     assert rows["dp"]["status"] == "out of memory", rows["dp"]
     assert "OOM killer" in rows["dp"]["cause"]

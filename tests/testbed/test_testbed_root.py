@@ -245,25 +245,6 @@ def test_enter_moves_a_forked_child_into_the_device():
         assert f"ep-{tag}-b" in data
 
 
-def test_modelled_meter_reads_the_testbed():
-    from edgepool.energy import SOURCE_MODELLED
-
-    tag = _tag()
-    pool = _pool()
-    burn = "import time\nt = time.time()\nwhile time.time() - t < 0.5: pass"
-    with Testbed.running(pool, tag=tag, host_cpus=1.0) as state:
-        meter = state.modelled_meter(pool)
-        assert meter is not None and meter.is_available()
-        with meter.measure("step") as w:
-            subprocess.run(state.command_prefix("a") + [sys.executable, "-c", burn], env={**os.environ, **state.env("a")}, check=True)
-            time.sleep(0.1)
-    a, b = w.readings["a"], w.readings["b"]
-    assert a.source == SOURCE_MODELLED and b.source == SOURCE_MODELLED
-    assert a.detail["busy_s"] > 0.4  # a burned its 0.25-core cap for ~0.5 s
-    assert b.detail["busy_s"] < 0.05  # b was idle
-    assert a.energy_j > b.energy_j > 0
-
-
 def test_no_leftovers_from_this_module():
     for tag in _TAGS:
         assert _leftovers(tag) == [], tag

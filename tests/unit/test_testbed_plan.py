@@ -205,14 +205,15 @@ def test_v2_cgroup_files(tmp_path):
     cg.create()
     assert (tmp_path / "edgepool" / "ep-ab1-a").is_dir()
     assert cg.set_cpu_cores(0.25) == 2_500
-    assert (cg.cpu_dir / "cpu.max").read_text() == "2500 10000" and cg.cpu_quota_cores() == 0.25
+    assert (cg.cpu_dir / "cpu.max").read_text() == "2500 10000"
     (cg.cpu_dir / "cpu.weight").write_text("100")
     (cg.cpu_dir.parent / "cpu.weight").write_text("100")
     cg.set_cpu_priority()
     assert (cg.cpu_dir / "cpu.weight").read_text() == (cg.cpu_dir.parent / "cpu.weight").read_text() == "10000"
     (cg.memory_dir / "memory.swap.max").write_text("max")
     cg.set_memory_bytes(10**9)
-    assert cg.memory_limit_bytes() == 10**9 and (cg.memory_dir / "memory.swap.max").read_text() == "0"
+    assert (cg.memory_dir / "memory.max").read_text() == str(10**9)
+    assert (cg.memory_dir / "memory.swap.max").read_text() == "0"
     (cg.memory_dir / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
     (cg.cpu_dir / "cpu.stat").write_text("usage_usec 2000000\n")
     assert cg.oom_kills() == 1 and cg.cpu_usage_s() == 2.0

@@ -25,6 +25,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from rich.console import Console
 
+    from edgepool.cli.progress import TrainProgress
     from edgepool.launch.study import run_study
     from edgepool.report.study import print_table
     from edgepool.specs import load_job, load_pool
@@ -36,7 +37,8 @@ def run(args) -> int:
     console.print(f"[bold]edgepool demo[/bold]: pool {pool.name!r} ({', '.join(pool.device_names)}), "
                   f"{job.model.family} model, {args.out}")
     result = run_study(pool, job, out_dir=Path(args.out), steps=args.steps or job.train.steps, console=console,
-                       deadline_s=150.0, progress=not args.no_progress)
+                       deadline_s=150.0, progress_bar=None if args.no_progress else
+                       (lambda plan, steps: TrainProgress(steps, plan, console=console)))
     out = Console()
     print_table(result, out)
     out.print(f"report: {args.out}/study.md; plots: {args.out}/study-bars.png, {args.out}/study-timeline.png; "

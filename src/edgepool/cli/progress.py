@@ -23,6 +23,6 @@ class TrainProgress:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
-    def update(self, rec: dict) -> None:
-        self.progress.update(self.task, completed=rec["step"] + 1, loss=f"{rec['loss']:.4f}",
-                             rate=f"{rec['samples_per_s']:.1f}")
+    def update(self, rec) -> None:
+        """Show one ``specs.metrics.StepRecord``."""
+        self.progress.update(self.task, completed=rec.step + 1, loss=f"{rec.loss:.4f}", rate=f"{rec.samples_per_s:.1f}")

@@ -17,6 +17,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from rich.console import Console
 
+    from edgepool.cli.progress import TrainProgress
     from edgepool.launch.study import run_study
     from edgepool.report.study import print_table
     from edgepool.specs import load_job, load_pool
@@ -24,7 +25,8 @@ def run(args) -> int:
     console = Console(stderr=True)
     pool, job = load_pool(args.pool), load_job(args.job)
     result = run_study(pool, job, out_dir=args.out, steps=args.steps or job.train.steps, console=console,
-                       deadline_s=args.deadline, progress=not args.no_progress)
+                       deadline_s=args.deadline, progress_bar=None if args.no_progress else
+                       (lambda plan, steps: TrainProgress(steps, plan, console=console)))
     print_table(result, Console())
     Console().print(f"report: {args.out}/study.md, plots: {args.out}/study-bars.png, {args.out}/study-timeline.png")
     return 0

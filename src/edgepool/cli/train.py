@@ -25,6 +25,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from edgepool.cli.progress import TrainProgress
     from edgepool.launch.local import launch_local, pool_placement
     from edgepool.launch.prepare import prepare_run
 
@@ -35,8 +36,10 @@ def run(args) -> int:
     console.print(f"plan {plan.plan_id}: {plan.parallelism}, {len(plan.stages)} stage(s), "
                   f"{plan.num_microbatches} micro-batch(es), {plan.schedule}, devices {', '.join(plan.devices)}")
     with pool_placement(spec.pool, log=console.print) as placement:
-        summary = launch_local(spec, placement=placement, progress=not args.no_progress, console=console)
-    console.print(f"final loss {summary['final_loss']:.4f}, mean step {summary['mean_step_time_s']:.3f} s, "
-                  f"{summary['samples_per_s']:.1f} samples/s; results in {args.out}")
-    print(json.dumps({k: summary[k] for k in ("plan_id", "parallelism", "final_loss", "mean_step_time_s", "samples_per_s")}))
+        bar = TrainProgress(spec.steps, plan, console=console, enabled=not args.no_progress)
+        with bar:
+            summary = launch_local(spec, placement=placement, on_step=bar.update)
+    console.print(f"final loss {summary.final_loss:.4f}, step {summary.step_time_s:.3f} s ({summary.step_time_stat}), "
+                  f"{summary.samples_per_s:.1f} samples/s; results in {args.out}")
+    print(json.dumps(summary.model_dump(include={"plan_id", "parallelism", "final_loss", "step_time_s", "samples_per_s"})))
     return 0

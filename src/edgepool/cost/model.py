@@ -153,6 +153,14 @@ class EnergyParts:
     def energy_j(self) -> float:
         return self.busy_energy_j + self.idle_energy_j + self.radio_energy_j
 
+    @staticmethod
+    def of(*, busy_w: float, idle_w: float, radio_j_per_mb: float, wall_s: float, busy_s: float,
+           radio_bytes: float) -> dict[str, float]:
+        """The one energy formula (cost model, simulator, modelled meter): busy power while
+        busy, idle power the rest of the window, radio energy per megabyte (10^6 bytes)."""
+        return {"busy_energy_j": busy_w * busy_s, "idle_energy_j": idle_w * max(0.0, wall_s - busy_s),
+                "radio_energy_j": radio_j_per_mb * max(0.0, radio_bytes) / MB}
+
 
 @dataclass(frozen=True)
 class DeviceCost(EnergyParts):
@@ -430,9 +438,9 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
                 name=name, kind=dev.kind, power_mode=pm.name, stage=s, speed=device_speed(dev, pm.name),
                 fwd_s=w.fwd_s, bwd_s=w.bwd_s, busy_s=busy,
                 memory_bytes=sum(mem_parts.values()), memory_cap_bytes=memory_cap_bytes(dev), memory_parts=mem_parts,
-                bytes_moved=dev_bytes[name], busy_energy_j=pm.busy_w * busy,
-                idle_energy_j=pm.idle_w * max(0.0, step - busy),
-                radio_energy_j=kind.radio_j_per_mb * dev_bytes[name] / MB,
+                bytes_moved=dev_bytes[name],
+                **EnergyParts.of(busy_w=pm.busy_w, idle_w=pm.idle_w, radio_j_per_mb=kind.radio_j_per_mb, wall_s=step,
+                                 busy_s=busy, radio_bytes=dev_bytes[name]),
             )
     return PlanCost(
         plan_id=plan.plan_id, schedule=plan.schedule, num_microbatches=M, step_time_s=step, pipe_s=pipe, fill_s=fill,

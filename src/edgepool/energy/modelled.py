@@ -123,20 +123,20 @@ def model_energy_j(
     """The model above as a pure function; returns energy_j and its parts."""
     if cores <= 0:
         raise ValueError(f"cores must be > 0, got {cores}")
+    from edgepool.cost.model import EnergyParts
+
     busy_s = min(wall_s, max(0.0, cpu_s) / cores)
-    idle_s = max(0.0, wall_s - busy_s)
-    compute_j = busy_w * busy_s
-    idle_j = idle_w * idle_s
-    radio_j = radio_j_per_mb * max(0.0, tx_bytes) / 1e6
+    e = EnergyParts.of(busy_w=busy_w, idle_w=idle_w, radio_j_per_mb=radio_j_per_mb, wall_s=wall_s, busy_s=busy_s,
+                       radio_bytes=tx_bytes)
     return {
-        "energy_j": compute_j + idle_j + radio_j,
+        "energy_j": sum(e.values()),
         "busy_s": busy_s,
-        "idle_s": idle_s,
+        "idle_s": max(0.0, wall_s - busy_s),
         "cpu_s": cpu_s,
         "tx_bytes": tx_bytes,
-        "compute_j": compute_j,
-        "idle_j": idle_j,
-        "radio_j": radio_j,
+        "compute_j": e["busy_energy_j"],
+        "idle_j": e["idle_energy_j"],
+        "radio_j": e["radio_energy_j"],
     }
 
 

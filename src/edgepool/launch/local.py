@@ -5,16 +5,15 @@ environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), its ou
 ``DIR/logs/rank-N.log``. A ``Placement`` may wrap a rank's command (a network namespace
 and cgroups of the testbed) and add environment (``GLOO_SOCKET_IFNAME``).
 
-The launcher follows ``DIR/metrics.jsonl`` for a progress bar. When a rank fails, it
+The launcher follows ``DIR/metrics.jsonl`` and hands every step's record to its
+``on_step`` callback (the CLI's progress bar). When a rank fails, it
 stops the others at once and raises an error naming the rank, its device and the
 rank's own one-line reason, with the log to read.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from edgepool.errors import EdgepoolError
+from edgepool.machine import free_port
+from edgepool.specs.metrics import StepRecord, Summary, read_summary
 
 
 class RankFailed(EdgepoolError):
@@ -87,12 +88,6 @@ def pool_placement(pool, *, log=print) -> Iterator[Placement]:
             Testbed.down(tag=state.tag)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _reason(log: Path) -> str:
     try:
         lines = log.read_text(errors="replace").splitlines()
@@ -104,14 +99,13 @@ def _reason(log: Path) -> str:
     return lines[-1] if lines else "exited without output"
 
 
-def launch_local(run, *, placement: Placement | None = None, progress: bool = True, console=None,
-                 poll_s: float = 0.2, deadline_s: float | None = None) -> dict:
+def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[StepRecord], None] | None = None,
+                 poll_s: float = 0.2, deadline_s: float | None = None) -> Summary:
     """Run ``run`` (a RunSpec) on local processes; returns the summary.
 
+    ``on_step`` gets every step's record as rank 0 writes it (a progress bar, say).
     ``deadline_s`` bounds the whole run: past it every rank is stopped and a
     ``RankFailed`` with reason "timeout" is raised."""
-    from edgepool.cli.progress import TrainProgress
-
     placement = placement or Placement()
     out = Path(run.out_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -135,40 +129,46 @@ def launch_local(run, *, placement: Placement | None = None, progress: bool = Tr
         with open(log, "w") as fh:
             procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
     metrics = out / "metrics.jsonl"
-    bar = TrainProgress(run.steps, run.plan, console=console, enabled=progress)
     seen = 0
     t_end = time.monotonic() + deadline_s if deadline_s else None
+
+    def follow() -> None:
+        nonlocal seen
+        if not metrics.is_file():
+            return
+        for ln in metrics.read_text().splitlines()[seen:]:
+            try:
+                rec = StepRecord.model_validate_json(ln)
+            except ValueError:  # a line still being written
+                return
+            if on_step is not None:
+                on_step(rec)
+            seen += 1
+
     try:
-        with bar:
-            while True:
-                if metrics.is_file():
-                    lines = metrics.read_text().splitlines()
-                    for ln in lines[seen:]:
-                        try:
-                            bar.update(json.loads(ln))
-                        except json.JSONDecodeError:
-                            break
-                        seen += 1
-                codes = [p.poll() for p in procs]
-                failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-                if failed:
-                    causes = {r: placement.exit_cause(run.plan.devices[r], codes[r]) for r in failed}
-                    # The rank that died first: one the kernel killed (OOM, signal) over
-                    # peers that only noticed it; then the oldest log.
-                    first = min(failed, key=lambda r: (causes[r] is None and codes[r] > 0, _mtime(logs[r])))
-                    device = run.plan.devices[first]
-                    reason = causes[first] or _reason(logs[first])
-                    raise RankFailed(
-                        f"rank {first} ({device}) failed (exit {codes[first]}): {reason}; see {logs[first]}",
-                        rank=first, device=device, returncode=codes[first], reason=reason, log=logs[first],
-                    )
-                if all(c == 0 for c in codes):
-                    break
-                if t_end is not None and time.monotonic() > t_end:
-                    raise RankFailed(f"the run did not finish within {deadline_s:g} s (step {seen} of {run.steps}); "
-                                     f"stopped all ranks", rank=-1, device="-", returncode=-1,
-                                     reason=f"timeout after {deadline_s:g} s at step {seen}", log=out / "logs")
-                time.sleep(poll_s)
+        while True:
+            follow()
+            codes = [p.poll() for p in procs]
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                causes = {r: placement.exit_cause(run.plan.devices[r], codes[r]) for r in failed}
+                # The rank that died first: one the kernel killed (OOM, signal) over
+                # peers that only noticed it; then the oldest log.
+                first = min(failed, key=lambda r: (causes[r] is None and codes[r] > 0, _mtime(logs[r])))
+                device = run.plan.devices[first]
+                reason = causes[first] or _reason(logs[first])
+                raise RankFailed(
+                    f"rank {first} ({device}) failed (exit {codes[first]}): {reason}; see {logs[first]}",
+                    rank=first, device=device, returncode=codes[first], reason=reason, log=logs[first],
+                )
+            if all(c == 0 for c in codes):
+                follow()  # the last steps, written just before the ranks exited
+                break
+            if t_end is not None and time.monotonic() > t_end:
+                raise RankFailed(f"the run did not finish within {deadline_s:g} s (step {seen} of {run.steps}); "
+                                 f"stopped all ranks", rank=-1, device="-", returncode=-1,
+                                 reason=f"timeout after {deadline_s:g} s at step {seen}", log=out / "logs")
+            time.sleep(poll_s)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -180,7 +180,7 @@ def launch_local(run, *, placement: Placement | None = None, progress: bool = Tr
     summary_path = out / "summary.json"
     if not summary_path.is_file():
         raise EdgepoolError(f"the run ended without {summary_path}; see {out / 'logs'}")
-    return json.loads(summary_path.read_text())
+    return read_summary(summary_path)
 
 
 def _mtime(path: Path) -> float:

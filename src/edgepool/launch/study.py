@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgepool import catalog
+from edgepool import catalog, modes
 from edgepool.errors import EdgepoolError, InfeasibleError, PlanError
 from edgepool.launch.local import Placement, RankFailed, launch_local, pool_placement
 from edgepool.specs.job import JobSpec
 from edgepool.specs.layout import check_plan
+from edgepool.specs.metrics import STEP_TIME_STAT, Summary
 from edgepool.specs.plan import Plan, Shape
 from edgepool.specs.pool import PoolSpec
-
-from edgepool import modes
 
 FAMILIES = modes.NAMES + ("pp",)  # a single stage in each mode, and pipelines
 
@@ -59,37 +58,21 @@ class StudyRow:
     run_dir: str = ""
 
 
-def timed_steps(metrics: list[dict]) -> list[dict]:
-    """The step records a measurement uses: every step after the first (which pays for
-    start-up), or the only one."""
-    return metrics[1:] if len(metrics) > 1 else metrics
-
-
-def step_energy(pool: PoolSpec, plan: Plan, metrics: list[dict], placement: Placement,
-                threads: int) -> dict[str, dict]:
-    """Per-device energy per step (mean over ``timed_steps``) as each rank's meter read
-    it (``runtime.train.step_meter``: a sensor where one exists, else modelled), with its
-    source label, and the busy % the catalog model derives from CPU time."""
-    from edgepool.energy import model_energy_j
-
-    recs = timed_steps(metrics)
+def device_figures(pool: PoolSpec, plan: Plan, summary: Summary, placement: Placement,
+                   threads: int) -> dict[str, dict]:
+    """Per device of a finished run: its meter's mean energy per timed step with the
+    source label (``runtime.train.step_meter``), its busy % (CPU time over its CPU cap
+    over the step time), power mode, cores, peak memory and bytes sent per step."""
     out: dict[str, dict] = {}
     for name in plan.devices:
         dev = pool.device(name)
-        kind = catalog.get(dev.kind)
-        mode = kind.power_mode(plan.power_modes.get(name, dev.power_mode))
+        mode = catalog.get(dev.kind).power_mode(plan.power_modes.get(name, dev.power_mode))
         cores = placement.cores(name) or float(threads)
-        parts = [model_energy_j(busy_w=mode.busy_w, idle_w=mode.idle_w, radio_j_per_mb=kind.radio_j_per_mb,
-                                wall_s=r["step_time_s"], cpu_s=r["devices"][name]["cpu_s"], cores=cores,
-                                tx_bytes=r["devices"][name]["bytes_sent"]) for r in recs]
-        n = len(parts)
-        metered = [r["devices"][name].get("energy_j") for r in recs]
-        sources = sorted({r["devices"][name].get("energy_source", "none") for r in recs})
-        energy = sum(metered) / n if all(v is not None for v in metered) else None
-        busy = sum(p["busy_s"] for p in parts) / n
-        wall = sum(r["step_time_s"] for r in recs) / n
-        out[name] = {"energy_j": energy, "energy_source": sources[0] if len(sources) == 1 else f"mixed({','.join(sources)})",
-                     "busy_pct": 100.0 * busy / wall if wall else 0.0, "power_mode": mode.name, "cores": cores}
+        d = summary.devices[name]
+        busy = min(1.0, d.mean_cpu_s / cores / summary.step_time_s) if summary.step_time_s else 0.0
+        out[name] = {"energy_j": d.mean_energy_j, "energy_source": d.energy_source, "busy_pct": 100.0 * busy,
+                     "power_mode": mode.name, "cores": cores, "peak_memory_bytes": d.peak_memory_bytes,
+                     "bytes_sent_per_step": d.bytes_sent / summary.steps}
     return out
 
 
@@ -143,7 +126,12 @@ def study_plans(pool: PoolSpec, job: JobSpec, num_layers: int, families, profile
 
 
 def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, console=None, families=FAMILIES,
-              deadline_s: float = 240.0, progress: bool = True) -> dict:
+              deadline_s: float = 240.0, progress_bar=None) -> dict:
+    """Measure every family's plan and the planner's on the pool, beside the predictions.
+
+    ``progress_bar(plan, steps)``: a context manager with ``update(StepRecord)`` shown
+    while a run trains (the CLI's progress bar); None shows nothing.
+    """
     from edgepool.machine import machine_info
     from edgepool.report.study import write_study
     from edgepool.models.config import job_model_config
@@ -183,8 +171,10 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
                 shutil.rmtree(run_dir, ignore_errors=True)
                 spec = RunSpec(pool=pool, job=job, plan=plan, out_dir=str(run_dir), steps=steps)
                 log(f"[bold]{name}[/bold]: plan {plan.plan_id} ({plan.parallelism}, {len(plan.stages)} stage(s))")
-                summary = launch_local(spec, placement=placement, progress=progress, console=console,
-                                       deadline_s=deadline_s)
+                bar = progress_bar(plan, steps) if progress_bar is not None else None
+                with bar if bar is not None else nullcontext():
+                    summary = launch_local(spec, placement=placement, on_step=bar.update if bar is not None else None,
+                                           deadline_s=deadline_s)
             except RankFailed as exc:
                 row.status = ("out of memory" if "out of memory" in exc.reason
                               else "timeout" if exc.reason.startswith("timeout") else "failed")
@@ -200,29 +190,22 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
                 row.status, row.cause = "failed", str(exc)
                 rows.append(row)
                 continue
-            try:
-                metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
-                if not timed_steps(metrics):
-                    raise ValueError(f"{run_dir / 'metrics.jsonl'} has no timed step")
-            except (OSError, ValueError) as exc:  # one run's missing metrics never end the study
-                row.status, row.cause = "failed", f"no usable metrics: {exc}"
+            if not summary.steps or summary.step_time_s is None:  # one run's missing metrics never end the study
+                row.status, row.cause = "failed", f"no usable metrics in {run_dir / 'metrics.jsonl'}"
                 rows.append(row)
                 continue
-            energy = step_energy(pool, plan, metrics, placement, spec.threads)
-            # Median over the steps after the first: a step can still be warming up
-            # (the second of a GPipe plan often is), and the host is shared.
-            row.step_time_s = statistics.median(r["step_time_s"] for r in timed_steps(metrics))
+            # The run's step time (``specs.metrics.STEP_TIME_STAT``): a step can still be
+            # warming up (the second of a GPipe plan often is), and the host is shared.
+            row.step_time_s = summary.step_time_s
             row.samples_per_s = job.train.global_batch / row.step_time_s
-            row.final_loss = summary["final_loss"]
-            if all(e["energy_j"] is not None for e in energy.values()):
-                row.energy_per_step_j = sum(e["energy_j"] for e in energy.values())
+            row.final_loss = summary.final_loss
+            row.devices = device_figures(pool, plan, summary, placement, spec.threads)
+            if all(d["energy_j"] is not None for d in row.devices.values()):
+                row.energy_per_step_j = sum(d["energy_j"] for d in row.devices.values())
                 row.energy_per_sample_j = row.energy_per_step_j / job.train.global_batch
-            labels = sorted({e["energy_source"] for e in energy.values()})
+            labels = sorted({d["energy_source"] for d in row.devices.values()})
             row.energy_source = labels[0] if len(labels) == 1 else f"mixed({','.join(labels)})"
-            row.bytes_per_step = sum(d["bytes_sent"] for d in summary["devices"].values()) / summary["steps"]
-            for d in plan.devices:
-                row.devices[d] = {**energy[d], "peak_memory_bytes": summary["devices"][d]["peak_memory_bytes"],
-                                  "bytes_sent_per_step": summary["devices"][d]["bytes_sent"] / summary["steps"]}
+            row.bytes_per_step = sum(d["bytes_sent_per_step"] for d in row.devices.values())
             rows.append(row)
     result = {
         "pool": pool.name, "machine": machine_info(), "steps": steps,
@@ -230,6 +213,7 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
         "global_batch": job.train.global_batch, "seq_len": job.train.seq_len,
         "testbed": notes, "emulated": placement.emulated,
         "prediction_source": prediction_source,
+        "step_time_stat": STEP_TIME_STAT,
         "energy_note": "each rank's meter around each step: a sensor where one exists, else modelled (catalog busy/idle "
                        "power x measured busy time (CPU time / CPU cap) + radio energy per byte); rows say which",
         "rows": [asdict(r) for r in rows],

@@ -200,9 +200,9 @@ class Mode:
 
     # -- engine (torch) ---------------------------------------------------------------
     def apply(self, model: Any, *, group: Any, split: StageSplit, index: int, ctx: Any,
-              owner: bool) -> dict[str, tuple[int, int, int]]:
-        """Make ``model`` (this device's full-size stage parts) this mode's part of the
-        stage. Returns the shard spec ``name -> (dim, start, stop)`` of every tensor that
+              owner: bool, device: Any) -> dict[str, tuple[int, int, int]]:
+        """Make ``model`` (this device's full-size stage parts, on ``device``, a
+        ``runtime.device.TorchDevice``) this mode's part of the stage. Returns the shard spec ``name -> (dim, start, stop)`` of every tensor that
         holds a slice of the full tensor (``runtime.engine.stitch``)."""
         return {}
 

@@ -111,11 +111,11 @@ class ShardedDataParallel(Mode):
         return per, coll, 0.0, None
 
     # -- engine -------------------------------------------------------------------------
-    def apply(self, model, *, group, split, index, ctx, owner):
+    def apply(self, model, *, group, split, index, ctx, owner, device):
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = DeviceMesh.from_group(group, "cpu")
+        mesh = DeviceMesh.from_group(group, device.type)
         n = mesh.size()
         full_rows = {k: v.shape[0] for k, v in model.state_dict().items()}
         units = list(model.blocks.values()) + [m for m in (model.embed, model.head) if m is not None]

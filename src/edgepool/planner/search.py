@@ -69,7 +69,7 @@ from dataclasses import dataclass, field, replace
 from edgepool import catalog
 from edgepool import modes as modes_mod
 from edgepool.modes import BoundInputs
-from edgepool.cost.model import PlanCost, device_speed, estimate, memory_cap_bytes, shape_for
+from edgepool.cost.model import PlanCost, estimate, memory_cap_bytes, shape_for
 from edgepool.cost.network import Network
 from edgepool.cost.profile import ModelProfile
 from edgepool.errors import InfeasibleError, PlanError

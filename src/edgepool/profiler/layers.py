@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgepool.cost.profile import LayerProfile, ModelDims, ModelProfile, Parts, analytic_profile, block_flops
+from edgepool.cost.profile import ModelDims, ModelProfile, Parts, analytic_profile, block_flops
 from edgepool.models.stage import StageModel
 from edgepool.models.config import ModelConfig
 from edgepool.machine import cpu_name

@@ -58,7 +58,7 @@ def fit_link(points: list[tuple[int, float]]) -> dict:
 
 def measure_link(pool, a: str, b: str, placement, out_dir: Path, timeout_s: float = 120.0) -> dict:
     """Ping-pong between devices ``a`` and ``b`` of ``pool`` where ``placement`` puts them."""
-    from edgepool.launch.local import free_port
+    from edgepool.machine import free_port
 
     out_dir.mkdir(parents=True, exist_ok=True)
     result = out_dir / f"link-{a}-{b}.json"

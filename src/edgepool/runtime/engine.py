@@ -37,6 +37,7 @@ from edgepool.data import IGNORE, Sampler
 from edgepool.models.stage import StageModel
 from edgepool.models.config import ModelConfig
 from edgepool.models.parallel import ParallelCtx
+from edgepool.runtime.device import CPU, TorchDevice
 from edgepool.runtime.groups import StageGroups
 from edgepool.errors import PeerError
 from edgepool.runtime.wire import Wire, first_line
@@ -67,8 +68,9 @@ def peak_rss_bytes() -> int:
 class Engine:
     def __init__(self, plan: Plan, cfg: ModelConfig, *, rank: int, sampler: Sampler | None, global_batch: int,
                  seq_len: int, groups: StageGroups, lr: float, optimizer: str = "adamw", weight_decay: float = 0.0,
-                 seed: int = 0, timeout_s: float = 60.0, state_dict: dict[str, torch.Tensor] | None = None):
-        self.plan, self.cfg, self.rank = plan, cfg, rank
+                 seed: int = 0, timeout_s: float = 60.0, state_dict: dict[str, torch.Tensor] | None = None,
+                 device: TorchDevice = CPU):
+        self.plan, self.cfg, self.rank, self.device = plan, cfg, rank, device
         self.role = role_of(plan, rank)
         self.shape = Shape(global_batch=global_batch, seq_len=seq_len, num_heads=cfg.num_heads, ffn=cfg.ffn,
                            num_kv_heads=cfg.num_kv_heads)
@@ -78,7 +80,7 @@ class Engine:
         if self.owner and sampler is None:
             raise ValueError("a data owner needs a sampler")
         self.ops = lower_rank(plan, rank)
-        self.wire = Wire(rank, timeout_s, plan.devices)
+        self.wire = Wire(rank, timeout_s, plan.devices, device=device)
         self.group = groups.of_stage(self.role.stage)
         s, i = self.role.stage, self.role.index
         self.region: Region = self.layout.regions[s][i]
@@ -88,7 +90,7 @@ class Engine:
 
         # 1. this stage's parts only, at full size, with the given state (full tensors)
         st = plan.stages[s]
-        model = StageModel(cfg, st.layers, embed=self.owner, head=self.owner, seed=seed)
+        model = StageModel(cfg, st.layers, embed=self.owner, head=self.owner, seed=seed).to(device.device, device.dtype)
         if state_dict is not None:
             own = model.state_dict()
             missing = [k for k in own if k not in state_dict]
@@ -103,7 +105,7 @@ class Engine:
         self.shard_spec: dict[str, tuple[int, int, int]] = {}
         if self.group is not None:
             self.shard_spec = self.mode.apply(model, group=self.group, split=self.layout.splits[s], index=i, ctx=ctx,
-                                              owner=self.owner)
+                                              owner=self.owner, device=device)
         for block in model.blocks.values():
             block.set_ctx(ctx)
         self.model = model
@@ -149,17 +151,17 @@ class Engine:
             for t in table[b]:
                 if t.dst == self.rank:
                     b0, b1, t0, t1 = t.region
-                    self.wire.post((b1 - b0, t1 - t0, self.cfg.hidden), torch.float32, t.src, self._tag(op.mb, b, grad))
+                    self.wire.post((b1 - b0, t1 - t0, self.cfg.hidden), t.src, self._tag(op.mb, b, grad))
 
     def _recv(self, need: Region, transfers, mb: int, k: int, grad: bool) -> torch.Tensor:
         nb0, nb1, nt0, nt1 = need
-        buf = torch.zeros(nb1 - nb0, nt1 - nt0, self.cfg.hidden)
+        buf = self.device.zeros((nb1 - nb0, nt1 - nt0, self.cfg.hidden))
         for t in transfers:
             if t.dst != self.rank:
                 continue
             b0, b1, t0, t1 = t.region
             what = f"{'gradients' if grad else 'activations'} of micro-batch {mb} across boundary {k}"
-            piece = self.wire.recv((b1 - b0, t1 - t0, self.cfg.hidden), buf.dtype, t.src, self._tag(mb, k, grad), what)
+            piece = self.wire.recv((b1 - b0, t1 - t0, self.cfg.hidden), t.src, self._tag(mb, k, grad), what)
             buf[b0 - nb0 : b1 - nb0, t0 - nt0 : t1 - nt0] = piece
         return buf
 
@@ -239,7 +241,7 @@ class Engine:
     # -- one step ----------------------------------------------------------------------
     def step(self, step: int, *, trace: bool = False) -> StepResult:
         self._step = step
-        self._loss = torch.zeros(())
+        self._loss = self.device.zeros(())
         sent0 = self.wire.bytes_sent
         events: list[tuple[str, float, float]] = []
         t_start, cpu_start = time.perf_counter(), time.process_time()

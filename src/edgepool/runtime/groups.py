@@ -2,8 +2,9 @@
 
 ``init_world`` joins the world group with a timeout; ``StageGroups.build(plan)`` makes
 one subgroup per multi-device stage (every rank creates every group, in plan order, as
-torch.distributed requires) and ``destroy()`` tears them down, so a running process can
-rebuild its groups for a new plan after a device leaves or joins.
+torch.distributed requires) and ``destroy()`` tears them down. Nothing re-plans a
+running job yet: a lost device ends the run (``PeerError``), and ``--resume`` continues
+under the same plan only.
 
 Backend: gloo. NCCL would need every rank of a group to hold CUDA tensors; the runtime
 keeps tensors on the CPU today, so it never picks NCCL (see docs/runtime.md).
@@ -16,12 +17,13 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from edgepool.runtime.device import CPU, TorchDevice
 from edgepool.specs.plan import Plan, stage_ranks
 
 
-def init_world(rank: int, world_size: int, *, init_method: str, timeout_s: float) -> None:
+def init_world(rank: int, world_size: int, *, init_method: str, timeout_s: float, device: TorchDevice = CPU) -> None:
     dist.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        device.backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
     )
 
 
@@ -33,10 +35,11 @@ class StageGroups:
     stage_groups: list = field(default_factory=list)  # one per stage; None for single-device stages
 
     @classmethod
-    def build(cls, plan: Plan, rank: int, timeout_s: float) -> "StageGroups":
+    def build(cls, plan: Plan, rank: int, timeout_s: float, *, device: TorchDevice = CPU) -> "StageGroups":
         self = cls(plan=plan, rank=rank, timeout_s=timeout_s)
         for ranks in stage_ranks(plan):
-            group = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s)) if len(ranks) > 1 else None
+            group = (dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s), backend=device.backend)
+                     if len(ranks) > 1 else None)
             self.stage_groups.append(group)
         return self
 

@@ -2,8 +2,8 @@
 
 ``RunSpec`` (written by the launcher to ``DIR/run.json``) holds the validated pool, job
 and plan, so every rank, local or on another host, runs from the same facts. Rank 0
-writes ``DIR/metrics.jsonl`` (one object per step), ``DIR/trace.json`` (the timed ops
-of the last step on every rank) and ``DIR/summary.json``.
+writes ``DIR/metrics.jsonl`` (one ``StepRecord`` per step), ``DIR/trace.json`` (the
+timed ops of the last step on every rank) and ``DIR/summary.json`` (``specs.metrics``).
 
 Memory: ``peak_memory_bytes`` is the peak resident set of the rank's process (CPU
 tensors and the Python/torch runtime together), from ``getrusage``. ``cpu_s`` is the
@@ -13,8 +13,6 @@ needs.
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -26,9 +24,12 @@ from edgepool.errors import SpecError
 from edgepool.models import build_model
 from edgepool.models.config import ModelConfig, job_model_config
 from edgepool.runtime import checkpoint
+from edgepool.runtime.device import CPU
 from edgepool.runtime.engine import Engine
 from edgepool.runtime.groups import StageGroups, init_world, shutdown
 from edgepool.specs.job import JobSpec
+from edgepool.specs.metrics import (DeviceStep, RankTrace, StepRecord, Summary, Trace, append_record, read_metrics,
+                                    summarize, write_json)
 from edgepool.specs.plan import Plan
 from edgepool.specs.pool import PoolSpec
 from edgepool.sim.lower import is_data_owner
@@ -74,14 +75,8 @@ def sampler_for(run: RunSpec, device: str, cfg: ModelConfig) -> Sampler:
     )
 
 
-def _append_jsonl(path: Path, obj: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
-        f.flush()
-
-
 def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | None = None, log=print,
-             hard_exit: bool = False, meter_factory=None) -> dict | None:
+             hard_exit: bool = False, meter_factory=None) -> Summary | None:
     """Train on this rank. Joins the world group unless one is already live (tests).
 
     Each step is one window of this rank's energy meter (``step_meter``, or
@@ -96,21 +91,23 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
     job, plan = run.job, run.plan
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tensors = CPU  # where tensors live (``runtime.device``); only the CPU is built today
     own_group = not dist.is_initialized()
     if own_group:
-        init_world(rank, world_size, init_method=init_method or "env://", timeout_s=job.train.timeout_s)
+        init_world(rank, world_size, init_method=init_method or "env://", timeout_s=job.train.timeout_s,
+                   device=tensors)
     clean = False
     try:
         if dist.get_world_size() != plan.world_size:
             raise SpecError(f"the plan has {plan.world_size} devices but {dist.get_world_size()} ranks joined")
         cfg = job_model_config(job)
         device = plan.devices[rank]
-        groups = StageGroups.build(plan, rank, job.train.timeout_s)
+        groups = StageGroups.build(plan, rank, job.train.timeout_s, device=tensors)
         sampler = sampler_for(run, device, cfg) if is_data_owner(plan, rank) else None
         engine = Engine(
             plan, cfg, rank=rank, sampler=sampler, global_batch=job.train.global_batch, seq_len=job.train.seq_len,
             groups=groups, lr=job.train.lr, optimizer=job.train.optimizer, weight_decay=job.train.weight_decay,
-            seed=job.train.seed, timeout_s=job.train.timeout_s, state_dict=initial_state(job, cfg),
+            seed=job.train.seed, timeout_s=job.train.timeout_s, state_dict=initial_state(job, cfg), device=tensors,
         )
         ckpt_root = out / "checkpoints"
         start = 0
@@ -125,12 +122,11 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
                 log("no usable checkpoint found; starting from step 0")
         metrics_path = out / "metrics.jsonl"
         if rank == 0:
-            kept = []
+            kept: list[StepRecord] = []
             if start and metrics_path.is_file():
-                kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+                kept = [r for r in read_metrics(metrics_path) if r.step < start]
+            metrics_path.write_text("".join(r.model_dump_json() + "\n" for r in kept))
         gb, seq = job.train.global_batch, job.train.seq_len
-        records = []
         fault = _fault(rank)
         meter, skipped = (meter_factory or step_meter)(run, device, engine)
         if skipped:
@@ -146,27 +142,25 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
             dist.all_gather_object(per_rank, (device, res.bytes_sent, res.peak_memory_bytes, res.cpu_s, res.trace,
                                               joules))
             if rank == 0:
-                rec = {
-                    "step": step, "loss": res.loss, "step_time_s": res.step_time_s,
-                    "samples_per_s": gb / res.step_time_s, "tokens_per_s": gb * seq / res.step_time_s,
-                    "plan_id": plan.plan_id,
-                    "devices": {d: {"peak_memory_bytes": m, "bytes_sent": b, "cpu_s": c, "energy_j": e[0],
-                                    "energy_source": e[1]} for d, b, m, c, _, e in per_rank},
-                }
-                records.append(rec)
-                _append_jsonl(metrics_path, rec)
+                rec = StepRecord(
+                    step=step, loss=res.loss, step_time_s=res.step_time_s, samples_per_s=gb / res.step_time_s,
+                    tokens_per_s=gb * seq / res.step_time_s, plan_id=plan.plan_id,
+                    devices={d: DeviceStep(peak_memory_bytes=m, bytes_sent=b, cpu_s=c, energy_j=e[0], energy_source=e[1])
+                             for d, b, m, c, _, e in per_rank})
+                append_record(metrics_path, rec)
                 if res.trace:
-                    trace = {"plan_id": plan.plan_id, "step": step,
-                             "ranks": [{"rank": r, "device": d, "events": [list(e) for e in t]}
-                                       for r, (d, _, _, _, t, _) in enumerate(per_rank)]}
-                    (out / "trace.json").write_text(json.dumps(trace))
+                    trace = Trace(plan_id=plan.plan_id, step=step,
+                                  ranks=[RankTrace(rank=r, device=d, events=[tuple(e) for e in t])
+                                         for r, (d, _, _, _, t, _) in enumerate(per_rank)])
+                    write_json(out / "trace.json", trace)
             every = job.train.checkpoint_every
             if every and (step + 1) % every == 0:
                 checkpoint.save(ckpt_root, step + 1, engine, rank)
         summary = None
         if rank == 0:
-            summary = summarize(plan, metrics_path, start)
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            summary = summarize(read_metrics(metrics_path), plan_id=plan.plan_id, parallelism=plan.parallelism,
+                                schedule=plan.schedule, num_microbatches=plan.num_microbatches, resumed_from=start)
+            write_json(out / "summary.json", summary)
         groups.destroy()
         clean = True
         return summary
@@ -211,40 +205,6 @@ def _fault(rank: int) -> int | None:
         return None
     kv = dict(part.split("=", 1) for part in spec.split(","))
     return int(kv["step"]) if int(kv["rank"]) == rank else None
-
-
-def _mean_energy(timed: list[dict], name: str) -> dict:
-    """Mean joules per timed step of a device, with the meter's source label."""
-    vals = [r["devices"][name].get("energy_j") for r in timed]
-    sources = sorted({r["devices"][name].get("energy_source", "none") for r in timed})
-    mean = sum(vals) / len(vals) if vals and all(v is not None for v in vals) else None
-    return {"mean_energy_j": mean, "energy_source": sources[0] if len(sources) == 1 else f"mixed({','.join(sources)})"}
-
-
-def summarize(plan: Plan, metrics_path: Path, resumed_from: int) -> dict:
-    recs = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln]
-    if not recs:
-        return {"plan_id": plan.plan_id, "parallelism": plan.parallelism, "steps": 0}
-    timed = recs[1:] if len(recs) > 1 else recs  # step 0 carries one-off warm-up costs
-    mean = sum(r["step_time_s"] for r in timed) / len(timed)
-    gb = recs[0]["samples_per_s"] * recs[0]["step_time_s"]
-    devices = {}
-    for name in recs[-1]["devices"]:
-        devices[name] = {
-            "peak_memory_bytes": max(r["devices"][name]["peak_memory_bytes"] for r in recs),
-            "bytes_sent": sum(r["devices"][name]["bytes_sent"] for r in recs),
-            "mean_cpu_s": sum(r["devices"][name]["cpu_s"] for r in timed) / len(timed),
-            **_mean_energy(timed, name),
-        }
-    return {
-        "plan_id": plan.plan_id, "parallelism": plan.parallelism, "schedule": plan.schedule,
-        "num_microbatches": plan.num_microbatches, "steps": len(recs), "resumed_from": resumed_from,
-        "final_loss": recs[-1]["loss"], "mean_step_time_s": mean, "samples_per_s": gb / mean,
-        "step_time_note": "mean over steps after the first (warm-up) when more than one ran",
-        "memory_source": "peak resident set of each rank's process (getrusage)",
-        "bytes_source": "point-to-point exact; collectives as ring-algorithm bytes",
-        "devices": devices,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from edgepool.errors import PeerError
+from edgepool.runtime.device import CPU, TorchDevice
 
 
 def first_line(exc: BaseException) -> str:
@@ -27,20 +28,20 @@ def first_line(exc: BaseException) -> str:
 
 
 class Wire:
-    def __init__(self, rank: int, timeout_s: float, names: list[str]):
-        self.rank, self.timeout_s, self.names = rank, timeout_s, names
+    def __init__(self, rank: int, timeout_s: float, names: list[str], *, device: TorchDevice = CPU):
+        self.rank, self.timeout_s, self.names, self.device = rank, timeout_s, names, device
         self._mailbox: dict[tuple[int, int], torch.Tensor] = {}
         self._pending: list[tuple[object, int]] = []
         self._posted: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
         self.bytes_sent = 0
 
-    def post(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int) -> None:
+    def post(self, shape: tuple[int, ...], src: int, tag: int) -> None:
         """Post a receive ahead of need. Gloo moves a message only once its receive is
         posted, so a receive posted just before the data is needed serialises the
         transfer with the receiver's compute; posted early, the transfer overlaps it."""
         if src == self.rank or (src, tag) in self._posted:
             return
-        buf = torch.empty(shape, dtype=dtype)
+        buf = self.device.empty(shape)
         try:
             work = dist.irecv(buf, src, tag=tag)
         except RuntimeError as exc:
@@ -62,14 +63,14 @@ class Wire:
         self._pending.append((work, dst))
         self.bytes_sent += t.numel() * t.element_size()
 
-    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int, what: str) -> torch.Tensor:
+    def recv(self, shape: tuple[int, ...], src: int, tag: int, what: str) -> torch.Tensor:
         if src == self.rank:
             return self._mailbox.pop((src, tag))
         if (src, tag) in self._posted:
             work, buf = self._posted.pop((src, tag))
             self._wait(work, src, f"receiving {what}")
             return buf
-        buf = torch.empty(shape, dtype=dtype)
+        buf = self.device.empty(shape)
         try:
             work = dist.irecv(buf, src, tag=tag)
         except RuntimeError as exc:

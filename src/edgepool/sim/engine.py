@@ -34,7 +34,7 @@ Units: seconds, bytes, joules.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from edgepool import catalog, modes
 from edgepool.cost.model import EnergyParts, boundary_flows, device_work, group_comm, power_mode_of
@@ -393,8 +393,9 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
         finish = max([sg.end_s for sg in segments if sg.device == rk.device] + [rk.free_at])
         traces[rk.device] = DeviceTrace(
             name=rk.device, power_mode=pm.name, finish_s=finish, busy_s=rk.busy_s, idle_s=step - rk.busy_s,
-            peak_memory_bytes=rk.mem_peak, bytes_moved=moved, busy_energy_j=pm.busy_w * rk.busy_s,
-            idle_energy_j=pm.idle_w * max(0.0, step - rk.busy_s), radio_energy_j=kind.radio_j_per_mb * moved / 1e6)
+            peak_memory_bytes=rk.mem_peak, bytes_moved=moved,
+            **EnergyParts.of(busy_w=pm.busy_w, idle_w=pm.idle_w, radio_j_per_mb=kind.radio_j_per_mb, wall_s=step,
+                             busy_s=rk.busy_s, radio_bytes=moved))
     segments.sort(key=lambda sg: (sg.device, sg.start_s))
     return SimResult(plan_id=plan.plan_id, step_time_s=step, devices=traces, segments=tuple(segments),
                      num_flows=netsim.count)

@@ -242,35 +242,11 @@ class DeviceCgroup:
         return sorted(out)
 
     def cpu_usage_s(self) -> float:
-        """CPU time used by every process ever in this cgroup, in seconds."""
-        if self.info.version == 1:
-            return int(_read(self.cpuacct_dir / "cpuacct.usage")) / 1e9
-        return _stat_value(self.cpu_dir / "cpu.stat", "usage_usec") / 1e6
+        """CPU time used by every process ever in this cgroup, in seconds (parsed by
+        ``energy.modelled.cgroup_cpu_seconds``, the one reader of cgroup CPU time)."""
+        from edgepool.energy.modelled import cgroup_cpu_seconds
 
-    def memory_limit_bytes(self) -> int | None:
-        if self.info.version == 1:
-            raw = _read(self.memory_dir / "memory.limit_in_bytes").strip()
-        else:
-            raw = _read(self.memory_dir / "memory.max").strip()
-        return None if raw == "max" else int(raw)
-
-    def cpu_quota_cores(self) -> float | None:
-        if self.info.version == 1:
-            q = int(_read(self.cpu_dir / "cpu.cfs_quota_us"))
-            p = int(_read(self.cpu_dir / "cpu.cfs_period_us"))
-        else:
-            qs, ps = _read(self.cpu_dir / "cpu.max").split()
-            if qs == "max":
-                return None
-            q, p = int(qs), int(ps)
-        return None if q < 0 else q / p
-
-    def memory_peak_bytes(self) -> int | None:
-        name = "memory.max_usage_in_bytes" if self.info.version == 1 else "memory.peak"
-        try:
-            return int(_read(self.memory_dir / name))
-        except (OSError, ValueError):
-            return None
+        return cgroup_cpu_seconds(self.cpuacct_dir if self.info.version == 1 else self.cpu_dir)()
 
     def oom_kills(self) -> int:
         """How many processes the kernel OOM-killed in this cgroup (0 if unknown)."""

@@ -314,10 +314,6 @@ class TestbedState:
         except (OSError, KeyError, ValueError):
             return None
 
-    def memory_peak_bytes(self, device: str) -> int | None:
-        cg = self.cgroup(device)
-        return cg.memory_peak_bytes() if cg else None
-
     def oom_kills(self, device: str) -> int:
         cg = self.cgroup(device)
         return cg.oom_kills() if cg else 0
@@ -357,33 +353,6 @@ class TestbedState:
         """Bytes ``device`` has received on its link (link layer)."""
         return self._counter(device, "tx_bytes")
 
-    def modelled_meter(self, pool: PoolSpec):
-        """A ``ModelledMeter`` over the emulated devices: cgroup CPU time, link bytes.
-
-        None when the testbed has no cgroups (fallback, or caps off): then the caller
-        models each rank from its own process CPU time instead.
-        """
-        from edgepool.energy.modelled import ModelledDevice, ModelledMeter, cgroup_cpu_seconds, interface_tx_bytes
-
-        if self.caps is None or self.layout is None:
-            return None
-        devices = []
-        for name in self.devices:
-            cg = self.cgroup(name)
-            caps = self.device_caps(name)
-            assert cg is not None and caps is not None
-            devices.append(
-                ModelledDevice.from_spec(
-                    pool.device(name),
-                    cores=caps.cpu_cores,
-                    cpu_s=cgroup_cpu_seconds(cg.cpuacct_dir),
-                    # What the device sends arrives on the host side of its veth.
-                    tx_bytes=interface_tx_bytes(self.layout.of(name).host_if, "rx"),
-                )
-            )
-        return ModelledMeter(devices)
-
-    # -- reporting ---------------------------------------------------------------------
     def describe(self) -> list[str]:
         if not self.emulated:
             return [self.notice] if self.notice else []
