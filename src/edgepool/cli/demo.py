@@ -2,7 +2,7 @@
 
 Brings up the built-in heterogeneous pool of four emulated devices (a laptop, an Orin
 Nano and two Jetson Nanos with small memory, on one 802.11n-like channel), plans the
-built-in job, and runs the study: DP, SP, TP, PP and the planner's choice, each
+built-in job, and runs the study: DP, TP, SP, FSDP, PP and the planner's choice, each
 trained for a few steps with a progress bar. Prints the study table and where the
 report and plots are, then takes the testbed down.
 """

@@ -94,12 +94,13 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{m['date']}.",
         f"Model: {result['model']['family']} with {result['model']['num_layers']} layers, hidden {result['model']['hidden']}, "
         f"{result['model']['num_params'] / 1e6:.1f} M parameters; global batch {result['global_batch']}, sequence "
-        f"{result['seq_len']}, {result['steps']} steps (step time: median over the steps after the first; energy: their mean).",
+        f"{result['seq_len']}, {result['steps']} steps (step time: {result.get('step_time_stat', 'median of the steps after the first')}; "
+        f"energy and CPU time: their mean).",
         f"Testbed: {'; '.join(result['testbed']) or 'plain local processes'}.",
         f"Energy: {result['energy_note']}. Times are this host's; the testbed keeps the pool's speed ratios.",
         f"Predictions: {result.get('prediction_source', 'cost model')}.",
-        "Plain families (dp, sp, tp, pp) use every device with shares in proportion to speed (the paper's setting); "
-        "`planner` is the planner's choice for step time.", "",
+        f"Plain families ({', '.join(r['name'] for r in result['rows'] if r['name'] != 'planner')}) use every device "
+        "with shares in proportion to speed (the paper's setting); `planner` is the planner's choice for step time.", "",
         "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS),
     ]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
