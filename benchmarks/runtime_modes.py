@@ -27,7 +27,8 @@ from edgepool.machine import machine_info, machine_line
 from edgepool.testing import CORPUS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {2: ["single", "dp", "sp", "tp", "pp"], 3: ["dp", "sp", "tp", "pp", "hybrid"], 4: ["dp", "sp", "tp", "pp", "hybrid"]}
+MODES = {2: ["single", "dp", "sp", "tp", "fsdp", "pp"], 3: ["dp", "sp", "tp", "fsdp", "pp", "hybrid"],
+         4: ["dp", "sp", "tp", "fsdp", "pp", "hybrid"]}
 
 
 def main() -> None:

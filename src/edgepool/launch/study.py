@@ -190,6 +190,11 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
                 row.status, row.cause = "failed", str(exc)
                 rows.append(row)
                 continue
+            except Exception as exc:  # noqa: BLE001 - one run's failure, whatever it is, never ends the study
+                row.status, row.cause = "failed", f"{type(exc).__name__}: {exc}"
+                log(f"  {name}: failed: {row.cause}")
+                rows.append(row)
+                continue
             if not summary.steps or summary.step_time_s is None:  # one run's missing metrics never end the study
                 row.status, row.cause = "failed", f"no usable metrics in {run_dir / 'metrics.jsonl'}"
                 rows.append(row)

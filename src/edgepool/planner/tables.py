@@ -23,7 +23,8 @@ mode comes from the mode's own functions (``edgepool.modes``):
   ``cost.network.transfer_time`` reduces to this when every device of P sends to some
   device of Q and every device of Q receives;
 - the gradient all-reduce of a group of n >= 2 devices whose mode syncs (dp) is
-  ``2 (n-1) lam_g + kappa_g * param_bytes`` (``cost.network.allreduce_time``);
+  ``2 (n-1) lam_g + kappa_g * param_bytes``, read off ``cost.network.allreduce_time``
+  (affine in the bytes) at two sizes;
 - memory of device i: the mode's ``state_bytes`` of the range's parameters (dp:
   ``(2 + opt_state) * params``; fsdp: a 1/n shard of that plus the largest unit whole
   twice) ``+ act_i * inflight (+ transient on stage 0)``; ``kmax`` is the largest
@@ -198,15 +199,16 @@ class Tables:
         n = len(devs)
         a_s = max(x * self.row_bytes / bw for x, bw in zip(counts, bws))
         m = modes_mod.get(mode)
+        names = [d.name for d in devs]
         if n >= 2 and m.syncs_grads:
-            kappa = 2.0 * (n - 1) / n / min(bws)
-            if self.net.shared:
-                kappa = max(kappa, 2.0 * (n - 1) / self.net.channel_Bps)
-            sync_lat = 2 * (n - 1) * lam
+            # The ring all-reduce is affine in its bytes (``cost.network.allreduce_time``,
+            # the cost model's own): read off at 1 and 2 GB.
+            s1, s2 = (self.net.allreduce_time(names, u) for u in (1e9, 2e9))
+            kappa = (s2 - s1) / 1e9
+            sync_lat = s1 - kappa * 1e9
         else:
             kappa = sync_lat = 0.0
         # The mode's unit collectives are affine in the unit's bytes: read off at 0 and 1 GB.
-        names = [d.name for d in devs]
         c0, c1 = (sum(m.unit_collectives_s(names, self.net, u)) for u in (0.0, 1e9))
         gt = GroupTable(
             a=a, b=b, modes={d.name: modes[d.name] for d in devs}, counts=counts, mode=mode,
