@@ -73,7 +73,8 @@ shared channel they share it; on a switched network this is conservative.
 **Memory** of device i (bytes): the framework's own resident memory
 (``profile.runtime_bytes``: interpreter, torch, gloo) + parameters + gradients + optimizer state
 as the mode holds them (the mode's ``memory``: ``(2 + opt_state_factor) * params_i`` for
-replicas and tp slices; fsdp shards them and keeps one unit whole) + activations of the micro-batches in flight
+replicas and tp slices; fsdp shards them and keeps one unit whole, and adds its
+libraries' measured resident bytes) + activations of the micro-batches in flight
 (``act_i * n_inflight``, ``specs.plan.inflight_limit``: M for gpipe, one per stage to the
 end plus the owners' head for 1f1b) + the owners' transient head activations (logits and
 their gradient). On the owners this assumes the head runs while the most micro-batches

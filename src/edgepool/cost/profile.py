@@ -146,6 +146,10 @@ class ModelProfile:
     # default is an ESTIMATE from ranks measured on an x86 host with torch 2.13 CPU
     # (about 0.3 GB); the profiler measures it. A CUDA runtime on a Jetson adds more.
     runtime_bytes: float = 0.3e9
+    # What a mode's own libraries add to a rank's resident memory, measured by the
+    # profiler as (mode, bytes) pairs: fsdp imports FSDP2 and DTensor. Not in an analytic
+    # profile (nothing measured there).
+    mode_runtime_bytes: tuple[tuple[str, float], ...] = ()
     # The reference device's speed in the pool's speed units, when it is not a catalog
     # figure: a profile measured on one host core, for devices that the testbed gives
     # ``speed * cores_per_speed`` cores, has speed ``1 / cores_per_speed``.
@@ -156,6 +160,10 @@ class ModelProfile:
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    def mode_runtime(self, mode: str) -> float:
+        """``mode_runtime_bytes`` of ``mode`` (0 when not measured)."""
+        return dict(self.mode_runtime_bytes).get(mode, 0.0)
 
     @property
     def reference_speed(self) -> float:
@@ -197,9 +205,12 @@ class ModelProfile:
                                     params_bytes=Parts(**d["params_bytes"]), act_bytes=Parts(**d["act_bytes"]),
                                     fixed_fwd_s=d.get("fixed_fwd_s", 0.0), fixed_bwd_s=d.get("fixed_bwd_s", 0.0))
 
-            rest = {k: v for k, v in data.items() if k not in ("dims", "blocks", "embed", "head", "notes")}
+            rest = {k: v for k, v in data.items()
+                    if k not in ("dims", "blocks", "embed", "head", "notes", "mode_runtime_bytes")}
             return cls(dims=ModelDims(**data["dims"]), blocks=tuple(lp(b) for b in data["blocks"]),
-                       embed=lp(data["embed"]), head=lp(data["head"]), notes=tuple(data.get("notes", ())), **rest)
+                       embed=lp(data["embed"]), head=lp(data["head"]), notes=tuple(data.get("notes", ())),
+                       mode_runtime_bytes=tuple((str(m), float(b)) for m, b in data.get("mode_runtime_bytes", ())),
+                       **rest)
         except KeyError as exc:
             raise SpecError(f"profile is missing field {exc.args[0]!r}; re-run the profiler or rebuild it") from None
 

@@ -27,16 +27,63 @@ class Blocks(nn.ModuleDict):
 
 
 class StageModel(nn.Module):
-    """The parts of a model one device holds: optional embed, a block range, optional head."""
+    """The parts of a model one device holds: optional embed, a block range, optional head.
 
-    def __init__(self, cfg: ModelConfig, layers: tuple[int, int], *, embed: bool, head: bool, seed: int = 0):
+    Every part (the embed, each block, the head) is one *unit*, built with a seed of its
+    own, so a stage's units equal the same units of a single-device model. With
+    ``deferred=True`` the units are placeholders on the ``meta`` device (no memory) until
+    ``materialize`` builds them one at a time: a mode that shards (fsdp) builds, loads and
+    shards each unit before the next, so no device ever holds its whole stage at once.
+    """
+
+    def __init__(self, cfg: ModelConfig, layers: tuple[int, int], *, embed: bool, head: bool, seed: int = 0,
+                 deferred: bool = False):
         super().__init__()
-        self.cfg, self.layers = cfg, tuple(layers)
-        self.embed = _seeded(seed, 0, lambda: Embedding(cfg)) if embed else None
-        self.blocks = Blocks(
-            {str(i): _seeded(seed, 1 + i, lambda: Block(cfg)) for i in range(*layers)}
-        )
-        self.head = _seeded(seed, 1 + cfg.num_layers, lambda: Head(cfg)) if head else None
+        self.cfg, self.layers, self.seed = cfg, tuple(layers), seed
+        self._parts: dict[str, tuple[int, object]] = {}
+        if embed:
+            self._parts["embed"] = (0, lambda: Embedding(cfg))
+        for i in range(*layers):
+            self._parts[f"blocks.{i}"] = (1 + i, lambda: Block(cfg))
+        if head:
+            self._parts["head"] = (1 + cfg.num_layers, lambda: Head(cfg))
+
+        def make(name: str) -> nn.Module:
+            part, build = self._parts[name]
+            if deferred:
+                with torch.device("meta"):
+                    return build()
+            return _seeded(seed, part, build)
+
+        self.embed = make("embed") if embed else None
+        self.blocks = Blocks({str(i): make(f"blocks.{i}") for i in range(*layers)})
+        self.head = make("head") if head else None
+
+    def units(self) -> list[str]:
+        """The units' names in build order: ``embed``, ``blocks.<i>``, ``head``."""
+        return list(self._parts)
+
+    def unit(self, name: str) -> nn.Module:
+        return self.get_submodule(name)
+
+    def materialize(self, name: str, state: dict[str, torch.Tensor] | None = None, *, device=None,
+                    dtype=None) -> nn.Module:
+        """Build unit ``name`` for real (seeded as in the eager build), load its tensors
+        from ``state`` (full-model names) when given, and put it in place."""
+        part, build = self._parts[name]
+        module = _seeded(self.seed, part, build).to(device, dtype)
+        if state is not None:
+            prefix = name + "."
+            own = module.state_dict()
+            missing = [prefix + k for k in own if prefix + k not in state]
+            if missing:
+                raise KeyError(f"state is missing {len(missing)} tensors, e.g. {missing[:3]}")
+            module.load_state_dict({k: state[prefix + k] for k in own})
+        if name.startswith("blocks."):
+            self.blocks[name.split(".", 1)[1]] = module
+        else:
+            setattr(self, name, module)
+        return module
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)

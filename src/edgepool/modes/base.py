@@ -131,6 +131,7 @@ class Mode:
     group_ops: ClassVar[bool] = False  # fwd/bwd wait for the whole group (collectives inside)
     syncs_grads: ClassVar[bool] = False  # one gradient all-reduce per step (sync_grads)
     in_pipelines: ClassVar[bool] = False  # the planner's pipeline search places it in pipelines
+    builds_per_unit: ClassVar[bool] = False  # ``apply`` builds each unit itself (``StageModel(deferred=True)``)
 
     # -- split ------------------------------------------------------------------------
     def num_items(self, microbatch: int, shape: Shape) -> int:
@@ -161,8 +162,17 @@ class Mode:
 
     def memory(self, w: StageWork, index: int, params_bytes: float) -> dict[str, float]:
         """``state_bytes`` of device ``index`` holding ``params_bytes`` of parameters at
-        full size (its blocks' part, plus embed and head on a data owner)."""
-        return self.state_bytes(w.num_devices, params_bytes, self.largest_unit(w, index), w.profile.opt_state_factor)
+        full size (its blocks' part, plus embed and head on a data owner), and what the
+        mode's own libraries add (``libraries_bytes``) where they do."""
+        parts = self.state_bytes(w.num_devices, params_bytes, self.largest_unit(w, index), w.profile.opt_state_factor)
+        extra = self.libraries_bytes(w.profile, w.num_devices)
+        return {**parts, "libraries": extra} if extra else parts
+
+    def libraries_bytes(self, profile: "ModelProfile", num_devices: int) -> float:
+        """Resident bytes the mode's libraries add to a rank of a group of ``num_devices``
+        (``ModelProfile.mode_runtime_bytes``, measured; ``apply`` runs, and imports
+        them, only for groups of two or more)."""
+        return profile.mode_runtime(self.name) if num_devices >= 2 else 0.0
 
     def largest_unit(self, w: StageWork, index: int) -> float:
         """The largest unit of parameters the mode gathers whole at once (0: none)."""
@@ -200,9 +210,11 @@ class Mode:
 
     # -- engine (torch) ---------------------------------------------------------------
     def apply(self, model: Any, *, group: Any, split: StageSplit, index: int, ctx: Any,
-              owner: bool, device: Any) -> dict[str, tuple[int, int, int]]:
-        """Make ``model`` (this device's full-size stage parts, on ``device``, a
-        ``runtime.device.TorchDevice``) this mode's part of the stage. Returns the shard spec ``name -> (dim, start, stop)`` of every tensor that
+              owner: bool, device: Any, state: dict | None = None) -> dict[str, tuple[int, int, int]]:
+        """Make ``model`` (this device's stage parts on ``device``, a
+        ``runtime.device.TorchDevice``: at full size with their state loaded, or, for a
+        mode that ``builds_per_unit``, placeholders that it builds with ``state``
+        itself) this mode's part of the stage. Returns the shard spec ``name -> (dim, start, stop)`` of every tensor that
         holds a slice of the full tensor (``runtime.engine.stitch``)."""
         return {}
 

@@ -8,7 +8,13 @@ all-gathered just before it computes and freed again after.
 
 **Engine.** ``torch.distributed.fsdp.fully_shard`` (FSDP2) does the work: each block,
 the embed and the head are one FSDP unit each, and the blocks' container is the root the
-stage's forward goes through, on a CPU ``DeviceMesh`` made from the stage group. FSDP2
+stage's forward goes through, on a CPU ``DeviceMesh`` made from the stage group. The
+stage is built on ``meta`` and each unit is built (seeded as in a single-device model,
+with its given state), sharded and freed before the next (``StageModel.materialize``),
+so a device never holds its whole stage, not even at start. FSDP2's own meta-device
+path (``to_empty`` after sharding, then an init) would need the shards' values without
+the whole tensor; the seeded init that keeps parity with single-device training draws the
+whole tensor, one unit at a time is its price. FSDP2
 shards every parameter on dim 0 (``torch.chunk``: the first devices take
 ``ceil(rows / n)`` rows). Two settings are ours:
 
@@ -32,8 +38,11 @@ simulator charge them with the stage's forward and backward, which adds up the s
 
 **Memory.** ``(P / n) * (2 + opt_state)`` for the shards of parameters, gradients and
 optimizer state, plus the largest unit whole twice (its gathered parameters and their
-unsharded gradient before the reduce-scatter). Rows that do not divide evenly leave the
-first devices a row more; the model counts the even ``P / n``.
+unsharded gradient before the reduce-scatter), plus what FSDP2's and DTensor's modules
+add to the rank's resident memory (``libraries``: measured by the profiler,
+``ModelProfile.mode_runtime_bytes``; for a small model more than sharding saves, see
+``docs/results/runtime-modes.md``). Rows that do not divide evenly leave the first
+devices a row more; the model counts the even ``P / n``.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ class ShardedDataParallel(Mode):
     owns_data = True
     group_ops = True
     in_pipelines = True
+    builds_per_unit = True
 
     def state_bytes(self, num_devices, params, whole, opt_state_factor):
         if num_devices < 2:
@@ -111,27 +121,31 @@ class ShardedDataParallel(Mode):
         return per, coll, 0.0, None
 
     # -- engine -------------------------------------------------------------------------
-    def apply(self, model, *, group, split, index, ctx, owner, device):
+    def apply(self, model, *, group, split, index, ctx, owner, device, state=None):
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = DeviceMesh.from_group(group, device.type)
         n = mesh.size()
-        full_rows = {k: v.shape[0] for k, v in model.state_dict().items()}
-        units = list(model.blocks.values()) + [m for m in (model.embed, model.head) if m is not None]
-        for unit in units:
+        spec: dict[str, tuple[int, int, int]] = {}
+        units = []
+        # One unit at a time: build it (seeded, with its state), shard it, free the whole
+        # tensors, then the next; at most one unit is whole on this device.
+        for name in model.units():
+            unit = model.materialize(name, state, device=device.device, dtype=device.dtype)
+            for key, t in unit.state_dict().items():
+                rows = t.shape[0]
+                chunk = -(-rows // n)  # FSDP2 shards dim 0 like torch.chunk
+                start = min(index * chunk, rows)
+                spec[f"{name}.{key}"] = (0, start, min(start + chunk, rows))
             if ctx.wire is not None:  # count what FSDP2 sends, as the cost model does
                 _count_traffic(unit, ctx.wire, n)
             fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+            units.append(unit)
         fully_shard(model.blocks, mesh=mesh, reshard_after_forward=True)
         for m in [model.blocks] + units:
             m.set_gradient_divide_factor(1.0)  # sum: losses are already global means
             m.set_force_sum_reduction_for_comms(True)
-        spec = {}
-        for name, rows in full_rows.items():
-            chunk = -(-rows // n)
-            start = min(index * chunk, rows)
-            spec[name] = (0, start, min(start + chunk, rows))
         return spec
 
     def local_state(self, model) -> dict:

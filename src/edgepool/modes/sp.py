@@ -78,7 +78,7 @@ class SequenceParallel(Mode):
         return per, coll + edge, sync, None
 
     # -- engine -------------------------------------------------------------------------
-    def apply(self, model, *, group, split, index, ctx, owner, device):
+    def apply(self, model, *, group, split, index, ctx, owner, device, state=None):
         ctx.sp_group, ctx.sp_lens, ctx.sp_index = group, split.seq, index
         return {}
 

@@ -80,7 +80,7 @@ class TensorParallel(Mode):
         return per, coll + edge, 0.0, None
 
     # -- engine -------------------------------------------------------------------------
-    def apply(self, model, *, group, split, index, ctx, owner, device):
+    def apply(self, model, *, group, split, index, ctx, owner, device, state=None):
         from edgepool.models.tp import shard_block
 
         h0, f0 = offsets(split.heads)[index], offsets(split.ffn)[index]

@@ -247,8 +247,9 @@ class Tables:
 
     def static_bytes(self, g: GroupTable) -> np.ndarray:
         """Parameters, gradients and optimizer state over [l0, l), the mode's ``state_bytes``."""
-        parts = modes_mod.get(g.mode).state_bytes(g.b - g.a, self.param_mat, self.whole_mat, self.opt_f)
-        return sum(parts.values())
+        mode = modes_mod.get(g.mode)
+        parts = mode.state_bytes(g.b - g.a, self.param_mat, self.whole_mat, self.opt_f)
+        return sum(parts.values()) + mode.libraries_bytes(self.space.profile, g.b - g.a)
 
     def machine(self, g: GroupTable) -> np.ndarray:
         """Stage machine time ``max F + max B`` (+ the mode's collectives) per micro-batch;

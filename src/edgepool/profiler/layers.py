@@ -19,6 +19,7 @@ old way are measured again.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import time
@@ -38,7 +39,7 @@ from edgepool.machine import cpu_name
 # the profiler's own imports. An estimate, measured once on this kind of machine.
 GLOO_ALLOWANCE_BYTES = 100e6
 # Bump when the measurement changes, so cached profiles are measured again.
-PROFILE_METHOD = 3
+PROFILE_METHOD = 4
 CACHE_DIR = Path(os.environ.get("EDGEPOOL_CACHE", Path.home() / ".cache" / "edgepool")) / "profiles"
 
 
@@ -129,6 +130,11 @@ def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw",
     import torch.distributed as _dist  # noqa: F401 - part of a rank's resident memory
 
     runtime_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + GLOO_ALLOWANCE_BYTES
+    # What fsdp's libraries add (``modes.fsdp`` imports them when it shards a stage).
+    for lib in ("torch.distributed.device_mesh", "torch.distributed.fsdp", "torch.distributed.tensor"):
+        importlib.import_module(lib)
+
+    fsdp_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + GLOO_ALLOWANCE_BYTES - runtime_bytes
     dims = ModelDims.of(cfg)
     base = analytic_profile(dims, optimizer=optimizer, reference_kind="host-cpu")
     flops, _ = block_flops(dims)
@@ -185,6 +191,7 @@ def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw",
     return replace(
         base, blocks=tuple(block_lp for _ in range(cfg.num_layers)), embed=embed_lp, head=head_lp,
         optim_s_per_param_byte=opt_s / param_bytes, source="measured", runtime_bytes=float(runtime_bytes),
+        mode_runtime_bytes=(("fsdp", float(fsdp_bytes)),),
         notes=(f"measured on {host_id()} with {threads} thread(s), torch {torch.__version__}; per-part split of the "
                "linear time by analytic FLOPs",),
     )

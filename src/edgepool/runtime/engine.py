@@ -88,24 +88,29 @@ class Engine:
         self.mb_size = global_batch // plan.num_microbatches
         self.num_targets = global_batch * (sampler.targets_per_sample() if sampler else 0)
 
-        # 1. this stage's parts only, at full size, with the given state (full tensors)
+        # 1. this stage's parts only, at full size, with the given state (full tensors);
+        #    a mode that shards builds them one unit at a time in step 2 instead
         st = plan.stages[s]
-        model = StageModel(cfg, st.layers, embed=self.owner, head=self.owner, seed=seed).to(device.device, device.dtype)
-        if state_dict is not None:
-            own = model.state_dict()
-            missing = [k for k in own if k not in state_dict]
-            if missing:
-                raise KeyError(f"state is missing {len(missing)} tensors, e.g. {missing[:3]}")
-            model.load_state_dict({k: state_dict[k] for k in own})
+        self.mode = modes.get(st.mode)
+        deferred = self.group is not None and self.mode.builds_per_unit
+        model = StageModel(cfg, st.layers, embed=self.owner, head=self.owner, seed=seed, deferred=deferred)
+        if not deferred:
+            model = model.to(device.device, device.dtype)
+            if state_dict is not None:
+                own = model.state_dict()
+                missing = [k for k in own if k not in state_dict]
+                if missing:
+                    raise KeyError(f"state is missing {len(missing)} tensors, e.g. {missing[:3]}")
+                model.load_state_dict({k: state_dict[k] for k in own})
         # 2. the stage's mode makes it this device's part (``edgepool.modes``): tp slices
         #    every block to its heads and FFN columns, sp gives every block its token
-        #    slice, fsdp shards the parameters over the group (FSDP2); dp changes nothing
-        self.mode = modes.get(st.mode)
+        #    slice, fsdp builds and shards unit by unit over the group (FSDP2); dp
+        #    changes nothing
         ctx = ParallelCtx(wire=self.wire)
         self.shard_spec: dict[str, tuple[int, int, int]] = {}
         if self.group is not None:
             self.shard_spec = self.mode.apply(model, group=self.group, split=self.layout.splits[s], index=i, ctx=ctx,
-                                              owner=self.owner, device=device)
+                                              owner=self.owner, device=device, state=state_dict if deferred else None)
         for block in model.blocks.values():
             block.set_ctx(ctx)
         self.model = model
