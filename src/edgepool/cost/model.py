@@ -280,6 +280,28 @@ class DeviceWork:
         return self.head_s + self.blocks_bwd_s + self.embed_bwd_s
 
 
+def block_costs(blocks, tokens: float, ctx: float, head_frac: float = 1.0,
+                ffn_frac: float = 1.0) -> tuple[list[float], list[float], list[float]]:
+    """Per block, on the reference device: forward seconds, backward seconds and the
+    activation bytes kept for backward, for ``tokens`` query tokens against ``ctx``
+    context tokens with a fraction of the heads and FFN columns (``cost.profile``). The
+    one source of a block's compute: ``device_work`` sums it, ``planner.tables`` takes
+    its prefix sums."""
+    return ([lp.fixed_fwd_s + lp.fwd_s.at(tokens, ctx, head_frac, ffn_frac) for lp in blocks],
+            [lp.fixed_bwd_s + lp.bwd_s.at(tokens, ctx, head_frac, ffn_frac) for lp in blocks],
+            [lp.act_bytes.at(tokens, ctx, head_frac, ffn_frac) for lp in blocks])
+
+
+def owner_costs(profile: ModelProfile, tokens: float, ctx: float) -> tuple[float, float, float, float]:
+    """A data owner's parts for ``tokens`` of its own, on the reference device: embed
+    forward, head (forward and backward with the loss) and embed backward seconds, and
+    the head's transient bytes (logits and their gradient)."""
+    emb, head = profile.embed, profile.head
+    return (emb.fixed_fwd_s + emb.fwd_s.at(tokens, ctx),
+            head.fixed_fwd_s + head.fixed_bwd_s + head.fwd_s.at(tokens, ctx) + head.bwd_s.at(tokens, ctx),
+            emb.fixed_bwd_s + emb.bwd_s.at(tokens, ctx), head.act_bytes.at(tokens, ctx))
+
+
 def stage_work(plan: Plan, s: int, profile: ModelProfile, shape: Shape) -> StageWork:
     """What stage s's mode needs to price its memory and collectives (``modes.base``)."""
     lay = Layout.of(plan, shape)
@@ -311,21 +333,16 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
         for i, name in enumerate(st.devices):
             slow = ref / device_speed(devs[name], power_mode_of(plan, devs[name]))
             tokens, hf, ff = mode.block_part(lay.splits[s], i, lay.microbatch, shape)
-            f = sum(lp.fixed_fwd_s + lp.fwd_s.at(tokens, T_seq, hf, ff) for lp in blocks)
-            bw = sum(lp.fixed_bwd_s + lp.bwd_s.at(tokens, T_seq, hf, ff) for lp in blocks)
-            act = sum(lp.act_bytes.at(tokens, T_seq, hf, ff) for lp in blocks)
+            fs, bs, acts = block_costs(blocks, tokens, T_seq, hf, ff)
+            f, bw, act = sum(fs), sum(bs), sum(acts)
             params = sum(lp.params_at(hf, ff) for lp in blocks)
             ef = hd = eb = transient = 0.0
             if s == 0:
                 b0, b1, t0, t1 = owners[i]
                 own = (b1 - b0) * (t1 - t0)
                 if own > 0:
-                    emb, head = profile.embed, profile.head
-                    ef = emb.fixed_fwd_s + emb.fwd_s.at(own, T_seq)
-                    eb = emb.fixed_bwd_s + emb.bwd_s.at(own, T_seq)
-                    hd = head.fixed_fwd_s + head.fixed_bwd_s + head.fwd_s.at(own, T_seq) + head.bwd_s.at(own, T_seq)
-                    params += emb.params_at() + head.params_at()
-                    transient = head.act_bytes.at(own, T_seq)
+                    ef, hd, eb, transient = owner_costs(profile, own, T_seq)
+                    params += profile.embed.params_at() + profile.head.params_at()
             optim_params = params * mode.optim_fraction(len(st.devices))
             out[name] = DeviceWork(
                 blocks_fwd_s=f * slow, blocks_bwd_s=bw * slow, embed_fwd_s=ef * slow, head_s=hd * slow,

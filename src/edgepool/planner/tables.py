@@ -40,10 +40,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgepool.cost.model import memory_cap_bytes
+from edgepool.cost.model import block_costs, memory_cap_bytes, owner_costs
 from edgepool.cost.network import Network
 from edgepool import modes as modes_mod
 from edgepool.planner.space import PIPELINE_MODES, PIPELINE_MODE, Space
+from edgepool.specs.plan import StageSplit
 
 INF = float("inf")
 
@@ -103,12 +104,6 @@ class Tables:
         self.T = T
         self.row_bytes = T * prof.act_elem_bytes  # one sample's boundary activations
         blocks = prof.blocks
-        # Per-token (and fixed) reference costs per layer.
-        self.fix_f = np.array([lp.fixed_fwd_s for lp in blocks])
-        self.fix_b = np.array([lp.fixed_bwd_s for lp in blocks])
-        self.tok_f = np.array([lp.fwd_s.total(T) for lp in blocks])
-        self.tok_b = np.array([lp.bwd_s.total(T) for lp in blocks])
-        self.tok_act = np.array([lp.act_bytes.total(T) for lp in blocks])
         params = np.array([lp.params_at() for lp in blocks])
         self.param_pre = np.concatenate([[0.0], np.cumsum(params)])
         self.first_params = prof.embed.params_at() + prof.head.params_at()
@@ -135,6 +130,7 @@ class Tables:
         self._groups: dict[tuple, list] = {}
         self._dev_cache: dict[tuple, tuple] = {}
         self._row_cache: dict[tuple, tuple] = {}
+        self._block_cache: dict[tuple, tuple] = {}
         self.min_block_params = float(params.min()) if len(params) else 0.0
         self._mat_bytes = 0
 
@@ -154,23 +150,29 @@ class Tables:
             self._dev_cache[key] = hit
         return hit
 
-    def _row(self, speed: float, x: int) -> tuple:
-        """Prefix sums and stage-0 extras of a device of ``speed`` with ``x`` samples."""
-        key = (speed, x)
+    def _row(self, speed: float, x: int, mode: str) -> tuple:
+        """Prefix sums and stage-0 extras of a device of ``speed`` with ``x`` samples of
+        each micro-batch in ``mode``: its part of every block (``Mode.block_part``) priced
+        by ``cost.model.block_costs``, its own data's embed and head by ``owner_costs``."""
+        key = (speed, x, mode)
         hit = self._row_cache.get(key)
         if hit is None:
-            prof, T = self.space.profile, self.T
+            prof, shape = self.space.profile, self.space.shape
+            T = shape.seq_len
             slow = self.ref / speed
-            tokens = x * T
+            one = StageSplit(batch=(x,), seq=(T,), heads=(shape.num_heads,), ffn=(shape.ffn,))
+            part = modes_mod.get(mode).block_part(one, 0, x, shape)
+            costs = self._block_cache.get(part)
+            if costs is None:  # the reference device's; devices of every speed share them
+                costs = self._block_cache[part] = tuple(np.array(c) for c in block_costs(prof.blocks, part[0], T, *part[1:]))
+            fs, bs, acts = costs
             zero = np.zeros(1)
-            fwd = np.concatenate([zero, np.cumsum((self.fix_f + tokens * self.tok_f) * slow)])
-            bwd = np.concatenate([zero, np.cumsum((self.fix_b + tokens * self.tok_b) * slow)])
-            act = np.concatenate([zero, np.cumsum(tokens * self.tok_act)])
-            emb, head = prof.embed, prof.head
-            ff = (emb.fixed_fwd_s + emb.fwd_s.at(tokens, T)) * slow
-            fb = (emb.fixed_bwd_s + emb.bwd_s.at(tokens, T) + head.fixed_fwd_s + head.fixed_bwd_s
-                  + head.fwd_s.at(tokens, T) + head.bwd_s.at(tokens, T)) * slow
-            hit = (fwd, bwd, act, ff, fb, head.act_bytes.at(tokens, T))
+            fwd = np.concatenate([zero, np.cumsum(fs * slow)])
+            bwd = np.concatenate([zero, np.cumsum(bs * slow)])
+            act = np.concatenate([zero, np.cumsum(acts)])
+            # Stage 0's devices own their samples (the pipeline modes own data).
+            e_f, head_s, e_b, transient = owner_costs(prof, x * T, T)
+            hit = (fwd, bwd, act, e_f * slow, (e_b + head_s) * slow, transient)
             self._row_cache[key] = hit
         return hit
 
@@ -195,7 +197,7 @@ class Tables:
             lam = max(lam, lat)
             idle += idle_w
         keys = list(rows)
-        parts = [self._row(k[0], k[1]) for k in keys]
+        parts = [self._row(k[0], k[1], mode) for k in keys]
         n = len(devs)
         a_s = max(x * self.row_bytes / bw for x, bw in zip(counts, bws))
         m = modes_mod.get(mode)
