@@ -106,6 +106,17 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     assert _losses(cut) == _losses(full)  # exactly, step by step
 
 
+def test_resume_under_fsdp_continues_the_same_trajectory(tmp_path):
+    """Sharded parameters and optimizer state come back from each rank's own file."""
+    fsdp = Plan(num_layers=4, stages=[StagePlan(layers=(0, 4), mode="fsdp", devices=("a", "b"), shares=(3, 1))])
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _train(full, 6, plan=fsdp)
+    _train(cut, 4, plan=fsdp)
+    log = _train(cut, 6, resume=True, plan=fsdp)
+    assert any("resuming after step 4" in m for m in log)
+    assert _losses(cut) == _losses(full)
+
+
 def test_corrupt_and_partial_checkpoints_are_refused(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     _train(full, 6)
