@@ -123,13 +123,13 @@ def test_corrupt_and_partial_checkpoints_are_refused(tmp_path):
     _train(cut, 4)
     ck = cut / "checkpoints"
     # step 4: rank 1's file corrupted; a partial step 6 with no manifest.
-    f = ck / "step-000004" / "rank-1.pt"
+    f = ck / "step-000004" / "rank-1.safetensors"
     f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
     (ck / "step-000006").mkdir()
-    (ck / "step-000006" / "rank-0.pt").write_bytes(b"partial")
+    (ck / "step-000006" / "rank-0.safetensors").write_bytes(b"partial")
     log = _train(cut, 6, resume=True)
     assert any("step-000006 refused: no manifest" in m for m in log)
-    assert any("step-000004 refused: rank-1.pt does not match its checksum" in m for m in log)
+    assert any("step-000004 refused: rank-1.safetensors does not match its checksum" in m for m in log)
     assert any("resuming after step 2" in m for m in log)
     assert _losses(cut) == _losses(full)
 
