@@ -15,6 +15,7 @@ from edgepool.errors import PlanError
 from edgepool.models.config import preset
 from edgepool.cost.profile import ModelDims
 from edgepool.sim.engine import simulate
+from edgepool.sim.lower import is_data_owner
 from edgepool.specs import Plan, StagePlan
 from edgepool.specs.layout import Layout
 from edgepool.specs.plan import StageMode
@@ -111,6 +112,6 @@ def test_fsdp_every_device_owns_its_samples():
     pool, prof, shape, plans = _fsdp_and_dp(3)
     lay = Layout.of(plans["fsdp"], shape)
     assert [r[1] - r[0] for r in lay.owners] == list(lay.splits[0].batch)
-    assert all(lay.owns_data(r) for r in range(3))
+    assert all(is_data_owner(plans["fsdp"], r) for r in range(3))
     # every owner feeds and reads its own rows: the single stage's boundaries stay local
     assert all(t.src == t.dst for k in (0, 1) for t in lay.fwd[k] + lay.bwd[k])

@@ -100,7 +100,7 @@ from edgepool import modes
 from edgepool.errors import PlanError
 from edgepool.modes import GroupComm, StageWork
 from edgepool.specs.layout import Layout
-from edgepool.specs.plan import Plan, Shape, inflight_limit
+from edgepool.specs.plan import EMPTY, Plan, Shape, inflight_limit
 from edgepool.specs.pool import DeviceSpec, PoolSpec
 
 GB = 1e9
@@ -306,7 +306,7 @@ def stage_work(plan: Plan, s: int, profile: ModelProfile, shape: Shape) -> Stage
     """What stage s's mode needs to price its memory and collectives (``modes.base``)."""
     lay = Layout.of(plan, shape)
     st = plan.stages[s]
-    owns = tuple(s == 0 and lay.owners[i] != (0, 0, 0, 0) for i in range(len(st.devices)))
+    owns = tuple(s == 0 and lay.owners[i] != EMPTY for i in range(len(st.devices)))
     return StageWork(stage=s, names=st.devices, split=lay.splits[s], microbatch=lay.microbatch, shape=shape,
                      profile=profile, layers=st.layers, owns_data=owns)
 

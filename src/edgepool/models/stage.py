@@ -63,9 +63,6 @@ class StageModel(nn.Module):
         """The units' names in build order: ``embed``, ``blocks.<i>``, ``head``."""
         return list(self._parts)
 
-    def unit(self, name: str) -> nn.Module:
-        return self.get_submodule(name)
-
     def materialize(self, name: str, state: dict[str, torch.Tensor] | None = None, *, device=None,
                     dtype=None) -> nn.Module:
         """Build unit ``name`` for real (seeded as in the eager build), load its tensors

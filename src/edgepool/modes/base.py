@@ -58,8 +58,6 @@ class GroupComm:
     coll_steps_bwd: int = 0
     coll_airtime_fwd_s: float = 0.0  # the forward's part of coll_airtime_s
 
-    def send_bytes(self, name: str, backward: bool) -> float:
-        return (self.coll_send_bytes_bwd if backward else self.coll_send_bytes).get(name, 0.0)
 
 
 @dataclass(frozen=True)
@@ -124,8 +122,6 @@ class Mode:
     """The base of every mode module's ``MODE``. Defaults are dp's replicated shape."""
 
     name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
-    item: ClassVar[str] = "samples of a micro-batch"  # what the shares count
     owns_data: ClassVar[bool] = False  # every first-stage device owns its samples
     replicated_io: ClassVar[bool] = False  # every device holds the stage's whole input and output
     group_ops: ClassVar[bool] = False  # fwd/bwd wait for the whole group (collectives inside)

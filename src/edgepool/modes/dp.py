@@ -17,8 +17,6 @@ from edgepool.modes.base import GroupComm, Mode, StageWork
 
 class DataParallel(Mode):
     name = "dp"
-    summary = "replicas with uneven batch shares; gradients all-reduced once per step"
-    item = "samples of a micro-batch"
     owns_data = True
     syncs_grads = True
     in_pipelines = True

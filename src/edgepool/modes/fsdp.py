@@ -61,8 +61,6 @@ def _units(w: StageWork, index: int) -> list[float]:
 
 class ShardedDataParallel(Mode):
     name = "fsdp"
-    summary = "dp with parameters, gradients and optimizer state sharded (ZeRO-3, FSDP2)"
-    item = "samples of a micro-batch"
     owns_data = True
     group_ops = True
     in_pipelines = True

@@ -17,8 +17,6 @@ from edgepool.specs.plan import Region, Shape, StageSplit, offsets, split_counts
 
 class SequenceParallel(Mode):
     name = "sp"
-    summary = "token slices of every sequence, K/V all-gathered per block; gradients all-reduced once per step"
-    item = "tokens"
     group_ops = True
     syncs_grads = True
 

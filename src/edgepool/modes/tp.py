@@ -17,8 +17,6 @@ from edgepool.specs.plan import Region, Shape, StageSplit, offsets, split_counts
 
 class TensorParallel(Mode):
     name = "tp"
-    summary = "heads and FFN columns split (Megatron), four activation all-reduces per block"
-    item = "KV-head groups"
     replicated_io = True
     group_ops = True
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 from edgepool import modes
 from edgepool.errors import PlanError
-from edgepool.specs.plan import (EMPTY, Plan, Region, Role, Shape, StageSplit, Transfer, microbatch_size, role_of,
-                                 stage_ranks, transfers)
+from edgepool.specs.plan import (EMPTY, Plan, Region, Shape, StageSplit, Transfer, microbatch_size, stage_ranks,
+                                 transfers)
 
 
 @dataclass(frozen=True)
@@ -87,16 +87,8 @@ class Layout:
         _CACHE[key] = layout
         return layout
 
-    def role(self, rank: int) -> Role:
-        return role_of(self.plan, rank)
-
     def boundary(self, k: int, *, backward: bool = False) -> tuple[Transfer, ...]:
         return (self.bwd if backward else self.fwd)[k]
-
-    def owns_data(self, rank: int) -> bool:
-        """Whether ``rank`` embeds and computes the loss on some samples of its own."""
-        role = role_of(self.plan, rank)
-        return role.is_first and self.owners[role.index] != EMPTY
 
 
 _CACHE: dict[tuple, Layout] = {}
