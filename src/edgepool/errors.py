@@ -32,4 +32,9 @@ class InfeasibleError(EdgepoolError):
 
 
 class PeerError(EdgepoolError, RuntimeError):
-    """A peer rank died or stopped answering within the timeout."""
+    """A peer rank died or stopped answering within the timeout. ``silent``: the ranks
+    found silent (``runtime.health``), so the launcher can blame them."""
+
+    def __init__(self, message: str, *, silent: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.silent = tuple(silent)

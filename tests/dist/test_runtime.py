@@ -134,12 +134,37 @@ def test_corrupt_and_partial_checkpoints_are_refused(tmp_path):
     assert _losses(cut) == _losses(full)
 
 
-def test_resume_with_another_plan_is_refused_clearly(tmp_path):
+def test_resume_with_another_plan_is_refused_and_overwrites_nothing(tmp_path):
     _train(tmp_path, 2)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    files = sorted(p.name for p in (tmp_path / "checkpoints").rglob("*"))
     other = Plan(num_layers=4, stages=[StagePlan(layers=(0, 4), devices=("a", "b"))])
-    log = _train(tmp_path, 3, resume=True, plan=other)
-    assert any("written by plan" in m and "same plan" in m for m in log)
-    assert any("no usable checkpoint" in m for m in log)
+    with pytest.raises(RuntimeError, match="CheckpointError: no checkpoint .* can be resumed by this run"):
+        _train(tmp_path, 3, resume=True, plan=other)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "checkpoints").rglob("*")) == files
+
+
+def test_a_fresh_start_never_overwrites_earlier_steps(tmp_path):
+    _train(tmp_path, 2)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(RuntimeError, match="holds 2 steps of an earlier run"):
+        _train(tmp_path, 3)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_stray_entries_and_a_cut_metrics_line_are_skipped_on_resume(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _train(full, 6)
+    _train(cut, 4)
+    (cut / "checkpoints" / "step-latest").mkdir()
+    (cut / "checkpoints" / "notes.txt").write_text("mine")
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    log = _train(cut, 6, resume=True)
+    assert any("resuming after step 4" in m for m in log)
+    assert any("cut short" in m for m in log)
+    assert _losses(cut) == _losses(full)
 
 
 def _dead_peer(rank, world):

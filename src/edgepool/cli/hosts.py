@@ -42,7 +42,7 @@ def commands(spec, master: str, iface: str | None) -> list[tuple[str, str, str]]
         local = f" --local-addr {shlex.quote(host)}" if host not in ("local", "emulated") else ""
         cmd = (f"{env}OMP_NUM_THREADS=1 torchrun --nnodes {spec.plan.world_size} --nproc-per-node 1 "
                f"--node-rank {rank} --master-addr {shlex.quote(addr)} --master-port {port}{local} "
-               f"-m edgepool.runtime.train {shlex.quote(str(run_json))}")
+               f"-m edgepool.runtime.rank {shlex.quote(str(run_json))}")
         out.append((name, host, cmd))
     return out
 

@@ -20,18 +20,29 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="build a plan of this family (shares in proportion to device speed)")
     p.add_argument("--steps", type=int, help="override the job's step count")
     p.add_argument("--out", required=True, help="output folder (metrics.jsonl, summary.json, checkpoints/)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    again.add_argument("--fresh", action="store_true",
+                       help="start over in an --out that holds a run (its files move to OUT/archive/, nothing is deleted)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
-    from edgepool.cli.progress import TrainProgress
-    from edgepool.launch.local import launch_local, pool_placement
+    from edgepool.launch import folder
     from edgepool.launch.prepare import prepare_run
 
     console = Console(stderr=True)
-    spec = prepare_run(args.pool, args.job, out_dir=args.out, plan_path=args.plan, parallelism=args.parallelism,
-                       steps=args.steps, resume=args.resume, log=console.print)
+    with folder.hold(args.out, "edgepool train", log=console.print):
+        spec = prepare_run(args.pool, args.job, out_dir=args.out, plan_path=args.plan, parallelism=args.parallelism,
+                           steps=args.steps, resume=args.resume, log=console.print)
+        folder.check_start(spec, fresh=args.fresh, log=console.print)
+        return _train(spec, args, console)
+
+
+def _train(spec, args, console) -> int:
+    from edgepool.cli.progress import TrainProgress
+    from edgepool.launch.local import launch_local, pool_placement
+
     plan = spec.plan
     console.print(f"plan {plan.plan_id}: {plan.parallelism}, {len(plan.stages)} stage(s), "
                   f"{plan.num_microbatches} micro-batch(es), {plan.schedule}, devices {', '.join(plan.devices)}")

@@ -1,6 +1,6 @@
 """Start one process per device on this machine and watch them.
 
-Each rank runs ``python -m edgepool.runtime.train DIR/run.json`` with the torchrun
+Each rank runs ``python -m edgepool.runtime.rank DIR/run.json`` with the torchrun
 environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), its output in
 ``DIR/logs/rank-N.log``. A ``Placement`` may wrap a rank's command (a network namespace
 and cgroups of the testbed) and add environment (``GLOO_SOCKET_IFNAME``).
@@ -8,15 +8,28 @@ and cgroups of the testbed) and add environment (``GLOO_SOCKET_IFNAME``).
 The launcher follows ``DIR/metrics.jsonl`` and hands every step's record to its
 ``on_step`` callback (the CLI's progress bar). When a rank fails, it
 stops the others at once and raises an error naming the rank, its device and the
-rank's own one-line reason, with the log to read.
+rank's own one-line reason, with the log to read. A rank that names a silent peer
+(``EDGEPOOL-SILENT`` in its log, from ``runtime.health``) has the silent device blamed,
+not itself.
+
+The launcher owns its ranks: no rank outlives it.
+- SIGTERM and SIGHUP (and SIGINT, Ctrl-C) make it stop every rank's process group
+  before it exits (``Stopped``).
+- Its own death, even by SIGKILL, ends every rank: each rank holds the read end of a
+  pipe whose only write end is the launcher's (``EDGEPOOL_WATCHDOG_FD``); a rank whose
+  read returns end-of-file leaves at once (``runtime.rank``), and it
+  also asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``; the
+  testbed's wrappers ``exec``, so the launcher is the parent).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +38,30 @@ from typing import Callable, Iterator
 from edgepool.errors import EdgepoolError
 from edgepool.machine import free_port
 from edgepool.specs.metrics import StepRecord, Summary, read_summary
+
+
+class Stopped(EdgepoolError):
+    """The launcher was told to stop (SIGTERM, SIGHUP); every rank was stopped first."""
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into ``Stopped`` while the ranks run (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise Stopped(f"stopped by {signal.Signals(signum).name}; every rank was stopped")
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 class RankFailed(EdgepoolError):
@@ -116,18 +153,61 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
     master = placement.master_addr(run.plan.devices[0])
     procs: list[subprocess.Popen] = []
     logs: list[Path] = []
-    for rank, device in enumerate(run.plan.devices):
-        env = dict(os.environ)
-        env.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=master,
-                   MASTER_PORT=str(port), OMP_NUM_THREADS=str(run.threads), PYTHONUNBUFFERED="1")
-        env.update({k: v for k, v in placement.env(device).items() if k != "MASTER_ADDR"})
-        if placement.cores(device):  # the modelled energy meter's busy time is CPU time over the cap
-            env["EDGEPOOL_CPU_CORES"] = str(placement.cores(device))
-        log = out / "logs" / f"rank-{rank}.log"
-        logs.append(log)
-        cmd = placement.prefix(device) + [sys.executable, "-m", "edgepool.runtime.train", str(run_json)]
-        with open(log, "w") as fh:
-            procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
+    # The watchdog pipe: ranks inherit only the read end; it reads end-of-file when
+    # the launcher is gone, however it went.
+    watch_r, watch_w = os.pipe()
+    os.set_inheritable(watch_r, True)
+    with _stop_on_signals():
+        try:
+            for rank, device in enumerate(run.plan.devices):
+                procs.append(_start_rank(run, rank, device, run_json, placement, master, port, watch_r, logs))
+        except BaseException:
+            _stop_all(procs)
+            os.close(watch_w)
+            raise
+        finally:
+            os.close(watch_r)
+        try:
+            return _watch(run, procs, logs, placement, on_step, poll_s, deadline_s)
+        finally:
+            _stop_all(procs)
+            os.close(watch_w)
+
+
+def _start_rank(run, rank: int, device: str, run_json: Path, placement: Placement, master: str, port: int,
+                watch_fd: int, logs: list[Path]) -> subprocess.Popen:
+    out = Path(run.out_dir)
+    world = run.plan.world_size
+    env = dict(os.environ)
+    env.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=master,
+               MASTER_PORT=str(port), OMP_NUM_THREADS=str(run.threads), PYTHONUNBUFFERED="1",
+               EDGEPOOL_WATCHDOG_FD=str(watch_fd), EDGEPOOL_LAUNCHER_PID=str(os.getpid()))
+    env.update({k: v for k, v in placement.env(device).items() if k != "MASTER_ADDR"})
+    if placement.cores(device):  # the modelled energy meter's busy time is CPU time over the cap
+        env["EDGEPOOL_CPU_CORES"] = str(placement.cores(device))
+    log = out / "logs" / f"rank-{rank}.log"
+    logs.append(log)
+    cmd = placement.prefix(device) + [sys.executable, "-m", "edgepool.runtime.rank", str(run_json)]
+    with open(log, "w") as fh:
+        return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                pass_fds=(watch_fd,))
+
+
+def _stop_all(procs: list[subprocess.Popen]) -> None:
+    """Kill every rank's process group (a rank and anything it started) and reap it."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        p.wait()
+
+
+def _watch(run, procs: list[subprocess.Popen], logs: list[Path], placement: Placement,
+           on_step: Callable[[StepRecord], None] | None, poll_s: float, deadline_s: float | None) -> Summary:
+    out = Path(run.out_dir)
     metrics = out / "metrics.jsonl"
     seen = 0
     t_end = time.monotonic() + deadline_s if deadline_s else None
@@ -145,42 +225,50 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
                 on_step(rec)
             seen += 1
 
-    try:
-        while True:
-            follow()
-            codes = [p.poll() for p in procs]
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                causes = {r: placement.exit_cause(run.plan.devices[r], codes[r]) for r in failed}
-                # The rank that died first: one the kernel killed (OOM, signal) over
-                # peers that only noticed it; then the oldest log.
-                first = min(failed, key=lambda r: (causes[r] is None and codes[r] > 0, _mtime(logs[r])))
+    while True:
+        follow()
+        codes = [p.poll() for p in procs]
+        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            causes = {r: placement.exit_cause(run.plan.devices[r], codes[r]) for r in failed}
+            # The rank that died first: one the kernel killed (OOM, signal) over
+            # peers that only noticed it; then the oldest log.
+            first = min(failed, key=lambda r: (causes[r] is None and codes[r] > 0, _mtime(logs[r])))
+            device = run.plan.devices[first]
+            reason = causes[first] or _reason(logs[first])
+            message = f"rank {first} ({device}) failed (exit {codes[first]}): {reason}; see {logs[first]}"
+            named = Counter(r for f in failed for r in _silent(logs[f]))
+            if named:  # a peer the noticing ranks found silent (``runtime.health``) is the culprit
+                noticed, log = f"rank {first} ({device})", logs[first]
+                first = min(named, key=lambda r: (-named[r], r))  # the rank most of them name
                 device = run.plan.devices[first]
-                reason = causes[first] or _reason(logs[first])
-                raise RankFailed(
-                    f"rank {first} ({device}) failed (exit {codes[first]}): {reason}; see {logs[first]}",
-                    rank=first, device=device, returncode=codes[first], reason=reason, log=logs[first],
-                )
-            if all(c == 0 for c in codes):
-                follow()  # the last steps, written just before the ranks exited
-                break
-            if t_end is not None and time.monotonic() > t_end:
-                raise RankFailed(f"the run did not finish within {deadline_s:g} s (step {seen} of {run.steps}); "
-                                 f"stopped all ranks", rank=-1, device="-", returncode=-1,
-                                 reason=f"timeout after {deadline_s:g} s at step {seen}", log=out / "logs")
-            time.sleep(poll_s)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, 9)
-                except ProcessLookupError:
-                    pass
-            p.wait()
+                message = f"device {device} (rank {first}) stopped answering; {noticed} noticed: {reason}; see {log}"
+            code = codes[first] if codes[first] is not None else -1  # a silent rank may still be there
+            raise RankFailed(message, rank=first, device=device, returncode=code, reason=reason, log=logs[first])
+        if all(c == 0 for c in codes):
+            follow()  # the last steps, written just before the ranks exited
+            break
+        if t_end is not None and time.monotonic() > t_end:
+            raise RankFailed(f"the run did not finish within {deadline_s:g} s (step {seen} of {run.steps}); "
+                             f"stopped all ranks", rank=-1, device="-", returncode=-1,
+                             reason=f"timeout after {deadline_s:g} s at step {seen}", log=out / "logs")
+        time.sleep(poll_s)
     summary_path = out / "summary.json"
     if not summary_path.is_file():
         raise EdgepoolError(f"the run ended without {summary_path}; see {out / 'logs'}")
     return read_summary(summary_path)
+
+
+def _silent(log: Path) -> list[int]:
+    """The ranks a rank's log names as silent (its ``EDGEPOOL-SILENT`` line)."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    for ln in reversed(lines):
+        if ln.startswith("EDGEPOOL-SILENT "):
+            return [int(x) for x in ln.split(" ", 1)[1].split(",") if x.strip().isdigit()]
+    return []
 
 
 def _mtime(path: Path) -> float:

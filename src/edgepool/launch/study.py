@@ -130,16 +130,26 @@ def run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, consol
     """Measure every family's plan and the planner's on the pool, beside the predictions.
 
     ``progress_bar(plan, steps)``: a context manager with ``update(StepRecord)`` shown
-    while a run trains (the CLI's progress bar); None shows nothing.
+    while a run trains (the CLI's progress bar); None shows nothing. The study holds
+    ``out_dir``'s lock (``launch.folder``) while it runs; its ``runs/`` are its own and
+    made anew each time.
     """
+    from edgepool.launch import folder
+
+    log = console.print if console is not None else print
+    with folder.hold(out_dir, "edgepool study", log=log) as out:
+        return _run_study(pool, job, out_dir=out, steps=steps, console=console, families=families,
+                          deadline_s=deadline_s, progress_bar=progress_bar)
+
+
+def _run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, console, families, deadline_s: float,
+               progress_bar) -> dict:
     from edgepool.machine import machine_info
     from edgepool.report.study import write_study
     from edgepool.models.config import job_model_config
     from edgepool.runtime.train import RunSpec
 
     log = console.print if console is not None else print
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     cfg = job_model_config(job)
     shape = Shape(global_batch=job.train.global_batch, seq_len=job.train.seq_len, num_heads=cfg.num_heads,
                   ffn=cfg.ffn, num_kv_heads=cfg.num_kv_heads)

@@ -1,11 +1,18 @@
 """Checkpoints: atomic per-rank files, a manifest of checksums, refusal of bad ones.
 
 Layout: ``DIR/checkpoints/step-000010/rank-0.safetensors ... manifest.json``. Every file is
-written to a temporary name, fsynced and renamed, and the manifest (step, plan_id, one
-SHA-256 per rank file) is written last, the same way, by rank 0 after every rank has
-written. So a checkpoint without a manifest is partial, and one whose files do not
-match the manifest is corrupt; both are refused with a one-line reason and the newest
-good one is used instead.
+written to a temporary name, fsynced and renamed, and the manifest (step, the run's
+identity, one SHA-256 per rank file) is written last, the same way, by rank 0 after every
+rank has written. So a checkpoint without a manifest is partial, and one whose files do
+not match the manifest is corrupt; both are refused with a one-line reason and the
+newest good one is used instead. Anything else in ``checkpoints/`` (a ``step-latest``
+folder, a stray file) is skipped with a warning.
+
+The identity (``RunSpec.identity``: plan, seed, model, batch, sequence, optimizer) says
+which run wrote a checkpoint. ``survey`` (no torch, no collective: the launcher runs it
+before any process starts) sorts a folder's checkpoints into this run's and other
+runs', naming what differs, so a resume under another plan or seed is refused on the
+console instead of starting over.
 
 A rank file is safetensors: the rank's tensors in full-model names (``model/<name>``;
 TP and FSDP shards, with their shard spec in the header, so ``engine.stitch`` can
@@ -13,7 +20,7 @@ rebuild full tensors for another plan later), its optimizer state
 (``optim/<param index>/<key>``, DTensor state as its local shard) and its RNG state,
 with everything else (step, plan_id, the optimizer's param groups and scalars) as JSON
 in the safetensors header. Nothing is unpickled: a file can only hand back tensors and
-JSON. Resuming needs the same plan (checked by plan_id).
+JSON. Resuming needs the same identity.
 """
 
 from __future__ import annotations
@@ -21,12 +28,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from edgepool.errors import EdgepoolError
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
 class CheckpointError(EdgepoolError):
@@ -67,12 +75,76 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank}.safetensors"
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def step_folders(root: Path) -> tuple[list[int], list[str]]:
+    """(steps of the ``step-NNNNNN`` folders under ``root``, newest first; names of
+    anything else there, which is skipped)."""
+    if not root.is_dir():
+        return [], []
+    steps, stray = [], []
+    for p in sorted(root.iterdir()):
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            steps.append(int(m.group(1)))
+        elif not p.name.startswith("."):
+            stray.append(p.name)
+    return sorted(steps, reverse=True), stray
+
+
+def read_manifest(d: Path) -> dict | None:
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def differences(written: object, ours: dict) -> str | None:
+    """What about the run that wrote a checkpoint differs from ours, or None."""
+    if not isinstance(written, dict):
+        return "it has no run identity (an older edgepool wrote it)"
+    diff = [f"{k} {written.get(k)!r} (this run: {v!r})" for k, v in ours.items() if written.get(k) != v]
+    return "written with " + ", ".join(diff) if diff else None
+
+
+@dataclass
+class Survey:
+    """What ``checkpoints/`` holds, seen from the launcher."""
+
+    usable: list[int] = field(default_factory=list)  # complete checkpoints of this run, newest first
+    foreign: list[tuple[int, str]] = field(default_factory=list)  # (step, what differs) of other runs'
+    skipped: list[str] = field(default_factory=list)  # warnings: stray or partial entries
+
+    @property
+    def newest(self) -> int | None:
+        return max(self.usable + [s for s, _ in self.foreign], default=None)
+
+
+def survey(root: Path, identity: dict) -> Survey:
+    """Sort the checkpoints under ``root`` by whose they are (manifests only; the
+    ranks check every file's checksum when they load)."""
+    steps, stray = step_folders(root)
+    out = Survey(skipped=[f"{root / name} is not a checkpoint folder; skipped" for name in stray])
+    for step in steps:
+        d = step_dir(root, step)
+        manifest = read_manifest(d)
+        if manifest is None:
+            out.skipped.append(f"{d} has no readable manifest (a partial write); skipped")
+            continue
+        why = differences(manifest.get("run"), identity)
+        if why is None:
+            out.usable.append(step)
+        else:
+            out.foreign.append((step, why))
+    return out
+
+
+def _local(t):
     """A DTensor's local shard (FSDP2 state), else the tensor."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _encode(engine, step: int, rank: int) -> bytes:
+    import torch
     from safetensors.torch import save
 
     tensors = {f"model/{k}": v.contiguous() for k, v in engine.local_state().items()}
@@ -95,35 +167,36 @@ def _encode(engine, step: int, rank: int) -> bytes:
     return save(tensors, metadata={"edgepool": json.dumps(meta)})
 
 
-def save(root: Path, step: int, engine, rank: int) -> Path:
-    """Collective: every rank writes its file, then rank 0 writes the manifest."""
+def save(root: Path, step: int, engine, rank: int, identity: dict, comm) -> Path:
+    """Collective: every rank writes its file, then rank 0 writes the manifest.
+    ``comm`` is the run's ``runtime.health.Comm`` (guarded object collectives)."""
     d = step_dir(root, step)
     d.mkdir(parents=True, exist_ok=True)
     data = _encode(engine, step, rank)
     path = d / rank_file(rank)
     atomic_write_bytes(path, data)
     digest = hashlib.sha256(data).hexdigest()
-    digests: list = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, (path.name, digest))
+    digests = comm.gather_json([path.name, digest], "gathering checkpoint checksums")
     if rank == 0:
-        manifest = {"step": step, "plan_id": engine.plan.plan_id, "world_size": len(digests), "files": dict(digests)}
+        manifest = {"step": step, "plan_id": engine.plan.plan_id, "run": identity, "world_size": len(digests),
+                    "files": dict(digests)}
         atomic_write_bytes(d / "manifest.json", json.dumps(manifest, indent=2).encode())
-    dist.barrier()
+    comm.barrier("waiting for the checkpoint manifest")
     return d
 
 
-def check(d: Path, rank: int, plan_id: str) -> str | None:
+def check(d: Path, rank: int, identity: dict) -> str | None:
     """Why checkpoint folder ``d`` cannot be used by ``rank``, or None if it can."""
-    man = d / "manifest.json"
-    if not man.is_file():
+    if not (d / "manifest.json").is_file():
         return "no manifest (partial write)"
+    manifest = read_manifest(d)
     try:
-        manifest = json.loads(man.read_text())
-        want = manifest["files"][rank_file(rank)]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        want = manifest["files"][rank_file(rank)]  # type: ignore[index]
+    except (KeyError, TypeError):
         return "manifest unreadable or has no entry for this rank"
-    if manifest.get("plan_id") != plan_id:
-        return f"written by plan {manifest.get('plan_id')}, this run's plan is {plan_id} (resume with the same plan)"
+    why = differences(manifest.get("run"), identity)
+    if why is not None:
+        return f"{why} (resume with the same job and plan)"
     f = d / rank_file(rank)
     if not f.is_file():
         return f"{f.name} is missing"
@@ -132,17 +205,16 @@ def check(d: Path, rank: int, plan_id: str) -> str | None:
     return None
 
 
-def find_resumable(root: Path, rank: int, plan_id: str, log=print) -> int | None:
+def find_resumable(root: Path, rank: int, identity: dict, comm, log=print) -> int | None:
     """Collective: the newest step every rank can load, or None.
 
     Rank 0 logs every refusal, whichever rank found it."""
-    steps = sorted((int(p.name.split("-")[1]) for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
-    mine = {step: check(step_dir(root, step), rank, plan_id) for step in steps}
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    steps, _ = step_folders(root)
+    mine = {str(step): check(step_dir(root, step), rank, identity) for step in steps}
+    everyone = comm.gather_json(mine, "comparing checkpoints")
     usable = []
     for step in steps:
-        reasons = [r.get(step, "missing on another rank") for r in everyone]
+        reasons = [r.get(str(step), "missing on another rank") for r in everyone]
         why = next((w for w in reasons if w is not None), None)
         if why is None:
             usable.append(step)
@@ -153,6 +225,7 @@ def find_resumable(root: Path, rank: int, plan_id: str, log=print) -> int | None
 
 def load(root: Path, step: int, engine, rank: int) -> None:
     """Restore ``engine`` from its rank's file of checkpoint ``step`` (tensors and JSON only)."""
+    import torch
     from safetensors import safe_open
 
     path = step_dir(root, step) / rank_file(rank)

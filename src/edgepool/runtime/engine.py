@@ -40,7 +40,8 @@ from edgepool.models.parallel import ParallelCtx
 from edgepool.runtime.device import CPU, TorchDevice
 from edgepool.runtime.groups import StageGroups
 from edgepool.errors import PeerError
-from edgepool.runtime.wire import Wire, first_line
+from edgepool.runtime.health import Heartbeat, blame
+from edgepool.runtime.wire import Wire
 from edgepool.sim.lower import is_data_owner, lower_rank
 from edgepool.specs.layout import Layout
 from edgepool.specs.plan import EMPTY, Plan, Region, Shape, role_of
@@ -69,8 +70,9 @@ class Engine:
     def __init__(self, plan: Plan, cfg: ModelConfig, *, rank: int, sampler: Sampler | None, global_batch: int,
                  seq_len: int, groups: StageGroups, lr: float, optimizer: str = "adamw", weight_decay: float = 0.0,
                  seed: int = 0, timeout_s: float = 60.0, state_dict: dict[str, torch.Tensor] | None = None,
-                 device: TorchDevice = CPU):
+                 device: TorchDevice = CPU, heartbeat: Heartbeat | None = None):
         self.plan, self.cfg, self.rank, self.device = plan, cfg, rank, device
+        self.heartbeat, self.timeout_s = heartbeat, timeout_s
         self.role = role_of(plan, rank)
         self.shape = Shape(global_batch=global_batch, seq_len=seq_len, num_heads=cfg.num_heads, ffn=cfg.ffn,
                            num_kv_heads=cfg.num_kv_heads)
@@ -80,7 +82,7 @@ class Engine:
         if self.owner and sampler is None:
             raise ValueError("a data owner needs a sampler")
         self.ops = lower_rank(plan, rank)
-        self.wire = Wire(rank, timeout_s, plan.devices, device=device)
+        self.wire = Wire(rank, timeout_s, plan.devices, device=device, heartbeat=heartbeat)
         self.group = groups.of_stage(self.role.stage)
         s, i = self.role.stage, self.role.index
         self.region: Region = self.layout.regions[s][i]
@@ -261,8 +263,8 @@ class Engine:
                 if isinstance(exc, PeerError) or not _is_comm_failure(exc):
                     raise
                 peers = [self.plan.devices[r] for r in self.role.group if r != self.rank] or ["-"]
-                raise PeerError(f"{op} on rank {self.rank} ({self.role.device}) lost a peer of its group "
-                                f"({', '.join(peers)}) or the world: {first_line(exc)}") from None
+                raise blame(self.heartbeat, self.plan.devices, self.rank, f"running {op} with its group "
+                            f"({', '.join(peers)})", exc, timeout_s=self.timeout_s) from None
             if trace:
                 events.append((str(op), t0 - t_start, time.perf_counter() - t_start))
         self.wire.flush()
@@ -270,7 +272,8 @@ class Engine:
         try:
             dist.all_reduce(loss)  # the loss lives on the data owners; everyone learns the total
         except RuntimeError as exc:
-            raise PeerError(f"a rank left before the end of step {step}: {first_line(exc)}") from None
+            raise blame(self.heartbeat, self.plan.devices, self.rank, f"summing the loss of step {step}", exc,
+                        timeout_s=self.timeout_s) from None
         return StepResult(
             loss=float(loss), step_time_s=time.perf_counter() - t_start, bytes_sent=self.wire.bytes_sent - sent0,
             peak_memory_bytes=peak_rss_bytes(), cpu_s=time.process_time() - cpu_start, trace=events,
@@ -304,9 +307,15 @@ def stitch(states: list[dict[str, torch.Tensor]], specs: list[dict[str, tuple[in
 
 
 def gather_full_state(engine: Engine) -> dict[str, torch.Tensor]:
-    """The full model on every rank (all-gather of local states; small models only)."""
-    objs: list = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, (engine.local_state(), engine.shard_spec))
-    return stitch([o[0] for o in objs], [o[1] for o in objs])
+    """The full model on every rank (all-gather of local states as safetensors bytes, and
+    shard specs as JSON; small models only)."""
+    from safetensors.torch import load, save
+
+    from edgepool.runtime.health import Comm
+
+    comm = Comm(engine.rank, engine.plan.devices, engine.heartbeat, engine.timeout_s)
+    states = comm.gather_bytes(save({k: v.contiguous() for k, v in engine.local_state().items()}), "gathering the model")
+    specs = comm.gather_json({k: list(v) for k, v in engine.shard_spec.items()}, "gathering shard specs")
+    return stitch([load(b) for b in states], [{k: tuple(v) for k, v in sp.items()} for sp in specs])
 
 

@@ -1,10 +1,11 @@
 """Process groups from a Plan: the one place that knows how groups are made.
 
-``init_world`` joins the world group with a timeout; ``StageGroups.build(plan)`` makes
+``init_world`` joins the world group with a timeout through torch's rendezvous (so the
+run keeps the store, for ``runtime.health``'s heartbeats); ``StageGroups.build(plan)`` makes
 one subgroup per multi-device stage (every rank creates every group, in plan order, as
 torch.distributed requires) and ``destroy()`` tears them down. Nothing re-plans a
-running job yet: a lost device ends the run (``PeerError``), and ``--resume`` continues
-under the same plan only.
+running job yet: a lost device ends the run (a ``PeerError`` naming it), and ``--resume``
+continues under the same plan only.
 
 Backend: gloo. NCCL would need every rank of a group to hold CUDA tensors; the runtime
 keeps tensors on the CPU today, so it never picks NCCL (see docs/runtime.md).
@@ -21,10 +22,24 @@ from edgepool.runtime.device import CPU, TorchDevice
 from edgepool.specs.plan import Plan, stage_ranks
 
 
-def init_world(rank: int, world_size: int, *, init_method: str, timeout_s: float, device: TorchDevice = CPU) -> None:
-    dist.init_process_group(
-        device.backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
-    )
+_WORLD_STORE = None
+
+
+def init_world(rank: int, world_size: int, *, init_method: str, timeout_s: float, device: TorchDevice = CPU):
+    """Join the world group (``env://`` under the launcher or torchrun, ``file://`` in
+    tests); returns the rendezvous store, which ``world_store()`` also gives."""
+    global _WORLD_STORE
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world_size = next(dist.rendezvous(init_method, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    dist.init_process_group(device.backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    _WORLD_STORE = store
+    return store
+
+
+def world_store():
+    """The store of the world group ``init_world`` made in this process, or None."""
+    return _WORLD_STORE if dist.is_initialized() else None
 
 
 @dataclass
@@ -56,7 +71,9 @@ class StageGroups:
 def shutdown(*, clean: bool = True) -> None:
     """Leave the world group. After a clean run, wait for every rank first: a gloo peer
     that closes its connections while another still uses them aborts that process."""
+    global _WORLD_STORE
     if dist.is_initialized():
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+    _WORLD_STORE = None

@@ -26,7 +26,8 @@ from edgepool.models.config import ModelConfig, job_model_config
 from edgepool.runtime import checkpoint
 from edgepool.runtime.device import CPU
 from edgepool.runtime.engine import Engine
-from edgepool.runtime.groups import StageGroups, init_world, shutdown
+from edgepool.runtime.groups import StageGroups, init_world, shutdown, world_store
+from edgepool.runtime.health import Comm, Heartbeat
 from edgepool.specs.job import JobSpec
 from edgepool.specs.metrics import (DeviceStep, RankTrace, StepRecord, Summary, Trace, append_record, read_metrics,
                                     summarize, write_json)
@@ -48,6 +49,19 @@ class RunSpec(BaseModel):
 
     def dump(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2))
+
+    def identity(self) -> dict:
+        """What makes a checkpoint this run's: the plan, the model and the training
+        values that shape the trajectory. A checkpoint's manifest carries it; resuming
+        needs all of it to match (``runtime.checkpoint.differences`` names what does not)."""
+        import hashlib
+        import json
+
+        t = self.job.train
+        model = json.dumps(job_model_config(self.job).to_dict(), sort_keys=True)
+        return {"plan": self.plan.plan_id, "model": hashlib.sha256(model.encode()).hexdigest()[:10], "seed": t.seed,
+                "global_batch": t.global_batch, "seq_len": t.seq_len, "optimizer": t.optimizer, "lr": t.lr,
+                "weight_decay": t.weight_decay}
 
     @classmethod
     def read(cls, path: Path) -> "RunSpec":
@@ -97,10 +111,14 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
         init_world(rank, world_size, init_method=init_method or "env://", timeout_s=job.train.timeout_s,
                    device=tensors)
     clean = False
+    store = world_store()
+    heartbeat = Heartbeat(store, rank, world_size).start() if store is not None else None
+    comm = Comm(rank, plan.devices, heartbeat, job.train.timeout_s)
     try:
         if dist.get_world_size() != plan.world_size:
             raise SpecError(f"the plan has {plan.world_size} devices but {dist.get_world_size()} ranks joined")
         cfg = job_model_config(job)
+        identity = run.identity()
         device = plan.devices[rank]
         groups = StageGroups.build(plan, rank, job.train.timeout_s, device=tensors)
         sampler = sampler_for(run, device, cfg) if is_data_owner(plan, rank) else None
@@ -108,24 +126,30 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
             plan, cfg, rank=rank, sampler=sampler, global_batch=job.train.global_batch, seq_len=job.train.seq_len,
             groups=groups, lr=job.train.lr, optimizer=job.train.optimizer, weight_decay=job.train.weight_decay,
             seed=job.train.seed, timeout_s=job.train.timeout_s, state_dict=initial_state(job, cfg), device=tensors,
+            heartbeat=heartbeat,
         )
         ckpt_root = out / "checkpoints"
         start = 0
         if run.resume:
-            found = checkpoint.find_resumable(ckpt_root, rank, plan.plan_id, log=log)
+            found = checkpoint.find_resumable(ckpt_root, rank, identity, comm, log=log)
             if found is not None:
                 checkpoint.load(ckpt_root, found, engine, rank)
                 start = found
                 if rank == 0:
                     log(f"resuming after step {found} from {checkpoint.step_dir(ckpt_root, found)}")
+            elif checkpoint.step_folders(ckpt_root)[0]:
+                raise checkpoint.CheckpointError(
+                    f"no checkpoint in {ckpt_root} can be resumed by this run (see the refusals above); nothing "
+                    "was overwritten: resume with the job and plan that wrote them, or start over with --fresh")
             elif rank == 0:
-                log("no usable checkpoint found; starting from step 0")
+                log("no checkpoint to resume from; starting from step 0")
         metrics_path = out / "metrics.jsonl"
         if rank == 0:
-            kept: list[StepRecord] = []
-            if start and metrics_path.is_file():
-                kept = [r for r in read_metrics(metrics_path) if r.step < start]
-            metrics_path.write_text("".join(r.model_dump_json() + "\n" for r in kept))
+            earlier = read_metrics(metrics_path, log=log) if metrics_path.is_file() else []
+            if start == 0 and earlier:
+                raise SpecError(f"{metrics_path} holds {len(earlier)} steps of an earlier run; nothing was "
+                                "overwritten: continue it with --resume, or start over with --fresh")
+            metrics_path.write_text("".join(r.model_dump_json() + "\n" for r in earlier if r.step < start))
         gb, seq = job.train.global_batch, job.train.seq_len
         fault = _fault(rank)
         meter, skipped = (meter_factory or step_meter)(run, device, engine)
@@ -138,9 +162,8 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
             res = engine.step(step, trace=step == run.steps - 1)
             reading = meter.end("step").readings.get(device)
             joules = (reading.energy_j, reading.source) if reading is not None else (None, "none")
-            per_rank: list = [None] * world_size
-            dist.all_gather_object(per_rank, (device, res.bytes_sent, res.peak_memory_bytes, res.cpu_s, res.trace,
-                                              joules))
+            per_rank = comm.gather_json([device, res.bytes_sent, res.peak_memory_bytes, res.cpu_s, res.trace, joules],
+                                        f"gathering the metrics of step {step}")
             if rank == 0:
                 rec = StepRecord(
                     step=step, loss=res.loss, step_time_s=res.step_time_s, samples_per_s=gb / res.step_time_s,
@@ -155,7 +178,7 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
                     write_json(out / "trace.json", trace)
             every = job.train.checkpoint_every
             if every and (step + 1) % every == 0:
-                checkpoint.save(ckpt_root, step + 1, engine, rank)
+                checkpoint.save(ckpt_root, step + 1, engine, rank, identity, comm)
         summary = None
         if rank == 0:
             summary = summarize(read_metrics(metrics_path), plan_id=plan.plan_id, parallelism=plan.parallelism,
@@ -169,12 +192,16 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
             import os
             import sys
 
-            dist.barrier()
+            comm.barrier("waiting for every rank to finish")
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+        if own_group and clean:
+            comm.barrier("waiting for every rank to finish")
+        if heartbeat is not None:
+            heartbeat.stop() if clean else heartbeat.leave()
         if own_group:
-            shutdown(clean=clean)
+            shutdown(clean=False)
 
 
 def step_meter(run: "RunSpec", device: str, engine):
@@ -208,7 +235,7 @@ def _fault(rank: int) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry for one rank: ``python -m edgepool.runtime.train RUN_JSON`` (under torchrun or the launcher)."""
+    """One rank's run from ``RUN_JSON`` (entry: ``python -m edgepool.runtime.rank``)."""
     import os
     import sys
     import traceback
@@ -221,11 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line for the launcher, the traceback for the log
         traceback.print_exc()
         device = run.plan.devices[rank] if rank < run.plan.world_size else "?"
+        if getattr(exc, "silent", ()):  # the launcher blames these ranks (``launch.local``)
+            print(f"EDGEPOOL-SILENT {','.join(map(str, exc.silent))}", file=sys.stderr, flush=True)
         print(f"EDGEPOOL-ERROR rank {rank} ({device}): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
               file=sys.stderr, flush=True)
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

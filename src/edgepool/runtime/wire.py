@@ -1,7 +1,8 @@
 """Point-to-point transfers with timeouts, a local mailbox and byte counting.
 
 ``send`` is asynchronous (``dist.isend``); ``recv`` blocks on ``dist.irecv`` with the
-run's timeout and raises a ``PeerError`` naming the silent peer. ``post`` puts a receive
+run's timeout and raises a ``PeerError`` naming the silent device: the one whose
+heartbeat stopped (``runtime.health``), else the peer it waited for. ``post`` puts a receive
 up ahead of need, so that the transfer overlaps the receiver's compute. A transfer to the
 rank itself never touches the network: it goes through an in-process mailbox.
 
@@ -20,16 +21,14 @@ import torch.distributed as dist
 
 from edgepool.errors import PeerError
 from edgepool.runtime.device import CPU, TorchDevice
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+from edgepool.runtime.health import Heartbeat, blame, first_line
 
 
 class Wire:
-    def __init__(self, rank: int, timeout_s: float, names: list[str], *, device: TorchDevice = CPU):
+    def __init__(self, rank: int, timeout_s: float, names: list[str], *, device: TorchDevice = CPU,
+                 heartbeat: Heartbeat | None = None):
         self.rank, self.timeout_s, self.names, self.device = rank, timeout_s, names, device
+        self.heartbeat = heartbeat
         self._mailbox: dict[tuple[int, int], torch.Tensor] = {}
         self._pending: list[tuple[object, int]] = []
         self._posted: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
@@ -82,9 +81,9 @@ class Wire:
         try:
             ok = work.wait(timeout=timedelta(seconds=self.timeout_s))
         except RuntimeError as exc:
-            raise PeerError(f"{self._who(peer)} failed or did not answer within {self.timeout_s:g} s while {what}: {first_line(exc)}") from None
+            raise blame(self.heartbeat, self.names, self.rank, what, exc, suspect=peer, timeout_s=self.timeout_s) from None
         if ok is False:
-            raise PeerError(f"{self._who(peer)} did not answer within {self.timeout_s:g} s while {what}")
+            raise blame(self.heartbeat, self.names, self.rank, what, None, suspect=peer, timeout_s=self.timeout_s)
 
     def flush(self) -> None:
         """Wait for every pending send."""

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from edgepool.errors import SpecError
+
 STEP_TIME_STAT = "median of the steps after the first (all steps when only one ran)"
 
 
@@ -96,9 +98,10 @@ def step_time_s(records: list[StepRecord]) -> float:
     return statistics.median(r.step_time_s for r in timed_steps(records))
 
 
-def read_metrics(path: str | Path) -> list[StepRecord]:
+def read_metrics(path: str | Path, *, log=None) -> list[StepRecord]:
     """Every complete record of a ``metrics.jsonl``; a last line cut short (a run that
-    was killed while writing) is left out, any other bad line is an error."""
+    was killed while writing) is left out, with a warning to ``log``; any other bad
+    line is an error."""
     lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
     out = []
     for i, ln in enumerate(lines):
@@ -106,8 +109,10 @@ def read_metrics(path: str | Path) -> list[StepRecord]:
             out.append(StepRecord.model_validate_json(ln))
         except ValueError:
             if i == len(lines) - 1:
+                if log is not None:
+                    log(f"warning: the last line of {path} is cut short (a run stopped while writing it); left out")
                 break
-            raise
+            raise SpecError(f"{path}:{i + 1}: not a step record; move the file away or start over with --fresh") from None
     return out
 
 

@@ -22,10 +22,11 @@ def _entry(fn, rank, world_size, init_method, timeout_s, queue, args):
     import torch
     import torch.distributed as dist
 
+    from edgepool.runtime.groups import init_world
+
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=__import__("datetime").timedelta(seconds=timeout_s))
+        init_world(rank, world_size, init_method=init_method, timeout_s=timeout_s)
         out = fn(rank, world_size, *args)
         # Plain pickle: torch's queue reducers would pass tensors through shared memory
         # that dies with this process.

@@ -1,0 +1,185 @@
+"""The launcher owns its ranks and its folder: signals, one writer, resume, a frozen device.
+
+Real ``edgepool train`` processes (as a user starts them) on a tiny GPT. A rank is
+found by its ``/proc`` entry: a process whose command line names this run's
+``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgepool.cli.main import main
+from edgepool.testing import CORPUS
+
+pytestmark = pytest.mark.e2e
+
+
+def _files(tmp: Path, devices: tuple[str, ...], *, steps: int = 10_000, timeout_s: float = 20) -> tuple[Path, Path]:
+    pool = tmp / "pool.yaml"
+    pool.write_text("devices:\n" + "".join(f"  - {{name: {d}, kind: host-cpu, host: local}}\n" for d in devices))
+    job = tmp / "job.yaml"
+    job.write_text(f"model: {{family: gpt, size: tiny}}\ndata: {{path: {CORPUS}}}\n"
+                   f"train: {{global_batch: 4, seq_len: 16, steps: {steps}, checkpoint_every: 1, "
+                   f"timeout_s: {timeout_s}}}\n")
+    return pool, job
+
+
+def _plan(tmp: Path, pool: Path, job: Path, family: str) -> Path:
+    from edgepool.launch.prepare import proportional_plan
+    from edgepool.specs import load_job, load_pool
+
+    plan = proportional_plan(load_pool(pool), load_job(job), 4, family)
+    path = tmp / f"plan-{family}.json"
+    path.write_text(plan.dumps())
+    return path
+
+
+def _start(pool: Path, job: Path, plan: Path, out: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+    err = out.parent / f"{out.name}-stderr.txt"
+    with open(err, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "edgepool.cli.main", "train", "--pool", str(pool), "--job",
+                                 str(job), "--plan", str(plan), "--out", str(out), "--no-progress", *args],
+                                stdout=subprocess.DEVNULL, stderr=fh, start_new_session=True)
+    return proc, err
+
+
+def _ranks(out: Path) -> dict[int, int]:
+    """pid -> rank of every live rank process of the run in ``out``."""
+    needle = str(out / "run.json").encode()
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            if needle not in cmd or b"edgepool.runtime.rank" not in cmd:
+                continue
+            env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0") if b"=" in kv)
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            found[int(d.name)] = int(env[b"RANK"])
+    return found
+
+
+def _wait_steps(out: Path, n: int, proc: subprocess.Popen, timeout: float = 90) -> None:
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        m = out / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, f"the launcher ended early ({proc.returncode})"
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} steps in {out} within {timeout} s")
+
+
+def _gone(out: Path, timeout: float = 10) -> bool:
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        if not _ranks(out):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two")
+    pool, job = _files(tmp, ("a", "b"))
+    return tmp, pool, job, _plan(tmp, pool, job, "dp")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
+def test_killing_the_launcher_leaves_no_rank_behind(two, sig):
+    tmp, pool, job, plan = two
+    out = tmp / f"run-{sig.name}"
+    proc, err = _start(pool, job, plan, out)
+    try:
+        _wait_steps(out, 1, proc)
+        assert len(_ranks(out)) == 2
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=15)
+        assert _gone(out), f"ranks left behind after {sig.name}: {_ranks(out)}"
+    finally:
+        for pid in _ranks(out):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    if sig != signal.SIGKILL:
+        lines = [ln for ln in err.read_text().splitlines() if ln.startswith("edgepool train: error:")]
+        assert lines and f"stopped by {sig.name}" in lines[-1]
+        assert "Traceback" not in err.read_text()
+
+
+def test_a_second_writer_into_one_folder_is_refused(two):
+    tmp, pool, job, plan = two
+    out = tmp / "shared"
+    first, _ = _start(pool, job, plan, out)
+    try:
+        _wait_steps(out, 1, first)
+        second, err = _start(pool, job, plan, out, "--resume")
+        assert second.wait(timeout=60) == 2
+        text = err.read_text().strip()
+        assert text.startswith("edgepool train: error:") and "is in use by pid" in text and len(text.splitlines()) == 1
+        assert str(first.pid) in text
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.terminate()
+        first.wait(timeout=15)
+    assert _gone(out)
+
+
+def test_resume_under_another_plan_is_refused_on_the_console(tmp_path, capsys):
+    pool, job = _files(tmp_path, ("a", "b"), steps=2)
+    dp, pp = _plan(tmp_path, pool, job, "dp"), _plan(tmp_path, pool, job, "pp")
+    out = tmp_path / "run"
+    base = ["train", "--pool", str(pool), "--job", str(job), "--out", str(out), "--no-progress"]
+    assert main(base + ["--plan", str(dp)]) == 0
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts and p.name != "run.json"}
+    capsys.readouterr()
+    # Another plan: refused before any process starts, naming what differs.
+    assert main(base + ["--plan", str(pp), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "plan" in err and "(this run:" in err
+    # A plain start into the folder: refused too.
+    assert main(base + ["--plan", str(pp)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in kept} == kept  # nothing overwritten
+    # --fresh starts over and keeps the old run in the archive.
+    assert main(base + ["--plan", str(pp), "--fresh"]) == 0
+    archived = list((out / "archive").iterdir())
+    assert len(archived) == 1
+    assert (archived[0] / "metrics.jsonl").read_bytes() == kept[out / "metrics.jsonl"]
+    assert json.loads((out / "summary.json").read_text())["parallelism"] == "pp"
+
+
+def test_a_frozen_device_is_named_not_the_one_that_noticed(tmp_path):
+    """Three stages a -> b -> c; c is SIGSTOPped: a and b time out, both must blame c."""
+    pool, job = _files(tmp_path, ("a", "b", "c"), timeout_s=3)
+    plan = _plan(tmp_path, pool, job, "pp")
+    out = tmp_path / "frozen"
+    proc, err = _start(pool, job, plan, out)
+    try:
+        _wait_steps(out, 2, proc)
+        victim = next(pid for pid, rank in _ranks(out).items() if rank == 2)
+        os.kill(victim, signal.SIGSTOP)
+        assert proc.wait(timeout=60) == 2
+        line = [ln for ln in err.read_text().splitlines() if ln.startswith("edgepool train: error:")][-1]
+        assert "device c (rank 2) stopped answering" in line, line
+        assert "Traceback" not in err.read_text()
+        assert _gone(out)
+    finally:
+        for pid in _ranks(out):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
