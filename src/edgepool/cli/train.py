@@ -32,9 +32,10 @@ def run(args) -> int:
     from edgepool.launch.prepare import prepare_run
 
     console = Console(stderr=True)
+    # The specs first: a bad one makes no folder. Then the folder's lock, and under it the start check.
+    spec = prepare_run(args.pool, args.job, out_dir=args.out, plan_path=args.plan, parallelism=args.parallelism,
+                       steps=args.steps, resume=args.resume, log=console.print)
     with folder.hold(args.out, "edgepool train", log=console.print):
-        spec = prepare_run(args.pool, args.job, out_dir=args.out, plan_path=args.plan, parallelism=args.parallelism,
-                           steps=args.steps, resume=args.resume, log=console.print)
         folder.check_start(spec, fresh=args.fresh, log=console.print)
         return _train(spec, args, console)
 
