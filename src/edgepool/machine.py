@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import platform
+import re
 import socket
 from datetime import datetime, timezone
 
@@ -54,3 +56,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_IFACE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+
+
+def parse_endpoint(value: str, what: str = "--master") -> tuple[str, int]:
+    """``ADDR:PORT`` (``[v6]:PORT`` for IPv6) as (address, port), or a one-line ``SpecError``.
+    The address is an IP address or a host name; the port is 1-65535."""
+    from edgepool.errors import SpecError
+
+    example = f"{what} must be ADDR:PORT, e.g. 192.168.1.10:29500"
+    addr, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SpecError(f"{example} (got {value!r}; the port must be 1-65535)")
+    if addr.startswith("[") and addr.endswith("]"):
+        addr = addr[1:-1]
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        if not _HOSTNAME.match(addr):
+            raise SpecError(f"{example} (got {value!r}; {addr!r} is neither an IP address nor a host name)") from None
+    return addr, int(port)
+
+
+def check_iface(name: str) -> str:
+    """A network interface name (as Linux allows: 1-15 of letters, digits, ``_.:-``), or a one-line error."""
+    from edgepool.errors import SpecError
+
+    if not _IFACE.match(name):
+        raise SpecError(f"--iface {name!r} is not a network interface name (1-15 letters, digits, '_', '.', ':', '-'); "
+                        "see `ip link` on the host")
+    return name

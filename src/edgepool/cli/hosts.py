@@ -16,6 +16,7 @@ from pathlib import Path
 
 
 from edgepool.launch.prepare import FAMILIES
+from edgepool.machine import check_iface, parse_endpoint
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -32,32 +33,34 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def commands(spec, master: str, iface: str | None) -> list[tuple[str, str, str]]:
-    """(device, host, command) for every rank."""
-    addr, _, port = master.rpartition(":")
+    """(device, host, command) for every rank; every argument shell-quoted (``shlex.join``)."""
+    addr, port = parse_endpoint(master)
     run_json = Path(spec.out_dir) / "run.json"
     out = []
     for rank, name in enumerate(spec.plan.devices):
         host = spec.pool.device(name).host
-        env = f"GLOO_SOCKET_IFNAME={iface} " if iface else ""
-        local = f" --local-addr {shlex.quote(host)}" if host not in ("local", "emulated") else ""
-        cmd = (f"{env}OMP_NUM_THREADS=1 torchrun --nnodes {spec.plan.world_size} --nproc-per-node 1 "
-               f"--node-rank {rank} --master-addr {shlex.quote(addr)} --master-port {port}{local} "
-               f"-m edgepool.runtime.rank {shlex.quote(str(run_json))}")
-        out.append((name, host, cmd))
+        env = ["env"] + ([f"GLOO_SOCKET_IFNAME={check_iface(iface)}"] if iface else []) + ["OMP_NUM_THREADS=1"]
+        argv = env + ["torchrun", "--nnodes", str(spec.plan.world_size), "--nproc-per-node", "1", "--node-rank",
+                      str(rank), "--master-addr", addr, "--master-port", str(port)]
+        if host not in ("local", "emulated"):
+            argv += ["--local-addr", host]
+        argv += ["-m", "edgepool.runtime.rank", str(run_json)]
+        out.append((name, host, shlex.join(argv)))
     return out
 
 
 def run(args) -> int:
-    from edgepool.errors import SpecError
     from edgepool.launch.prepare import prepare_run
 
-    if ":" not in args.master or not args.master.rpartition(":")[2].isdigit():
-        raise SpecError(f"--master {args.master!r} must be ADDR:PORT, e.g. 192.168.1.10:29500")
+    parse_endpoint(args.master)  # before anything is loaded: a bad value is the first thing said
+    if args.iface is not None:
+        check_iface(args.iface)
     spec = prepare_run(args.pool, args.job, out_dir=args.out, plan_path=args.plan, parallelism=args.parallelism,
                        steps=args.steps, resume=args.resume, any_host=True)
     Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
     spec.dump(Path(spec.out_dir) / "run.json")
-    print(f"# plan {spec.plan.plan_id} ({spec.plan.parallelism}); copy {Path(spec.out_dir) / 'run.json'} to every host")
+    print(f"# plan {spec.plan.plan_id} ({spec.plan.parallelism}); copy {shlex.quote(str(Path(spec.out_dir) / 'run.json'))} "
+          "to every host")
     for name, host, cmd in commands(spec, args.master, args.iface):
         print(f"# {name} on {host}")
         print(cmd)

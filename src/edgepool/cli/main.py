@@ -4,7 +4,8 @@ Subcommands live in their own modules under ``edgepool.cli`` and are imported on
 used, so ``edgepool --help`` and the pure commands stay fast (no torch). Each module
 exposes ``add_parser(subparsers)`` and ``run(args) -> int``.
 
-Any ``EdgepoolError`` is printed as one line, without a traceback, and exits with 2.
+Any ``EdgepoolError`` is printed without a traceback, one line (one per bad file where several are found at
+once, as the data check does), and exits with 2.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
     except EdgepoolError as exc:
-        print(f"edgepool {args.command}: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [type(exc).__name__]:  # several only where each names its own file
+            print(f"edgepool {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"edgepool {args.command}: interrupted", file=sys.stderr)

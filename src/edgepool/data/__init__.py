@@ -66,11 +66,25 @@ def load_tokenizer(pretrained: str | None):
 
 
 def read_text(path: str | Path, fmt: str | None = None, text_field: str = "text") -> str:
+    """A data file's text: UTF-8 text as it is, or the ``text_field`` of every line of a
+    JSONL file. A missing, unreadable or binary file (NUL bytes, not UTF-8) is a
+    one-line ``SpecError``: nothing is trained on bytes that are not text."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"data file {str(p)!r} does not exist; each device needs its own local file (data.path / data.paths)")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"data file {str(p)!r} cannot be read ({exc.strerror}); fix its permissions") from None
+    if b"\0" in data:
+        raise SpecError(f"data file {str(p)!r} holds NUL bytes at offset {data.index(0)}: it is binary, not text; "
+                        "give a UTF-8 text or JSONL file")
+    try:
+        raw = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"data file {str(p)!r} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                        "give a UTF-8 text or JSONL file") from None
     fmt = fmt or ("jsonl" if p.suffix in (".jsonl", ".json") else "text")
-    raw = p.read_text(encoding="utf-8", errors="replace")
     if fmt == "text":
         return raw
     parts = []
@@ -79,12 +93,23 @@ def read_text(path: str | Path, fmt: str | None = None, text_field: str = "text"
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise SpecError(f"{p}:{n}: not valid JSON; each line of a JSONL file must be one JSON object") from None
-        if not isinstance(obj, dict) or text_field not in obj:
-            raise SpecError(f"{p}:{n}: no field {text_field!r}; set data.text_field to the field holding the text")
-        parts.append(str(obj[text_field]))
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+            raise SpecError(f"{p}:{n}: no text field {text_field!r}; set data.text_field to the field holding the text")
+        parts.append(obj[text_field])
     return "\n".join(parts)
+
+
+def check_file(path: str, *, seq_len: int, fmt: str | None, text_field: str, pretrained: str | None) -> int:
+    """The number of tokens in a data file, or a one-line ``SpecError`` saying why it
+    cannot be trained on (missing, unreadable, binary, bad JSONL, or shorter than one
+    sample of ``seq_len + 1`` tokens). The launcher runs it before any process starts."""
+    n = len(_tokens(path, fmt, text_field, pretrained))
+    if n < seq_len + 1:
+        raise SpecError(f"data file {path!r} has {n} tokens, fewer than one sample (seq_len + 1 = {seq_len + 1}); "
+                        "give it more text or lower train.seq_len")
+    return n
 
 
 @lru_cache(maxsize=8)
@@ -107,13 +132,8 @@ class Sampler:
     pretrained: str | None = None
 
     def tokens(self) -> np.ndarray:
-        toks = _tokens(self.path, self.fmt, self.text_field, self.pretrained)
-        if len(toks) < self.seq_len + 2:
-            raise SpecError(
-                f"data file {self.path!r} has {len(toks)} tokens, fewer than seq_len + 2 = {self.seq_len + 2}; "
-                "give it more text or lower train.seq_len"
-            )
-        return toks
+        check_file(self.path, seq_len=self.seq_len, fmt=self.fmt, text_field=self.text_field, pretrained=self.pretrained)
+        return _tokens(self.path, self.fmt, self.text_field, self.pretrained)
 
     @property
     def num_masked(self) -> int:
@@ -126,7 +146,7 @@ class Sampler:
         """(input ids, targets) of global sample ``index`` of ``step``; targets use -100 to ignore."""
         toks = self.tokens()
         rng = np.random.default_rng([self.seed, step, index])
-        start = int(rng.integers(0, len(toks) - self.seq_len - 1))
+        start = int(rng.integers(0, len(toks) - self.seq_len))  # a window holds seq_len + 1 tokens
         window = toks[start : start + self.seq_len + 1]
         if self.family != "bert":
             return window[:-1].copy(), window[1:].copy()

@@ -1,7 +1,9 @@
 """Everything checked before any process starts, and the plan a run executes.
 
 ``prepare_run`` loads and validates pool, job and plan, resolves the model config,
-checks every data owner's local file and the plan's splits, and returns a ``RunSpec``.
+checks every data owner's local file (it exists, is readable, is text or JSONL with the
+field, and holds at least one sample: ``data.check_file``; one line per bad file) and
+the plan's splits, and returns a ``RunSpec``.
 Any problem is a one-line ``EdgepoolError``.
 
 Without a plan file, ``--parallelism M`` takes the planner's best plan of that family
@@ -99,6 +101,7 @@ def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | P
                 parallelism: str | None = None, steps: int | None = None, resume: bool = False,
                 any_host: bool = False, log=print):
     """``any_host``: allow real hosts (their data files are checked on their own host)."""
+    from edgepool.data import check_file
     from edgepool.models.config import job_model_config
     from edgepool.runtime.train import RunSpec
 
@@ -117,6 +120,7 @@ def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | P
     check_plan(plan, shape, device_names=pool.device_names, num_layers=cfg.num_layers)
     from edgepool.sim.lower import is_data_owner
 
+    problems = []
     for rank, name in enumerate(plan.devices):
         dev = pool.device(name)
         if not dev.is_local and any_host:
@@ -125,9 +129,13 @@ def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | P
             raise SpecError(f"device {name!r} is on host {dev.host!r}; `edgepool train` starts local devices only, "
                             "use `edgepool hosts` for the torchrun command of each real host")
         if is_data_owner(plan, rank):
-            path = job.data.path_for(name)
-            if not Path(path).is_file():
-                raise SpecError(f"data file {path!r} of device {name!r} does not exist; fix data.path/data.paths in the job")
+            try:
+                check_file(job.data.path_for(name), seq_len=job.train.seq_len, fmt=job.data.format,
+                           text_field=job.data.text_field, pretrained=job.model.pretrained)
+            except SpecError as exc:
+                problems.append(f"device {name!r}: {exc}")
+    if problems:  # one line per bad file, all of them at once
+        raise SpecError("\n".join(problems))
     n_steps = steps if steps is not None else job.train.steps
     if n_steps <= 0:
         raise SpecError(f"--steps must be > 0, got {n_steps}")
