@@ -62,6 +62,15 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-
 _IFACE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 
 
+def is_address(addr: str) -> bool:
+    """An IP address (v4 or v6) or a host name."""
+    try:
+        ipaddress.ip_address(addr)
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.match(addr))
+
+
 def parse_endpoint(value: str, what: str = "--master") -> tuple[str, int]:
     """``ADDR:PORT`` (``[v6]:PORT`` for IPv6) as (address, port), or a one-line ``SpecError``.
     The address is an IP address or a host name; the port is 1-65535."""
@@ -73,11 +82,8 @@ def parse_endpoint(value: str, what: str = "--master") -> tuple[str, int]:
         raise SpecError(f"{example} (got {value!r}; the port must be 1-65535)")
     if addr.startswith("[") and addr.endswith("]"):
         addr = addr[1:-1]
-    try:
-        ipaddress.ip_address(addr)
-    except ValueError:
-        if not _HOSTNAME.match(addr):
-            raise SpecError(f"{example} (got {value!r}; {addr!r} is neither an IP address nor a host name)") from None
+    if not is_address(addr):
+        raise SpecError(f"{example} (got {value!r}; {addr!r} is neither an IP address nor a host name)")
     return addr, int(port)
 
 

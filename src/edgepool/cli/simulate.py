@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     profile = resolve_profile(job, args.profile)
     shape = _shape(profile, job)
-    check_plan(plan, shape, device_names=pool.device_names, num_layers=profile.num_layers)
+    check_plan(plan, shape, pool=pool, num_layers=profile.num_layers)
     res = simulate(plan, pool, profile, shape)
     est = estimate(plan, pool, profile, shape)
     console = Console()

@@ -228,6 +228,12 @@ class PlanCost:
     def energy_j(self) -> float:
         return sum(d.energy_j for d in self.devices.values())
 
+    def to_estimate(self, objective: str | None = None) -> "Estimate":
+        from edgepool.specs.plan import Estimate
+
+        return Estimate(step_time_s=self.step_time_s, energy_j=self.energy_j, peak_memory_bytes=self.peak_memory_bytes,
+                        source="cost-model", objective=objective, energy_source="modelled (catalog power figures)")
+
     @property
     def peak_memory_bytes(self) -> dict[str, int]:
         return {n: int(round(d.memory_bytes)) for n, d in self.devices.items()}

@@ -117,7 +117,7 @@ def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | P
         plan = family_plan(pool, job, cfg.num_layers, parallelism or job.parallelism.mode, log=log)
     shape = Shape(global_batch=job.train.global_batch, seq_len=job.train.seq_len, num_heads=cfg.num_heads, ffn=cfg.ffn,
                   num_kv_heads=cfg.num_kv_heads)
-    check_plan(plan, shape, device_names=pool.device_names, num_layers=cfg.num_layers)
+    check_plan(plan, shape, pool=pool, num_layers=cfg.num_layers)
     from edgepool.sim.lower import is_data_owner
 
     problems = []

@@ -170,7 +170,7 @@ def _run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, conso
             run_dir = out_dir / "runs" / name
             row.run_dir = str(run_dir)
             try:
-                check_plan(plan, shape, device_names=pool.device_names, num_layers=cfg.num_layers)
+                check_plan(plan, shape, pool=pool, num_layers=cfg.num_layers)
                 # The prediction is the simulator's (as the planner's estimate); the cost
                 # model checks memory (an upper bound on the data owners).
                 cost = estimate(plan, pool, profile, shape)

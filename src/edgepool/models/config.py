@@ -14,6 +14,16 @@ from edgepool.errors import SpecError
 
 Family = Literal["gpt", "bert", "llama"]
 
+# The largest model edgepool plans for, per dimension (far beyond any edge pool). Every
+# config, from a preset, the job's overrides or a pretrained config.json, is checked
+# against these before anything is built or planned: the planner's tables grow with
+# num_layers squared, and a model is allocated whole before it is split.
+LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 20, "hidden": 1 << 16, "num_layers": 256, "num_heads": 1024, "ffn": 1 << 18,
+    "max_seq_len": 1 << 17, "num_kv_heads": 1024, "type_vocab_size": 1024, "mask_token_id": 1 << 20,
+}
+MAX_PARAMS = 10**12
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -33,6 +43,24 @@ class ModelConfig:
     mlm_fraction: float = 0.15  # bert: masked positions per sequence
 
     def __post_init__(self) -> None:
+        for name, top in LIMITS.items():
+            v = getattr(self, name)
+            if name == "num_kv_heads" and v is None:
+                continue
+            low = 0 if name == "mask_token_id" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= top:
+                raise SpecError(f"model {name} {v!r} is not a whole number in {low}..{top}; fix the model's size")
+        for name in ("norm_eps", "rope_theta", "dropout", "mlm_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e9 or v != v:
+                raise SpecError(f"model {name} {v!r} is not a finite number >= 0; fix the model's config")
+        if not self.dropout < 1 or not 0 < self.mlm_fraction < 1:
+            raise SpecError(f"model dropout {self.dropout} and mlm_fraction {self.mlm_fraction} must be below 1")
+        if self.num_heads % self.kv_heads:
+            raise SpecError(f"model num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
+        if self.num_params() > MAX_PARAMS:
+            raise SpecError(f"the model has {self.num_params():.3g} parameters, more than edgepool's limit of "
+                            f"{MAX_PARAMS:.0e}; make it smaller")
         if self.hidden % self.num_heads:
             raise SpecError(f"model hidden {self.hidden} is not a multiple of num_heads {self.num_heads}")
 
@@ -86,14 +114,16 @@ def from_hf_config(folder: str | Path) -> ModelConfig:
     path = Path(folder) / "config.json"
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SpecError(f"cannot read {path}: {exc}; point pretrained at a Hugging Face-format folder") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise SpecError(f"cannot read {path}: {str(exc)[:200]}; point pretrained at a Hugging Face-format folder") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: not a JSON object; point pretrained at a Hugging Face-format folder")
     try:
         return _from_raw(raw, path)
     except KeyError as exc:
         raise SpecError(f"{path}: field {exc.args[0]!r} is missing; the config.json is incomplete") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+        raise SpecError(f"{path}: a field has the wrong type or value ({exc}); the config.json is damaged") from None
 
 
 def _from_raw(raw: dict, path: Path) -> ModelConfig:

@@ -77,7 +77,7 @@ from edgepool.planner import dp as dpmod
 from edgepool.planner.modes import frontier, mode_choices
 from edgepool.planner.space import PIPELINE_MODE, PIPELINE_MODES, Space, group_mode_assignments, mode_options
 from edgepool.planner.tables import INF, Tables
-from edgepool.sim.engine import SimResult, simulate
+from edgepool.sim.engine import MAX_SIM_OPS, SimResult, sim_size, simulate
 from edgepool.specs.plan import Plan, Shape, StagePlan, split_counts
 from edgepool.specs.pool import PoolSpec
 
@@ -146,9 +146,25 @@ def _better(objective: str, a: Candidate, b: Candidate | None) -> bool:
     return ka < kb
 
 
+# The search's work is bounded by the problem's size (issue 10): the tables hold
+# (L+1)^2 cells for each of the N^2/2 runs of devices, and each DP run touches them all,
+# so the search refuses up front past MAX_TABLE_CELLS = N^2 (L+1)^2 and stops past
+# MAX_SEARCH_CELLS summed over its DP runs (about 30 s on a 2-core x86 laptop), with a
+# one-line PlanError naming the limit and the fix.
+MAX_TABLE_CELLS = 1 << 24
+MAX_SEARCH_CELLS = 5 * 10**8
+_TOO_BIG = ("plan with fewer micro-batch counts (edgepool plan --max-microbatches N), fewer devices or layers, "
+            "or give a plan file (--plan)")
+
+
 class _Search:
     def __init__(self, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, max_microbatches: int | None,
                  network: Network | None, family: str | None):
+        n, L = len(pool.devices), profile.num_layers
+        if n * n * (L + 1) ** 2 > MAX_TABLE_CELLS:
+            raise PlanError(f"{n} devices x {L} layers is past the planner's limit of N^2 (L+1)^2 <= {MAX_TABLE_CELLS} "
+                            f"table cells (here {n * n * (L + 1) ** 2}); plan for fewer devices or layers, or give a plan file (--plan)")
+        self.cells = 0
         self.pool, self.profile, self.shape = pool, profile, shape
         self.net = network or Network.of(pool)
         self.space = Space.build(pool, profile, shape, schedule="1f1b", objective="time", family=family,
@@ -172,8 +188,9 @@ class _Search:
         return Candidate(plan, estimate(plan, self.pool, self.profile, self.shape, network=self.net))
 
     def simulated(self, c: Candidate) -> Candidate:
-        """``c`` with the simulator's step (cached by plan id)."""
-        if c.sim is None:
+        """``c`` with the simulator's step (cached by plan id); as it is when the plan is
+        past the simulator's size limit (``sim.engine.MAX_SIM_OPS``)."""
+        if c.sim is None and sim_size(c.plan) <= MAX_SIM_OPS:
             sim = self._sims.get(c.plan.plan_id)
             if sim is None:
                 t0 = time.perf_counter()
@@ -208,6 +225,12 @@ class _Search:
         def run(X: float, kind: str = "sum", bound: float = INF, relaxed: bool = False,
                 max_stages: int | None = None) -> dpmod.DPResult | None:
             self.dp_runs += 1
+            self.cells += len(tables.space.order) ** 2 * (self.profile.num_layers + 1) ** 2
+            if self.cells > MAX_SEARCH_CELLS:
+                raise PlanError(f"the planner's search passed its work limit of {MAX_SEARCH_CELLS:.0e} table cells "
+                                f"after {self.dp_runs} DP runs over {len(self.pool.devices)} devices, "
+                                f"{self.profile.num_layers} layers and {len(self.space.microbatches)} micro-batch "
+                                f"counts; {_TOO_BIG}")
             return dpmod.solve(tables, M, modes, X=X, kind=kind, pp_only=pp_only, min_stages=min_stages,
                                max_stages=max_stages, bound=bound, relaxed=relaxed)
 
@@ -513,8 +536,10 @@ def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", de
         raise PlanError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
     if family is not None and family not in FAMILIES:
         raise PlanError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    if deadline_s is not None and deadline_s <= 0:
-        raise PlanError(f"deadline_s {deadline_s} must be > 0")
+    if deadline_s is not None and not 0 < deadline_s < 1e9:
+        raise PlanError(f"deadline {deadline_s} must be a finite number of seconds > 0")
+    if max_microbatches is not None and max_microbatches < 1:
+        raise PlanError(f"--max-microbatches {max_microbatches} must be at least 1")
     if shape is None:
         shape = shape_for(profile, job.train.global_batch, job.train.seq_len)
     search = _Search(pool, profile, shape, max_microbatches=max_microbatches, network=network, family=family)
@@ -592,8 +617,10 @@ def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", de
             baselines[fam] = Baseline(fam, c, "this is the chosen plan")
         else:
             baselines[fam] = Baseline(fam, c, explain(c, pick, objective))
-    assert pick.sim is not None
-    final = pick.plan.with_estimate(pick.sim.to_estimate(objective))
+    final = pick.plan.with_estimate((pick.sim or pick.cost).to_estimate(objective))
+    if pick.sim is None:
+        notes.append(f"the plan is past the simulator's limit of {MAX_SIM_OPS} devices x micro-batches; "
+                     "its estimate is the cost model's")
     stats = {"elapsed_s": time.perf_counter() - t_start, "dp_runs": search.dp_runs, "plans_evaluated": search.evaluated,
              "plans_simulated": len(search._sims), "simulate_s": search.sim_s,
              "microbatch_counts": list(sp.microbatches), "devices": len(pool.devices), "layers": profile.num_layers,

@@ -23,7 +23,8 @@ The space (the search is exact over it; ``enumerate_plans`` lists it for tests):
    minimise ``max_i items_i / speed_i`` (speed in the device's power mode); each
    device gets at least one. The shares written into the plan are these counts, so
    ``split_counts`` reproduces them exactly.
-6. **Micro-batches**: every divisor of the global batch (up to ``max_microbatches``).
+6. **Micro-batches**: every divisor of the global batch (up to ``max_microbatches``, and
+   never more than ``specs.values.MAX_MICROBATCHES``).
 7. **Schedule**: ``1f1b`` unless the job asks for ``gpipe``. In the cost model 1f1b is
    never slower and never holds more activations than gpipe.
 8. **Power modes**: every mode of a device's kind (only its pinned mode if the pool
@@ -45,6 +46,7 @@ from edgepool.cost.model import device_speed
 from edgepool.cost.profile import ModelProfile
 from edgepool.specs.plan import Plan, Shape, StagePlan
 from edgepool.specs.pool import DeviceSpec, PoolSpec
+from edgepool.specs.values import MAX_MICROBATCHES
 
 # Modes a single stage may take, and the one the pipeline search composes (``tables``).
 MODES_SINGLE = modes_mod.NAMES
@@ -124,7 +126,8 @@ class Space:
               objective: str = "time", family: str | None = None, max_microbatches: int | None = None,
               microbatches: tuple[int, ...] | None = None) -> "Space":
         B = shape.global_batch
-        ms = microbatches or tuple(m for m in range(1, B + 1) if B % m == 0 and (max_microbatches is None or m <= max_microbatches))
+        top = min(max_microbatches or MAX_MICROBATCHES, MAX_MICROBATCHES, B)
+        ms = microbatches or tuple(m for m in range(1, top + 1) if B % m == 0)
         return cls(pool=pool, profile=profile, shape=shape, order=tuple(canonical_order(pool)), microbatches=ms,
                    schedule=schedule, objective=objective, family=family)
 

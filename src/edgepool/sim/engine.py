@@ -28,6 +28,12 @@ from catalog figures) and peak memory (static state plus the activations of the
 micro-batches whose forward has started and backward not yet finished, plus the
 head's transient logits while it runs).
 
+**Size.** A step has about ``world_size x num_microbatches`` ops, and on a shared
+medium every flow in the air is re-rated at each event, so the work grows faster than
+the ops. ``simulate`` refuses a plan past ``MAX_SIM_OPS`` ops with a one-line
+``PlanError`` (about 10 s on a 2-core x86 laptop at the limit); the planner prices such
+plans with the cost model alone and says so in the estimate's ``source``.
+
 Units: seconds, bytes, joules.
 """
 
@@ -182,12 +188,23 @@ class _Net:
         return done
 
 
+MAX_SIM_OPS = 4096
+
+
+def sim_size(plan: Plan) -> int:
+    """What ``MAX_SIM_OPS`` bounds: devices x micro-batches."""
+    return plan.world_size * plan.num_microbatches
+
+
 def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, network: Network | None = None,
              ops: dict[int, list[Op]] | None = None) -> SimResult:
     """Run one step of ``plan`` (see the module docstring).
 
     ``ops`` replaces ``lower(plan)`` (a what-if: another op order for the same plan).
     """
+    if sim_size(plan) > MAX_SIM_OPS:
+        raise PlanError(f"plan {plan.plan_id} has {plan.world_size} devices x {plan.num_microbatches} micro-batches "
+                        f"= {sim_size(plan)}, past the simulator's limit of {MAX_SIM_OPS}; use fewer micro-batches")
     net = network or Network.of(pool)
     devs = {d.name: d for d in pool.devices}
     work = device_work(plan, pool, profile, shape)

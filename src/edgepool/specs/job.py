@@ -2,6 +2,9 @@
 
 ``parallelism`` is either a family name (``single|dp|sp|tp|pp|hybrid|auto``) or a
 mapping ``{mode: ..., plan: FILE, num_microbatches: N, schedule: gpipe|1f1b}``.
+
+Every number is finite and bounded (``specs.values``); the model's sizes are bounded
+again, whatever their source, by ``models.config.LIMITS``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from edgepool.models.config import LIMITS
+from edgepool.specs.values import MAX_MICROBATCHES, Count, Name, Real
 
 Family = Literal["gpt", "bert", "llama"]
 Mode = Literal["single", "dp", "sp", "tp", "fsdp", "pp", "hybrid", "auto"]
@@ -24,13 +30,13 @@ class ModelSpec(_Strict):
     size: str | None = None
     pretrained: str | None = None
     # Optional overrides of the size preset.
-    num_layers: int | None = Field(None, gt=0)
-    hidden: int | None = Field(None, gt=0)
-    num_heads: int | None = Field(None, gt=0)
-    ffn: int | None = Field(None, gt=0)
-    vocab_size: int | None = Field(None, gt=0)
-    max_seq_len: int | None = Field(None, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    num_layers: Count(ge=1, le=LIMITS["num_layers"]) | None = None
+    hidden: Count(ge=1, le=LIMITS["hidden"]) | None = None
+    num_heads: Count(ge=1, le=LIMITS["num_heads"]) | None = None
+    ffn: Count(ge=1, le=LIMITS["ffn"]) | None = None
+    vocab_size: Count(ge=1, le=LIMITS["vocab_size"]) | None = None
+    max_seq_len: Count(ge=1, le=LIMITS["max_seq_len"]) | None = None
+    dropout: Real(ge=0.0, le=0.9) = 0.0
 
     @model_validator(mode="after")
     def _family_or_pretrained(self) -> "ModelSpec":
@@ -45,9 +51,9 @@ class DataSpec(_Strict):
     # ``{device}`` in the path is replaced by each device's name: each device reads only
     # its own file. ``paths`` maps device names to files and wins over ``path``.
     path: str | None = None
-    paths: dict[str, str] = {}
+    paths: dict[Name, str] = {}
     format: Literal["text", "jsonl"] | None = None
-    text_field: str = "text"
+    text_field: str = Field("text", min_length=1, max_length=256)
 
     @model_validator(mode="after")
     def _some_path(self) -> "DataSpec":
@@ -63,16 +69,20 @@ class DataSpec(_Strict):
         return self.path.replace("{device}", device)
 
 
+MAX_GLOBAL_BATCH = 1 << 16
+MAX_STEPS = 10**7
+
+
 class TrainSpec(_Strict):
-    global_batch: int = Field(8, gt=0)
-    seq_len: int = Field(32, gt=1)
-    steps: int = Field(10, gt=0)
-    lr: float = Field(1e-3, gt=0)
+    global_batch: Count(ge=1, le=MAX_GLOBAL_BATCH) = 8
+    seq_len: Count(ge=2, le=LIMITS["max_seq_len"]) = 32
+    steps: Count(ge=1, le=MAX_STEPS) = 10
+    lr: Real(gt=0.0, le=10.0) = 1e-3
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = Field(0.0, ge=0)
-    seed: int = 0
-    checkpoint_every: int = Field(0, ge=0)
-    timeout_s: float = Field(60.0, gt=0)
+    weight_decay: Real(ge=0.0, le=10.0) = 0.0
+    seed: Count(ge=0, le=2**32 - 1) = 0
+    checkpoint_every: Count(ge=0, le=MAX_STEPS) = 0
+    timeout_s: Real(ge=1.0, le=86_400.0) = 60.0
 
 
 class ParallelismSpec(_Strict):
@@ -80,7 +90,7 @@ class ParallelismSpec(_Strict):
 
     mode: Mode = "auto"
     plan: str | None = None
-    num_microbatches: int | None = Field(None, gt=0)
+    num_microbatches: Count(ge=1, le=MAX_MICROBATCHES) | None = None
     schedule: Literal["gpipe", "1f1b"] | None = None
 
 

@@ -94,15 +94,25 @@ class Layout:
 _CACHE: dict[tuple, Layout] = {}
 
 
-def check_plan(plan: Plan, shape: Shape, device_names: list[str] | None = None, num_layers: int | None = None) -> None:
-    """Everything that can be checked before any process starts. Raises PlanError."""
+def check_plan(plan: Plan, shape: Shape, pool=None, num_layers: int | None = None) -> None:
+    """Everything that can be checked before any process starts. Raises PlanError.
+    ``pool`` (a ``PoolSpec``): the plan's devices and power modes must be the pool's."""
     if num_layers is not None and plan.num_layers != num_layers:
         raise PlanError(f"plan has num_layers {plan.num_layers} but the model has {num_layers}; re-plan for this model")
-    if device_names is not None:
+    if pool is not None:
+        from edgepool import catalog
+        from edgepool.errors import SpecError
+
+        names = pool.device_names
         for d in plan.devices:
-            if d not in device_names:
-                raise PlanError(f"plan uses device {d!r}, which is not in the pool ({', '.join(device_names)}); fix the plan or the pool")
-        for d in plan.power_modes:
-            if d not in device_names:
+            if d not in names:
+                raise PlanError(f"plan uses device {d!r}, which is not in the pool ({', '.join(names)}); fix the plan or the pool")
+        for d, mode in plan.power_modes.items():
+            if d not in names:
                 raise PlanError(f"power_modes names device {d!r}, which is not in the pool")
+            kind = catalog.get(pool.device(d).kind)
+            try:
+                kind.power_mode(mode)
+            except SpecError as exc:
+                raise PlanError(f"power_modes: device {d!r}: {exc}") from None
     Layout.of(plan, shape)

@@ -34,6 +34,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from edgepool.errors import PlanError
+from edgepool.models.config import LIMITS
+from edgepool.specs.values import MAX_DEVICES, MAX_MICROBATCHES, Count, Name, Real
+
+Layer = Count(ge=0, le=LIMITS["num_layers"])
 
 SCHEMA_VERSION = 1
 # The plan schema's mode list; each mode lives in ``edgepool.modes.<name>``.
@@ -45,10 +49,10 @@ class _Strict(BaseModel):
 
 
 class StagePlan(_Strict):
-    layers: tuple[int, int]
+    layers: tuple[Layer, Layer]
     mode: StageMode = "dp"
-    devices: tuple[str, ...] = Field(min_length=1)
-    shares: tuple[float, ...] | None = None
+    devices: tuple[Name, ...] = Field(min_length=1, max_length=MAX_DEVICES)
+    shares: tuple[Real(ge=0.0, le=1e6), ...] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "StagePlan":
@@ -84,11 +88,11 @@ class Estimate(_Strict):
 
 class Plan(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
-    num_layers: int = Field(gt=0)
-    stages: tuple[StagePlan, ...] = Field(min_length=1)
-    num_microbatches: int = Field(1, gt=0)
+    num_layers: Count(ge=1, le=LIMITS["num_layers"])
+    stages: tuple[StagePlan, ...] = Field(min_length=1, max_length=MAX_DEVICES)
+    num_microbatches: Count(ge=1, le=MAX_MICROBATCHES) = 1
     schedule: Literal["gpipe", "1f1b"] = "gpipe"
-    power_modes: dict[str, str] = {}
+    power_modes: dict[Name, str] = {}
     estimate: Estimate | None = None
 
     @model_validator(mode="before")
@@ -112,6 +116,8 @@ class Plan(_Strict):
                 if d in seen:
                     raise ValueError(f"device {d!r} serves more than one stage; each device serves exactly one")
                 seen.add(d)
+        if len(seen) > MAX_DEVICES:
+            raise ValueError(f"the plan uses {len(seen)} devices, more than edgepool's limit of {MAX_DEVICES}")
         if expect != self.num_layers:
             raise ValueError(f"stages cover layers [0, {expect}) but the model has {self.num_layers}; the last stage must end at {self.num_layers}")
         return self

@@ -2,6 +2,10 @@
 
 Units: bandwidth in megabits per second (``_mbps``), latency in milliseconds
 (``_ms``), memory in GB (10^9 bytes, as vendors state it).
+
+Every number is finite and in a physical range (``specs.values``): bandwidth 0.01 Mbit/s
+to 400 Gbit/s, latency and jitter up to 10 s, memory 0.01 GB to 4 TB, a speed 0.001x to
+1000x the reference, at most ``MAX_DEVICES`` devices. Names are safe identifiers.
 """
 
 from __future__ import annotations
@@ -11,6 +15,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgepool import catalog
+from edgepool.specs.values import MAX_DEVICES, Name, Real
+
+Bandwidth = Real(ge=0.01, le=400_000.0)
+Latency = Real(ge=0.0, le=10_000.0)
+Speed = Real(ge=1e-3, le=1e3)
 
 
 class _Strict(BaseModel):
@@ -19,21 +28,30 @@ class _Strict(BaseModel):
 
 class NetworkSpec(_Strict):
     medium: Literal["shared", "switched"] = "shared"
-    bandwidth_mbps: float = Field(100.0, gt=0)
-    latency_ms: float = Field(2.0, ge=0)
-    jitter_ms: float = Field(0.0, ge=0)
-    loss_pct: float = Field(0.0, ge=0, lt=100)
+    bandwidth_mbps: Bandwidth = 100.0
+    latency_ms: Latency = 2.0
+    jitter_ms: Latency = 0.0
+    loss_pct: Real(ge=0.0, le=50.0) = 0.0
 
 
 class DeviceSpec(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     kind: str
     host: str = "local"
-    memory_gb: float | None = Field(None, gt=0)
+    memory_gb: Real(ge=0.01, le=4096.0) | None = None
     power_mode: str | None = None
-    compute_scale: float | None = Field(None, gt=0)
-    bandwidth_mbps: float | None = Field(None, gt=0)
-    latency_ms: float | None = Field(None, ge=0)
+    compute_scale: Speed | None = None
+    bandwidth_mbps: Bandwidth | None = None
+    latency_ms: Latency | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        from edgepool.machine import is_address
+
+        if v not in ("local", "emulated") and not is_address(v):
+            raise ValueError(f"host {v!r} is neither local, emulated, an IP address nor a host name")
+        return v
 
     @field_validator("kind")
     @classmethod
@@ -67,9 +85,17 @@ class DeviceSpec(_Strict):
 
 
 class PoolSpec(_Strict):
-    name: str = "pool"
+    name: Name = "pool"
     network: NetworkSpec = NetworkSpec()
     devices: tuple[DeviceSpec, ...] = Field(min_length=1)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _not_too_many(cls, v):
+        if isinstance(v, (list, tuple)) and len(v) > MAX_DEVICES:
+            raise ValueError(f"{len(v)} devices, more than edgepool's limit of {MAX_DEVICES} in one pool; "
+                             "split the pool")
+        return v
 
     @model_validator(mode="after")
     def _unique_names(self) -> "PoolSpec":
