@@ -50,6 +50,7 @@ def commands(spec, master: str, iface: str | None) -> list[tuple[str, str, str]]
 
 
 def run(args) -> int:
+    from edgepool.launch.folder import make_folder
     from edgepool.launch.prepare import prepare_run
 
     parse_endpoint(args.master)  # before anything is loaded: a bad value is the first thing said
@@ -57,7 +58,7 @@ def run(args) -> int:
         check_iface(args.iface)
     spec = prepare_run(args.pool, args.job, out_dir=args.out, plan_path=args.plan, parallelism=args.parallelism,
                        steps=args.steps, resume=args.resume, any_host=True)
-    Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+    make_folder(spec.out_dir)
     spec.dump(Path(spec.out_dir) / "run.json")
     print(f"# plan {spec.plan.plan_id} ({spec.plan.parallelism}); copy {shlex.quote(str(Path(spec.out_dir) / 'run.json'))} "
           "to every host")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgepool.errors import InfeasibleError, PlanError, SpecError
-from edgepool.specs.job import JobSpec, load_job
+from edgepool.specs.job import MAX_STEPS, JobSpec, load_job
 from edgepool.specs.layout import check_plan
 from edgepool.specs.plan import Plan, Shape, StagePlan, load_plan, split_counts
 from edgepool.specs.pool import PoolSpec, load_pool
@@ -108,6 +108,10 @@ def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | P
     pool = load_pool(pool_path)
     job = load_job(job_path)
     cfg = job_model_config(job)
+    need, have = 4 * cfg.num_params(), sum(d.resolved_memory_gb() for d in pool.devices) * 1e9
+    if need > have:  # before anything is built: no split of the weights alone fits the pool
+        raise SpecError(f"the model's {cfg.num_params():.3g} parameters need {need / 1e9:.3g} GB in fp32 but the pool's "
+                        f"devices hold {have / 1e9:.3g} GB together; choose a smaller model or add devices")
     plan_file = plan_path or job.parallelism.plan
     if plan_file is not None and parallelism is not None:
         raise SpecError("give either --plan or --parallelism, not both")
@@ -137,6 +141,6 @@ def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | P
     if problems:  # one line per bad file, all of them at once
         raise SpecError("\n".join(problems))
     n_steps = steps if steps is not None else job.train.steps
-    if n_steps <= 0:
-        raise SpecError(f"--steps must be > 0, got {n_steps}")
+    if not 0 < n_steps <= MAX_STEPS:
+        raise SpecError(f"--steps must be 1..{MAX_STEPS}, got {n_steps}")
     return RunSpec(pool=pool, job=job, plan=plan, out_dir=str(Path(out_dir).resolve()), steps=n_steps, resume=resume)
