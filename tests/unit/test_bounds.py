@@ -71,15 +71,6 @@ BAD_POOLS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_POOLS))
-@pytest.mark.parametrize("cmd", ["plan", "train"])
-def test_bad_pool_values_are_one_line(tmp_path, capsys, case, cmd):
-    text, expect = BAD_POOLS[case]
-    rc, err = _run(tmp_path, capsys, cmd, pool=text)
-    _one_line(rc, err, expect)
-    assert not (tmp_path / "out").exists()  # nothing started, no folder made
-
-
 def _pretrained(tmp_path: Path, **fields) -> str:
     d = tmp_path / "hf"
     d.mkdir()
@@ -141,13 +132,16 @@ BAD_PLANS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_PLANS))
-@pytest.mark.parametrize("cmd", ["simulate", "train"])
-def test_bad_plan_values_are_one_line(tmp_path, capsys, case, cmd):
-    plan, expect = BAD_PLANS[case]
-    rc, err = _run(tmp_path, capsys, cmd, plan=plan)
+BAD_FILES = [("pool", cmd, case) for case in BAD_POOLS for cmd in ("plan", "train")] + \
+    [("plan", cmd, case) for case in BAD_PLANS for cmd in ("simulate", "train")]
+
+
+@pytest.mark.parametrize("what,cmd,case", BAD_FILES, ids=[f"{w}-{c}-{k}" for w, c, k in BAD_FILES])
+def test_bad_pool_and_plan_values_are_one_line(tmp_path, capsys, what, cmd, case):
+    value, expect = (BAD_POOLS if what == "pool" else BAD_PLANS)[case]
+    rc, err = _run(tmp_path, capsys, cmd, **{what: value})
     _one_line(rc, err, expect)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()  # nothing started, no folder made
 
 
 # -- the planner and the simulator end, and say where their limits are ---------------

@@ -101,15 +101,15 @@ def read_text(path: str | Path, fmt: str | None = None, text_field: str = "text"
     return "\n".join(parts)
 
 
-def check_file(path: str, *, seq_len: int, fmt: str | None, text_field: str, pretrained: str | None) -> int:
-    """The number of tokens in a data file, or a one-line ``SpecError`` saying why it
-    cannot be trained on (missing, unreadable, binary, bad JSONL, or shorter than one
-    sample of ``seq_len + 1`` tokens). The launcher runs it before any process starts."""
-    n = len(_tokens(path, fmt, text_field, pretrained))
-    if n < seq_len + 1:
-        raise SpecError(f"data file {path!r} has {n} tokens, fewer than one sample (seq_len + 1 = {seq_len + 1}); "
-                        "give it more text or lower train.seq_len")
-    return n
+def check_file(path: str, *, seq_len: int, fmt: str | None, text_field: str, pretrained: str | None) -> np.ndarray:
+    """A data file's tokens, or a one-line ``SpecError`` saying why it cannot be trained
+    on (missing, unreadable, binary, bad JSONL, or shorter than one sample of
+    ``seq_len + 1`` tokens). The launcher runs it before any process starts."""
+    toks = _tokens(path, fmt, text_field, pretrained)
+    if len(toks) < seq_len + 1:
+        raise SpecError(f"data file {path!r} has {len(toks)} tokens, fewer than one sample (seq_len + 1 = "
+                        f"{seq_len + 1}); give it more text or lower train.seq_len")
+    return toks
 
 
 @lru_cache(maxsize=8)
@@ -132,8 +132,8 @@ class Sampler:
     pretrained: str | None = None
 
     def tokens(self) -> np.ndarray:
-        check_file(self.path, seq_len=self.seq_len, fmt=self.fmt, text_field=self.text_field, pretrained=self.pretrained)
-        return _tokens(self.path, self.fmt, self.text_field, self.pretrained)
+        return check_file(self.path, seq_len=self.seq_len, fmt=self.fmt, text_field=self.text_field,
+                          pretrained=self.pretrained)
 
     @property
     def num_masked(self) -> int:

@@ -149,8 +149,8 @@ def _better(objective: str, a: Candidate, b: Candidate | None) -> bool:
 # The search's work is bounded by the problem's size (issue 10): the tables hold
 # (L+1)^2 cells for each of the N^2/2 runs of devices, and each DP run touches them all,
 # so the search refuses up front past MAX_TABLE_CELLS = N^2 (L+1)^2 and stops past
-# MAX_SEARCH_CELLS summed over its DP runs (about 30 s on a 2-core x86 laptop), with a
-# one-line PlanError naming the limit and the fix.
+# MAX_SEARCH_CELLS summed over its DP runs, with a one-line PlanError naming the limit
+# and the fix.
 MAX_TABLE_CELLS = 1 << 24
 MAX_SEARCH_CELLS = 5 * 10**8
 _TOO_BIG = ("plan with fewer micro-batch counts (edgepool plan --max-microbatches N), fewer devices or layers, "

@@ -31,8 +31,8 @@ head's transient logits while it runs).
 **Size.** A step has about ``world_size x num_microbatches`` ops, and on a shared
 medium every flow in the air is re-rated at each event, so the work grows faster than
 the ops. ``simulate`` refuses a plan past ``MAX_SIM_OPS`` ops with a one-line
-``PlanError`` (about 10 s on a 2-core x86 laptop at the limit); the planner prices such
-plans with the cost model alone and says so in the estimate's ``source``.
+``PlanError``; the planner prices such plans with the cost model alone and says so in
+the estimate's ``source`` and its notes.
 
 Units: seconds, bytes, joules.
 """

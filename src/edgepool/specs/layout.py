@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgepool import modes
-from edgepool.errors import PlanError
+from edgepool import catalog, modes
+from edgepool.errors import PlanError, SpecError
 from edgepool.specs.plan import (EMPTY, Plan, Region, Shape, StageSplit, Transfer, microbatch_size, stage_ranks,
                                  transfers)
 
@@ -100,9 +100,6 @@ def check_plan(plan: Plan, shape: Shape, pool=None, num_layers: int | None = Non
     if num_layers is not None and plan.num_layers != num_layers:
         raise PlanError(f"plan has num_layers {plan.num_layers} but the model has {num_layers}; re-plan for this model")
     if pool is not None:
-        from edgepool import catalog
-        from edgepool.errors import SpecError
-
         names = pool.device_names
         for d in plan.devices:
             if d not in names:
