@@ -93,6 +93,7 @@ BAD_JOBS = {
     "steps true": (dict(train={"steps": True}), "expected a number, got true"),
     "data paths ..": (dict(data={"paths": {"..": str(CORPUS)}}), "'..' is not a safe name"),
     "micro-batches": (dict(parallelism={"mode": "pp", "num_microbatches": 100_000}), "less than or equal to 256"),
+    "empty size": (dict(model={"family": "gpt", "size": ""}), "model.size: unknown model size ''"),  # fuzz find
     "too big for the pool": (dict(model={"num_layers": 256, "hidden": 16384, "num_heads": 128, "ffn": 65536}),
                              "GB in fp32 but the pool's devices hold"),
 }

@@ -98,6 +98,9 @@ _SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+SIZES = tuple(_SIZES)
+
+
 def preset(family: Family, size: str, vocab_size: int, **overrides) -> ModelConfig:
     if size not in _SIZES:
         raise SpecError(f"unknown model size {size!r}; known sizes: {', '.join(_SIZES)}")

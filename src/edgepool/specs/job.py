@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edgepool.models.config import LIMITS
+from edgepool.models.config import LIMITS, SIZES
 from edgepool.specs.values import MAX_MICROBATCHES, Count, Name, Real
 
 Family = Literal["gpt", "bert", "llama"]
@@ -37,6 +37,13 @@ class ModelSpec(_Strict):
     vocab_size: Count(ge=1, le=LIMITS["vocab_size"]) | None = None
     max_seq_len: Count(ge=1, le=LIMITS["max_seq_len"]) | None = None
     dropout: Real(ge=0.0, le=0.9) = 0.0
+
+    @field_validator("size")
+    @classmethod
+    def _known_size(cls, v: str | None) -> str | None:
+        if v is not None and v not in SIZES:
+            raise ValueError(f"unknown model size {v!r}; known sizes: {', '.join(SIZES)} (or leave it out for tiny)")
+        return v
 
     @model_validator(mode="after")
     def _family_or_pretrained(self) -> "ModelSpec":
