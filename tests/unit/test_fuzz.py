@@ -16,7 +16,7 @@ The default run draws ``EDGEPOOL_FUZZ_EXAMPLES`` cases (40) from the fixed seed
 ``EDGEPOOL_FUZZ_SEED`` (20261202); the long profile is
 ``EDGEPOOL_FUZZ_EXAMPLES=10000 python -m pytest tests/unit/test_fuzz.py``. A failing case
 is printed by hypothesis with the seed to replay it. ``EDGEPOOL_FUZZ_LOG=FILE`` appends
-one line per case (seconds, resident memory, pool size, job) to find slow or large cases.
+one line per case (seconds, resident memory, job, plan, pool) to find slow or large cases.
 """
 
 from __future__ import annotations
@@ -397,6 +397,6 @@ def test_random_specs_are_planned_or_refused_in_one_line(case):
             with open(os.environ["EDGEPOOL_FUZZ_LOG"], "a") as f:
                 rss = int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 1e6
                 f.write(f"{time.time() - t0:.2f}s rss={rss:.0f}MB n={len(pool.get('devices') or []) if isinstance(pool, dict) else 0} "
-                        f"job={json.dumps(job)[:300]} plan={plan is not None} prepare={prepare}\n")
+                        f"job={json.dumps(job)} plan={json.dumps(plan)} prepare={prepare} pool={json.dumps(pool)}\n")
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
