@@ -363,3 +363,49 @@ def test_a_deadline_at_the_fastest_simulated_step_is_met():
         green = plan(pool, None, prof, shape=shape, objective="energy", deadline_s=t0)
         assert green.plan.estimate.step_time_s <= t0 * (1 + 1e-9)
         assert green.plan.estimate.energy_j <= fast.plan.estimate.energy_j * (1 + 1e-9)
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(cases(max_devices=4, max_layers=5))
+def test_merged_boundary_classes_give_a_feasible_upper_bound(case):
+    """Past ``dp.MAX_DP_CELLS`` the DP merges boundary classes (the 42-device fuzz case took
+    8.8 GB in one run): its plan still fits and is no faster than the exhaustive best, and
+    the search no longer calls itself exact."""
+    import edgepool.planner.dp as dpmod
+
+    pool, prof, shape = case
+    best = brute_force(pool, prof, shape)
+    old = dpmod.MAX_DP_CELLS
+    dpmod.MAX_DP_CELLS = 1  # one class per run: the coarsest merge
+    try:
+        res = plan(pool, None, prof, shape=shape)
+    except InfeasibleError:
+        res = None
+    finally:
+        dpmod.MAX_DP_CELLS = old
+    if res is None:
+        assert best is None
+        return
+    assert best is not None and res.model_best.cost.feasible
+    assert res.model_best.cost.step_time_s >= best.step_time_s * (1 - 1e-9)
+    if not res.exact:
+        assert any("merged" in n for n in res.stats["notes"])
+
+
+def test_merged_classes_are_reported_as_not_exact():
+    import edgepool.planner.dp as dpmod
+    from edgepool.cost import shape_for
+
+    pool = make_pool(["jetson-nano", "rpi4", "jetson-orin-nano", "host-cpu"], medium="switched",
+                     extra={"bandwidth_mbps": [5, 50, 20, 300], "latency_ms": [1, 7, 3, 0.5]})
+    prof = tiny(num_layers=5)
+    shape = shape_for(prof, 16, 32)
+    exact = plan(pool, None, prof, shape=shape)
+    old, dpmod.MAX_DP_CELLS = dpmod.MAX_DP_CELLS, 1
+    try:
+        merged = plan(pool, None, prof, shape=shape)
+    finally:
+        dpmod.MAX_DP_CELLS = old
+    assert exact.exact and not merged.exact
+    assert any("merged" in n for n in merged.stats["notes"]) and not exact.stats["notes"]
+    assert merged.model_best.cost.step_time_s >= exact.model_best.cost.step_time_s * (1 - 1e-9)

@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{res.stats['plans_evaluated']} plans evaluated; "
                   f"{'exact over the plan space' if res.exact else 'power modes over candidate structures'})",
                   highlight=False)
+    for note in res.stats["notes"]:
+        console.print(f"note: {escape(note)}", highlight=False)
     if args.output:
         Path(args.output).write_text(p.dumps() + "\n")
         console.print(f"wrote {escape(args.output)}", highlight=False)

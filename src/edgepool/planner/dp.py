@@ -44,6 +44,7 @@ one run costs O(N^2 L^2 K R) element operations with small constants.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,11 +65,31 @@ class DPStage:
 class DPResult:
     value: float  # tau (kind "sum") or the period (kind "max")
     stages: tuple[DPStage, ...]
+    coarse: bool = False  # boundary classes were merged to fit MAX_DP_CELLS: an upper bound, not exact
 
 
-def _classes(groups: list[GroupTable], base: float) -> tuple[list[tuple[float, float]], dict]:
+# The DP's tables hold (L+1)(N+1)K(R+1)^2 cells (about 33 bytes each, over seven arrays).
+# A pool of many uneven devices has as many boundary classes R as distinct (lambda, a)
+# pairs: 42 devices x 35 layers reached R = 124, 8.8 GB in one run (issue 10's fuzz).
+# Past MAX_DP_CELLS, classes are merged into at most as many as fit: contiguous runs of
+# the sorted keys, each represented by the largest lambda and a of its members, so
+# every boundary is priced at or above its true cost (the plan found is feasible and its
+# value an upper bound; the search is then no longer exact, and says so).
+MAX_DP_CELLS = 1 << 24
+
+
+def _classes(groups: list[GroupTable], base: float, max_classes: int | None = None
+             ) -> tuple[list[tuple[float, float]], dict]:
     keys = sorted({(g.lam_s, max(base, g.a_s)) for g in groups})
-    return keys, {k: i for i, k in enumerate(keys)}
+    if max_classes is None or len(keys) <= max_classes:
+        return keys, {k: i for i, k in enumerate(keys)}
+    chunks = np.array_split(np.arange(len(keys)), max_classes)
+    reps, index = [], {}
+    for c in chunks:
+        members = [keys[i] for i in c]
+        reps.append((max(k[0] for k in members), max(k[1] for k in members)))
+        index.update({k: len(reps) - 1 for k in members})
+    return reps, index
 
 
 def _cheapest(costs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -117,14 +138,6 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
 
     if not groups:
         return None
-    if relaxed:
-        cls_keys, cls_index = [(0.0, 0.0)], {}
-    else:
-        cls_keys, cls_index = _classes([g for v in groups.values() for g, _ in v], base)
-    R = len(cls_keys)
-    NONE = R
-    lam = np.array([k[0] for k in cls_keys])
-    aa = np.array([k[1] for k in cls_keys])
     use_cap = max_stages is not None and max_stages < min(N, L)
     # Suffix stage counts that memory can tell apart: beyond t_small + 1 every tight
     # entry is infeasible and every ample one feasible. A stage cap needs exact counts
@@ -134,6 +147,16 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
         kcap = max(kcap, max_stages)
     kcap = max(kcap, 1)
     K = kcap + 1
+    if relaxed:
+        cls_keys, cls_index = [(0.0, 0.0)], {}
+    else:
+        fit = max(1, int(math.isqrt(MAX_DP_CELLS // ((L + 1) * (N + 1) * K))) - 1)
+        cls_keys, cls_index = _classes([g for v in groups.values() for g, _ in v], base, fit)
+    coarse = len(cls_index) > len(cls_keys)
+    R = len(cls_keys)
+    NONE = R
+    lam = np.array([k[0] for k in cls_keys])
+    aa = np.array([k[1] for k in cls_keys])
     shape = (L + 1, N + 1, K, R + 1, R + 1)
     V = np.full(shape, INF)
     bp_b = np.full(shape, -1, dtype=np.int32)
@@ -256,4 +279,4 @@ def solve(tables: Tables, M: int, modes: dict[str, str], X: float = INF, kind: s
         rho = int(np.argmin(row))
         e = int(SVarg[l1, b, kso, rho, sigma])
         l, k = l1, kso
-    return DPResult(value=best, stages=tuple(stages))
+    return DPResult(value=best, stages=tuple(stages), coarse=coarse)

@@ -174,6 +174,7 @@ class _Search:
         self.full_params = sum(lp.params_at() for lp in profile.blocks) + profile.embed.params_at() + \
             profile.head.params_at()
         self.dp_runs = 0
+        self.coarse = False  # a DP run merged boundary classes (``dp.MAX_DP_CELLS``): not exact
         self.evaluated = 0
         self.explored: list[Candidate] = []
         self.infeasible: list[Candidate] = []
@@ -231,8 +232,10 @@ class _Search:
                                 f"after {self.dp_runs} DP runs over {len(self.pool.devices)} devices, "
                                 f"{self.profile.num_layers} layers and {len(self.space.microbatches)} micro-batch "
                                 f"counts; {_TOO_BIG}")
-            return dpmod.solve(tables, M, modes, X=X, kind=kind, pp_only=pp_only, min_stages=min_stages,
-                               max_stages=max_stages, bound=bound, relaxed=relaxed)
+            res = dpmod.solve(tables, M, modes, X=X, kind=kind, pp_only=pp_only, min_stages=min_stages,
+                              max_stages=max_stages, bound=bound, relaxed=relaxed)
+            self.coarse = self.coarse or (res is not None and res.coarse)
+            return res
 
         if incumbent < INF:  # a cheap lower bound first: can this M beat the incumbent at all?
             lb = run(INF, bound=incumbent, relaxed=True)
@@ -581,7 +584,11 @@ def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", de
             _closest_infeasible(search, None, []))
 
     # 3. Energy objectives (and the frontier): power modes over candidate structures.
-    exact = objective == "time"
+    exact = objective == "time" and not search.coarse
+    if search.coarse:
+        notes.append(f"the pool has more boundary classes than the planner's tables hold ({dpmod.MAX_DP_CELLS} cells); "
+                     "some were merged, pricing their links at the worst of each merged set: the plan is feasible "
+                     "but may not be the cost model's optimum")
     cands: list[Candidate] = [c for c in search.explored if c.cost.feasible] + [fastest]
     cands += [b.candidate for b in baselines.values() if b.candidate is not None]
     time_cands = _dedupe(cands)  # what the time objective ranks (below: its finalists run for every objective)
