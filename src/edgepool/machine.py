@@ -95,3 +95,24 @@ def check_iface(name: str) -> str:
         raise SpecError(f"--iface {name!r} is not a network interface name (1-15 letters, digits, '_', '.', ':', '-'); "
                         "see `ip link` on the host")
     return name
+
+
+def iface_of(addr: str) -> str | None:
+    """The network interface that holds the IPv4 address ``addr`` (gloo binds to it), or None."""
+    import fcntl
+    import struct
+
+    SIOCGIFADDR = 0x8915
+    try:
+        want = socket.inet_aton(addr)
+    except OSError:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                got = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode()))[20:24]
+            except OSError:
+                continue
+            if got == want:
+                return name
+    return None

@@ -137,30 +137,35 @@ def _reason(log: Path) -> str:
 
 
 def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[StepRecord], None] | None = None,
-                 poll_s: float = 0.2, deadline_s: float | None = None) -> Summary:
+                 poll_s: float = 0.2, deadline_s: float | None = None, ranks: list[int] | None = None,
+                 env: dict[str, str] | None = None) -> Summary | None:
     """Run ``run`` (a RunSpec) on local processes; returns the summary.
 
     ``on_step`` gets every step's record as rank 0 writes it (a progress bar, say).
     ``deadline_s`` bounds the whole run: past it every rank is stopped and a
-    ``RankFailed`` with reason "timeout" is raised."""
+    ``RankFailed`` with reason "timeout" is raised. ``ranks``: start only these (an
+    agent of ``cluster.agent`` starts its own device's rank; the others run elsewhere),
+    with ``env`` added to their environment; without rank 0 there is no summary here
+    (None)."""
     placement = placement or Placement()
     out = Path(run.out_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     run_json = out / "run.json"
     run.dump(run_json)
-    world = run.plan.world_size
+    ranks = list(range(run.plan.world_size)) if ranks is None else list(ranks)
     port = free_port()
     master = placement.master_addr(run.plan.devices[0])
-    procs: list[subprocess.Popen] = []
-    logs: list[Path] = []
+    procs: dict[int, subprocess.Popen] = {}
+    logs: dict[int, Path] = {}
     # The watchdog pipe: ranks inherit only the read end; it reads end-of-file when
     # the launcher is gone, however it went.
     watch_r, watch_w = os.pipe()
     os.set_inheritable(watch_r, True)
     with _stop_on_signals():
         try:
-            for rank, device in enumerate(run.plan.devices):
-                procs.append(_start_rank(run, rank, device, run_json, placement, master, port, watch_r, logs))
+            for rank in ranks:
+                logs[rank] = out / "logs" / f"rank-{rank}.log"
+                procs[rank] = _start_rank(run, rank, run_json, placement, master, port, watch_r, logs[rank], env or {})
         except BaseException:
             _stop_all(procs)
             os.close(watch_w)
@@ -174,39 +179,38 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
             os.close(watch_w)
 
 
-def _start_rank(run, rank: int, device: str, run_json: Path, placement: Placement, master: str, port: int,
-                watch_fd: int, logs: list[Path]) -> subprocess.Popen:
-    out = Path(run.out_dir)
+def _start_rank(run, rank: int, run_json: Path, placement: Placement, master: str, port: int,
+                watch_fd: int, log: Path, extra: dict[str, str]) -> subprocess.Popen:
+    device = run.plan.devices[rank]
     world = run.plan.world_size
     env = dict(os.environ)
     env.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=master,
                MASTER_PORT=str(port), OMP_NUM_THREADS=str(run.threads), PYTHONUNBUFFERED="1",
                EDGEPOOL_WATCHDOG_FD=str(watch_fd), EDGEPOOL_LAUNCHER_PID=str(os.getpid()))
     env.update({k: v for k, v in placement.env(device).items() if k != "MASTER_ADDR"})
+    env.update(extra)
     if placement.cores(device):  # the modelled energy meter's busy time is CPU time over the cap
         env["EDGEPOOL_CPU_CORES"] = str(placement.cores(device))
-    log = out / "logs" / f"rank-{rank}.log"
-    logs.append(log)
     cmd = placement.prefix(device) + [sys.executable, "-m", "edgepool.runtime.rank", str(run_json)]
     with open(log, "w") as fh:
         return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
                                 pass_fds=(watch_fd,))
 
 
-def _stop_all(procs: list[subprocess.Popen]) -> None:
+def _stop_all(procs: dict[int, subprocess.Popen]) -> None:
     """Kill every rank's process group (a rank and anything it started) and reap it."""
-    for p in procs:
+    for p in procs.values():
         if p.poll() is None:
             try:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    for p in procs:
+    for p in procs.values():
         p.wait()
 
 
-def _watch(run, procs: list[subprocess.Popen], logs: list[Path], placement: Placement,
-           on_step: Callable[[StepRecord], None] | None, poll_s: float, deadline_s: float | None) -> Summary:
+def _watch(run, procs: dict[int, subprocess.Popen], logs: dict[int, Path], placement: Placement,
+           on_step: Callable[[StepRecord], None] | None, poll_s: float, deadline_s: float | None) -> Summary | None:
     out = Path(run.out_dir)
     metrics = out / "metrics.jsonl"
     seen = 0
@@ -227,8 +231,8 @@ def _watch(run, procs: list[subprocess.Popen], logs: list[Path], placement: Plac
 
     while True:
         follow()
-        codes = [p.poll() for p in procs]
-        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        codes = {r: p.poll() for r, p in procs.items()}
+        failed = [r for r, c in codes.items() if c not in (None, 0)]
         if failed:
             causes = {r: placement.exit_cause(run.plan.devices[r], codes[r]) for r in failed}
             # The rank that died first: one the kernel killed (OOM, signal) over
@@ -243,9 +247,10 @@ def _watch(run, procs: list[subprocess.Popen], logs: list[Path], placement: Plac
                 first = min(named, key=lambda r: (-named[r], r))  # the rank most of them name
                 device = run.plan.devices[first]
                 message = f"device {device} (rank {first}) stopped answering; {noticed} noticed: {reason}; see {log}"
-            code = codes[first] if codes[first] is not None else -1  # a silent rank may still be there
-            raise RankFailed(message, rank=first, device=device, returncode=code, reason=reason, log=logs[first])
-        if all(c == 0 for c in codes):
+            code = codes.get(first) if codes.get(first) is not None else -1  # a silent rank may be there, or elsewhere
+            raise RankFailed(message, rank=first, device=device, returncode=code, reason=reason,
+                             log=logs.get(first, out / "logs"))
+        if all(c == 0 for c in codes.values()):
             follow()  # the last steps, written just before the ranks exited
             break
         if t_end is not None and time.monotonic() > t_end:
@@ -253,6 +258,8 @@ def _watch(run, procs: list[subprocess.Popen], logs: list[Path], placement: Plac
                              f"stopped all ranks", rank=-1, device="-", returncode=-1,
                              reason=f"timeout after {deadline_s:g} s at step {seen}", log=out / "logs")
         time.sleep(poll_s)
+    if 0 not in procs:
+        return None
     summary_path = out / "summary.json"
     if not summary_path.is_file():
         raise EdgepoolError(f"the run ended without {summary_path}; see {out / 'logs'}")

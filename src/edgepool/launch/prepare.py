@@ -97,16 +97,17 @@ def family_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str, log=
     return proportional_plan(pool, job, num_layers, family)
 
 
-def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | Path, plan_path: str | None = None,
-                parallelism: str | None = None, steps: int | None = None, resume: bool = False,
-                any_host: bool = False, log=print):
-    """``any_host``: allow real hosts (their data files are checked on their own host)."""
+def prepare_run(pool_path: str | Path | PoolSpec, job_path: str | Path | JobSpec, *, out_dir: str | Path,
+                plan_path: str | None = None, parallelism: str | None = None, steps: int | None = None,
+                resume: bool = False, any_host: bool = False, log=print):
+    """``any_host``: allow real hosts (their data files are checked on their own host).
+    The pool and job are files, or specs already loaded (``serve`` plans for the devices that joined)."""
     from edgepool.data import check_file
     from edgepool.models.config import job_model_config
     from edgepool.runtime.train import RunSpec
 
-    pool = load_pool(pool_path)
-    job = load_job(job_path)
+    pool = pool_path if isinstance(pool_path, PoolSpec) else load_pool(pool_path)
+    job = job_path if isinstance(job_path, JobSpec) else load_job(job_path)
     cfg = job_model_config(job)
     need, have = 4 * cfg.num_params(), sum(d.resolved_memory_gb() for d in pool.devices) * 1e9
     if need > have:  # before anything is built: no split of the weights alone fits the pool
@@ -130,8 +131,8 @@ def prepare_run(pool_path: str | Path, job_path: str | Path, *, out_dir: str | P
         if not dev.is_local and any_host:
             continue
         if not dev.is_local:
-            raise SpecError(f"device {name!r} is on host {dev.host!r}; `edgepool train` starts local devices only, "
-                            "use `edgepool hosts` for the torchrun command of each real host")
+            raise SpecError(f"device {name!r} is on host {dev.host!r}; `edgepool train` starts local devices only; "
+                            "for real hosts run `edgepool serve` here and `edgepool join` on each host")
         if is_data_owner(plan, rank):
             try:
                 check_file(job.data.path_for(name), seq_len=job.train.seq_len, fmt=job.data.format,

@@ -1,7 +1,9 @@
 """Process groups from a Plan: the one place that knows how groups are made.
 
 ``init_world`` joins the world group with a timeout through torch's rendezvous (so the
-run keeps the store, for ``runtime.health``'s heartbeats); ``StageGroups.build(plan)`` makes
+run keeps the store, for ``runtime.health``'s heartbeats), or, for a rank an agent of
+``edgepool join`` started, through the coordinator's authenticated store
+(``cluster.store``); ``StageGroups.build(plan)`` makes
 one subgroup per multi-device stage (every rank creates every group, in plan order, as
 torch.distributed requires) and ``destroy()`` tears them down. Nothing re-plans a
 running job yet: a lost device ends the run (a ``PeerError`` naming it), and ``--resume``
@@ -13,6 +15,7 @@ keeps tensors on the CPU today, so it never picks NCCL (see docs/runtime.md).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -30,11 +33,26 @@ def init_world(rank: int, world_size: int, *, init_method: str, timeout_s: float
     tests); returns the rendezvous store, which ``world_store()`` also gives."""
     global _WORLD_STORE
     timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(dist.rendezvous(init_method, rank, world_size, timeout=timeout))
+    if init_method == "env://" and os.environ.get("EDGEPOOL_STORE"):  # a rank of `edgepool join`
+        store = _pool_store(rank, timeout)
+    else:
+        store, rank, world_size = next(dist.rendezvous(init_method, rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     dist.init_process_group(device.backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     _WORLD_STORE = store
     return store
+
+
+def _pool_store(rank: int, timeout: timedelta):
+    """The coordinator's store over the pool's TLS (``cluster.store``): ``EDGEPOOL_STORE``
+    (ADDR:PORT), ``EDGEPOOL_RUN_ID`` and ``EDGEPOOL_TOKEN_FILE``, set by the agent."""
+    from edgepool.cluster.store import ChannelStore
+    from edgepool.cluster.trust import read_token
+    from edgepool.machine import parse_endpoint
+
+    addr, port = parse_endpoint(os.environ["EDGEPOOL_STORE"], "EDGEPOOL_STORE")
+    return ChannelStore(addr, port, read_token(os.environ["EDGEPOOL_TOKEN_FILE"]), os.environ["EDGEPOOL_RUN_ID"],
+                        rank, timeout)
 
 
 def world_store():

@@ -88,6 +88,17 @@ class PoolSpec(_Strict):
     name: Name = "pool"
     network: NetworkSpec = NetworkSpec()
     devices: tuple[DeviceSpec, ...] = Field(min_length=1)
+    # The address ``edgepool serve`` listens on (the coordinator's own, on the pool's network).
+    coordinator: str | None = None
+
+    @field_validator("coordinator")
+    @classmethod
+    def _coordinator_address(cls, v: str | None) -> str | None:
+        from edgepool.machine import is_address
+
+        if v is not None and not is_address(v):
+            raise ValueError(f"coordinator {v!r} is neither an IP address nor a host name")
+        return v
 
     @field_validator("devices", mode="before")
     @classmethod

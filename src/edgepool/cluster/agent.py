@@ -1,0 +1,182 @@
+"""``edgepool join``: the agent on each device of a pool across hosts.
+
+It reaches the coordinator over the pool's mutual TLS (``cluster.trust``; the token
+never travels), names its device and edgepool version, and sends its facts: cores,
+memory, the energy meters this host has and a short matmul speed probe. Once admitted
+it waits for the run, and then starts its device's rank as ``train`` does
+(``launch.local.launch_local`` for this one rank: the rank cannot outlive the agent)
+with the rendezvous on the coordinator's authenticated store (``cluster.store``) and
+gloo bound to the interface that reaches the coordinator. The agent of rank 0 forwards
+each step record; every agent reports its rank's exit. When the coordinator says
+stop, or its connection is lost, the rank is stopped.
+
+The data stays here: ``--data PATH`` replaces this device's file in the job (the run
+description names paths only); samples are read by the rank and never sent. Results
+of this device's rank (its log, checkpoints, and for rank 0 ``metrics.jsonl``) are
+written to ``--work`` on this device.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import edgepool
+from edgepool.cluster.channel import ChannelError, connect
+from edgepool.cluster.coordinator import PING_S
+from edgepool.errors import EdgepoolError, SpecError
+
+WAIT_S = 8 * PING_S  # a coordinator silent this long while the pool waits is gone
+
+
+class Refused(EdgepoolError):
+    pass
+
+
+def device_facts(kind: str | None = None) -> dict:
+    """What this host has: cores, memory, energy meters, and a short speed probe (matmul GFLOP/s)."""
+    import torch
+
+    from edgepool.energy import meter_report
+
+    facts: dict = {"cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                facts["memory_gb"] = round(int(line.split()[1]) / 1e6, 2)
+    except OSError:
+        pass
+    facts["meters"] = [name for name, ok, _ in meter_report() if ok]
+    if kind:
+        facts["kind"] = kind
+    n = 256
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:
+        a @ b
+        reps += 1
+    facts["gflops"] = round(2 * n**3 * reps / (time.perf_counter() - t0) / 1e9, 2)
+    return facts
+
+
+def join(coordinator: str, token_path, device: str, *, data: str | None = None, work: str | None = None,
+         kind: str | None = None, log=print) -> int:
+    """Join, train this device's part, report; 0 when the run ends well, else an error."""
+    from edgepool.cluster.trust import read_token, tls_context
+    from edgepool.machine import iface_of, parse_endpoint
+
+    addr, port = parse_endpoint(coordinator, "--coordinator")
+    token = read_token(token_path)
+    if data is not None and not Path(data).is_file():
+        raise SpecError(f"--data {data}: no such file on this device")
+    facts = device_facts(kind)
+    ch = connect(addr, port, tls_context(token, server=False))
+    try:
+        ch.send({"hello": "join", "version": edgepool.__version__, "device": device, "facts": facts})
+        msg = ch.recv(timeout=10.0)
+        if "refused" in msg:
+            raise Refused(f"the coordinator at {coordinator} refused {device}: {msg['refused']}")
+        log(f"admitted to pool {msg.get('pool')!r} as {device}; waiting for the run")
+        while True:
+            msg = ch.recv(timeout=WAIT_S)
+            if "cancel" in msg:
+                raise EdgepoolError(f"the coordinator cancelled the run: {msg['cancel']}")
+            if "unused" in msg:
+                log(f"{device} is not in this run: {msg['unused']}")
+                return 0
+            if "run" in msg:
+                break
+        return _run(ch, msg, device, data=data, work=work, token_path=Path(token_path).resolve(),
+                    iface=iface_of(ch.sock.getsockname()[0]), log=log)
+    except ChannelError as exc:
+        raise EdgepoolError(f"lost the coordinator at {coordinator}: {exc}") from None
+    finally:
+        ch.close()
+
+
+def _run(ch, msg: dict, device: str, *, data, work, token_path: Path, iface: str | None, log) -> int:
+    from edgepool.data import check_file
+    from edgepool.launch.local import RankFailed, Stopped, launch_local
+    from edgepool.runtime.train import RunSpec
+    from edgepool.sim.lower import is_data_owner
+
+    run = RunSpec.model_validate(msg["run"])
+    rank = int(msg["rank"])
+    job = run.job
+    if data is not None:
+        job = job.model_copy(update={"data": job.data.model_copy(update={"paths": {**job.data.paths, device: data}})})
+    out = Path(work or Path.home() / ".edgepool" / "work" / device).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    run = run.model_copy(update={"job": job, "out_dir": str(out)})
+    log(f"rank {rank} of {run.plan.world_size} in plan {run.plan.plan_id}; results in {out}")
+    try:
+        if is_data_owner(run.plan, rank):
+            check_file(job.data.path_for(device), seq_len=job.train.seq_len, fmt=job.data.format,
+                       text_field=job.data.text_field, pretrained=job.model.pretrained)
+    except SpecError as exc:
+        ch.send({"exit": 2, "reason": f"its data: {exc}"})
+        raise
+    env = {"EDGEPOOL_STORE": msg["store"], "EDGEPOOL_RUN_ID": msg["run_id"], "EDGEPOOL_TOKEN_FILE": str(token_path)}
+    if iface:
+        env["GLOO_SOCKET_IFNAME"] = iface
+    told: list[str] = []
+    threading.Thread(target=_listen, args=(ch, told), name="edgepool-agent", daemon=True).start()
+
+    def forward(rec) -> None:
+        ch.send({"step": rec.model_dump(mode="json")})
+
+    try:
+        summary = launch_local(run, ranks=[rank], env=env, on_step=forward if rank == 0 else None)
+    except RankFailed as exc:
+        _tell(ch, {"exit": exc.returncode or 1, "reason": str(exc)})
+        raise
+    except Stopped:
+        raise EdgepoolError(f"the coordinator stopped the run: {told[0]}" if told else "stopped") from None
+    final: dict = {"exit": 0}
+    if summary is not None:
+        final["summary"] = summary.model_dump(mode="json")
+        trace = out / "trace.json"
+        if trace.is_file():
+            import json
+
+            final["trace"] = json.loads(trace.read_text())
+    ch.send(final)
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline and not told:  # the coordinator's "done" (or a failure elsewhere)
+        time.sleep(0.05)
+    if told and told[0] != "done":
+        raise EdgepoolError(f"the run failed elsewhere: {told[0]}")
+    log(f"{device}: the run ended")
+    return 0
+
+
+def _tell(ch, msg: dict) -> None:
+    try:
+        ch.send(msg)
+    except ChannelError:
+        pass
+
+
+def _listen(ch, told: list[str]) -> None:
+    """While the rank runs: on the coordinator's stop, or its loss, stop the rank (SIGTERM
+    to this process makes ``launch_local`` stop it and raise ``Stopped``)."""
+    while True:
+        try:
+            msg = ch.recv()
+        except ChannelError as exc:
+            if not told:
+                told.append(f"lost the coordinator ({exc})")
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if "done" in msg:
+            told.append("done")
+            return
+        reason = msg.get("stop") or msg.get("cancel")
+        if reason:
+            told.append(reason)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return

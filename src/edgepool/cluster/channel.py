@@ -1,0 +1,115 @@
+"""The control channel: JSON messages over the pool's mutual TLS (``cluster.trust``).
+
+A message is a 4-byte big-endian length and that many bytes of UTF-8 JSON, an object
+at the top. Nothing else is ever decoded from a peer: no pickle, and a message larger
+than ``MAX_MESSAGE`` or nested deeper than Python's JSON parser allows is refused.
+Every wait has a timeout; every failure is a ``ChannelError`` with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import struct
+import threading
+
+from edgepool.errors import EdgepoolError
+
+MAX_MESSAGE = 64 << 20
+HANDSHAKE_S = 5.0  # a TLS handshake that takes longer is refused
+
+
+class ChannelError(EdgepoolError, ConnectionError):
+    pass
+
+
+def tls_failure(exc: BaseException) -> str:
+    """One line for a failed TLS handshake, in words."""
+    text = str(exc)
+    if "certificate" in text.lower() or "unknown ca" in text.lower():
+        return "the other side does not hold this pool's token (TLS refused the certificate)"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "the TLS handshake timed out"
+    return f"the TLS handshake failed ({text.splitlines()[0][:200] if text else type(exc).__name__})"
+
+
+class Channel:
+    """One TLS connection; ``send`` is thread-safe, ``recv`` is for one reader."""
+
+    def __init__(self, sock: ssl.SSLSocket, peer: str):
+        self.sock, self.peer = sock, peer
+        self._send_lock = threading.Lock()
+
+    def send(self, obj: dict) -> None:
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        if len(data) > MAX_MESSAGE:
+            raise ChannelError(f"a message of {len(data)} bytes is over the channel's limit of {MAX_MESSAGE}")
+        try:
+            with self._send_lock:
+                self.sock.sendall(struct.pack(">I", len(data)) + data)
+        except (OSError, ValueError) as exc:
+            raise ChannelError(f"lost the connection to {self.peer} ({type(exc).__name__})") from None
+
+    def recv(self, timeout: float | None = None) -> dict:
+        """The next message; ``ChannelError`` on end of connection, timeout or a bad message."""
+        self.sock.settimeout(timeout)
+        try:
+            (size,) = struct.unpack(">I", self._read(4))
+            if size > MAX_MESSAGE:
+                raise ChannelError(f"{self.peer} sent a message of {size} bytes, over the limit of {MAX_MESSAGE}")
+            data = self._read(size)
+        except (socket.timeout, TimeoutError):
+            raise ChannelError(f"{self.peer} sent nothing within {timeout:g} s") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ChannelError(f"lost the connection to {self.peer} ({type(exc).__name__})") from None
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError):
+            raise ChannelError(f"{self.peer} sent a message that is not JSON") from None
+        if not isinstance(obj, dict):
+            raise ChannelError(f"{self.peer} sent a message that is not a JSON object")
+        return obj
+
+    def _read(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ChannelError(f"{self.peer} closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def connect(addr: str, port: int, ctx: ssl.SSLContext, *, timeout: float = HANDSHAKE_S) -> Channel:
+    """A TLS channel to ``addr:port`` (the pool certificate checked both ways)."""
+    from edgepool.cluster.trust import SERVER_NAME
+
+    where = f"{addr}:{port}"
+    try:
+        raw = socket.create_connection((addr, port), timeout=timeout)
+    except OSError as exc:
+        raise ChannelError(f"cannot reach the coordinator at {where}: {exc.strerror or exc}") from None
+    try:
+        sock = ctx.wrap_socket(raw, server_hostname=SERVER_NAME)
+    except (ssl.SSLError, OSError) as exc:
+        raw.close()
+        raise ChannelError(f"refused by {where}: {tls_failure(exc)}") from None
+    return Channel(sock, where)
+
+
+def accept(raw: socket.socket, peer: str, ctx: ssl.SSLContext) -> Channel:
+    """The server side of one connection: the TLS handshake, bounded by ``HANDSHAKE_S``."""
+    raw.settimeout(HANDSHAKE_S)
+    try:
+        sock = ctx.wrap_socket(raw, server_side=True)
+    except (ssl.SSLError, OSError) as exc:
+        raw.close()
+        raise ChannelError(f"refused a connection from {peer}: {tls_failure(exc)}") from None
+    return Channel(sock, peer)

@@ -1,0 +1,358 @@
+"""``edgepool serve``: the coordinator of a pool across hosts.
+
+It listens on one address (the pool file's ``coordinator``, or ``--bind``; never on
+every interface unless the user asks for it) and speaks only the pool's mutual TLS
+(``cluster.trust``). Two kinds of connection arrive:
+
+- ``join``: an agent (``cluster.agent``) names its device, edgepool version and facts.
+  It is admitted when the device is in the pool (and in the plan file, if one was
+  given), has not joined already and runs the same version; otherwise it is refused
+  with one line on both sides and told nothing else. The other devices go on.
+- ``store``: a rank's connection to the run's rendezvous store (``cluster.store``),
+  accepted only with the run's id, which only admitted agents receive.
+
+Once every device has joined (or ``--min-devices`` of them by ``--join-timeout``), the
+coordinator plans for the devices that joined (``launch.prepare.prepare_run``, the
+planner as ``train`` uses it), sends each device of the plan its rank and the run
+description, and follows the run: rank 0's agent forwards every step record (the
+coordinator writes ``metrics.jsonl`` and the progress bar from them), and every agent
+reports its rank's exit. The first failure stops everyone, named. The data never
+travels: an agent sends facts and step records, never samples.
+
+Membership is a table of devices that joined and left (``Member``): a device that
+disconnects while the pool waits may join again. Re-planning around a device that
+leaves a running job is the next issue; today it ends the run, named.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import queue
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import edgepool
+from edgepool.cluster.channel import HANDSHAKE_S, Channel, ChannelError, accept
+from edgepool.cluster.store import StoreServer
+from edgepool.cluster.trust import tls_context
+from edgepool.errors import EdgepoolError, SpecError
+
+PING_S = 2.0  # the coordinator tells waiting agents it is alive this often
+DEFAULT_PORT = 29400
+
+
+@dataclass
+class Member:
+    device: str
+    channel: Channel
+    peer: str
+    facts: dict
+    rank: int | None = None
+
+
+def bind_address(pool, bind: str | None) -> str:
+    """Where ``serve`` listens: ``--bind``, else the pool's ``coordinator``, else loopback
+    when every device is on this machine."""
+    if bind is not None:
+        return bind
+    if pool.coordinator is not None:
+        return pool.coordinator
+    if all(d.host in ("local", "emulated", "127.0.0.1", "localhost") for d in pool.devices):
+        return "127.0.0.1"
+    raise SpecError("the pool file names no coordinator address: add `coordinator: ADDR` (this host's address on "
+                    "the pool's network) or pass --bind ADDR")
+
+
+class Coordinator:
+    def __init__(self, pool, token: bytes, *, bind: str, port: int, allowed: list[str] | None = None, log=print):
+        self.pool, self.log = pool, log
+        self.allowed = list(allowed or pool.device_names)
+        self._ctx = tls_context(token, server=True)
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        try:
+            self._sock = socket.create_server((bind, port), family=family, backlog=64)
+        except OSError as exc:
+            raise SpecError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}; choose another --port or "
+                            "--bind") from None
+        self.address = self._sock.getsockname()[:2]
+        self.members: dict[str, Member] = {}
+        self.events: queue.Queue = queue.Queue()
+        self.store = StoreServer()
+        self._lock = threading.Lock()
+        self._run_id: str | None = None
+        self._closed = False
+
+    # -- connections -------------------------------------------------------------
+
+    def start(self) -> "Coordinator":
+        threading.Thread(target=self._accept_loop, name="edgepool-accept", daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                raw, addr = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(raw, f"{addr[0]}:{addr[1]}"), daemon=True).start()
+
+    def _handle(self, raw: socket.socket, peer: str) -> None:
+        try:
+            ch = accept(raw, peer, self._ctx)
+        except ChannelError as exc:
+            self.log(str(exc))
+            return
+        try:
+            hello = ch.recv(timeout=HANDSHAKE_S)
+        except ChannelError as exc:
+            self._refuse(ch, peer, f"no greeting ({exc})")
+            return
+        kind = hello.get("hello")
+        if kind == "store":
+            self._store(ch, peer, hello)
+        elif kind == "join":
+            self._join(ch, peer, hello)
+        else:
+            self._refuse(ch, peer, "not an edgepool agent")
+
+    def _refuse(self, ch: Channel, who: str, reason: str) -> None:
+        self.log(f"refused {who}: {reason}")
+        try:
+            ch.send({"refused": reason})
+        except ChannelError:
+            pass
+        ch.close()
+
+    def _store(self, ch: Channel, peer: str, hello: dict) -> None:
+        run = hello.get("run")
+        with self._lock:
+            ok = self._run_id is not None and isinstance(run, str) and hmac.compare_digest(run, self._run_id)
+        if not ok:
+            self._refuse(ch, f"a store connection from {peer}", "not a rank of the current run")
+            return
+        ch.send({})
+        self.store.serve(ch)
+
+    def _join(self, ch: Channel, peer: str, hello: dict) -> None:
+        name, version, facts = hello.get("device"), hello.get("version"), hello.get("facts")
+        who = f"device {name!r} from {peer}" if isinstance(name, str) else f"an agent from {peer}"
+        if version != edgepool.__version__:
+            return self._refuse(ch, who, f"it runs edgepool {version}, the coordinator {edgepool.__version__}; "
+                                         "install the same version on every device")
+        if not isinstance(name, str) or name not in self.allowed:
+            return self._refuse(ch, who, f"device {name!r} is not in pool {self.pool.name!r}"
+                                         + ("'s plan" if len(self.allowed) < len(self.pool.devices) else ""))
+        with self._lock:
+            if self._run_id is not None:
+                return self._refuse(ch, who, "the run has started; join the next one")
+            if name in self.members:
+                return self._refuse(ch, who, f"device {name!r} has already joined (from "
+                                             f"{self.members[name].peer})")
+            member = self.members[name] = Member(name, ch, peer, facts if isinstance(facts, dict) else {})
+        ch.send({"admitted": name, "pool": self.pool.name})
+        self.log(f"{name} joined from {peer}{_describe(member.facts)} "
+                 f"({len(self.members)} of {len(self.allowed)})")
+        self._check_kind(member)
+        self.events.put(("joined", name, {}))
+        self._read(member)
+
+    def _check_kind(self, m: Member) -> None:
+        said, kind = m.facts.get("kind"), self.pool.device(m.device).kind
+        if said and said != kind:
+            self.log(f"warning: {m.device} says it is a {said}; the pool file says {kind} (the plan uses the pool file)")
+
+    def _read(self, m: Member) -> None:
+        """Forward one agent's messages to the main thread until its connection ends."""
+        while True:
+            try:
+                msg = m.channel.recv()
+            except ChannelError as exc:
+                with self._lock:
+                    if self.members.get(m.device) is m:
+                        if self._run_id is None:  # while the pool waits, a device may leave and join again
+                            del self.members[m.device]
+                self.events.put(("lost", m.device, {"reason": str(exc)}))
+                return
+            for kind in ("step", "exit"):
+                if kind in msg:
+                    self.events.put((kind, m.device, msg))
+
+    # -- the run -----------------------------------------------------------------
+
+    def wait_for(self, *, min_devices: int | None, join_timeout_s: float) -> list[str]:
+        """The devices that joined, in pool order: all of them, or ``min_devices`` once the timeout passed."""
+        t0, want = time.monotonic(), set(self.allowed)
+        while True:
+            try:
+                kind, name, _ = self.events.get(timeout=PING_S)
+                if kind == "lost":
+                    self.log(f"{name} left before the run started")
+            except queue.Empty:
+                pass
+            with self._lock:
+                joined = set(self.members)
+            if joined >= want:
+                break
+            if time.monotonic() - t0 >= join_timeout_s:
+                missing = ", ".join(sorted(want - joined))
+                if min_devices is not None and len(joined) >= min_devices:
+                    self.log(f"{len(joined)} of {len(want)} devices joined in {join_timeout_s:g} s; going on "
+                             f"without {missing}")
+                    break
+                need = f"at least {min_devices} (--min-devices)" if min_devices else "all of them (or --min-devices K)"
+                raise EdgepoolError(f"{len(joined)} of {len(want)} devices joined within {join_timeout_s:g} s "
+                                    f"(--join-timeout), missing {missing}; the run needs {need}")
+            self._broadcast({"waiting": sorted(want - joined)})
+        return [n for n in self.allowed if n in joined]
+
+    def _broadcast(self, msg: dict, members: list[Member] | None = None) -> None:
+        for m in members if members is not None else list(self.members.values()):
+            try:
+                m.channel.send(msg)
+            except ChannelError:
+                pass
+
+    def cancel(self, reason: str) -> None:
+        """Tell every admitted agent the run will not happen, or stops now."""
+        self._broadcast({"cancel": reason})
+
+    def launch(self, spec) -> None:
+        """Hand each device of the plan its rank and the run; other admitted devices are let go."""
+        with self._lock:
+            self._run_id = secrets.token_hex(16)
+            members = dict(self.members)
+        run = json.loads(spec.model_dump_json())
+        for rank, name in enumerate(spec.plan.devices):
+            m = members[name]
+            m.rank = rank
+            host = m.channel.sock.getsockname()[0]  # the address this agent reached
+            store = f"[{host}]:{self.address[1]}" if ":" in host else f"{host}:{self.address[1]}"
+            m.channel.send({"run": run, "rank": rank, "run_id": self._run_id, "store": store})
+        for name, m in members.items():
+            if m.rank is None:
+                m.channel.send({"unused": "the plan for the devices that joined does not use this device"})
+
+    def follow(self, spec, on_step: Callable | None = None) -> tuple[dict, dict]:
+        """Until every rank has exited: rank 0's step records to ``on_step``; returns
+        rank 0's agent's final message and the step records. The first failure stops
+        every agent and raises, naming the device."""
+        from edgepool.specs.metrics import StepRecord
+
+        plan = spec.plan
+        ranks = {n: r for r, n in enumerate(plan.devices)}
+        exits: dict[str, dict] = {}
+        while len(exits) < len(ranks):
+            kind, name, msg = self.events.get()
+            if name not in ranks:
+                continue
+            if kind == "step" and ranks[name] == 0:
+                rec = StepRecord.model_validate(msg["step"])
+                if on_step is not None:
+                    on_step(rec)
+            elif kind == "exit":
+                exits[name] = msg
+                if msg.get("exit") != 0:
+                    self._stop_all(f"device {name} (rank {ranks[name]}) failed")
+                    raise EdgepoolError(f"device {name} (rank {ranks[name]}): {msg.get('reason', 'failed')}")
+            elif kind == "lost" and name not in exits:
+                self._stop_all(f"device {name} (rank {ranks[name]}) lost its connection")
+                raise EdgepoolError(f"device {name} (rank {ranks[name]}) lost its connection to the coordinator "
+                                    f"({msg['reason']}); every other device was stopped")
+        self._broadcast({"done": True})
+        return exits[plan.devices[0]]
+
+    def _stop_all(self, reason: str) -> None:
+        self._broadcast({"stop": reason})
+
+
+def _describe(facts: dict) -> str:
+    parts = [f"{facts[k]} {label}" for k, label in (("cores", "cores"), ("memory_gb", "GB")) if k in facts]
+    if facts.get("gflops"):
+        parts.append(f"{facts['gflops']:.1f} GFLOP/s")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def serve(pool_path, job_path, *, out: str, token: bytes, bind: str | None = None, port: int = DEFAULT_PORT,
+          min_devices: int | None = None, join_timeout_s: float = 300.0, plan_path: str | None = None,
+          parallelism: str | None = None, steps: int | None = None, fresh: bool = False, log=print,
+          progress: Callable | None = None):
+    """The whole coordinator: wait for the devices, plan, run, write the results; returns the summary.
+
+    ``progress(spec) -> context manager with .update(record)`` shows the run (the CLI's bar)."""
+    from edgepool.launch import folder
+    from edgepool.launch.prepare import prepare_run
+    from edgepool.specs.job import load_job
+    from edgepool.specs.metrics import Summary, Trace, append_record, write_json
+    from edgepool.specs.plan import load_plan
+    from edgepool.specs.pool import load_pool
+
+    pool, job = load_pool(pool_path), load_job(job_path)
+    allowed = None
+    if plan_path or job.parallelism.plan:
+        allowed = [n for n in pool.device_names if n in load_plan(plan_path or job.parallelism.plan).devices]
+    if min_devices is not None and not 0 < min_devices <= len(allowed or pool.devices):
+        raise SpecError(f"--min-devices must be 1..{len(allowed or pool.devices)}, got {min_devices}")
+    address = bind_address(pool, bind)
+    with folder.hold(out, "edgepool serve", log=log) as out_dir:
+        coord = Coordinator(pool, token, bind=address, port=port, allowed=allowed, log=log).start()
+        a, p = coord.address
+        log(f"listening on {a}:{p} for {len(coord.allowed)} device(s) of pool {pool.name!r}: "
+            f"{', '.join(coord.allowed)}")
+        try:
+            joined = coord.wait_for(min_devices=min_devices, join_timeout_s=join_timeout_s)
+            sub = pool.model_copy(update={"devices": tuple(d for d in pool.devices if d.name in joined)})
+            spec = prepare_run(sub, job, out_dir=out_dir, plan_path=plan_path, parallelism=parallelism,
+                               steps=steps, any_host=True, log=log)
+            folder.check_start(spec, fresh=fresh, log=log)
+            spec.dump(out_dir / "run.json")
+            (out_dir / "devices.json").write_text(json.dumps(
+                {n: {"peer": m.peer, **m.facts} for n, m in coord.members.items()}, indent=2))
+            plan = spec.plan
+            log(f"plan {plan.plan_id}: {plan.parallelism}, {len(plan.stages)} stage(s), {plan.num_microbatches} "
+                f"micro-batch(es), {plan.schedule}, devices {', '.join(plan.devices)}")
+            metrics = out_dir / "metrics.jsonl"
+            metrics.write_text("")
+
+            def on_step(rec) -> None:
+                append_record(metrics, rec)
+                bar.update(rec)
+
+            coord.launch(spec)
+            with (progress(spec) if progress else _Quiet()) as bar:
+                final = coord.follow(spec, on_step=on_step)
+        except BaseException as exc:
+            coord.cancel(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise
+        finally:
+            coord.close()
+        if not final.get("summary"):
+            raise EdgepoolError("rank 0's agent ended without a summary")
+        summary = Summary.model_validate(final["summary"])
+        write_json(out_dir / "summary.json", summary)
+        if final.get("trace"):
+            write_json(out_dir / "trace.json", Trace.model_validate(final["trace"]))
+        return summary
+
+
+class _Quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, rec) -> None:
+        pass

@@ -1,0 +1,322 @@
+"""``edgepool serve`` and ``edgepool join`` on loopback, as a user tries a pool on one machine.
+
+Real processes: a coordinator, one agent per device (each starts its own rank), the
+pool token, the authenticated store. The per-step losses equal ``edgepool train`` of
+the same plan; refused agents (wrong token, no token, replayed handshake, unknown or
+duplicate name, another version) exit non-zero within 2 s with one line and learn
+nothing of the run, which completes without them; nothing listens on every interface;
+no device's data crosses the wire (a raw capture of loopback, root only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgepool.cli.main import main
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+CORPUS = ROOT / "src" / "edgepool" / "data" / "corpus.txt"
+DEVICES = [("a", "host-cpu", 2.0), ("b", "jetson-orin-nano", 1.5), ("c", "jetson-nano", 1.0)]
+STEPS = 3
+
+
+def _pool(tmp: Path, host: str, devices=DEVICES) -> Path:
+    p = tmp / f"pool-{host}-{len(devices)}.yaml"
+    p.write_text(yaml.safe_dump({"name": "loop", "network": {"medium": "shared", "bandwidth_mbps": 100, "latency_ms": 2},
+                                 "devices": [{"name": n, "kind": k, "host": host, "compute_scale": s}
+                                             for n, k, s in devices]}))
+    return p
+
+
+def _job(tmp: Path, data: str) -> Path:
+    p = tmp / "job.yaml"
+    p.write_text(yaml.safe_dump({"model": {"family": "gpt", "size": "tiny"}, "data": {"path": data},
+                                 "train": {"global_batch": 8, "seq_len": 32, "steps": STEPS, "seed": 0},
+                                 "parallelism": {"mode": "dp", "num_microbatches": 2, "schedule": "1f1b"}}))
+    return p
+
+
+def _plan(tmp: Path, pool: Path, job: Path, family: str) -> Path:
+    from edgepool.launch.prepare import proportional_plan
+    from edgepool.specs import load_job, load_pool
+
+    plan = proportional_plan(load_pool(pool), load_job(job), 4, family)
+    p = tmp / f"plan-{family}.json"
+    p.write_text(plan.dumps())
+    return p
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgepool.cli.main", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Serve:
+    """A coordinator process; its log lines as they come."""
+
+    def __init__(self, *args: str):
+        self.proc = _cli("serve", *args, "--no-progress")
+        self.lines: list[str] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        for ln in self.proc.stderr:
+            self.lines.append(ln.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> str:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            for ln in list(self.lines):
+                if re.search(pattern, ln):
+                    return ln
+            if self.proc.poll() is not None and not self._t.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"serve never said {pattern!r}; it said: {self.lines}")
+
+    def finish(self, timeout: float = 180.0) -> int:
+        rc = self.proc.wait(timeout)
+        self._t.join(5)
+        return rc
+
+
+def _finish(procs, timeout=180.0) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        out.append((p.returncode, err))
+    return out
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pool")
+    assert main(["token", "new", "-o", str(tmp / "pool.token")]) == 0
+    assert (tmp / "pool.token").stat().st_mode & 0o777 == 0o600
+    return tmp
+
+
+def _listeners(pids: set[int]) -> list[str]:
+    """Listening TCP sockets (``ss -ltnp``) of these processes and their descendants."""
+    def tree() -> set[int]:
+        parent = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    parent[int(d.name)] = int(re.search(r"PPid:\s+(\d+)", (d / "status").read_text()).group(1))
+                except (OSError, AttributeError):
+                    pass
+        ours = set(pids)
+        grew = True
+        while grew:
+            more = {p for p, pp in parent.items() if pp in ours} - ours
+            grew = bool(more)
+            ours |= more
+        return ours
+
+    ours = tree()
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+    return [ln for ln in out if any(int(m) in ours for m in re.findall(r"pid=(\d+)", ln))]
+
+
+def _run_pool(tmp: Path, family: str, *, watch=None) -> tuple[list[float], list[str]]:
+    pool = _pool(tmp, "127.0.0.1")
+    job = _job(tmp, str(CORPUS))
+    plan = _plan(tmp, pool, job, family)
+    port, token = _port(), str(tmp / "pool.token")
+    out = tmp / f"serve-{family}"
+    serve = Serve("--pool", str(pool), "--job", str(job), "--out", str(out), "--token", token, "--port", str(port),
+                  "--plan", str(plan), "--steps", str(STEPS))
+    serve.wait_for("listening on 127.0.0.1")
+    agents = [_cli("join", "--coordinator", f"127.0.0.1:{port}", "--token", token, "--device", n,
+                   "--work", str(tmp / f"work-{family}-{n}")) for n, _, _ in DEVICES]
+    seen = watch(serve, agents) if watch else []
+    results = _finish(agents)
+    assert serve.finish() == 0, serve.lines
+    assert all(rc == 0 for rc, _ in results), results
+    return _losses(out), seen
+
+
+@pytest.mark.parametrize("family", ["pp", "hybrid"])
+def test_serve_and_three_agents_equal_train(setup, family):
+    tmp = setup
+    local = _pool(tmp, "local")
+    job = _job(tmp, str(CORPUS))
+    out = tmp / f"train-{family}"
+    assert main(["train", "--pool", str(local), "--job", str(job), "--plan", str(_plan(tmp, local, job, family)),
+                 "--steps", str(STEPS), "--out", str(out), "--no-progress"]) == 0
+
+    def listening(serve, agents):  # while the ranks train: who listens where, polled until the run ends
+        seen: set[str] = set()
+        while any(a.poll() is None for a in agents):
+            seen.update(re.sub(r"\s+", " ", ln) for ln in _listeners({serve.proc.pid, *(a.pid for a in agents)}))
+            time.sleep(0.1)
+        return sorted(seen)
+
+    got, listeners = _run_pool(tmp, family, watch=listening)
+    want = _losses(out)
+    assert len(got) == len(want) == STEPS
+    assert got == pytest.approx(want, rel=1e-5)
+    assert len({re.search(r"pid=(\d+)", ln).group(1) for ln in listeners}) > 1, \
+        f"expected the coordinator's and the ranks' (gloo's) listening sockets: {listeners}"
+    wild = [ln for ln in listeners if re.search(r"\s(0\.0\.0\.0|\*|\[::\]|::):\d+\s", ln)]
+    assert not wild, f"listening on every interface: {wild}"
+    summary = json.loads((tmp / f"serve-{family}" / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["parallelism"] == family
+
+
+def _refused_quickly(proc: subprocess.Popen) -> str:
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    took = time.monotonic() - t0
+    lines = err.strip().splitlines()
+    assert proc.returncode != 0, err
+    assert len(lines) == 1 and lines[0].startswith("edgepool join: error: "), err
+    assert took < 2.0 + 3.0, f"took {took:.1f} s"  # 2 s, plus the interpreter's start on a busy 2-core machine
+    return lines[0]
+
+
+def _hello(port: int, token: bytes, **hello) -> list[dict]:
+    """Every message the coordinator sends an agent that says ``hello``, until it closes."""
+    from edgepool.cluster.channel import ChannelError, connect
+    from edgepool.cluster.trust import tls_context
+
+    ch = connect("127.0.0.1", port, tls_context(token, server=False))
+    ch.send({"hello": "join", "facts": {}, **hello})
+    got = []
+    try:
+        while True:
+            got.append(ch.recv(timeout=5.0))
+    except ChannelError:
+        pass
+    ch.close()
+    return got
+
+
+def test_refused_agents_learn_nothing_and_the_run_goes_on(setup):
+    import edgepool
+    from edgepool.cluster.trust import read_token
+
+    tmp = setup
+    devices = DEVICES[:2]
+    pool = _pool(tmp, "127.0.0.1", devices)
+    job = _job(tmp, str(CORPUS))
+    port, token = _port(), str(tmp / "pool.token")
+    other = tmp / "other.token"
+    if not other.exists():
+        assert main(["token", "new", "-o", str(other)]) == 0
+    serve = Serve("--pool", str(pool), "--job", str(job), "--out", str(tmp / "serve-refusals"), "--token", token,
+                  "--port", str(port), "--parallelism", "dp", "--steps", "2")
+    serve.wait_for("listening on")
+    coordinator = f"127.0.0.1:{port}"
+
+    def join(*args: str) -> subprocess.Popen:
+        return _cli("join", "--coordinator", coordinator, *args)
+
+    # A wrong token: TLS refuses it both ways.
+    line = _refused_quickly(join("--token", str(other), "--device", "a", "--work", str(tmp / "w-x")))
+    assert "token" in line
+    serve.wait_for("refused a connection from 127.0.0.1")
+    # No token.
+    assert "no pool token" in _refused_quickly(join("--device", "a"))
+    # A name that is not in the pool.
+    assert "not in pool" in _refused_quickly(join("--token", token, "--device", "zz"))
+    serve.wait_for(r"refused device 'zz'")
+    # A duplicate name: a joins, then another a.
+    first = join("--token", token, "--device", "a", "--work", str(tmp / "w-a"))
+    serve.wait_for(r"^a joined")
+    assert "already joined" in _refused_quickly(join("--token", token, "--device", "a"))
+    # Another version, and what a refused agent receives: one refusal, nothing else.
+    tok = read_token(token)
+    for hello, why in (({"device": "b", "version": "0.0.0"}, "edgepool 0.0.0"),
+                       ({"device": "zz", "version": edgepool.__version__}, "not in pool")):
+        got = _hello(port, tok, **hello)
+        assert len(got) == 1 and list(got[0]) == ["refused"] and why in got[0]["refused"], got
+    # A replayed handshake: what an agent sent, recorded and sent again, is refused.
+    recorded = _record_join(port, tok)
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(recorded)
+        back = b""
+        try:
+            while chunk := s.recv(65536):
+                back += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    assert time.monotonic() - t0 < 2.0
+    serve.wait_for("refused a connection from 127.0.0.1.*TLS")
+    assert b'"run"' not in back and b"plan" not in back
+    # The run goes on with a and b.
+    second = join("--token", token, "--device", "b", "--work", str(tmp / "w-b"))
+    results = _finish([first, second])
+    assert serve.finish() == 0, serve.lines
+    assert all(rc == 0 for rc, _ in results), results
+    assert len(_losses(tmp / "serve-refusals")) == 2
+
+
+def _record_join(port: int, token: bytes) -> bytes:
+    """The bytes a real agent sends to the coordinator in a refused join (a name not in
+    the pool, so the run is not disturbed), recorded through a relay."""
+    from edgepool.cluster.channel import ChannelError, connect
+    from edgepool.cluster.trust import tls_context
+
+    relay = socket.create_server(("127.0.0.1", 0))
+    recorded = bytearray()
+
+    def pump(src, dst, keep):
+        try:
+            while data := src.recv(65536):
+                if keep:
+                    recorded.extend(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def serve_relay():
+        client, _ = relay.accept()
+        upstream = socket.create_connection(("127.0.0.1", port))
+        threading.Thread(target=pump, args=(upstream, client, False), daemon=True).start()
+        pump(client, upstream, True)
+
+    t = threading.Thread(target=serve_relay, daemon=True)
+    t.start()
+    ch = connect("127.0.0.1", relay.getsockname()[1], tls_context(token, server=False))
+    ch.send({"hello": "join", "device": "zz-recorded", "version": "x", "facts": {}})
+    try:
+        ch.recv(timeout=5.0)
+    except ChannelError:
+        pass
+    ch.close()
+    t.join(5)
+    relay.close()
+    assert recorded
+    return bytes(recorded)
