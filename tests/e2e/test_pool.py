@@ -167,8 +167,21 @@ def test_serve_and_three_agents_equal_train(setup, family):
     local = _pool(tmp, "local")
     job = _job(tmp, str(CORPUS))
     out = tmp / f"train-{family}"
-    assert main(["train", "--pool", str(local), "--job", str(job), "--plan", str(_plan(tmp, local, job, family)),
-                 "--steps", str(STEPS), "--out", str(out), "--no-progress"]) == 0
+    done, seen_train = threading.Event(), set()
+
+    def poll():  # `train`'s own ranks: their store (rank 0's) and gloo listen on loopback only
+        while not done.is_set():
+            seen_train.update(re.sub(r"\s+", " ", ln) for ln in _listeners({os.getpid()}))
+            time.sleep(0.1)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        assert main(["train", "--pool", str(local), "--job", str(job), "--plan", str(_plan(tmp, local, job, family)),
+                     "--steps", str(STEPS), "--out", str(out), "--no-progress"]) == 0
+    finally:
+        done.set()
+        poller.join()
 
     def listening(serve, agents):  # while the ranks train: who listens where, polled until the run ends
         seen: set[str] = set()
@@ -183,7 +196,8 @@ def test_serve_and_three_agents_equal_train(setup, family):
     assert got == pytest.approx(want, rel=1e-5)
     assert len({re.search(r"pid=(\d+)", ln).group(1) for ln in listeners}) > 1, \
         f"expected the coordinator's and the ranks' (gloo's) listening sockets: {listeners}"
-    wild = [ln for ln in listeners if re.search(r"\s(0\.0\.0\.0|\*|\[::\]|::):\d+\s", ln)]
+    assert len(seen_train) > 1, seen_train
+    wild = [ln for ln in [*listeners, *seen_train] if re.search(r"\s(0\.0\.0\.0|\*|\[::\]|::):\d+\s", ln)]
     assert not wild, f"listening on every interface: {wild}"
     summary = json.loads((tmp / f"serve-{family}" / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["parallelism"] == family

@@ -74,7 +74,10 @@ def join(coordinator: str, token_path, device: str, *, data: str | None = None, 
     if data is not None and not Path(data).is_file():
         raise SpecError(f"--data {data}: no such file on this device")
     facts = device_facts(kind)
-    ch = connect(addr, port, tls_context(token, server=False))
+    try:
+        ch = connect(addr, port, tls_context(token, server=False))
+    except ChannelError as exc:
+        raise EdgepoolError(f"{exc} (the coordinator, `edgepool serve`)") from None
     try:
         ch.send({"hello": "join", "version": edgepool.__version__, "device": device, "facts": facts})
         msg = ch.recv(timeout=10.0)

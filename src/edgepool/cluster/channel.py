@@ -13,6 +13,7 @@ import socket
 import ssl
 import struct
 import threading
+from typing import Callable
 
 from edgepool.errors import EdgepoolError
 
@@ -22,6 +23,10 @@ HANDSHAKE_S = 5.0  # a TLS handshake that takes longer is refused
 
 class ChannelError(EdgepoolError, ConnectionError):
     pass
+
+
+class Unreachable(ChannelError):
+    """Nothing answers at the address (not up yet, or gone): worth retrying, unlike a refusal."""
 
 
 def tls_failure(exc: BaseException) -> str:
@@ -95,7 +100,7 @@ def connect(addr: str, port: int, ctx: ssl.SSLContext, *, timeout: float = HANDS
     try:
         raw = socket.create_connection((addr, port), timeout=timeout)
     except OSError as exc:
-        raise ChannelError(f"cannot reach the coordinator at {where}: {exc.strerror or exc}") from None
+        raise Unreachable(f"cannot reach {where}: {exc.strerror or exc}") from None
     try:
         sock = ctx.wrap_socket(raw, server_hostname=SERVER_NAME)
     except (ssl.SSLError, OSError) as exc:
@@ -113,3 +118,63 @@ def accept(raw: socket.socket, peer: str, ctx: ssl.SSLContext) -> Channel:
         raw.close()
         raise ChannelError(f"refused a connection from {peer}: {tls_failure(exc)}") from None
     return Channel(sock, peer)
+
+
+class Listener:
+    """TLS connections on one address: each in a thread of its own, its greeting
+    (``{"hello": KIND, ...}``) handed to ``handlers[KIND](channel, peer, hello)``.
+    A failed handshake, a missing greeting or an unknown kind is refused and logged."""
+
+    def __init__(self, ctx: ssl.SSLContext, bind: str, port: int, handlers: dict[str, Callable], *, log=print):
+        from edgepool.errors import SpecError
+
+        self._ctx, self.handlers, self.log = ctx, handlers, log
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        try:
+            self._sock = socket.create_server((bind, port), family=family, backlog=64)
+        except OSError as exc:
+            raise SpecError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}; choose another --port or "
+                            "--bind") from None
+        self.address = self._sock.getsockname()[:2]
+        self._closed = False
+        threading.Thread(target=self._accept_loop, name="edgepool-accept", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                raw, addr = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(raw, f"{addr[0]}:{addr[1]}"), daemon=True).start()
+
+    def _handle(self, raw: socket.socket, peer: str) -> None:
+        try:
+            ch = accept(raw, peer, self._ctx)
+        except ChannelError as exc:
+            self.log(str(exc))
+            return
+        try:
+            hello = ch.recv(timeout=HANDSHAKE_S)
+        except ChannelError as exc:
+            self.refuse(ch, peer, f"no greeting ({exc})")
+            return
+        handler = self.handlers.get(hello.get("hello"))
+        if handler is None:
+            self.refuse(ch, peer, "not an edgepool agent")
+            return
+        handler(ch, peer, hello)
+
+    def refuse(self, ch: Channel, who: str, reason: str) -> None:
+        self.log(f"refused {who}: {reason}")
+        try:
+            ch.send({"refused": reason})
+        except ChannelError:
+            pass
+        ch.close()

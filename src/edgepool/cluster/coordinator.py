@@ -26,11 +26,9 @@ leaves a running job is the next issue; today it ends the run, named.
 
 from __future__ import annotations
 
-import hmac
 import json
 import queue
 import secrets
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -38,8 +36,8 @@ from pathlib import Path
 from typing import Callable
 
 import edgepool
-from edgepool.cluster.channel import HANDSHAKE_S, Channel, ChannelError, accept
-from edgepool.cluster.store import StoreServer
+from edgepool.cluster.channel import Channel, ChannelError, Listener
+from edgepool.cluster.store import StoreServer, store_handler
 from edgepool.cluster.trust import tls_context
 from edgepool.errors import EdgepoolError, SpecError
 
@@ -73,78 +71,24 @@ class Coordinator:
     def __init__(self, pool, token: bytes, *, bind: str, port: int, allowed: list[str] | None = None, log=print):
         self.pool, self.log = pool, log
         self.allowed = list(allowed or pool.device_names)
-        self._ctx = tls_context(token, server=True)
-        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-        try:
-            self._sock = socket.create_server((bind, port), family=family, backlog=64)
-        except OSError as exc:
-            raise SpecError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}; choose another --port or "
-                            "--bind") from None
-        self.address = self._sock.getsockname()[:2]
         self.members: dict[str, Member] = {}
         self.events: queue.Queue = queue.Queue()
         self.store = StoreServer()
         self._lock = threading.Lock()
         self._run_id: str | None = None
-        self._closed = False
+        self._listener = Listener(tls_context(token, server=True), bind, port, {
+            "join": self._join, "store": store_handler(self.store, self._current_run, self._refuse)}, log=log)
+        self.address = self._listener.address
 
-    # -- connections -------------------------------------------------------------
-
-    def start(self) -> "Coordinator":
-        threading.Thread(target=self._accept_loop, name="edgepool-accept", daemon=True).start()
-        return self
+    def _current_run(self) -> str | None:
+        with self._lock:
+            return self._run_id
 
     def close(self) -> None:
-        self._closed = True
-        try:
-            self._sock.close()
-        except OSError:
-            pass
-
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                raw, addr = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(raw, f"{addr[0]}:{addr[1]}"), daemon=True).start()
-
-    def _handle(self, raw: socket.socket, peer: str) -> None:
-        try:
-            ch = accept(raw, peer, self._ctx)
-        except ChannelError as exc:
-            self.log(str(exc))
-            return
-        try:
-            hello = ch.recv(timeout=HANDSHAKE_S)
-        except ChannelError as exc:
-            self._refuse(ch, peer, f"no greeting ({exc})")
-            return
-        kind = hello.get("hello")
-        if kind == "store":
-            self._store(ch, peer, hello)
-        elif kind == "join":
-            self._join(ch, peer, hello)
-        else:
-            self._refuse(ch, peer, "not an edgepool agent")
+        self._listener.close()
 
     def _refuse(self, ch: Channel, who: str, reason: str) -> None:
-        self.log(f"refused {who}: {reason}")
-        try:
-            ch.send({"refused": reason})
-        except ChannelError:
-            pass
-        ch.close()
-
-    def _store(self, ch: Channel, peer: str, hello: dict) -> None:
-        run = hello.get("run")
-        with self._lock:
-            ok = self._run_id is not None and isinstance(run, str) and hmac.compare_digest(run, self._run_id)
-        if not ok:
-            self._refuse(ch, f"a store connection from {peer}", "not a rank of the current run")
-            return
-        ch.send({})
-        self.store.serve(ch)
+        self._listener.refuse(ch, who, reason)
 
     def _join(self, ch: Channel, peer: str, hello: dict) -> None:
         name, version, facts = hello.get("device"), hello.get("version"), hello.get("facts")
@@ -307,7 +251,7 @@ def serve(pool_path, job_path, *, out: str, token: bytes, bind: str | None = Non
         raise SpecError(f"--min-devices must be 1..{len(allowed or pool.devices)}, got {min_devices}")
     address = bind_address(pool, bind)
     with folder.hold(out, "edgepool serve", log=log) as out_dir:
-        coord = Coordinator(pool, token, bind=address, port=port, allowed=allowed, log=log).start()
+        coord = Coordinator(pool, token, bind=address, port=port, allowed=allowed, log=log)
         a, p = coord.address
         log(f"listening on {a}:{p} for {len(coord.allowed)} device(s) of pool {pool.name!r}: "
             f"{', '.join(coord.allowed)}")

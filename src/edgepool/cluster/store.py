@@ -19,12 +19,15 @@ blocking ``wait`` of the main thread.
 from __future__ import annotations
 
 import base64
+import hmac
 import threading
+import time
 from datetime import timedelta
+from typing import Callable
 
 import torch.distributed as dist
 
-from edgepool.cluster.channel import Channel, ChannelError, connect
+from edgepool.cluster.channel import Channel, ChannelError, Listener, Unreachable, connect
 
 
 def _b(v) -> bytes:
@@ -94,6 +97,33 @@ class StoreServer:
                 return
 
 
+def store_handler(store: StoreServer, run_id: Callable[[], str | None], refuse: Callable) -> Callable:
+    """A ``Listener`` handler: a rank's store connection, admitted with the current run's id only."""
+    def handle(ch: Channel, peer: str, hello: dict) -> None:
+        want, run = run_id(), hello.get("run")
+        if want is None or not isinstance(run, str) or not hmac.compare_digest(run, want):
+            refuse(ch, f"a store connection from {peer}", "not a rank of the current run")
+            return
+        ch.send({})
+        store.serve(ch)
+    return handle
+
+
+def host_store(bind: str, port: int, token: bytes, run_id: str, *, log=print) -> Listener:
+    """Serve a run's store from this process (rank 0 of a local run, where TCPStore was,
+    but on ``bind`` only and over TLS with the run's own token)."""
+    from edgepool.cluster.trust import tls_context
+
+    listener: Listener | None = None
+
+    def refuse(ch, who, reason):
+        listener.refuse(ch, who, reason)
+
+    listener = Listener(tls_context(token, server=True), bind, port,
+                        {"store": store_handler(StoreServer(), lambda: run_id, refuse)}, log=log)
+    return listener
+
+
 class ChannelStore(dist.Store):
     """A c10d store whose calls go to the coordinator's ``StoreServer`` over the pool's TLS."""
 
@@ -110,7 +140,15 @@ class ChannelStore(dist.Store):
     def _channel(self) -> Channel:
         ch = getattr(self._local, "channel", None)
         if ch is None:
-            ch = connect(*self._where, self._ctx)
+            deadline = time.monotonic() + self._timeout.total_seconds()
+            while True:  # the store's host may not be up yet (rank 0 of a local run starts with the others)
+                try:
+                    ch = connect(*self._where, self._ctx)
+                    break
+                except Unreachable:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
             ch.send(self._hello)
             reply = ch.recv(timeout=10.0)
             if "refused" in reply:

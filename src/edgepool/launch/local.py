@@ -155,6 +155,10 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
     ranks = list(range(run.plan.world_size)) if ranks is None else list(ranks)
     port = free_port()
     master = placement.master_addr(run.plan.devices[0])
+    env = dict(env or {})
+    private = None
+    if "EDGEPOOL_STORE" not in env:  # the run's own store, hosted by rank 0 on ``master`` only, over TLS
+        private = _run_store_env(master, port, env)
     procs: dict[int, subprocess.Popen] = {}
     logs: dict[int, Path] = {}
     # The watchdog pipe: ranks inherit only the read end; it reads end-of-file when
@@ -165,10 +169,11 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
         try:
             for rank in ranks:
                 logs[rank] = out / "logs" / f"rank-{rank}.log"
-                procs[rank] = _start_rank(run, rank, run_json, placement, master, port, watch_r, logs[rank], env or {})
+                procs[rank] = _start_rank(run, rank, run_json, placement, master, port, watch_r, logs[rank], env)
         except BaseException:
             _stop_all(procs)
             os.close(watch_w)
+            _remove(private)
             raise
         finally:
             os.close(watch_r)
@@ -177,6 +182,30 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
         finally:
             _stop_all(procs)
             os.close(watch_w)
+            _remove(private)
+
+
+def _run_store_env(master: str, port: int, env: dict[str, str]) -> str:
+    """Environment for a run whose rank 0 hosts the rendezvous store (``cluster.store``):
+    a token made for this run alone, in a private folder the caller removes afterwards.
+    torch's TCPStore would listen on every interface, unauthenticated."""
+    import secrets
+    import tempfile
+
+    from edgepool.cluster.trust import new_token
+
+    private = tempfile.mkdtemp(prefix="edgepool-run-")  # mode 0700
+    token = new_token(Path(private) / "run.token")
+    env.update(EDGEPOOL_STORE=f"[{master}]:{port}" if ":" in master else f"{master}:{port}",
+               EDGEPOOL_RUN_ID=secrets.token_hex(16), EDGEPOOL_TOKEN_FILE=str(token), EDGEPOOL_STORE_HOST="0")
+    return private
+
+
+def _remove(private: str | None) -> None:
+    if private is not None:
+        import shutil
+
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _start_rank(run, rank: int, run_json: Path, placement: Placement, master: str, port: int,

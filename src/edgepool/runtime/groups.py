@@ -26,6 +26,7 @@ from edgepool.specs.plan import Plan, stage_ranks
 
 
 _WORLD_STORE = None
+_STORE_HOST = None  # the store this rank serves (rank 0 of a local run), if any
 
 
 def init_world(rank: int, world_size: int, *, init_method: str, timeout_s: float, device: TorchDevice = CPU):
@@ -33,7 +34,7 @@ def init_world(rank: int, world_size: int, *, init_method: str, timeout_s: float
     tests); returns the rendezvous store, which ``world_store()`` also gives."""
     global _WORLD_STORE
     timeout = timedelta(seconds=timeout_s)
-    if init_method == "env://" and os.environ.get("EDGEPOOL_STORE"):  # a rank of `edgepool join`
+    if init_method == "env://" and os.environ.get("EDGEPOOL_STORE"):  # edgepool's launcher or agent
         store = _pool_store(rank, timeout)
     else:
         store, rank, world_size = next(dist.rendezvous(init_method, rank, world_size, timeout=timeout))
@@ -44,15 +45,22 @@ def init_world(rank: int, world_size: int, *, init_method: str, timeout_s: float
 
 
 def _pool_store(rank: int, timeout: timedelta):
-    """The coordinator's store over the pool's TLS (``cluster.store``): ``EDGEPOOL_STORE``
-    (ADDR:PORT), ``EDGEPOOL_RUN_ID`` and ``EDGEPOOL_TOKEN_FILE``, set by the agent."""
+    """The run's store over TLS (``cluster.store``): ``EDGEPOOL_STORE`` (ADDR:PORT),
+    ``EDGEPOOL_RUN_ID`` and ``EDGEPOOL_TOKEN_FILE``, set by the agent (the coordinator's
+    store) or by the local launcher (a store rank ``EDGEPOOL_STORE_HOST`` hosts, with a
+    token made for the run)."""
     from edgepool.cluster.store import ChannelStore
     from edgepool.cluster.trust import read_token
     from edgepool.machine import parse_endpoint
 
+    global _STORE_HOST
     addr, port = parse_endpoint(os.environ["EDGEPOOL_STORE"], "EDGEPOOL_STORE")
-    return ChannelStore(addr, port, read_token(os.environ["EDGEPOOL_TOKEN_FILE"]), os.environ["EDGEPOOL_RUN_ID"],
-                        rank, timeout)
+    token, run_id = read_token(os.environ["EDGEPOOL_TOKEN_FILE"]), os.environ["EDGEPOOL_RUN_ID"]
+    if os.environ.get("EDGEPOOL_STORE_HOST") == str(rank):  # a local run: this rank hosts it, as TCPStore's rank 0 did
+        from edgepool.cluster.store import host_store
+
+        _STORE_HOST = host_store(addr, port, token, run_id, log=lambda m: print(m, flush=True))
+    return ChannelStore(addr, port, token, run_id, rank, timeout)
 
 
 def world_store():
@@ -89,9 +97,12 @@ class StageGroups:
 def shutdown(*, clean: bool = True) -> None:
     """Leave the world group. After a clean run, wait for every rank first: a gloo peer
     that closes its connections while another still uses them aborts that process."""
-    global _WORLD_STORE
+    global _WORLD_STORE, _STORE_HOST
     if dist.is_initialized():
         if clean:
             dist.barrier()
         dist.destroy_process_group()
     _WORLD_STORE = None
+    if _STORE_HOST is not None:
+        _STORE_HOST.close()
+        _STORE_HOST = None
