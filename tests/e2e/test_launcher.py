@@ -183,3 +183,37 @@ def test_a_frozen_device_is_named_not_the_one_that_noticed(tmp_path):
             os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_planted_pickle_in_a_checkpoint_never_runs(tmp_path, capsys):
+    """A rank file replaced by a pickle that would run code (its checksum in the manifest
+    updated, as someone who can write the folder would) is refused on --resume with one
+    line, read no further than its header; the run resumes from the newest good
+    checkpoint. Nothing in edgepool unpickles, so the code never runs."""
+    import hashlib
+    import pickle
+
+    pool, job = _files(tmp_path, ("a", "b"), steps=2)
+    plan = _plan(tmp_path, pool, job, "dp")
+    out = tmp_path / "run"
+    base = ["train", "--pool", str(pool), "--job", str(job), "--plan", str(plan), "--out", str(out), "--no-progress"]
+    assert main(base) == 0
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    step = out / "checkpoints" / "step-000002"
+    (step / "rank-0.safetensors").write_bytes(pickle.dumps(Payload()))
+    manifest = json.loads((step / "manifest.json").read_text())
+    manifest["files"]["rank-0.safetensors"] = hashlib.sha256((step / "rank-0.safetensors").read_bytes()).hexdigest()
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    rc = main(base + ["--resume", "--steps", "3"])
+    assert not marker.exists(), "the planted pickle ran"
+    assert rc == 0, capsys.readouterr().err
+    refusals = [ln for ln in (out / "logs" / "rank-0.log").read_text().splitlines() if "refused" in ln]
+    assert refusals == ["checkpoint step-000002 refused: rank-0.safetensors is not a safetensors file (a planted "
+                        "pickle or another format); refused unread"], refusals
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] == 1

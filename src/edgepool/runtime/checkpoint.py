@@ -202,6 +202,26 @@ def check(d: Path, rank: int, identity: dict) -> str | None:
         return f"{f.name} is missing"
     if sha256_file(f) != want:
         return f"{f.name} does not match its checksum (corrupt)"
+    return _safetensors_problem(f)
+
+
+MAX_HEADER = 100 << 20  # safetensors' own cap on a header
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    """Why ``f`` is not a safetensors file edgepool wrote (a pickle, say), from its
+    header alone: 8 bytes of length, then that much JSON with edgepool's metadata."""
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(MAX_HEADER, f.stat().st_size - 8):
+                return f"{f.name} is not a safetensors file (a planted pickle or another format); refused unread"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError):
+        return f"{f.name} is not a safetensors file (its header is not JSON); refused unread"
+    if not isinstance(header, dict) or "edgepool" not in (header.get("__metadata__") or {}):
+        return f"{f.name} is a safetensors file edgepool did not write (no edgepool metadata)"
     return None
 
 
