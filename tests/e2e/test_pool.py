@@ -112,12 +112,64 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+MARKER = "QZXJ-EDGEPOOL-PRIVATE-{device}-7731"
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """The pool token, and each device's own data file: the corpus with its marker every few lines."""
     tmp = tmp_path_factory.mktemp("pool")
     assert main(["token", "new", "-o", str(tmp / "pool.token")]) == 0
     assert (tmp / "pool.token").stat().st_mode & 0o777 == 0o600
+    lines = CORPUS.read_text().splitlines()
+    for name, _, _ in DEVICES:
+        mark = MARKER.format(device=name)
+        (tmp / f"data-{name}.txt").write_text("\n".join(f"{ln} {mark}" if i % 4 == 0 else ln
+                                                        for i, ln in enumerate(lines)) + "\n")
     return tmp
+
+
+def _data(tmp: Path) -> str:
+    return str(tmp / "data-{device}.txt")
+
+
+class Capture:
+    """Every frame on loopback (an AF_PACKET socket; root), to search for bytes that must not travel."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+        self.sock.bind(("lo", 0))
+        self.sock.settimeout(0.2)
+        self.frames: list[bytes] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.frames.append(self.sock.recv(1 << 17))
+            except socket.timeout:
+                pass
+
+    def stop(self) -> tuple[bytes, int]:
+        """All captured bytes, and the frames the kernel dropped (PACKET_STATISTICS)."""
+        import struct
+
+        self._stop.set()
+        self._t.join()
+        _, drops = struct.unpack("II", self.sock.getsockopt(263, 6, 8))  # SOL_PACKET, PACKET_STATISTICS
+        self.sock.close()
+        return b"".join(self.frames), drops
+
+
+def _forms(text: str) -> list[bytes]:
+    """The marker as text, and as byte-tokenizer ids in int64 and int32 (how tokens travel, if they do)."""
+    import struct
+
+    ids = list(text.encode())
+    return [text.encode(), struct.pack(f"<{len(ids)}q", *ids), struct.pack(f"<{len(ids)}i", *ids)]
 
 
 def _listeners(pids: set[int]) -> list[str]:
@@ -143,17 +195,17 @@ def _listeners(pids: set[int]) -> list[str]:
     return [ln for ln in out if any(int(m) in ours for m in re.findall(r"pid=(\d+)", ln))]
 
 
-def _run_pool(tmp: Path, family: str, *, watch=None) -> tuple[list[float], list[str]]:
-    pool = _pool(tmp, "127.0.0.1")
-    job = _job(tmp, str(CORPUS))
+def _run_pool(tmp: Path, family: str, *, watch=None, devices=DEVICES, tag: str = "") -> tuple[list[float], list[str]]:
+    pool = _pool(tmp, "127.0.0.1", devices)
+    job = _job(tmp, _data(tmp))
     plan = _plan(tmp, pool, job, family)
     port, token = _port(), str(tmp / "pool.token")
-    out = tmp / f"serve-{family}"
+    out = tmp / f"serve-{family}{tag}"
     serve = Serve("--pool", str(pool), "--job", str(job), "--out", str(out), "--token", token, "--port", str(port),
                   "--plan", str(plan), "--steps", str(STEPS))
     serve.wait_for("listening on 127.0.0.1")
     agents = [_cli("join", "--coordinator", f"127.0.0.1:{port}", "--token", token, "--device", n,
-                   "--work", str(tmp / f"work-{family}-{n}")) for n, _, _ in DEVICES]
+                   "--work", str(tmp / f"work-{family}{tag}-{n}")) for n, _, _ in devices]
     seen = watch(serve, agents) if watch else []
     results = _finish(agents)
     assert serve.finish() == 0, serve.lines
@@ -165,7 +217,7 @@ def _run_pool(tmp: Path, family: str, *, watch=None) -> tuple[list[float], list[
 def test_serve_and_three_agents_equal_train(setup, family):
     tmp = setup
     local = _pool(tmp, "local")
-    job = _job(tmp, str(CORPUS))
+    job = _job(tmp, _data(tmp))
     out = tmp / f"train-{family}"
     done, seen_train = threading.Event(), set()
 
@@ -334,3 +386,31 @@ def _record_join(port: int, token: bytes) -> bytes:
     relay.close()
     assert recorded
     return bytes(recorded)
+
+
+@pytest.mark.root
+def test_raw_data_never_crosses_the_wire(setup):
+    """Every byte on loopback during serve/join runs of dp, tp, sp, pp and a hybrid: no
+    device's marker (each file holds it every fourth line) appears, as text or as token
+    ids. A marker sent on purpose is found (the capture works)."""
+    if os.geteuid() != 0:
+        pytest.skip("capturing loopback (AF_PACKET) needs root")
+    tmp = setup
+    cap = Capture()
+    control = MARKER.format(device="control")
+    with socket.create_server(("127.0.0.1", 0)) as srv, socket.create_connection(srv.getsockname()) as c:
+        c.sendall(control.encode())
+        srv.accept()[0].close()
+    try:
+        for family in ("dp", "tp", "sp"):
+            _run_pool(tmp, family, devices=DEVICES[:2], tag="-captured")
+        for family in ("pp", "hybrid"):
+            _run_pool(tmp, family, tag="-captured")
+    finally:
+        data, drops = cap.stop()
+    assert control.encode() in data, "the capture missed a marker sent on purpose"
+    assert len(data) > 1 << 20, f"only {len(data)} bytes captured"
+    assert drops == 0, f"the kernel dropped {drops} frames; the capture is incomplete"
+    for name, _, _ in DEVICES:
+        for form in _forms(MARKER.format(device=name)):
+            assert form not in data, f"device {name}'s data crossed the wire ({form[:24]!r}...)"
