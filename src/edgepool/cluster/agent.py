@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 
 import edgepool
-from edgepool.cluster.channel import ChannelError, connect
+from edgepool.cluster.channel import ChannelError, Unreachable, connect
 from edgepool.cluster.coordinator import PING_S
 from edgepool.errors import EdgepoolError, SpecError
 
 WAIT_S = 8 * PING_S  # a coordinator silent this long while the pool waits is gone
+REACH_S = 120.0  # how long an agent keeps trying to reach a coordinator that is not up yet
 
 
 class Refused(EdgepoolError):
@@ -74,10 +75,20 @@ def join(coordinator: str, token_path, device: str, *, data: str | None = None, 
     if data is not None and not Path(data).is_file():
         raise SpecError(f"--data {data}: no such file on this device")
     facts = device_facts(kind)
-    try:
-        ch = connect(addr, port, tls_context(token, server=False))
-    except ChannelError as exc:
-        raise EdgepoolError(f"{exc} (the coordinator, `edgepool serve`)") from None
+    ctx, deadline, said = tls_context(token, server=False), time.monotonic() + REACH_S, False
+    while True:  # the coordinator may not be up yet; a refusal is final at once
+        try:
+            ch = connect(addr, port, ctx)
+            break
+        except Unreachable as exc:
+            if time.monotonic() > deadline:
+                raise EdgepoolError(f"{exc}: no coordinator (`edgepool serve`) answered within {REACH_S:g} s") from None
+            if not said:
+                log(f"waiting for the coordinator at {coordinator} ({exc})")
+                said = True
+            time.sleep(0.5)
+        except ChannelError as exc:
+            raise EdgepoolError(str(exc)) from None
     try:
         ch.send({"hello": "join", "version": edgepool.__version__, "device": device, "facts": facts})
         msg = ch.recv(timeout=10.0)
