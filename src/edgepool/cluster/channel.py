@@ -64,6 +64,8 @@ class Channel:
             if size > MAX_MESSAGE:
                 raise ChannelError(f"{self.peer} sent a message of {size} bytes, over the limit of {MAX_MESSAGE}")
             data = self._read(size)
+        except ChannelError:  # an OSError too: keep its own words
+            raise
         except (socket.timeout, TimeoutError):
             raise ChannelError(f"{self.peer} sent nothing within {timeout:g} s") from None
         except (OSError, ssl.SSLError) as exc:
@@ -140,11 +142,13 @@ class Listener:
         threading.Thread(target=self._accept_loop, name="edgepool-accept", daemon=True).start()
 
     def close(self) -> None:
+        """Stop listening now (``shutdown`` wakes the thread blocked in ``accept``; a bare close would not)."""
         self._closed = True
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+        for stop in (lambda: self._sock.shutdown(socket.SHUT_RDWR), self._sock.close):
+            try:
+                stop()
+            except OSError:
+                pass
 
     def _accept_loop(self) -> None:
         while not self._closed:

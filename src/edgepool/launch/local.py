@@ -158,7 +158,7 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
     env = dict(env or {})
     private = None
     if "EDGEPOOL_STORE" not in env:  # the run's own store, hosted by rank 0 on ``master`` only, over TLS
-        private = _run_store_env(master, port, env)
+        private = run_store_env(master, port, env)
     procs: dict[int, subprocess.Popen] = {}
     logs: dict[int, Path] = {}
     # The watchdog pipe: ranks inherit only the read end; it reads end-of-file when
@@ -173,7 +173,7 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
         except BaseException:
             _stop_all(procs)
             os.close(watch_w)
-            _remove(private)
+            remove_private(private)
             raise
         finally:
             os.close(watch_r)
@@ -182,10 +182,10 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
         finally:
             _stop_all(procs)
             os.close(watch_w)
-            _remove(private)
+            remove_private(private)
 
 
-def _run_store_env(master: str, port: int, env: dict[str, str]) -> str:
+def run_store_env(master: str, port: int, env: dict[str, str]) -> str:
     """Environment for a run whose rank 0 hosts the rendezvous store (``cluster.store``):
     a token made for this run alone, in a private folder the caller removes afterwards.
     torch's TCPStore would listen on every interface, unauthenticated."""
@@ -201,7 +201,7 @@ def _run_store_env(master: str, port: int, env: dict[str, str]) -> str:
     return private
 
 
-def _remove(private: str | None) -> None:
+def remove_private(private: str | None) -> None:
     if private is not None:
         import shutil
 

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,10 @@ def _rank_main(out_path: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from edgepool.runtime.groups import init_world, shutdown
+
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    init_world(rank, world, init_method="env://", timeout_s=60.0)  # the run's own TLS store (``launch.local``)
     results = []
     for n in SIZES:
         buf = torch.zeros(n // 4, dtype=torch.float32)
@@ -45,7 +46,7 @@ def _rank_main(out_path: str) -> None:
     dist.barrier()
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))
-    dist.destroy_process_group()
+    shutdown(clean=False)
 
 
 def fit_link(points: list[tuple[int, float]]) -> dict:
@@ -58,15 +59,26 @@ def fit_link(points: list[tuple[int, float]]) -> dict:
 
 def measure_link(pool, a: str, b: str, placement, out_dir: Path, timeout_s: float = 120.0) -> dict:
     """Ping-pong between devices ``a`` and ``b`` of ``pool`` where ``placement`` puts them."""
+    from edgepool.launch.local import remove_private, run_store_env
     from edgepool.machine import free_port
 
     out_dir.mkdir(parents=True, exist_ok=True)
     result = out_dir / f"link-{a}-{b}.json"
     port = free_port()
+    store: dict[str, str] = {}
+    private = run_store_env(placement.master_addr(a), port, store)
+    try:
+        return _ping_pong(a, b, placement, port, store, result, timeout_s)
+    finally:
+        remove_private(private)
+
+
+def _ping_pong(a: str, b: str, placement, port: int, store: dict[str, str], result: Path,
+               timeout_s: float) -> dict:
     procs = []
     for rank, dev in enumerate((a, b)):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR=placement.master_addr(a),
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", **store)
         env.update({k: v for k, v in placement.env(dev).items() if k != "MASTER_ADDR"})
         cmd = placement.prefix(dev) + [sys.executable, "-m", "edgepool.profiler.link", str(result)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
