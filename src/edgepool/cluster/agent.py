@@ -114,7 +114,7 @@ def join(coordinator: str, token_path, device: str, *, data: str | None = None, 
 
 def _run(ch, msg: dict, device: str, *, data, work, token_path: Path, iface: str | None, log) -> int:
     from edgepool.data import check_file
-    from edgepool.launch.local import RankFailed, Stopped, launch_local
+    from edgepool.launch.local import RankFailed, Stopped, launch_local, pool_placement
     from edgepool.runtime.train import RunSpec
     from edgepool.sim.lower import is_data_owner
 
@@ -135,8 +135,6 @@ def _run(ch, msg: dict, device: str, *, data, work, token_path: Path, iface: str
         ch.send({"exit": 2, "reason": f"its data: {exc}"})
         raise
     env = {"EDGEPOOL_STORE": msg["store"], "EDGEPOOL_RUN_ID": msg["run_id"], "EDGEPOOL_TOKEN_FILE": str(token_path)}
-    if iface:
-        env["GLOO_SOCKET_IFNAME"] = iface
     told: list[str] = []
     threading.Thread(target=_listen, args=(ch, told), name="edgepool-agent", daemon=True).start()
 
@@ -144,9 +142,14 @@ def _run(ch, msg: dict, device: str, *, data, work, token_path: Path, iface: str
         ch.send({"step": rec.model_dump(mode="json")})
 
     try:
-        summary = launch_local(run, ranks=[rank], env=env, on_step=forward if rank == 0 else None)
+        # An emulated device runs its rank in the testbed's sandbox for it, if one is up here.
+        with pool_placement(run.pool, log=log, bring_up=False) as placement:
+            if iface and not placement.env(device).get("GLOO_SOCKET_IFNAME"):
+                env["GLOO_SOCKET_IFNAME"] = iface  # gloo binds where this agent reached the coordinator
+            summary = launch_local(run, ranks=[rank], env=env, placement=placement,
+                                   on_step=forward if rank == 0 else None)
     except RankFailed as exc:
-        _tell(ch, {"exit": exc.returncode or 1, "reason": str(exc)})
+        _tell(ch, {"exit": exc.returncode or 1, "reason": exc.reason, "message": str(exc)})
         raise
     except Stopped:
         raise EdgepoolError(f"the coordinator stopped the run: {told[0]}" if told else "stopped") from None

@@ -189,32 +189,49 @@ class Coordinator:
             if m.rank is None:
                 m.channel.send({"unused": "the plan for the devices that joined does not use this device"})
 
-    def follow(self, spec, on_step: Callable | None = None) -> tuple[dict, dict]:
+    def follow(self, spec, on_step: Callable | None = None, deadline_s: float | None = None) -> dict:
         """Until every rank has exited: rank 0's step records to ``on_step``; returns
-        rank 0's agent's final message and the step records. The first failure stops
-        every agent and raises, naming the device."""
+        rank 0's agent's final message. The first failure (an agent's report, a lost
+        agent, or ``deadline_s`` passed) stops every agent and raises ``RankFailed``
+        naming the device, with the agent's own reason."""
+        from edgepool.launch.local import RankFailed
         from edgepool.specs.metrics import StepRecord
 
-        plan = spec.plan
+        plan, out = spec.plan, Path(spec.out_dir)
         ranks = {n: r for r, n in enumerate(plan.devices)}
         exits: dict[str, dict] = {}
+        t_end = time.monotonic() + deadline_s if deadline_s else None
+        seen = 0
+
+        def fail(name: str, message: str, reason: str, code: int = -1):
+            self._stop_all(f"device {name} failed")
+            return RankFailed(message, rank=ranks.get(name, -1), device=name, returncode=code, reason=reason,
+                              log=out / "logs")
+
         while len(exits) < len(ranks):
-            kind, name, msg = self.events.get()
+            try:
+                kind, name, msg = self.events.get(timeout=0.5)
+            except queue.Empty:
+                if t_end is not None and time.monotonic() > t_end:
+                    raise fail("-", f"the run did not finish within {deadline_s:g} s (step {seen} of {spec.steps}); "
+                               "stopped every device", f"timeout after {deadline_s:g} s at step {seen}")
+                continue
             if name not in ranks:
                 continue
             if kind == "step" and ranks[name] == 0:
                 rec = StepRecord.model_validate(msg["step"])
+                seen += 1
                 if on_step is not None:
                     on_step(rec)
             elif kind == "exit":
                 exits[name] = msg
                 if msg.get("exit") != 0:
-                    self._stop_all(f"device {name} (rank {ranks[name]}) failed")
-                    raise EdgepoolError(f"device {name} (rank {ranks[name]}): {msg.get('reason', 'failed')}")
+                    reason = str(msg.get("reason", "failed"))
+                    said = str(msg.get("message", reason))
+                    raise fail(name, f"device {name} (rank {ranks[name]}): {said}", reason, int(msg.get("exit", 1)))
             elif kind == "lost" and name not in exits:
-                self._stop_all(f"device {name} (rank {ranks[name]}) lost its connection")
-                raise EdgepoolError(f"device {name} (rank {ranks[name]}) lost its connection to the coordinator "
-                                    f"({msg['reason']}); every other device was stopped")
+                raise fail(name, f"device {name} (rank {ranks[name]}) lost its connection to the coordinator "
+                           f"({msg['reason']}); every other device was stopped", f"lost its connection ({msg['reason']})")
         self._broadcast({"done": True})
         return exits[plan.devices[0]]
 
@@ -229,6 +246,37 @@ def _describe(facts: dict) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def run_spec(coord: Coordinator, spec, *, on_step: Callable | None = None, progress: Callable | None = None,
+             deadline_s: float | None = None, log=print):
+    """Launch ``spec`` on the admitted agents and follow it: ``OUT/metrics.jsonl`` from
+    rank 0's step records, then ``summary.json`` and ``trace.json``; returns the summary."""
+    from edgepool.specs.metrics import Summary, Trace, append_record, write_json
+
+    out_dir = Path(spec.out_dir)
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    spec.dump(out_dir / "run.json")
+    (out_dir / "devices.json").write_text(json.dumps(
+        {n: {"peer": m.peer, **m.facts} for n, m in coord.members.items()}, indent=2))
+    metrics = out_dir / "metrics.jsonl"
+    metrics.write_text("")
+    with (progress(spec) if progress else _Quiet()) as bar:
+        def step(rec) -> None:
+            append_record(metrics, rec)
+            bar.update(rec)
+            if on_step is not None:
+                on_step(rec)
+
+        coord.launch(spec)
+        final = coord.follow(spec, on_step=step, deadline_s=deadline_s)
+    if not final.get("summary"):
+        raise EdgepoolError("rank 0's agent ended without a summary")
+    summary = Summary.model_validate(final["summary"])
+    write_json(out_dir / "summary.json", summary)
+    if final.get("trace"):
+        write_json(out_dir / "trace.json", Trace.model_validate(final["trace"]))
+    return summary
+
+
 def serve(pool_path, job_path, *, out: str, token: bytes, bind: str | None = None, port: int = DEFAULT_PORT,
           min_devices: int | None = None, join_timeout_s: float = 300.0, plan_path: str | None = None,
           parallelism: str | None = None, steps: int | None = None, fresh: bool = False, log=print,
@@ -239,7 +287,6 @@ def serve(pool_path, job_path, *, out: str, token: bytes, bind: str | None = Non
     from edgepool.launch import folder
     from edgepool.launch.prepare import prepare_run
     from edgepool.specs.job import load_job
-    from edgepool.specs.metrics import Summary, Trace, append_record, write_json
     from edgepool.specs.plan import load_plan
     from edgepool.specs.pool import load_pool
 
@@ -261,34 +308,62 @@ def serve(pool_path, job_path, *, out: str, token: bytes, bind: str | None = Non
             spec = prepare_run(sub, job, out_dir=out_dir, plan_path=plan_path, parallelism=parallelism,
                                steps=steps, any_host=True, log=log)
             folder.check_start(spec, fresh=fresh, log=log)
-            spec.dump(out_dir / "run.json")
-            (out_dir / "devices.json").write_text(json.dumps(
-                {n: {"peer": m.peer, **m.facts} for n, m in coord.members.items()}, indent=2))
             plan = spec.plan
             log(f"plan {plan.plan_id}: {plan.parallelism}, {len(plan.stages)} stage(s), {plan.num_microbatches} "
                 f"micro-batch(es), {plan.schedule}, devices {', '.join(plan.devices)}")
-            metrics = out_dir / "metrics.jsonl"
-            metrics.write_text("")
-
-            def on_step(rec) -> None:
-                append_record(metrics, rec)
-                bar.update(rec)
-
-            coord.launch(spec)
-            with (progress(spec) if progress else _Quiet()) as bar:
-                final = coord.follow(spec, on_step=on_step)
+            return run_spec(coord, spec, progress=progress, log=log)
         except BaseException as exc:
             coord.cancel(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
         finally:
             coord.close()
-        if not final.get("summary"):
-            raise EdgepoolError("rank 0's agent ended without a summary")
-        summary = Summary.model_validate(final["summary"])
-        write_json(out_dir / "summary.json", summary)
-        if final.get("trace"):
-            write_json(out_dir / "trace.json", Trace.model_validate(final["trace"]))
-        return summary
+
+
+def launch_pool(spec, *, placement=None, on_step: Callable | None = None, deadline_s: float | None = None,
+                join_timeout_s: float = 120.0, log=print):
+    """Run ``spec`` (every device on this machine) through the real path: a coordinator
+    here and one ``edgepool join`` agent per device, with a token made for the run. On
+    the testbed each agent starts its rank inside its device's namespace and caps
+    (``cluster.agent``); the coordinator listens on the testbed's bridge address, which
+    every namespace reaches. What ``launch_local`` returns and raises, this does too."""
+    import subprocess
+    import sys
+
+    from edgepool.cluster.trust import read_token
+    from edgepool.launch.local import Placement, private_token, remove_private
+
+    placement = placement or Placement()
+    out_dir = Path(spec.out_dir)
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    private, token_file = private_token()
+    agents: list[subprocess.Popen] = []
+    coord = None
+    try:
+        coord = Coordinator(spec.pool, read_token(token_file), bind=placement.host_addr,
+                            port=0, allowed=list(spec.plan.devices), log=lambda m: None)
+        addr, port = coord.address
+        for name in spec.plan.devices:
+            with open(out_dir / "logs" / f"agent-{name}.log", "w") as fh:
+                agents.append(subprocess.Popen(
+                    [sys.executable, "-m", "edgepool.cli.main", "join", "--coordinator", f"{addr}:{port}", "--token",
+                     str(token_file), "--device", name, "--work", str(out_dir / "devices" / name)],
+                    stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
+        coord.wait_for(min_devices=None, join_timeout_s=join_timeout_s)
+        return run_spec(coord, spec, on_step=on_step, deadline_s=deadline_s, log=log)
+    except BaseException as exc:
+        if coord is not None:
+            coord.cancel(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
+    finally:
+        if coord is not None:
+            coord.close()
+        for a in agents:
+            try:
+                a.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                a.kill()
+                a.wait()
+        remove_private(private)
 
 
 class _Quiet:

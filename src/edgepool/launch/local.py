@@ -83,15 +83,19 @@ class Placement:
     cores: Callable[[str], float | None] = lambda device: None  # CPU a device may use, if capped
     notes: list[str] = field(default_factory=list)
     emulated: bool = False
+    # An address of this machine that every device reaches (the testbed's bridge): where a
+    # coordinator here listens (``cluster.coordinator.launch_pool``).
+    host_addr: str = "127.0.0.1"
 
 
 @contextmanager
-def pool_placement(pool, *, log=print) -> Iterator[Placement]:
+def pool_placement(pool, *, log=print, bring_up: bool = True) -> Iterator[Placement]:
     """Where a pool's ranks run: inside the testbed for ``host: emulated`` devices.
 
     Uses a testbed that is already up for this pool (``edgepool testbed up``), else
-    brings one up for the run and down after it. Without root or tc the testbed says so
-    once and the ranks run as plain local processes.
+    brings one up for the run and down after it (unless ``bring_up`` is False: an agent
+    only uses a testbed that is up). Without root or tc the testbed says so once and the
+    ranks run as plain local processes.
     """
     if not any(d.host == "emulated" for d in pool.devices):
         yield Placement()
@@ -100,6 +104,9 @@ def pool_placement(pool, *, log=print) -> Iterator[Placement]:
 
     state = Testbed.attach(pool)
     owned = state is None
+    if owned and not bring_up:
+        yield Placement()
+        return
     if owned:
         state = Testbed.up(pool, replace=True)
     if state.notice:
@@ -117,6 +124,7 @@ def pool_placement(pool, *, log=print) -> Iterator[Placement]:
         prefix=state.command_prefix, env=state.env,
         exit_cause=lambda d, rc: state.exit_cause(d, rc, before.get(d, 0)) if state.is_emulated(d) else None,
         cores=cores, notes=state.describe() if state.emulated else [state.notice], emulated=state.emulated,
+        host_addr=state.master_addr,
     )
     try:
         yield placement
@@ -185,17 +193,23 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
             remove_private(private)
 
 
-def run_store_env(master: str, port: int, env: dict[str, str]) -> str:
-    """Environment for a run whose rank 0 hosts the rendezvous store (``cluster.store``):
-    a token made for this run alone, in a private folder the caller removes afterwards.
-    torch's TCPStore would listen on every interface, unauthenticated."""
-    import secrets
+def private_token() -> tuple[str, Path]:
+    """A token made for one run, in a private folder (mode 0700) the caller removes afterwards."""
     import tempfile
 
     from edgepool.cluster.trust import new_token
 
-    private = tempfile.mkdtemp(prefix="edgepool-run-")  # mode 0700
-    token = new_token(Path(private) / "run.token")
+    private = tempfile.mkdtemp(prefix="edgepool-run-")
+    return private, new_token(Path(private) / "run.token")
+
+
+def run_store_env(master: str, port: int, env: dict[str, str]) -> str:
+    """Environment for a run whose rank 0 hosts the rendezvous store (``cluster.store``)
+    with a token made for this run alone; returns the private folder to remove.
+    torch's TCPStore would listen on every interface, unauthenticated."""
+    import secrets
+
+    private, token = private_token()
     env.update(EDGEPOOL_STORE=f"[{master}]:{port}" if ":" in master else f"{master}:{port}",
                EDGEPOOL_RUN_ID=secrets.token_hex(16), EDGEPOOL_TOKEN_FILE=str(token), EDGEPOOL_STORE_HOST="0")
     return private

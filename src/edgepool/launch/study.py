@@ -1,7 +1,8 @@
 """The four-parallelism study (the paper's case study) for any pool, and the demo.
 
 For the same model and global batch, run DP, SP, TP, PP and the planner's choice on the
-pool (inside the testbed for ``host: emulated`` devices), and for each measure step
+pool (inside the testbed for ``host: emulated`` devices, each run through a coordinator
+and one ``edgepool join`` agent per device, ``cluster.coordinator.launch_pool``), and for each measure step
 time, samples/s, energy per step and per sample, per-device peak memory and busy %,
 and bytes on the wire, beside the cost model's prediction. A run that dies (out of
 memory under its cap, a timeout, a crash) is kept with its cause.
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from edgepool import catalog, modes
 from edgepool.errors import EdgepoolError, InfeasibleError, PlanError
+from edgepool.cluster.coordinator import launch_pool
 from edgepool.launch.local import Placement, RankFailed, launch_local, pool_placement
 from edgepool.specs.job import JobSpec
 from edgepool.specs.layout import check_plan
@@ -160,6 +162,12 @@ def _run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, conso
 
     with pool_placement(pool, log=log) as placement:
         notes += placement.notes
+        # On the testbed, every run takes the real path of a pool across hosts: a
+        # coordinator here and an `edgepool join` agent per device (``cluster``).
+        launch = launch_pool if placement.emulated else launch_local
+        if placement.emulated:
+            notes.append("each run went through `edgepool serve`'s coordinator and one `edgepool join` agent per "
+                         "device (pool token, TLS, the coordinator's store)")
         profile, prediction_source = study_profile(pool, job, cfg, placement, log=log)
         for name, plan in study_plans(pool, job, cfg.num_layers, families, profile):
             if isinstance(plan, str):
@@ -183,7 +191,7 @@ def _run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, conso
                 log(f"[bold]{name}[/bold]: plan {plan.plan_id} ({plan.parallelism}, {len(plan.stages)} stage(s))")
                 bar = progress_bar(plan, steps) if progress_bar is not None else None
                 with bar if bar is not None else nullcontext():
-                    summary = launch_local(spec, placement=placement, on_step=bar.update if bar is not None else None,
+                    summary = launch(spec, placement=placement, on_step=bar.update if bar is not None else None,
                                            deadline_s=deadline_s)
             except RankFailed as exc:
                 row.status = ("out of memory" if "out of memory" in exc.reason
