@@ -414,3 +414,46 @@ def test_raw_data_never_crosses_the_wire(setup):
     for name, _, _ in DEVICES:
         for form in _forms(MARKER.format(device=name)):
             assert form not in data, f"device {name}'s data crossed the wire ({form[:24]!r}...)"
+
+
+def test_a_killed_agent_is_named_and_nothing_is_left_running(setup):
+    """SIGKILL one agent mid-run: its rank dies with it (the watchdog pipe), the
+    coordinator names that device in one line and stops the others, every agent exits."""
+    import signal
+
+    tmp = setup
+    devices = DEVICES[:2]
+    pool = _pool(tmp, "127.0.0.1", devices)
+    job = _job(tmp, _data(tmp))
+    port, token = _port(), str(tmp / "pool.token")
+    serve = Serve("--pool", str(pool), "--job", str(job), "--out", str(tmp / "serve-killed"), "--token", token,
+                  "--port", str(port), "--parallelism", "dp", "--steps", "100000")
+    serve.wait_for("listening on")
+    agents = {n: _cli("join", "--coordinator", f"127.0.0.1:{port}", "--token", token, "--device", n,
+                      "--work", str(tmp / f"work-killed-{n}")) for n, _, _ in devices}
+    metrics = tmp / "serve-killed" / "metrics.jsonl"
+    t0 = time.monotonic()
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert time.monotonic() - t0 < 120, serve.lines
+        time.sleep(0.2)
+    agents["b"].send_signal(signal.SIGKILL)
+    t_kill = time.monotonic()
+    assert serve.finish(timeout=60) == 2
+    took = time.monotonic() - t_kill
+    errors = [ln for ln in serve.lines if ln.startswith("edgepool serve: error:")]
+    assert len(errors) == 1 and "device b" in errors[0], serve.lines
+    rc_a, err_a = _finish([agents["a"]], timeout=60)[0]
+    assert rc_a != 0 and len([ln for ln in err_a.splitlines() if "error:" in ln]) == 1, err_a
+    agents["b"].wait(10)
+    time.sleep(1.0)
+    left = [d.name for d in Path("/proc").iterdir() if d.name.isdigit()
+            and b"work-killed" in _cmdline(d)]
+    assert not left, f"rank processes left: {left}"
+    assert took < 30, f"the coordinator took {took:.1f} s to notice"
+
+
+def _cmdline(d: Path) -> bytes:
+    try:
+        return (d / "cmdline").read_bytes()
+    except OSError:
+        return b""
