@@ -262,7 +262,7 @@ def _refused_quickly(proc: subprocess.Popen) -> str:
     lines = err.strip().splitlines()
     assert proc.returncode != 0, err
     assert len(lines) == 1 and lines[0].startswith("edgepool join: error: "), err
-    assert took < 2.0 + 3.0, f"took {took:.1f} s"  # 2 s, plus the interpreter's start on a busy 2-core machine
+    assert took < 2.0, f"took {took:.1f} s"
     return lines[0]
 
 

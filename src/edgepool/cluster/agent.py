@@ -2,8 +2,8 @@
 
 It reaches the coordinator over the pool's mutual TLS (``cluster.trust``; the token
 never travels), names its device and edgepool version, and sends its facts: cores,
-memory, the energy meters this host has and a short matmul speed probe. Once admitted
-it waits for the run, and then starts its device's rank as ``train`` does
+memory and the energy meters this host has, and once admitted a short matmul speed
+probe (torch loads only then, so a refusal comes at once). It waits for the run, and then starts its device's rank as ``train`` does
 (``launch.local.launch_local`` for this one rank: the rank cannot outlive the agent)
 with the rendezvous on the coordinator's authenticated store (``cluster.store``) and
 gloo bound to the interface that reaches the coordinator. The agent of rank 0 forwards
@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 
 import edgepool
-from edgepool.cluster.channel import ChannelError, Unreachable, connect
-from edgepool.cluster.coordinator import PING_S
+from edgepool.cluster.channel import PING_S, ChannelError, Unreachable, connect
 from edgepool.errors import EdgepoolError, SpecError
 
 WAIT_S = 8 * PING_S  # a coordinator silent this long while the pool waits is gone
@@ -38,9 +37,7 @@ class Refused(EdgepoolError):
 
 
 def device_facts(kind: str | None = None) -> dict:
-    """What this host has: cores, memory, energy meters, and a short speed probe (matmul GFLOP/s)."""
-    import torch
-
+    """What this host has, cheaply (sent in the greeting): cores, memory, energy meters."""
     from edgepool.energy import meter_report
 
     facts: dict = {"cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
@@ -53,15 +50,21 @@ def device_facts(kind: str | None = None) -> dict:
     facts["meters"] = [name for name, ok, _ in meter_report() if ok]
     if kind:
         facts["kind"] = kind
+    return facts
+
+
+def speed_probe(seconds: float = 0.2) -> float:
+    """A short matmul probe, GFLOP/s (sent once admitted: torch loads only then)."""
+    import torch
+
     n = 256
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up
     reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.2:
+    while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
-    facts["gflops"] = round(2 * n**3 * reps / (time.perf_counter() - t0) / 1e9, 2)
-    return facts
+    return round(2 * n**3 * reps / (time.perf_counter() - t0) / 1e9, 2)
 
 
 def join(coordinator: str, token_path, device: str, *, data: str | None = None, work: str | None = None,
@@ -95,6 +98,7 @@ def join(coordinator: str, token_path, device: str, *, data: str | None = None, 
         if "refused" in msg:
             raise Refused(f"the coordinator at {coordinator} refused {device}: {msg['refused']}")
         log(f"admitted to pool {msg.get('pool')!r} as {device}; waiting for the run")
+        ch.send({"facts": {"gflops": speed_probe()}})
         while True:
             msg = ch.recv(timeout=WAIT_S)
             if "cancel" in msg:

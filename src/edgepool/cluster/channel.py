@@ -19,6 +19,7 @@ from edgepool.errors import EdgepoolError
 
 MAX_MESSAGE = 64 << 20
 HANDSHAKE_S = 5.0  # a TLS handshake that takes longer is refused
+PING_S = 2.0  # the coordinator tells waiting agents it is alive this often
 
 
 class ChannelError(EdgepoolError, ConnectionError):

@@ -36,12 +36,11 @@ from pathlib import Path
 from typing import Callable
 
 import edgepool
-from edgepool.cluster.channel import Channel, ChannelError, Listener
+from edgepool.cluster.channel import PING_S, Channel, ChannelError, Listener
 from edgepool.cluster.store import StoreServer, store_handler
 from edgepool.cluster.trust import tls_context
 from edgepool.errors import EdgepoolError, SpecError
 
-PING_S = 2.0  # the coordinator tells waiting agents it is alive this often
 DEFAULT_PORT = 29400
 
 
@@ -130,6 +129,9 @@ class Coordinator:
                             del self.members[m.device]
                 self.events.put(("lost", m.device, {"reason": str(exc)}))
                 return
+            if isinstance(msg.get("facts"), dict):  # the speed probe, sent once admitted
+                m.facts.update(msg["facts"])
+                self.log(f"{m.device}{_describe(msg['facts'])}")
             for kind in ("step", "exit"):
                 if kind in msg:
                     self.events.put((kind, m.device, msg))
