@@ -158,3 +158,31 @@ def test_serve_listens_where_the_pool_says_and_never_guesses():
     assert bind_address(local, None) == "127.0.0.1"
     with pytest.raises(ValueError, match="coordinator"):
         pool(coordinator="-oProxyCommand=x")
+
+
+def test_idle_connections_and_bad_requests_do_not_take_the_listener_down(token, monkeypatch):
+    import time
+
+    import edgepool.cluster.channel as chmod
+
+    monkeypatch.setattr(chmod, "HANDSHAKE_S", 0.5)
+    log: list[str] = []
+    lst = host_store("127.0.0.1", 0, token, "run-1", log=log.append)
+    try:
+        addr, port = lst.address
+        idle = [socket.create_connection((addr, port)) for _ in range(chmod.MAX_PENDING + 8)]  # never say a word
+        time.sleep(1.5)
+        st = ChannelStore(addr, port, token, "run-1", 0, timedelta(seconds=5))
+        st.set("k", b"v")  # still served
+        from edgepool.cluster.store import StoreServer
+
+        assert "error" in StoreServer().handle({"op": "wait", "keys": ["x"], "timeout": float("inf")})
+        for req in ({"op": "wait", "keys": ["x"], "timeout": 1e400}, {"op": "get", "key": "x", "timeout": -1},
+                    {"op": "add", "key": "k", "amount": "nope"}, {"op": "zz"}):
+            with pytest.raises(ChannelError):
+                st._call(req)
+        assert st.get("k") == b"v"
+        for s in idle:
+            s.close()
+    finally:
+        lst.close()

@@ -46,7 +46,7 @@ def run(args) -> int:
     if not 0 <= args.port < 65536:
         raise SpecError(f"--port must be 0..65535, got {args.port}")
     if not 0 < args.join_timeout <= 86_400:
-        raise SpecError(f"--join-timeout must be 0..86400 s, got {args.join_timeout:g}")
+        raise SpecError(f"--join-timeout must be more than 0 and at most 86400 s, got {args.join_timeout:g}")
     token_path = Path(args.token) if args.token else default_token()
     if args.token is None and not token_path.exists():
         token_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -19,16 +19,14 @@ written to ``--work`` on this device.
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from pathlib import Path
 
 import edgepool
-from edgepool.cluster.channel import PING_S, ChannelError, Unreachable, connect
+from edgepool.cluster.channel import PING_S, WAIT_S, ChannelError, Unreachable, connect
 from edgepool.errors import EdgepoolError, SpecError
 
-WAIT_S = 8 * PING_S  # a coordinator silent this long while the pool waits is gone
 REACH_S = 120.0  # how long an agent keeps trying to reach a coordinator that is not up yet
 
 
@@ -97,10 +95,14 @@ def join(coordinator: str, token_path, device: str, *, data: str | None = None, 
         msg = ch.recv(timeout=10.0)
         if "refused" in msg:
             raise Refused(f"the coordinator at {coordinator} refused {device}: {msg['refused']}")
+        if "admitted" not in msg:
+            raise EdgepoolError(f"the coordinator at {coordinator} answered neither admitted nor refused")
         log(f"admitted to pool {msg.get('pool')!r} as {device}; waiting for the run")
+        done = threading.Event()
+        threading.Thread(target=_ping, args=(ch, done), name="edgepool-ping", daemon=True).start()
         ch.send({"facts": {"gflops": speed_probe()}})
         while True:
-            msg = ch.recv(timeout=WAIT_S)
+            msg = ch.recv(timeout=WAIT_S)  # the coordinator pings every PING_S
             if "cancel" in msg:
                 raise EdgepoolError(f"the coordinator cancelled the run: {msg['cancel']}")
             if "unused" in msg:
@@ -108,12 +110,24 @@ def join(coordinator: str, token_path, device: str, *, data: str | None = None, 
                 return 0
             if "run" in msg:
                 break
-        return _run(ch, msg, device, data=data, work=work, token_path=Path(token_path).resolve(),
-                    iface=iface_of(ch.sock.getsockname()[0]), log=log)
+        try:
+            return _run(ch, msg, device, data=data, work=work, token_path=Path(token_path).resolve(),
+                        iface=iface_of(ch.sock.getsockname()[0]), log=log)
+        finally:
+            done.set()
     except ChannelError as exc:
         raise EdgepoolError(f"lost the coordinator at {coordinator}: {exc}") from None
     finally:
         ch.close()
+
+
+def _ping(ch, done: threading.Event) -> None:
+    """Tell the coordinator this agent is alive every ``PING_S`` (it counts ``WAIT_S`` of silence as gone)."""
+    while not done.wait(PING_S):
+        try:
+            ch.send({"ping": True})
+        except ChannelError:
+            return
 
 
 def _run(ch, msg: dict, device: str, *, data, work, token_path: Path, iface: str | None, log) -> int:
@@ -140,7 +154,8 @@ def _run(ch, msg: dict, device: str, *, data, work, token_path: Path, iface: str
         raise
     env = {"EDGEPOOL_STORE": msg["store"], "EDGEPOOL_RUN_ID": msg["run_id"], "EDGEPOOL_TOKEN_FILE": str(token_path)}
     told: list[str] = []
-    threading.Thread(target=_listen, args=(ch, told), name="edgepool-agent", daemon=True).start()
+    stop = threading.Event()
+    threading.Thread(target=_listen, args=(ch, told, stop), name="edgepool-agent", daemon=True).start()
 
     def forward(rec) -> None:
         ch.send({"step": rec.model_dump(mode="json")})
@@ -150,22 +165,28 @@ def _run(ch, msg: dict, device: str, *, data, work, token_path: Path, iface: str
         with pool_placement(run.pool, log=log, bring_up=False) as placement:
             if iface and not placement.env(device).get("GLOO_SOCKET_IFNAME"):
                 env["GLOO_SOCKET_IFNAME"] = iface  # gloo binds where this agent reached the coordinator
-            summary = launch_local(run, ranks=[rank], env=env, placement=placement,
+            summary = launch_local(run, ranks=[rank], env=env, placement=placement, stop=stop,
                                    on_step=forward if rank == 0 else None)
+        final: dict = {"exit": 0}
+        if summary is not None:
+            final["summary"] = summary.model_dump(mode="json")
+            trace = out / "trace.json"
+            if trace.is_file():
+                import json
+
+                final["trace"] = json.loads(trace.read_text())
+        ch.send(final)
     except RankFailed as exc:
         _tell(ch, {"exit": exc.returncode or 1, "reason": exc.reason, "message": str(exc)})
         raise
     except Stopped:
-        raise EdgepoolError(f"the coordinator stopped the run: {told[0]}" if told else "stopped") from None
-    final: dict = {"exit": 0}
-    if summary is not None:
-        final["summary"] = summary.model_dump(mode="json")
-        trace = out / "trace.json"
-        if trace.is_file():
-            import json
-
-            final["trace"] = json.loads(trace.read_text())
-    ch.send(final)
+        if not told:  # SIGTERM or SIGHUP to this agent
+            _tell(ch, {"exit": 1, "reason": "its agent was stopped"})
+            raise
+        raise EdgepoolError(f"the coordinator stopped the run: {told[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - the coordinator hears why, not just a lost connection
+        _tell(ch, {"exit": 1, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+        raise
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline and not told:  # the coordinator's "done" (or a failure elsewhere)
         time.sleep(0.05)
@@ -182,22 +203,22 @@ def _tell(ch, msg: dict) -> None:
         pass
 
 
-def _listen(ch, told: list[str]) -> None:
-    """While the rank runs: on the coordinator's stop, or its loss, stop the rank (SIGTERM
-    to this process makes ``launch_local`` stop it and raise ``Stopped``)."""
+def _listen(ch, told: list[str], stop: threading.Event) -> None:
+    """While the rank runs: on the coordinator's stop, or its loss (silent ``WAIT_S``),
+    set ``stop`` (``launch_local`` then stops the rank and raises ``Stopped``)."""
     while True:
         try:
-            msg = ch.recv()
+            msg = ch.recv(timeout=WAIT_S)
         except ChannelError as exc:
             if not told:
                 told.append(f"lost the coordinator ({exc})")
-                os.kill(os.getpid(), signal.SIGTERM)
+                stop.set()
             return
         if "done" in msg:
             told.append("done")
             return
         reason = msg.get("stop") or msg.get("cancel")
         if reason:
-            told.append(reason)
-            os.kill(os.getpid(), signal.SIGTERM)
+            told.append(str(reason))
+            stop.set()
             return

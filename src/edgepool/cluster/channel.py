@@ -9,17 +9,20 @@ Every wait has a timeout; every failure is a ``ChannelError`` with one line.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import ssl
 import struct
 import threading
+import time
 from typing import Callable
 
 from edgepool.errors import EdgepoolError
 
 MAX_MESSAGE = 64 << 20
 HANDSHAKE_S = 5.0  # a TLS handshake that takes longer is refused
-PING_S = 2.0  # the coordinator tells waiting agents it is alive this often
+PING_S = 2.0  # the coordinator and every agent tell each other they are alive this often
+WAIT_S = 8 * PING_S  # a side silent this long is gone
 
 
 class ChannelError(EdgepoolError, ConnectionError):
@@ -40,49 +43,71 @@ def tls_failure(exc: BaseException) -> str:
     return f"the TLS handshake failed ({text.splitlines()[0][:200] if text else type(exc).__name__})"
 
 
+IO_S = 30.0  # one TLS record in flight, or one send, may take this long before the channel counts as broken
+MAX_PENDING = 32  # TLS handshakes in progress at once; more connections are closed at once
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 class Channel:
-    """One TLS connection; ``send`` is thread-safe, ``recv`` is for one reader."""
+    """One TLS connection, safe to use from several threads: one lock serialises every
+    OpenSSL call on it (OpenSSL allows no read and write on one connection at the same
+    time); a reader waits for data with ``select`` outside the lock, so senders never
+    queue behind a blocking read. Every send and every record read is bounded by ``IO_S``."""
 
     def __init__(self, sock: ssl.SSLSocket, peer: str):
         self.sock, self.peer = sock, peer
-        self._send_lock = threading.Lock()
+        self.sock.settimeout(IO_S)
+        self._io = threading.Lock()
 
     def send(self, obj: dict) -> None:
-        data = json.dumps(obj, separators=(",", ":")).encode()
+        try:
+            data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise ChannelError(f"cannot send a message that is not plain JSON ({exc})") from None
         if len(data) > MAX_MESSAGE:
             raise ChannelError(f"a message of {len(data)} bytes is over the channel's limit of {MAX_MESSAGE}")
         try:
-            with self._send_lock:
+            with self._io:
                 self.sock.sendall(struct.pack(">I", len(data)) + data)
         except (OSError, ValueError) as exc:
+            self.close()  # a send cut halfway leaves the stream unusable
             raise ChannelError(f"lost the connection to {self.peer} ({type(exc).__name__})") from None
 
     def recv(self, timeout: float | None = None) -> dict:
         """The next message; ``ChannelError`` on end of connection, timeout or a bad message."""
-        self.sock.settimeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            (size,) = struct.unpack(">I", self._read(4))
+            (size,) = struct.unpack(">I", self._read(4, deadline, timeout))
             if size > MAX_MESSAGE:
                 raise ChannelError(f"{self.peer} sent a message of {size} bytes, over the limit of {MAX_MESSAGE}")
-            data = self._read(size)
+            data = self._read(size, deadline, timeout)
         except ChannelError:  # an OSError too: keep its own words
             raise
         except (socket.timeout, TimeoutError):
-            raise ChannelError(f"{self.peer} sent nothing within {timeout:g} s") from None
-        except (OSError, ssl.SSLError) as exc:
+            raise ChannelError(f"{self.peer} stopped in the middle of a message") from None
+        except (OSError, ssl.SSLError, ValueError) as exc:
             raise ChannelError(f"lost the connection to {self.peer} ({type(exc).__name__})") from None
         try:
-            obj = json.loads(data)
+            obj = json.loads(data, parse_constant=_no_constant)
         except (ValueError, RecursionError):
             raise ChannelError(f"{self.peer} sent a message that is not JSON") from None
         if not isinstance(obj, dict):
             raise ChannelError(f"{self.peer} sent a message that is not a JSON object")
         return obj
 
-    def _read(self, n: int) -> bytes:
+    def _read(self, n: int, deadline: float | None, timeout: float | None) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
+            if not self.sock.pending():  # nothing decrypted waiting: wait for bytes, without the lock
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([self.sock], [], [], left)
+                if not ready:
+                    raise ChannelError(f"{self.peer} sent nothing within {timeout:g} s")
+            with self._io:
+                chunk = self.sock.recv(n - len(buf))
             if not chunk:
                 raise ChannelError(f"{self.peer} closed the connection")
             buf += chunk
@@ -132,14 +157,18 @@ class Listener:
         from edgepool.errors import SpecError
 
         self._ctx, self.handlers, self.log = ctx, handlers, log
+        if not bind:
+            raise SpecError("an empty address to listen on; give one (0.0.0.0 only to mean every interface)")
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         try:
             self._sock = socket.create_server((bind, port), family=family, backlog=64)
         except OSError as exc:
-            raise SpecError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}; choose another --port or "
-                            "--bind") from None
+            raise SpecError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
         self.address = self._sock.getsockname()[:2]
         self._closed = False
+        self._pending = threading.BoundedSemaphore(MAX_PENDING)
+        self._open: set[Channel] = set()
+        self._open_lock = threading.Lock()
         threading.Thread(target=self._accept_loop, name="edgepool-accept", daemon=True).start()
 
     def close(self) -> None:
@@ -150,13 +179,23 @@ class Listener:
                 stop()
             except OSError:
                 pass
+        with self._open_lock:
+            for ch in list(self._open):  # every connection it accepted ends with it
+                ch.close()
 
     def _accept_loop(self) -> None:
         while not self._closed:
             try:
                 raw, addr = self._sock.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if self._closed:
+                    return
+                self.log(f"accept failed ({exc.strerror or exc}); retrying")  # out of descriptors, say
+                time.sleep(0.5)
+                continue
+            if not self._pending.acquire(blocking=False):  # too many handshakes at once: not waited on
+                raw.close()
+                continue
             threading.Thread(target=self._handle, args=(raw, f"{addr[0]}:{addr[1]}"), daemon=True).start()
 
     def _handle(self, raw: socket.socket, peer: str) -> None:
@@ -165,16 +204,27 @@ class Listener:
         except ChannelError as exc:
             self.log(str(exc))
             return
+        finally:
+            self._pending.release()
+        with self._open_lock:
+            self._open.add(ch)
         try:
-            hello = ch.recv(timeout=HANDSHAKE_S)
-        except ChannelError as exc:
-            self.refuse(ch, peer, f"no greeting ({exc})")
-            return
-        handler = self.handlers.get(hello.get("hello"))
-        if handler is None:
-            self.refuse(ch, peer, "not an edgepool agent")
-            return
-        handler(ch, peer, hello)
+            try:
+                hello = ch.recv(timeout=HANDSHAKE_S)
+            except ChannelError as exc:
+                self.refuse(ch, peer, f"no greeting ({exc})")
+                return
+            handler = self.handlers.get(hello.get("hello"))
+            if handler is None:
+                self.refuse(ch, peer, "not an edgepool agent")
+                return
+            handler(ch, peer, hello)
+        except Exception as exc:  # noqa: BLE001 - a bad peer ends its own connection, nothing else
+            self.log(f"dropped the connection from {peer}: {type(exc).__name__}: {str(exc)[:200]}")
+        finally:
+            with self._open_lock:
+                self._open.discard(ch)
+            ch.close()
 
     def refuse(self, ch: Channel, who: str, reason: str) -> None:
         self.log(f"refused {who}: {reason}")

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import edgepool
-from edgepool.cluster.channel import PING_S, Channel, ChannelError, Listener
+from edgepool.cluster.channel import PING_S, WAIT_S, Channel, ChannelError, Listener
 from edgepool.cluster.store import StoreServer, store_handler
 from edgepool.cluster.trust import tls_context
 from edgepool.errors import EdgepoolError, SpecError
@@ -78,12 +78,21 @@ class Coordinator:
         self._listener = Listener(tls_context(token, server=True), bind, port, {
             "join": self._join, "store": store_handler(self.store, self._current_run, self._refuse)}, log=log)
         self.address = self._listener.address
+        self._closed = threading.Event()
+        threading.Thread(target=self._ping, name="edgepool-ping", daemon=True).start()
 
     def _current_run(self) -> str | None:
         with self._lock:
             return self._run_id
 
+    def _ping(self) -> None:
+        """Every agent hears from the coordinator every ``PING_S``, from admission to the end
+        (an agent silent for ``WAIT_S`` counts as gone, and so does the coordinator for it)."""
+        while not self._closed.wait(PING_S):
+            self._broadcast({"ping": True})
+
     def close(self) -> None:
+        self._closed.set()
         self._listener.close()
 
     def _refuse(self, ch: Channel, who: str, reason: str) -> None:
@@ -92,24 +101,26 @@ class Coordinator:
     def _join(self, ch: Channel, peer: str, hello: dict) -> None:
         name, version, facts = hello.get("device"), hello.get("version"), hello.get("facts")
         who = f"device {name!r} from {peer}" if isinstance(name, str) else f"an agent from {peer}"
-        if version != edgepool.__version__:
-            return self._refuse(ch, who, f"it runs edgepool {version}, the coordinator {edgepool.__version__}; "
-                                         "install the same version on every device")
+        # The name first: an agent with a name the pool lacks learns nothing else (not our version).
         if not isinstance(name, str) or name not in self.allowed:
             return self._refuse(ch, who, f"device {name!r} is not in pool {self.pool.name!r}"
                                          + ("'s plan" if len(self.allowed) < len(self.pool.devices) else ""))
-        with self._lock:
+        if version != edgepool.__version__:
+            return self._refuse(ch, who, f"it runs edgepool {version}, the coordinator {edgepool.__version__}; "
+                                         "install the same version on every device")
+        with self._lock:  # admitted before any broadcast can reach it
             if self._run_id is not None:
                 return self._refuse(ch, who, "the run has started; join the next one")
             if name in self.members:
-                return self._refuse(ch, who, f"device {name!r} has already joined (from "
-                                             f"{self.members[name].peer})")
-            member = self.members[name] = Member(name, ch, peer, facts if isinstance(facts, dict) else {})
-        ch.send({"admitted": name, "pool": self.pool.name})
+                self.log(f"{name} has already joined from {self.members[name].peer}")
+                return self._refuse(ch, who, f"device {name!r} has already joined")
+            member = Member(name, ch, peer, facts if isinstance(facts, dict) else {})
+            ch.send({"admitted": name, "pool": self.pool.name})
+            self.members[name] = member
         self.log(f"{name} joined from {peer}{_describe(member.facts)} "
                  f"({len(self.members)} of {len(self.allowed)})")
         self._check_kind(member)
-        self.events.put(("joined", name, {}))
+        self.events.put(("joined", name, {}, member))
         self._read(member)
 
     def _check_kind(self, m: Member) -> None:
@@ -121,20 +132,20 @@ class Coordinator:
         """Forward one agent's messages to the main thread until its connection ends."""
         while True:
             try:
-                msg = m.channel.recv()
+                msg = m.channel.recv(timeout=WAIT_S)  # agents ping every PING_S
             except ChannelError as exc:
                 with self._lock:
                     if self.members.get(m.device) is m:
                         if self._run_id is None:  # while the pool waits, a device may leave and join again
                             del self.members[m.device]
-                self.events.put(("lost", m.device, {"reason": str(exc)}))
+                self.events.put(("lost", m.device, {"reason": str(exc)}, m))
                 return
             if isinstance(msg.get("facts"), dict):  # the speed probe, sent once admitted
                 m.facts.update(msg["facts"])
                 self.log(f"{m.device}{_describe(msg['facts'])}")
             for kind in ("step", "exit"):
                 if kind in msg:
-                    self.events.put((kind, m.device, msg))
+                    self.events.put((kind, m.device, msg, m))
 
     # -- the run -----------------------------------------------------------------
 
@@ -143,7 +154,7 @@ class Coordinator:
         t0, want = time.monotonic(), set(self.allowed)
         while True:
             try:
-                kind, name, _ = self.events.get(timeout=PING_S)
+                kind, name, _, _ = self.events.get(timeout=PING_S)
                 if kind == "lost":
                     self.log(f"{name} left before the run started")
             except queue.Empty:
@@ -161,11 +172,12 @@ class Coordinator:
                 need = f"at least {min_devices} (--min-devices)" if min_devices else "all of them (or --min-devices K)"
                 raise EdgepoolError(f"{len(joined)} of {len(want)} devices joined within {join_timeout_s:g} s "
                                     f"(--join-timeout), missing {missing}; the run needs {need}")
-            self._broadcast({"waiting": sorted(want - joined)})
         return [n for n in self.allowed if n in joined]
 
-    def _broadcast(self, msg: dict, members: list[Member] | None = None) -> None:
-        for m in members if members is not None else list(self.members.values()):
+    def _broadcast(self, msg: dict) -> None:
+        with self._lock:
+            members = list(self.members.values())
+        for m in members:
             try:
                 m.channel.send(msg)
             except ChannelError:
@@ -178,6 +190,9 @@ class Coordinator:
     def launch(self, spec) -> None:
         """Hand each device of the plan its rank and the run; other admitted devices are let go."""
         with self._lock:
+            gone = [n for n in spec.plan.devices if n not in self.members]
+            if gone:
+                raise EdgepoolError(f"device(s) {', '.join(gone)} left while the run was being planned; start again")
             self._run_id = secrets.token_hex(16)
             members = dict(self.members)
         run = json.loads(spec.model_dump_json())
@@ -212,13 +227,13 @@ class Coordinator:
 
         while len(exits) < len(ranks):
             try:
-                kind, name, msg = self.events.get(timeout=0.5)
+                kind, name, msg, member = self.events.get(timeout=0.5)
             except queue.Empty:
                 if t_end is not None and time.monotonic() > t_end:
                     raise fail("-", f"the run did not finish within {deadline_s:g} s (step {seen} of {spec.steps}); "
                                "stopped every device", f"timeout after {deadline_s:g} s at step {seen}")
                 continue
-            if name not in ranks:
+            if name not in ranks or member is not self.members.get(name):  # not in the run, or a stale event
                 continue
             if kind == "step" and ranks[name] == 0:
                 rec = StepRecord.model_validate(msg["step"])
@@ -249,7 +264,7 @@ def _describe(facts: dict) -> str:
 
 
 def run_spec(coord: Coordinator, spec, *, on_step: Callable | None = None, progress: Callable | None = None,
-             deadline_s: float | None = None, log=print):
+             deadline_s: float | None = None):
     """Launch ``spec`` on the admitted agents and follow it: ``OUT/metrics.jsonl`` from
     rank 0's step records, then ``summary.json`` and ``trace.json``; returns the summary."""
     from edgepool.specs.metrics import Summary, Trace, append_record, write_json
@@ -313,7 +328,7 @@ def serve(pool_path, job_path, *, out: str, token: bytes, bind: str | None = Non
             plan = spec.plan
             log(f"plan {plan.plan_id}: {plan.parallelism}, {len(plan.stages)} stage(s), {plan.num_microbatches} "
                 f"micro-batch(es), {plan.schedule}, devices {', '.join(plan.devices)}")
-            return run_spec(coord, spec, progress=progress, log=log)
+            return run_spec(coord, spec, progress=progress)
         except BaseException as exc:
             coord.cancel(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
@@ -351,7 +366,7 @@ def launch_pool(spec, *, placement=None, on_step: Callable | None = None, deadli
                      str(token_file), "--device", name, "--work", str(out_dir / "devices" / name)],
                     stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
         coord.wait_for(min_devices=None, join_timeout_s=join_timeout_s)
-        return run_spec(coord, spec, on_step=on_step, deadline_s=deadline_s, log=log)
+        return run_spec(coord, spec, on_step=on_step, deadline_s=deadline_s)
     except BaseException as exc:
         if coord is not None:
             coord.cancel(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -34,6 +34,9 @@ def _b(v) -> bytes:
     return v if isinstance(v, bytes) else (bytes(v) if isinstance(v, (bytearray, list)) else str(v).encode())
 
 
+MAX_WAIT_S = 86_400.0  # the longest wait a store request may ask for (the job's timeout_s is at most this)
+
+
 class StoreServer:
     """A key-value store in the coordinator's memory; ``serve(channel)`` answers one connection."""
 
@@ -57,7 +60,10 @@ class StoreServer:
                 return {}
             if op in ("get", "wait"):
                 keys = [req["key"]] if op == "get" else list(req["keys"])
-                if not self._wait(keys, float(req["timeout"])):
+                timeout = float(req["timeout"])
+                if not 0.0 <= timeout <= MAX_WAIT_S:
+                    return {"error": f"a wait of {timeout:g} s is outside 0..{MAX_WAIT_S:g} s"}
+                if not self._wait(keys, timeout):
                     return {"timeout": [k for k in keys if k not in data]}
                 return {"value": base64.b64encode(data[req["key"]]).decode()} if op == "get" else {}
             if op == "add":
@@ -89,7 +95,7 @@ class StoreServer:
                 return
             try:
                 reply = self.handle(req)
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 reply = {"error": f"bad store request ({type(exc).__name__})"}
             try:
                 channel.send(reply)
@@ -101,7 +107,7 @@ def store_handler(store: StoreServer, run_id: Callable[[], str | None], refuse: 
     """A ``Listener`` handler: a rank's store connection, admitted with the current run's id only."""
     def handle(ch: Channel, peer: str, hello: dict) -> None:
         want, run = run_id(), hello.get("run")
-        if want is None or not isinstance(run, str) or not hmac.compare_digest(run, want):
+        if want is None or not isinstance(run, str) or not hmac.compare_digest(run.encode(), want.encode()):
             refuse(ch, f"a store connection from {peer}", "not a rank of the current run")
             return
         ch.send({})
@@ -149,11 +155,15 @@ class ChannelStore(dist.Store):
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.1)
-            ch.send(self._hello)
-            reply = ch.recv(timeout=10.0)
+            try:
+                ch.send(self._hello)
+                reply = ch.recv(timeout=10.0)
+            except ChannelError:
+                ch.close()
+                raise
             if "refused" in reply:
                 ch.close()
-                raise ChannelError(f"the coordinator refused the store connection: {reply['refused']}")
+                raise ChannelError(f"the store's host refused the connection: {reply['refused']}")
             self._local.channel = ch
         return ch
 

@@ -146,7 +146,7 @@ def _reason(log: Path) -> str:
 
 def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[StepRecord], None] | None = None,
                  poll_s: float = 0.2, deadline_s: float | None = None, ranks: list[int] | None = None,
-                 env: dict[str, str] | None = None) -> Summary | None:
+                 env: dict[str, str] | None = None, stop=None) -> Summary | None:
     """Run ``run`` (a RunSpec) on local processes; returns the summary.
 
     ``on_step`` gets every step's record as rank 0 writes it (a progress bar, say).
@@ -154,7 +154,8 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
     ``RankFailed`` with reason "timeout" is raised. ``ranks``: start only these (an
     agent of ``cluster.agent`` starts its own device's rank; the others run elsewhere),
     with ``env`` added to their environment; without rank 0 there is no summary here
-    (None)."""
+    (None). ``stop`` (a ``threading.Event``, set from another thread) stops every rank
+    and raises ``Stopped``, as SIGTERM does."""
     placement = placement or Placement()
     out = Path(run.out_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,7 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
         finally:
             os.close(watch_r)
         try:
-            return _watch(run, procs, logs, placement, on_step, poll_s, deadline_s)
+            return _watch(run, procs, logs, placement, on_step, poll_s, deadline_s, stop)
         finally:
             _stop_all(procs)
             os.close(watch_w)
@@ -253,7 +254,8 @@ def _stop_all(procs: dict[int, subprocess.Popen]) -> None:
 
 
 def _watch(run, procs: dict[int, subprocess.Popen], logs: dict[int, Path], placement: Placement,
-           on_step: Callable[[StepRecord], None] | None, poll_s: float, deadline_s: float | None) -> Summary | None:
+           on_step: Callable[[StepRecord], None] | None, poll_s: float, deadline_s: float | None,
+           stop=None) -> Summary | None:
     out = Path(run.out_dir)
     metrics = out / "metrics.jsonl"
     seen = 0
@@ -293,6 +295,8 @@ def _watch(run, procs: dict[int, subprocess.Popen], logs: dict[int, Path], place
             code = codes.get(first) if codes.get(first) is not None else -1  # a silent rank may be there, or elsewhere
             raise RankFailed(message, rank=first, device=device, returncode=code, reason=reason,
                              log=logs.get(first, out / "logs"))
+        if stop is not None and stop.is_set():
+            raise Stopped("told to stop; every rank was stopped")
         if all(c == 0 for c in codes.values()):
             follow()  # the last steps, written just before the ranks exited
             break
