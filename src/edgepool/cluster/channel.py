@@ -129,22 +129,21 @@ def connect(addr: str, port: int, ctx: ssl.SSLContext, *, timeout: float = HANDS
         raw = socket.create_connection((addr, port), timeout=timeout)
     except OSError as exc:
         raise Unreachable(f"cannot reach {where}: {exc.strerror or exc}") from None
-    try:
-        sock = ctx.wrap_socket(raw, server_hostname=SERVER_NAME)
-    except (ssl.SSLError, OSError) as exc:
-        raw.close()
-        raise ChannelError(f"refused by {where}: {tls_failure(exc)}") from None
-    return Channel(sock, where)
+    return _handshake(raw, ctx, where, f"refused by {where}", server_hostname=SERVER_NAME)
 
 
 def accept(raw: socket.socket, peer: str, ctx: ssl.SSLContext) -> Channel:
     """The server side of one connection: the TLS handshake, bounded by ``HANDSHAKE_S``."""
     raw.settimeout(HANDSHAKE_S)
+    return _handshake(raw, ctx, peer, f"refused a connection from {peer}", server_side=True)
+
+
+def _handshake(raw: socket.socket, ctx: ssl.SSLContext, peer: str, refused: str, **wrap) -> Channel:
     try:
-        sock = ctx.wrap_socket(raw, server_side=True)
+        sock = ctx.wrap_socket(raw, **wrap)
     except (ssl.SSLError, OSError) as exc:
         raw.close()
-        raise ChannelError(f"refused a connection from {peer}: {tls_failure(exc)}") from None
+        raise ChannelError(f"{refused}: {tls_failure(exc)}") from None
     return Channel(sock, peer)
 
 
