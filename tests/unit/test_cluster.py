@@ -186,3 +186,20 @@ def test_idle_connections_and_bad_requests_do_not_take_the_listener_down(token, 
             s.close()
     finally:
         lst.close()
+
+
+def test_a_store_that_does_not_answer_blames_its_host_rank_or_nobody():
+    """A local run's store lives in rank 0; under serve the coordinator holds it, and no rank is to blame."""
+    from edgepool.runtime.health import Heartbeat
+
+    class Dead(dist.Store):
+        def add(self, key, n):
+            raise RuntimeError("no store")
+
+        def set_timeout(self, t):
+            pass
+
+    for host, want in ((0, [0]), (None, [])):
+        hb = Heartbeat(Dead(), 1, 3, beat_s=0.01, store_host=host)
+        assert hb.silent() == want
+    assert Heartbeat(Dead(), 0, 3, beat_s=0.01, store_host=0).silent() == []

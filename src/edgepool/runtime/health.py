@@ -7,7 +7,8 @@ hosted by rank 0, or a FileStore in tests) once a second. Counters, not clock ti
 so hosts' clocks need not agree. When a blocking call times out or fails, ``silent()``
 reads every counter twice, a few beats apart: the ranks whose counters did not move are
 the silent ones (a frozen, SIGSTOPped or dead process). If the store itself does not
-answer, its host, rank 0, is the silent one.
+answer, its host is the silent one: rank 0 of a local run; under ``edgepool serve`` the
+coordinator hosts it, and no rank is blamed for it.
 
 ``Comm`` is the world's guarded calls outside the engine's schedule: object collectives
 and barriers. Objects travel as JSON in uint8 tensors (``gather_json``), never pickled:
@@ -43,11 +44,12 @@ def first_line(exc: BaseException) -> str:
 class Heartbeat:
     """This rank's beat, and a reading of everybody's."""
 
-    def __init__(self, store, rank: int, world_size: int, *, beat_s: float = BEAT_S):
+    def __init__(self, store, rank: int, world_size: int, *, beat_s: float = BEAT_S, store_host: int | None = 0):
         import torch.distributed as dist
 
         self.store = dist.PrefixStore("edgepool/heartbeat", store)
         self.rank, self.world_size, self.beat_s = rank, world_size, beat_s
+        self.store_host = store_host  # the rank that hosts the store; None: no rank does (``edgepool serve``)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -92,8 +94,9 @@ class Heartbeat:
             after = self._read()
             return [r for r in range(self.world_size)
                     if r != self.rank and after[r] == before[r] and not self.store.check([f"left/{r}"])]
-        except Exception:  # noqa: BLE001 - the store does not answer: its host is silent
-            return [0] if self.rank != 0 else []
+        except Exception:  # noqa: BLE001 - the store does not answer: its host is silent (if a rank hosts it)
+            host = self.store_host
+            return [host] if host is not None and host != self.rank else []
 
 
 def blame(heartbeat: Heartbeat | None, names: list[str], rank: int, what: str, exc: BaseException | None,

@@ -112,7 +112,7 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
                    device=tensors)
     clean = False
     store = world_store()
-    heartbeat = Heartbeat(store, rank, world_size).start() if store is not None else None
+    heartbeat = Heartbeat(store, rank, world_size, store_host=_store_host()).start() if store is not None else None
     comm = Comm(rank, plan.devices, heartbeat, job.train.timeout_s)
     try:
         if dist.get_world_size() != plan.world_size:
@@ -221,6 +221,16 @@ def step_meter(run: "RunSpec", device: str, engine):
                                                           cpu_s=process_cpu_seconds(children=False),
                                                           tx_bytes=lambda: float(engine.wire.bytes_sent))])
     return select_meter(device, modelled=modelled)
+
+
+def _store_host() -> int | None:
+    """The rank that hosts the run's store: the one the launcher named, none under
+    ``edgepool serve`` (the coordinator hosts it), else rank 0 (torch's rendezvous)."""
+    import os
+
+    if os.environ.get("EDGEPOOL_STORE_HOST"):
+        return int(os.environ["EDGEPOOL_STORE_HOST"])
+    return None if os.environ.get("EDGEPOOL_STORE") else 0
 
 
 def _fault(rank: int) -> int | None:
