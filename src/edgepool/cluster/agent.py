@@ -103,8 +103,8 @@ def join(coordinator: str, token_path, device: str, *, data: str | None = None, 
         ch.send({"facts": {"gflops": speed_probe()}})
         while True:
             msg = ch.recv(timeout=WAIT_S)  # the coordinator pings every PING_S
-            if "cancel" in msg:
-                raise EdgepoolError(f"the coordinator cancelled the run: {msg['cancel']}")
+            if "stop" in msg:
+                raise EdgepoolError(f"the coordinator cancelled the run: {msg['stop']}")
             if "unused" in msg:
                 log(f"{device} is not in this run: {msg['unused']}")
                 return 0
@@ -217,7 +217,7 @@ def _listen(ch, told: list[str], stop: threading.Event) -> None:
         if "done" in msg:
             told.append("done")
             return
-        reason = msg.get("stop") or msg.get("cancel")
+        reason = msg.get("stop")
         if reason:
             told.append(str(reason))
             stop.set()

@@ -183,9 +183,19 @@ class Coordinator:
             except ChannelError:
                 pass
 
-    def cancel(self, reason: str) -> None:
+    def stop(self, reason: str) -> None:
         """Tell every admitted agent the run will not happen, or stops now."""
-        self._broadcast({"cancel": reason})
+        self._broadcast({"stop": reason})
+
+    def __enter__(self) -> "Coordinator":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        """On any error every agent is told to stop, with its first line; the listener always closes."""
+        if exc is not None:
+            self.stop(str(exc).splitlines()[0] if str(exc) else kind.__name__)
+        self.close()
+        return False
 
     def launch(self, spec) -> None:
         """Hand each device of the plan its rank and the run; other admitted devices are let go."""
@@ -221,7 +231,7 @@ class Coordinator:
         seen = 0
 
         def fail(name: str, message: str, reason: str, code: int = -1):
-            self._stop_all(f"device {name} failed")
+            self.stop(f"device {name} failed")
             return RankFailed(message, rank=ranks.get(name, -1), device=name, returncode=code, reason=reason,
                               log=out / "logs")
 
@@ -251,9 +261,6 @@ class Coordinator:
                            f"({msg['reason']}); every other device was stopped", f"lost its connection ({msg['reason']})")
         self._broadcast({"done": True})
         return exits[plan.devices[0]]
-
-    def _stop_all(self, reason: str) -> None:
-        self._broadcast({"stop": reason})
 
 
 def _describe(facts: dict) -> str:
@@ -315,11 +322,10 @@ def serve(pool_path, job_path, *, out: str, token: bytes, bind: str | None = Non
         raise SpecError(f"--min-devices must be 1..{len(allowed or pool.devices)}, got {min_devices}")
     address = bind_address(pool, bind)
     with folder.hold(out, "edgepool serve", log=log) as out_dir:
-        coord = Coordinator(pool, token, bind=address, port=port, allowed=allowed, log=log)
-        a, p = coord.address
-        log(f"listening on {a}:{p} for {len(coord.allowed)} device(s) of pool {pool.name!r}: "
-            f"{', '.join(coord.allowed)}")
-        try:
+        with Coordinator(pool, token, bind=address, port=port, allowed=allowed, log=log) as coord:
+            a, p = coord.address
+            log(f"listening on {a}:{p} for {len(coord.allowed)} device(s) of pool {pool.name!r}: "
+                f"{', '.join(coord.allowed)}")
             joined = coord.wait_for(min_devices=min_devices, join_timeout_s=join_timeout_s)
             sub = pool.model_copy(update={"devices": tuple(d for d in pool.devices if d.name in joined)})
             spec = prepare_run(sub, job, out_dir=out_dir, plan_path=plan_path, parallelism=parallelism,
@@ -329,15 +335,10 @@ def serve(pool_path, job_path, *, out: str, token: bytes, bind: str | None = Non
             log(f"plan {plan.plan_id}: {plan.parallelism}, {len(plan.stages)} stage(s), {plan.num_microbatches} "
                 f"micro-batch(es), {plan.schedule}, devices {', '.join(plan.devices)}")
             return run_spec(coord, spec, progress=progress)
-        except BaseException as exc:
-            coord.cancel(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            raise
-        finally:
-            coord.close()
 
 
 def launch_pool(spec, *, placement=None, on_step: Callable | None = None, deadline_s: float | None = None,
-                join_timeout_s: float = 120.0, log=print):
+                join_timeout_s: float = 120.0):
     """Run ``spec`` (every device on this machine) through the real path: a coordinator
     here and one ``edgepool join`` agent per device, with a token made for the run. On
     the testbed each agent starts its rank inside its device's namespace and caps
@@ -354,26 +355,19 @@ def launch_pool(spec, *, placement=None, on_step: Callable | None = None, deadli
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     private, token_file = private_token()
     agents: list[subprocess.Popen] = []
-    coord = None
     try:
-        coord = Coordinator(spec.pool, read_token(token_file), bind=placement.host_addr,
-                            port=0, allowed=list(spec.plan.devices), log=lambda m: None)
-        addr, port = coord.address
-        for name in spec.plan.devices:
-            with open(out_dir / "logs" / f"agent-{name}.log", "w") as fh:
-                agents.append(subprocess.Popen(
-                    [sys.executable, "-m", "edgepool.cli.main", "join", "--coordinator", f"{addr}:{port}", "--token",
-                     str(token_file), "--device", name, "--work", str(out_dir / "devices" / name)],
-                    stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
-        coord.wait_for(min_devices=None, join_timeout_s=join_timeout_s)
-        return run_spec(coord, spec, on_step=on_step, deadline_s=deadline_s)
-    except BaseException as exc:
-        if coord is not None:
-            coord.cancel(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise
+        with Coordinator(spec.pool, read_token(token_file), bind=placement.host_addr, port=0,
+                         allowed=list(spec.plan.devices), log=lambda m: None) as coord:
+            addr, port = coord.address
+            for name in spec.plan.devices:
+                with open(out_dir / "logs" / f"agent-{name}.log", "w") as fh:
+                    agents.append(subprocess.Popen(
+                        [sys.executable, "-m", "edgepool.cli.main", "join", "--coordinator", f"{addr}:{port}",
+                         "--token", str(token_file), "--device", name, "--work", str(out_dir / "devices" / name)],
+                        stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
+            coord.wait_for(min_devices=None, join_timeout_s=join_timeout_s)
+            return run_spec(coord, spec, on_step=on_step, deadline_s=deadline_s)
     finally:
-        if coord is not None:
-            coord.close()
         for a in agents:
             try:
                 a.wait(timeout=15)

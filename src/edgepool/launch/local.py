@@ -164,10 +164,10 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
     ranks = list(range(run.plan.world_size)) if ranks is None else list(ranks)
     port = free_port()
     master = placement.master_addr(run.plan.devices[0])
-    env = dict(env or {})
     private = None
-    if "EDGEPOOL_STORE" not in env:  # the run's own store, hosted by rank 0 on ``master`` only, over TLS
-        private = run_store_env(master, port, env)
+    if env is None or "EDGEPOOL_STORE" not in env:  # the run's own store, hosted by rank 0 on ``master`` only
+        private, store = run_store_env(master, port)
+        env = {**(env or {}), **store}
     procs: dict[int, subprocess.Popen] = {}
     logs: dict[int, Path] = {}
     # The watchdog pipe: ranks inherit only the read end; it reads end-of-file when
@@ -176,17 +176,12 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
     os.set_inheritable(watch_r, True)
     with _stop_on_signals():
         try:
-            for rank in ranks:
-                logs[rank] = out / "logs" / f"rank-{rank}.log"
-                procs[rank] = _start_rank(run, rank, run_json, placement, master, port, watch_r, logs[rank], env)
-        except BaseException:
-            _stop_all(procs)
-            os.close(watch_w)
-            remove_private(private)
-            raise
-        finally:
-            os.close(watch_r)
-        try:
+            try:
+                for rank in ranks:
+                    logs[rank] = out / "logs" / f"rank-{rank}.log"
+                    procs[rank] = _start_rank(run, rank, run_json, placement, master, port, watch_r, logs[rank], env)
+            finally:
+                os.close(watch_r)
             return _watch(run, procs, logs, placement, on_step, poll_s, deadline_s, stop)
         finally:
             _stop_all(procs)
@@ -204,16 +199,16 @@ def private_token() -> tuple[str, Path]:
     return private, new_token(Path(private) / "run.token")
 
 
-def run_store_env(master: str, port: int, env: dict[str, str]) -> str:
-    """Environment for a run whose rank 0 hosts the rendezvous store (``cluster.store``)
-    with a token made for this run alone; returns the private folder to remove.
+def run_store_env(master: str, port: int) -> tuple[str, dict[str, str]]:
+    """(the private folder to remove afterwards, the environment) for a run whose rank 0
+    hosts the rendezvous store (``cluster.store``) with a token made for this run alone.
     torch's TCPStore would listen on every interface, unauthenticated."""
     import secrets
 
     private, token = private_token()
-    env.update(EDGEPOOL_STORE=f"[{master}]:{port}" if ":" in master else f"{master}:{port}",
-               EDGEPOOL_RUN_ID=secrets.token_hex(16), EDGEPOOL_TOKEN_FILE=str(token), EDGEPOOL_STORE_HOST="0")
-    return private
+    return private, {"EDGEPOOL_STORE": f"[{master}]:{port}" if ":" in master else f"{master}:{port}",
+                     "EDGEPOOL_RUN_ID": secrets.token_hex(16), "EDGEPOOL_TOKEN_FILE": str(token),
+                     "EDGEPOOL_STORE_HOST": "0"}
 
 
 def remove_private(private: str | None) -> None:

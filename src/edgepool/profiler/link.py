@@ -65,8 +65,7 @@ def measure_link(pool, a: str, b: str, placement, out_dir: Path, timeout_s: floa
     out_dir.mkdir(parents=True, exist_ok=True)
     result = out_dir / f"link-{a}-{b}.json"
     port = free_port()
-    store: dict[str, str] = {}
-    private = run_store_env(placement.master_addr(a), port, store)
+    private, store = run_store_env(placement.master_addr(a), port)
     try:
         return _ping_pong(a, b, placement, port, store, result, timeout_s)
     finally:
