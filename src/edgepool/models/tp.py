@@ -27,28 +27,22 @@ def _slice_(linear: nn.Linear, dim: int, start: int, stop: int) -> None:
 
 
 def shard_block(block: Block, *, heads: tuple[int, int], ffn: tuple[int, int]) -> dict[str, tuple[int, int, int]]:
-    """Keep heads [h0, h1) and FFN columns [f0, f1). Returns the shard spec."""
+    """Keep heads [h0, h1) and FFN columns [f0, f1). Returns the shard spec
+    (``modes.tp.block_slice`` says where each slice sits)."""
+    from edgepool.modes.tp import block_slice
+
     attn, mlp = block.attn, block.mlp
-    d = attn.cfg.head_dim
-    rep = attn.cfg.num_heads // attn.cfg.kv_heads
-    h0, h1 = heads
-    if h0 % rep or h1 % rep:
-        raise ValueError(f"head range {heads} must align to groups of {rep} query heads per kv head")
-    k0, k1 = h0 // rep, h1 // rep
     spec: dict[str, tuple[int, int, int]] = {}
-    for name, lin, dim, a, b in (
-        ("attn.q_proj", attn.q_proj, 0, h0 * d, h1 * d),
-        ("attn.k_proj", attn.k_proj, 0, k0 * d, k1 * d),
-        ("attn.v_proj", attn.v_proj, 0, k0 * d, k1 * d),
-        ("attn.o_proj", attn.o_proj, 1, h0 * d, h1 * d),
-        ("mlp.up", mlp.up, 0, *ffn),
-        ("mlp.down", mlp.down, 1, *ffn),
-    ) + ((("mlp.gate", mlp.gate, 0, *ffn),) if mlp.gate is not None else ()):
-        _slice_(lin, dim, a, b)
-        spec[f"{name}.weight"] = (dim, a, b)
-        if dim == 0 and lin.bias is not None:
-            spec[f"{name}.bias"] = (0, a, b)
-    attn.num_heads, attn.num_kv_heads = h1 - h0, k1 - k0
+    for name, lin in (("attn.q_proj", attn.q_proj), ("attn.k_proj", attn.k_proj), ("attn.v_proj", attn.v_proj),
+                      ("attn.o_proj", attn.o_proj), ("mlp.up", mlp.up), ("mlp.down", mlp.down),
+                      ("mlp.gate", mlp.gate)):
+        if lin is None:
+            continue
+        where = {what: block_slice(f"{name}.{what}", tuple(t.shape), heads, ffn, attn.cfg.num_heads, attn.cfg.kv_heads)
+                 for what, t in (("weight", lin.weight), ("bias", lin.bias)) if t is not None}
+        _slice_(lin, *where["weight"])
+        spec.update({f"{name}.{what}": s for what, s in where.items() if s is not None})
+    h0, h1 = heads
+    rep = attn.cfg.num_heads // attn.cfg.kv_heads
+    attn.num_heads, attn.num_kv_heads = h1 - h0, h1 // rep - h0 // rep
     return spec
-
-

@@ -214,6 +214,15 @@ class Mode:
         holds a slice of the full tensor (``runtime.engine.stitch``)."""
         return {}
 
+    def shard_of(self, key: str, full_shape: tuple[int, ...], split: StageSplit, index: int,
+                 shape: Shape) -> tuple[int, int, int] | None:
+        """Where device ``index``'s part of the stage tensor ``key`` (its name in the full
+        model, e.g. ``blocks.3.attn.q_proj.weight``; ``full_shape`` its full shape) sits:
+        ``(dim, start, stop)`` of the full tensor, or None for a whole copy. Pure (no
+        torch): ``apply`` cuts by it and ``runtime.reshard`` routes state by it, so a
+        checkpoint or a survivor's state can be cut anew for any plan."""
+        return None
+
     def sync_params(self, model: Any, *, owner: bool) -> list:
         """Parameters whose gradients the group all-reduces once per step."""
         return []

@@ -119,6 +119,12 @@ class ShardedDataParallel(Mode):
         return per, coll, 0.0, None
 
     # -- engine -------------------------------------------------------------------------
+    def shard_of(self, key, full_shape, split, index, shape):
+        rows, n = full_shape[0], len(split.batch)
+        chunk = -(-rows // n)  # FSDP2 shards dim 0 like torch.chunk
+        start = min(index * chunk, rows)
+        return (0, start, min(start + chunk, rows))
+
     def apply(self, model, *, group, split, index, ctx, owner, device, state=None):
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
@@ -132,10 +138,7 @@ class ShardedDataParallel(Mode):
         for name in model.units():
             unit = model.materialize(name, state, device=device.device, dtype=device.dtype)
             for key, t in unit.state_dict().items():
-                rows = t.shape[0]
-                chunk = -(-rows // n)  # FSDP2 shards dim 0 like torch.chunk
-                start = min(index * chunk, rows)
-                spec[f"{name}.{key}"] = (0, start, min(start + chunk, rows))
+                spec[f"{name}.{key}"] = self.shard_of(f"{name}.{key}", tuple(t.shape), split, index, None)
             if ctx.wire is not None:  # count what FSDP2 sends, as the cost model does
                 _count_traffic(unit, ctx.wire, n)
             fully_shard(unit, mesh=mesh, reshard_after_forward=True)

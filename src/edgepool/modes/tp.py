@@ -78,16 +78,55 @@ class TensorParallel(Mode):
         return per, coll + edge, 0.0, None
 
     # -- engine -------------------------------------------------------------------------
+    def shard_of(self, key, full_shape, split, index, shape):
+        if not key.startswith("blocks."):
+            return None  # embed and head stay whole on the group's first device
+        _, _, inner = key.split(".", 2)
+        return block_slice(inner, full_shape, *self._ranges(split, index), shape.num_heads,
+                           shape.num_kv_heads or shape.num_heads)
+
+    @staticmethod
+    def _ranges(split: StageSplit, index: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        h0, f0 = offsets(split.heads)[index], offsets(split.ffn)[index]
+        return (h0, h0 + split.heads[index]), (f0, f0 + split.ffn[index])
+
     def apply(self, model, *, group, split, index, ctx, owner, device, state=None):
         from edgepool.models.tp import shard_block
 
-        h0, f0 = offsets(split.heads)[index], offsets(split.ffn)[index]
+        heads, ffn = self._ranges(split, index)
         ctx.tp_group = group
         spec: dict[str, tuple[int, int, int]] = {}
         for name, block in model.blocks.items():
-            part = shard_block(block, heads=(h0, h0 + split.heads[index]), ffn=(f0, f0 + split.ffn[index]))
+            part = shard_block(block, heads=heads, ffn=ffn)
             spec.update({f"blocks.{name}.{k}": v for k, v in part.items()})
         return spec
+
+
+# A block's sliced linears: (dim sliced, what the slice counts). q/k/v and the MLP's
+# up/gate are column-parallel (output rows), o_proj and down row-parallel (input columns).
+_SLICED = {"attn.q_proj": (0, "heads"), "attn.k_proj": (0, "kv"), "attn.v_proj": (0, "kv"),
+           "attn.o_proj": (1, "heads"), "mlp.up": (0, "ffn"), "mlp.gate": (0, "ffn"), "mlp.down": (1, "ffn")}
+
+
+def block_slice(key: str, full_shape: tuple[int, ...], heads: tuple[int, int], ffn: tuple[int, int], num_heads: int,
+                kv_heads: int) -> tuple[int, int, int] | None:
+    """The slice ``(dim, start, stop)`` of block tensor ``key`` (``attn.q_proj.weight``...)
+    that keeps query heads ``heads`` (whole KV groups) and FFN columns ``ffn``; None when
+    the tensor stays whole (norms, and the biases of row-parallel layers)."""
+    linear, _, what = key.rpartition(".")
+    if linear not in _SLICED:
+        return None
+    dim, unit = _SLICED[linear]
+    if what == "bias" and dim == 1:
+        return None
+    if unit == "ffn":
+        return (dim, *ffn)
+    rep = num_heads // kv_heads
+    if heads[0] % rep or heads[1] % rep:
+        raise ValueError(f"head range {heads} must align to groups of {rep} query heads per kv head")
+    count, (a, b) = (num_heads, heads) if unit == "heads" else (kv_heads, (heads[0] // rep, heads[1] // rep))
+    width = full_shape[dim] // count
+    return (dim, a * width, b * width)
 
 
 MODE = TensorParallel()
