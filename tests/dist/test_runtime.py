@@ -134,13 +134,46 @@ def test_corrupt_and_partial_checkpoints_are_refused(tmp_path):
     assert _losses(cut) == _losses(full)
 
 
-def test_resume_with_another_plan_is_refused_and_overwrites_nothing(tmp_path):
+SINGLE = Plan(num_layers=4, stages=[StagePlan(layers=(0, 4), devices=("a",))])
+FSDP = Plan(num_layers=4, stages=[StagePlan(layers=(0, 4), mode="fsdp", devices=("a", "b"), shares=(3, 1))])
+TP_PP = Plan(num_layers=4, stages=[StagePlan(layers=(0, 1), devices=("b",)),
+                                   StagePlan(layers=(1, 4), mode="tp", devices=("a", "c"), shares=(1, 3))])
+POOL3 = PoolSpec(devices=[*POOL.devices, {"name": "c", "kind": "host-cpu"}])
+
+
+@pytest.mark.parametrize("before,after", [(PP, SINGLE), (FSDP, TP_PP)], ids=["pp-to-single", "fsdp-to-tp-pp"])
+def test_resume_under_another_plan_continues_the_trajectory(tmp_path, before, after):
+    """A checkpoint is resharded to the plan that resumes it: a device fewer (pp on a and
+    b, then a alone), or a device more with layers and shards moved (fsdp over a, b, then
+    b's stage 0 and a tp stage over a and c). Losses as uninterrupted, to 1e-5."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+
+    def train(out, plan, steps, resume=False):
+        spec = RunSpec(pool=POOL3, job=_job(), plan=plan, out_dir=str(out), steps=steps, resume=resume)
+        return run_distributed(_run, plan.world_size, spec.model_dump_json())[0]
+
+    train(full, before, 6)
+    train(cut, before, 4)
+    log = train(cut, after, 6, resume=True)
+    assert any(f"resuming after step 4 from" in m and f"resharded to plan {after.plan_id}" in m for m in log), log
+    got, want = _losses(cut), _losses(full)
+    assert sorted(got) == list(range(6))
+    assert all(got[s] == want[s] for s in range(4))
+    assert all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in (4, 5)), (got, want)
+
+
+def test_resume_of_another_run_or_format_is_refused_and_overwrites_nothing(tmp_path):
     _train(tmp_path, 2)
     before = (tmp_path / "metrics.jsonl").read_text()
     files = sorted(p.name for p in (tmp_path / "checkpoints").rglob("*"))
-    other = Plan(num_layers=4, stages=[StagePlan(layers=(0, 4), devices=("a", "b"))])
+    spec = RunSpec(pool=POOL, job=_job(seed=5), plan=PP, out_dir=str(tmp_path), steps=3, resume=True)
     with pytest.raises(RuntimeError, match="CheckpointError: no checkpoint .* can be resumed by this run"):
-        _train(tmp_path, 3, resume=True, plan=other)
+        run_distributed(_run, 2, spec.model_dump_json())
+    manifest = tmp_path / "checkpoints" / "step-000002" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({k: v for k, v in old.items() if k not in ("plan", "format")}))
+    with pytest.raises(RuntimeError, match="CheckpointError"):
+        _train(tmp_path, 3, resume=True)
     assert (tmp_path / "metrics.jsonl").read_text() == before
     assert sorted(p.name for p in (tmp_path / "checkpoints").rglob("*")) == files
 

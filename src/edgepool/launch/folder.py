@@ -123,7 +123,7 @@ def check_start(run, *, fresh: bool, log=print) -> None:
     if found.foreign:
         step, why = max(found.foreign)
         raise SpecError(f"cannot resume in {out}: checkpoint {checkpoint.step_dir(root, step).name} was {why}; "
-                        "resume with the job and plan that wrote it, or start over with --fresh (nothing is deleted)")
+                        "resume with the job that wrote it, or start over with --fresh (nothing is deleted)")
     if found.usable:
         log(f"resuming from {checkpoint.step_dir(root, max(found.usable))} (each rank checks its files' checksums)")
     elif steps or records:

@@ -8,19 +8,22 @@ not match the manifest is corrupt; both are refused with a one-line reason and t
 newest good one is used instead. Anything else in ``checkpoints/`` (a ``step-latest``
 folder, a stray file) is skipped with a warning.
 
-The identity (``RunSpec.identity``: plan, seed, model, batch, sequence, optimizer) says
-which run wrote a checkpoint. ``survey`` (no torch, no collective: the launcher runs it
+The identity (``RunSpec.identity``: seed, model, batch, sequence, optimizer) says which
+run wrote a checkpoint. ``survey`` (no torch, no collective: the launcher runs it
 before any process starts) sorts a folder's checkpoints into this run's and other
-runs', naming what differs, so a resume under another plan or seed is refused on the
-console instead of starting over.
+runs', naming what differs, so a resume under another seed or model is refused on the
+console instead of starting over. The plan is not part of it: the manifest holds the
+plan that wrote the checkpoint, and ``runtime.reshard`` cuts its pieces anew for the
+plan that resumes it (a device fewer or more, layers moved between stages, tp and
+fsdp shards split anew); each rank reads only the slices it needs, checking the
+checksum of every file it reads.
 
-A rank file is safetensors: the rank's tensors in full-model names (``model/<name>``;
-TP and FSDP shards, with their shard spec in the header, so ``engine.stitch`` can
-rebuild full tensors for another plan later), its optimizer state
-(``optim/<param index>/<key>``, DTensor state as its local shard) and its RNG state,
-with everything else (step, plan_id, the optimizer's param groups and scalars) as JSON
-in the safetensors header. Nothing is unpickled: a file can only hand back tensors and
-JSON. Resuming needs the same identity.
+A rank file is safetensors (format 2): the rank's tensors by full-model parameter name,
+``model/<name>`` and ``optim/<name>/<key>`` (``Engine.pieces``; tp and fsdp shards as
+their local slices, with their shard spec in the header), and its RNG state, with the
+step, plan_id and the optimizer's non-tensor state as JSON in the safetensors header.
+Nothing is unpickled: a file can only hand back tensors and JSON. Format-1 checkpoints
+(optimizer state by index, before resharding) are refused with a reason.
 """
 
 from __future__ import annotations
@@ -138,32 +141,17 @@ def survey(root: Path, identity: dict) -> Survey:
     return out
 
 
-def _local(t):
-    """A DTensor's local shard (FSDP2 state), else the tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
+FORMAT = 2  # rank files hold state by parameter name (``Engine.pieces``); 1 held optimizer state by index
 
 
 def _encode(engine, step: int, rank: int) -> bytes:
     import torch
     from safetensors.torch import save
 
-    tensors = {f"model/{k}": v.contiguous() for k, v in engine.local_state().items()}
-    optim = engine.optim.state_dict()
-    scalars: dict[str, dict] = {}
-    sharded: list[str] = []
-    for idx, state in optim["state"].items():
-        for key, val in state.items():
-            if isinstance(val, torch.Tensor):
-                name = f"optim/{idx}/{key}"
-                if hasattr(val, "to_local"):
-                    sharded.append(name)
-                tensors[name] = _local(val).detach().clone().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[key] = val
+    tensors, scalars = engine.pieces()
     tensors["rng"] = torch.get_rng_state()
-    meta = {"step": step, "plan_id": engine.plan.plan_id, "rank": rank,
-            "shard_spec": {k: list(v) for k, v in engine.shard_spec.items()},
-            "param_groups": optim["param_groups"], "optim_scalars": scalars, "optim_sharded": sharded}
+    meta = {"format": FORMAT, "step": step, "plan_id": engine.plan.plan_id, "rank": rank,
+            "shard_spec": {k: list(v) for k, v in engine.shard_spec.items()}, "optim_scalars": scalars}
     return save(tensors, metadata={"edgepool": json.dumps(meta)})
 
 
@@ -178,31 +166,70 @@ def save(root: Path, step: int, engine, rank: int, identity: dict, comm) -> Path
     digest = hashlib.sha256(data).hexdigest()
     digests = comm.gather_json([path.name, digest], "gathering checkpoint checksums")
     if rank == 0:
-        manifest = {"step": step, "plan_id": engine.plan.plan_id, "run": identity, "world_size": len(digests),
-                    "files": dict(digests)}
+        manifest = {"format": FORMAT, "step": step, "plan_id": engine.plan.plan_id,
+                    "plan": engine.plan.model_dump(mode="json", exclude={"estimate"}), "run": identity,
+                    "world_size": len(digests), "files": dict(digests)}
         atomic_write_bytes(d / "manifest.json", json.dumps(manifest, indent=2).encode())
     comm.barrier("waiting for the checkpoint manifest")
     return d
 
 
-def check(d: Path, rank: int, identity: dict) -> str | None:
-    """Why checkpoint folder ``d`` cannot be used by ``rank``, or None if it can."""
+def written_plan(manifest: dict):
+    """The plan a checkpoint was written under (its manifest), or None (an older edgepool's)."""
+    from edgepool.specs.plan import Plan
+
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("plan"), dict):
+        return None
+    try:
+        return Plan.model_validate(manifest["plan"])
+    except ValueError:
+        return None
+
+
+def routes(d: Path, plan, shapes, shape):
+    """How checkpoint ``d`` (written under any plan) fills the ranks of ``plan``: a
+    ``runtime.reshard.Reshard`` whose holders are the rank files' names, or a reason it cannot."""
+    from edgepool.runtime.reshard import reshard
+
     if not (d / "manifest.json").is_file():
         return "no manifest (partial write)"
     manifest = read_manifest(d)
-    try:
-        want = manifest["files"][rank_file(rank)]  # type: ignore[index]
-    except (KeyError, TypeError):
-        return "manifest unreadable or has no entry for this rank"
-    why = differences(manifest.get("run"), identity)
+    if manifest is None:
+        return "manifest unreadable"
+    old = written_plan(manifest)
+    if old is None:
+        return "written by an older edgepool (checkpoint format 1, which cannot be resharded); start over with --fresh"
+    if manifest.get("world_size") != old.world_size or len(manifest.get("files") or {}) != old.world_size:
+        return "the manifest's files do not match its plan"
+    r = reshard(old, plan, {rank_file(i): [i] for i in range(old.world_size)}, shapes=shapes, shape=shape,
+                prefer=lambda j, h: h == rank_file(j) and old.world_size == plan.world_size)
+    if r.missing:
+        return f"it does not hold {r.missing[0][1]} (needed by rank {r.missing[0][0]})"
+    return r
+
+
+def check(d: Path, rank: int, identity: dict, files: list[str]) -> str | None:
+    """Why checkpoint folder ``d`` cannot be used by ``rank`` (which reads ``files`` of
+    it), or None if it can."""
+    if not (d / "manifest.json").is_file():
+        return "no manifest (partial write)"
+    manifest = read_manifest(d)
+    why = differences(manifest.get("run") if manifest else None, identity)
     if why is not None:
-        return f"{why} (resume with the same job and plan)"
-    f = d / rank_file(rank)
-    if not f.is_file():
-        return f"{f.name} is missing"
-    if sha256_file(f) != want:
-        return f"{f.name} does not match its checksum (corrupt)"
-    return _safetensors_problem(f)
+        return f"{why} (resume with the same job)"
+    for name in files:
+        want = (manifest.get("files") or {}).get(name)
+        f = d / name
+        if want is None:
+            return f"the manifest has no entry for {name}"
+        if not f.is_file():
+            return f"{f.name} is missing"
+        if sha256_file(f) != want:
+            return f"{f.name} does not match its checksum (corrupt)"
+        why = _safetensors_problem(f)
+        if why is not None:
+            return why
+    return None
 
 
 MAX_HEADER = 100 << 20  # safetensors' own cap on a header
@@ -225,46 +252,70 @@ def _safetensors_problem(f: Path) -> str | None:
     return None
 
 
-def find_resumable(root: Path, rank: int, identity: dict, comm, log=print) -> int | None:
-    """Collective: the newest step every rank can load, or None.
+def find_resumable(root: Path, rank: int, identity: dict, comm, *, plan, shapes, shape, log=print):
+    """Collective: the newest step every rank can load under ``plan``, and how (its
+    ``Reshard``: the same plan or another, a device more or fewer), or None.
 
     Rank 0 logs every refusal, whichever rank found it."""
     steps, _ = step_folders(root)
-    mine = {str(step): check(step_dir(root, step), rank, identity) for step in steps}
-    everyone = comm.gather_json(mine, "comparing checkpoints")
-    usable = []
+    found, mine = {}, {}
     for step in steps:
-        reasons = [r.get(str(step), "missing on another rank") for r in everyone]
+        d = step_dir(root, step)
+        r = routes(d, plan, shapes, shape)
+        if isinstance(r, str):
+            mine[str(step)] = r
+            continue
+        found[step] = r
+        mine[str(step)] = check(d, rank, identity, sorted({m.holder for m in r.moves[rank]}))
+    everyone = comm.gather_json(mine, "comparing checkpoints")
+    for step in steps:
+        reasons = [e.get(str(step), "missing on another rank") for e in everyone]
         why = next((w for w in reasons if w is not None), None)
         if why is None:
-            usable.append(step)
-        elif rank == 0:
+            return step, found[step]
+        if rank == 0:
             log(f"checkpoint {step_dir(root, step).name} refused: {why}")
-    return max(usable) if usable else None
+    return None
 
 
-def load(root: Path, step: int, engine, rank: int) -> None:
-    """Restore ``engine`` from its rank's file of checkpoint ``step`` (tensors and JSON only)."""
+class _File:
+    """A rank file as a ``runtime.reshard.Source``: slices read from disk, nothing else."""
+
+    def __init__(self, handle):
+        self.f = handle
+        self.meta = json.loads(handle.metadata()["edgepool"])
+
+    def keys(self) -> list[str]:
+        return [k for k in self.f.keys() if k != "rng"]
+
+    def get(self, key: str, src):
+        piece = self.f.get_slice(key)
+        if len(piece.get_shape()) != len(src):
+            return self.f.get_tensor(key)
+        return piece[tuple(slice(a, b) for a, b in src)]
+
+
+def load(root: Path, step: int, engine, rank: int, moves, shapes) -> None:
+    """Restore ``engine`` from checkpoint ``step`` along ``moves`` (``find_resumable``):
+    the slices it needs of whichever rank files hold them (tensors and JSON only)."""
+    from contextlib import ExitStack
+
     import torch
     from safetensors import safe_open
 
-    path = step_dir(root, step) / rank_file(rank)
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["edgepool"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    engine.load_local_state({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
-    params = [p for group in engine.optim.param_groups for p in group["params"]]
-    sharded = set(meta["optim_sharded"])
-    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["optim_scalars"].items()}
-    for name, t in tensors.items():
-        if not name.startswith("optim/"):
-            continue
-        _, idx, key = name.split("/", 2)
-        if name in sharded:  # back to a DTensor laid out like its (FSDP2-sharded) parameter
-            from torch.distributed.tensor import DTensor
+    from edgepool.runtime.reshard import assemble
 
-            p = params[int(idx)]
-            t = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False)
-        state.setdefault(int(idx), {})[key] = t
-    engine.optim.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng"])
+    d = step_dir(root, step)
+    files: dict[str, _File] = {}
+    with ExitStack() as stack:
+        def source(holder, old_rank):
+            if holder not in files:
+                files[holder] = _File(stack.enter_context(safe_open(str(d / holder), framework="pt")))
+            return files[holder]
+
+        tensors = assemble(rank, moves, shapes, source)
+        own = files.get(rank_file(rank)) or source(rank_file(0), 0)
+        scalars = {n: v for f in files.values() for n, v in f.meta.get("optim_scalars", {}).items()}
+        rng = own.f.get_tensor("rng")
+    engine.load_pieces(tensors, scalars)
+    torch.set_rng_state(rng)

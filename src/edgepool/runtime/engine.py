@@ -288,6 +288,45 @@ class Engine:
     def load_local_state(self, state: dict[str, torch.Tensor]) -> None:
         self.mode.load_local_state(self.model, state)
 
+    def pieces(self) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """This rank's whole training state in full-model names (``runtime.reshard``):
+        ``model/<name>`` and ``optim/<name>/<key>`` tensors (its shards where the mode
+        shards; DTensor optimizer state as its local shard), and the optimizer's
+        non-tensor state by parameter name."""
+        out = {f"model/{k}": v.contiguous() for k, v in self.local_state().items()}
+        names = [n for n, _ in self.model.named_parameters()]
+        scalars: dict[str, dict] = {}
+        for idx, state in self.optim.state_dict()["state"].items():
+            for key, val in state.items():
+                if isinstance(val, torch.Tensor):
+                    local = val.to_local() if hasattr(val, "to_local") else val
+                    out[f"optim/{names[idx]}/{key}"] = local.detach().clone().contiguous()
+                else:
+                    scalars.setdefault(names[idx], {})[key] = val
+        return out, scalars
+
+    def load_pieces(self, tensors: dict[str, torch.Tensor], scalars: dict[str, dict]) -> None:
+        """Restore the state ``pieces`` returned, cut for this rank (``runtime.reshard.assemble``)."""
+        own = self.local_state()
+        missing = [k for k in own if f"model/{k}" not in tensors]
+        if missing:
+            raise KeyError(f"the state is missing {len(missing)} of rank {self.rank}'s tensors, e.g. {missing[:3]}")
+        self.load_local_state({k: tensors[f"model/{k}"] for k in own})
+        params = dict(self.model.named_parameters())
+        index = {n: i for i, n in enumerate(params)}
+        state: dict[int, dict] = {index[n]: dict(v) for n, v in scalars.items() if n in index}
+        for key, t in tensors.items():
+            if not key.startswith("optim/"):
+                continue
+            name, _, what = key[len("optim/"):].rpartition("/")
+            p = params[name]
+            if hasattr(p, "device_mesh") and t.dim() == p.dim():  # back to a DTensor laid out like its (FSDP2) shard
+                from torch.distributed.tensor import DTensor
+
+                t = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False)
+            state.setdefault(index[name], {})[what] = t
+        self.optim.load_state_dict({"state": state, "param_groups": self.optim.state_dict()["param_groups"]})
+
 
 def stitch(states: list[dict[str, torch.Tensor]], specs: list[dict[str, tuple[int, int, int]]]) -> dict[str, torch.Tensor]:
     """Full-model tensors from every rank's local state and shard spec."""

@@ -7,7 +7,7 @@ run keeps the store, for ``runtime.health``'s heartbeats), or, for a rank an age
 one subgroup per multi-device stage (every rank creates every group, in plan order, as
 torch.distributed requires) and ``destroy()`` tears them down. Nothing re-plans a
 running job yet: a lost device ends the run (a ``PeerError`` naming it), and ``--resume``
-continues under the same plan only.
+continues from the last checkpoint under any plan (``runtime.reshard``).
 
 Backend: gloo. NCCL would need every rank of a group to hold CUDA tensors; the runtime
 keeps tensors on the CPU today, so it never picks NCCL (see docs/runtime.md).

@@ -26,6 +26,7 @@ from edgepool.models.config import ModelConfig, job_model_config
 from edgepool.runtime import checkpoint
 from edgepool.runtime.device import CPU
 from edgepool.runtime.engine import Engine
+from edgepool.runtime.reshard import full_shapes
 from edgepool.runtime.groups import StageGroups, init_world, shutdown, world_store
 from edgepool.runtime.health import Comm, Heartbeat
 from edgepool.specs.job import JobSpec
@@ -51,15 +52,17 @@ class RunSpec(BaseModel):
         path.write_text(self.model_dump_json(indent=2))
 
     def identity(self) -> dict:
-        """What makes a checkpoint this run's: the plan, the model and the training
-        values that shape the trajectory. A checkpoint's manifest carries it; resuming
-        needs all of it to match (``runtime.checkpoint.differences`` names what does not)."""
+        """What makes a checkpoint this run's: the model and the training values that
+        shape the trajectory. A checkpoint's manifest carries it; resuming needs all of
+        it to match (``runtime.checkpoint.differences`` names what does not). The plan
+        is not part of it: a checkpoint is resharded to the plan of the run that
+        resumes it (``runtime.reshard``), on as many devices as that plan has."""
         import hashlib
         import json
 
         t = self.job.train
         model = json.dumps(job_model_config(self.job).to_dict(), sort_keys=True)
-        return {"plan": self.plan.plan_id, "model": hashlib.sha256(model.encode()).hexdigest()[:10], "seed": t.seed,
+        return {"model": hashlib.sha256(model.encode()).hexdigest()[:10], "seed": t.seed,
                 "global_batch": t.global_batch, "seq_len": t.seq_len, "optimizer": t.optimizer, "lr": t.lr,
                 "weight_decay": t.weight_decay}
 
@@ -131,16 +134,22 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
         ckpt_root = out / "checkpoints"
         start = 0
         if run.resume:
-            found = checkpoint.find_resumable(ckpt_root, rank, identity, comm, log=log)
+            shapes = full_shapes(cfg)
+            found = checkpoint.find_resumable(ckpt_root, rank, identity, comm, plan=plan, shapes=shapes,
+                                              shape=engine.shape, log=log)
             if found is not None:
-                checkpoint.load(ckpt_root, found, engine, rank)
-                start = found
+                start, moves = found
+                checkpoint.load(ckpt_root, start, engine, rank, moves, shapes)
                 if rank == 0:
-                    log(f"resuming after step {found} from {checkpoint.step_dir(ckpt_root, found)}")
+                    written = checkpoint.read_manifest(checkpoint.step_dir(ckpt_root, start)) or {}
+                    how = ("" if written.get("plan_id") == plan.plan_id else
+                           f" (written under plan {written.get('plan_id')} on {written.get('world_size')} devices, "
+                           f"resharded to plan {plan.plan_id} on {plan.world_size})")
+                    log(f"resuming after step {start} from {checkpoint.step_dir(ckpt_root, start)}{how}")
             elif checkpoint.step_folders(ckpt_root)[0]:
                 raise checkpoint.CheckpointError(
                     f"no checkpoint in {ckpt_root} can be resumed by this run (see the refusals above); nothing "
-                    "was overwritten: resume with the job and plan that wrote them, or start over with --fresh")
+                    "was overwritten: resume with the job that wrote them, or start over with --fresh")
             elif rank == 0:
                 log("no checkpoint to resume from; starting from step 0")
         metrics_path = out / "metrics.jsonl"

@@ -121,16 +121,19 @@ def summarize(records: list[StepRecord], *, plan_id: str, parallelism: str, sche
     if not records:
         return Summary(plan_id=plan_id, parallelism=parallelism, schedule=schedule, num_microbatches=num_microbatches,
                        steps=0, resumed_from=resumed_from)
-    timed = timed_steps(records)
-    t = step_time_s(records)
+    # Times, memory and energy are the final plan's (a run resumed or recovered under
+    # another plan has records of both); bytes sent are over the whole run.
+    current = [r for r in records if r.plan_id == plan_id] or records
+    timed = timed_steps(current)
+    t = step_time_s(current)
     global_batch = records[0].samples_per_s * records[0].step_time_s
     devices = {}
     for name in records[-1].devices:
         energy = [r.devices[name].energy_j for r in timed]
         sources = sorted({r.devices[name].energy_source for r in timed})
         devices[name] = DeviceSummary(
-            peak_memory_bytes=max(r.devices[name].peak_memory_bytes for r in records),
-            bytes_sent=sum(r.devices[name].bytes_sent for r in records),
+            peak_memory_bytes=max(r.devices[name].peak_memory_bytes for r in current),
+            bytes_sent=sum(r.devices[name].bytes_sent for r in records if name in r.devices),
             mean_cpu_s=sum(r.devices[name].cpu_s for r in timed) / len(timed),
             mean_energy_j=sum(energy) / len(energy) if all(e is not None for e in energy) else None,
             energy_source=sources[0] if len(sources) == 1 else f"mixed({','.join(sources)})",
