@@ -139,7 +139,7 @@ def test_a_second_writer_into_one_folder_is_refused(two):
     assert _gone(out)
 
 
-def test_resume_under_another_plan_is_refused_on_the_console(tmp_path, capsys):
+def test_resume_under_another_plan_goes_on_and_another_run_is_refused(tmp_path, capsys):
     pool, job = _files(tmp_path, ("a", "b"), steps=2)
     dp, pp = _plan(tmp_path, pool, job, "dp"), _plan(tmp_path, pool, job, "pp")
     out = tmp_path / "run"
@@ -147,19 +147,26 @@ def test_resume_under_another_plan_is_refused_on_the_console(tmp_path, capsys):
     assert main(base + ["--plan", str(dp)]) == 0
     kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts and p.name != "run.json"}
     capsys.readouterr()
-    # Another plan: refused before any process starts, naming what differs.
-    assert main(base + ["--plan", str(pp), "--resume"]) == 2
+    # Another seed: refused before any process starts, naming what differs.
+    other = tmp_path / "seed.yaml"
+    other.write_text(job.read_text().replace("train: {", "train: {seed: 7, "))
+    assert main(["train", "--pool", str(pool), "--job", str(other), "--out", str(out), "--no-progress", "--plan",
+                 str(pp), "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "cannot resume" in err and "plan" in err and "(this run:" in err
+    assert "cannot resume" in err and "seed" in err and "(this run:" in err
     # A plain start into the folder: refused too.
     assert main(base + ["--plan", str(pp)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in kept} == kept  # nothing overwritten
+    # Another plan: the checkpoint is resharded to it, and the run goes on.
+    assert main(base + ["--plan", str(pp), "--resume", "--steps", "3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parallelism"] == "pp" and summary["resumed_from"] == 2 and summary["steps"] == 3
+    assert "resharded to plan" in (out / "logs" / "rank-0.log").read_text()
     # --fresh starts over and keeps the old run in the archive.
     assert main(base + ["--plan", str(pp), "--fresh"]) == 0
     archived = list((out / "archive").iterdir())
     assert len(archived) == 1
-    assert (archived[0] / "metrics.jsonl").read_bytes() == kept[out / "metrics.jsonl"]
     assert json.loads((out / "summary.json").read_text())["parallelism"] == "pp"
 
 

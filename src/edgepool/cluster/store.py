@@ -115,7 +115,8 @@ def store_handler(store: StoreServer, run_id: Callable[[], str | None], refuse: 
     return handle
 
 
-def host_store(bind: str, port: int, token: bytes, run_id: str, *, log=print) -> Listener:
+def host_store(bind: str, port: int, token: bytes, run_id: str, *, log=print,
+               store: StoreServer | None = None) -> Listener:
     """Serve a run's store from this process (rank 0 of a local run, where TCPStore was,
     but on ``bind`` only and over TLS with the run's own token)."""
     from edgepool.cluster.trust import tls_context
@@ -126,7 +127,7 @@ def host_store(bind: str, port: int, token: bytes, run_id: str, *, log=print) ->
         listener.refuse(ch, who, reason)
 
     listener = Listener(tls_context(token, server=True), bind, port,
-                        {"store": store_handler(StoreServer(), lambda: run_id, refuse)}, log=log)
+                        {"store": store_handler(store or StoreServer(), lambda: run_id, refuse)}, log=log)
     return listener
 
 

@@ -164,9 +164,9 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
     ranks = list(range(run.plan.world_size)) if ranks is None else list(ranks)
     port = free_port()
     master = placement.master_addr(run.plan.devices[0])
-    private = None
-    if env is None or "EDGEPOOL_STORE" not in env:  # the run's own store, hosted by rank 0 on ``master`` only
-        private, store = run_store_env(master, port)
+    private, hosted = None, None
+    if env is None or "EDGEPOOL_STORE" not in env:  # the run's own store, hosted here
+        private, hosted, store = _host_run_store(placement.host_addr)
         env = {**(env or {}), **store}
     procs: dict[int, subprocess.Popen] = {}
     logs: dict[int, Path] = {}
@@ -182,10 +182,13 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
                     procs[rank] = _start_rank(run, rank, run_json, placement, master, port, watch_r, logs[rank], env)
             finally:
                 os.close(watch_r)
-            return _watch(run, procs, logs, placement, on_step, poll_s, deadline_s, stop)
+            beats = Heartbeats(hosted[1], run.job.train.detect_s) if hosted is not None else None
+            return _watch(run, procs, logs, placement, on_step, poll_s, deadline_s, stop, beats)
         finally:
             _stop_all(procs)
             os.close(watch_w)
+            if hosted is not None:
+                hosted[0].close()
             remove_private(private)
 
 
@@ -209,6 +212,54 @@ def run_store_env(master: str, port: int) -> tuple[str, dict[str, str]]:
     return private, {"EDGEPOOL_STORE": f"[{master}]:{port}" if ":" in master else f"{master}:{port}",
                      "EDGEPOOL_RUN_ID": secrets.token_hex(16), "EDGEPOOL_TOKEN_FILE": str(token),
                      "EDGEPOOL_STORE_HOST": "0"}
+
+
+def _host_run_store(bind: str):
+    """The run's rendezvous store, served by the launcher on ``bind`` only, over TLS with a
+    token made for this run (``cluster.store``): it outlives any rank, so a lost rank 0
+    does not take the store, and the heartbeats in it, down with it. Returns (the private
+    folder to remove, (listener, store), the ranks' environment)."""
+    import secrets
+
+    from edgepool.cluster.store import StoreServer, host_store
+    from edgepool.cluster.trust import read_token
+
+    private, token = private_token()
+    run_id = secrets.token_hex(16)
+    store = StoreServer()
+    listener = host_store(bind, 0, read_token(token), run_id, store=store, log=lambda m: None)
+    host, port = listener.address
+    return private, (listener, store), {"EDGEPOOL_STORE": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                                        "EDGEPOOL_RUN_ID": run_id, "EDGEPOOL_TOKEN_FILE": str(token)}
+
+
+class Heartbeats:
+    """The ranks' heartbeat counters (``runtime.health``) as the launcher's store holds
+    them: a rank whose counter has not moved for ``detect_s`` since it first beat is lost
+    (frozen, SIGSTOPped, cut off), whatever its process looks like from here."""
+
+    PREFIX = "edgepool/heartbeat/"
+
+    def __init__(self, store, detect_s: float):
+        self.store, self.detect_s = store, detect_s
+        self._last: dict[int, tuple[bytes, float]] = {}
+
+    def silent(self, now: float | None = None) -> dict[int, float]:
+        """Lost ranks -> seconds since their last beat."""
+        now = time.monotonic() if now is None else now
+        out = {}
+        data = self.store._data
+        for key in [k for k in list(data) if k.startswith(self.PREFIX)]:
+            tail = key[len(self.PREFIX):]
+            if not tail.isdigit():
+                continue
+            rank, value = int(tail), data.get(key)
+            seen = self._last.get(rank)
+            if seen is None or seen[0] != value:
+                self._last[rank] = (value, now)
+            elif now - seen[1] > self.detect_s and f"{self.PREFIX}left/{rank}" not in data:
+                out[rank] = now - seen[1]
+        return out
 
 
 def remove_private(private: str | None) -> None:
@@ -250,7 +301,7 @@ def _stop_all(procs: dict[int, subprocess.Popen]) -> None:
 
 def _watch(run, procs: dict[int, subprocess.Popen], logs: dict[int, Path], placement: Placement,
            on_step: Callable[[StepRecord], None] | None, poll_s: float, deadline_s: float | None,
-           stop=None) -> Summary | None:
+           stop=None, beats: Heartbeats | None = None) -> Summary | None:
     out = Path(run.out_dir)
     metrics = out / "metrics.jsonl"
     seen = 0
@@ -273,6 +324,15 @@ def _watch(run, procs: dict[int, subprocess.Popen], logs: dict[int, Path], place
         follow()
         codes = {r: p.poll() for r, p in procs.items()}
         failed = [r for r, c in codes.items() if c not in (None, 0)]
+        quiet = {r: s for r, s in (beats.silent() if beats is not None else {}).items() if codes.get(r) is None}
+        if quiet and not failed:  # alive but silent: frozen or cut off; stopped here, named
+            first = min(quiet, key=lambda r: (-quiet[r], r))
+            device = run.plan.devices[first]
+            if first in procs:
+                _stop_all({first: procs[first]})
+            reason = f"no heartbeat for {quiet[first]:.1f} s (frozen, stopped or cut off); stopped"
+            raise RankFailed(f"device {device} (rank {first}) stopped answering: {reason}; see {logs[first]}",
+                             rank=first, device=device, returncode=-9, reason=reason, log=logs[first])
         if failed:
             causes = {r: placement.exit_cause(run.plan.devices[r], codes[r]) for r in failed}
             # The rank that died first: one the kernel killed (OOM, signal) over

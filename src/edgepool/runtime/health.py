@@ -2,8 +2,8 @@
 
 After torchft's design (its Lighthouse keeps a heartbeat per replica and names the
 replicas that stopped beating), each rank's ``Heartbeat`` thread bumps a counter of its
-own in the run's rendezvous store (the c10d store every rank already holds: a TCPStore
-hosted by rank 0, or a FileStore in tests) once a second. Counters, not clock times,
+own in the run's rendezvous store (the c10d store every rank already holds: edgepool's
+TLS store, hosted by the launcher or the coordinator, or a FileStore in tests) twice a second. Counters, not clock times,
 so hosts' clocks need not agree. When a blocking call times out or fails, ``silent()``
 reads every counter twice, a few beats apart: the ranks whose counters did not move are
 the silent ones (a frozen, SIGSTOPped or dead process). If the store itself does not
@@ -31,7 +31,7 @@ from typing import Iterator
 
 from edgepool.errors import PeerError
 
-BEAT_S = 1.0
+BEAT_S = 0.5
 # A rank is silent when its counter does not move over this many beats.
 SILENT_BEATS = 2.5
 

@@ -90,6 +90,10 @@ class TrainSpec(_Strict):
     seed: Count(ge=0, le=2**32 - 1) = 0
     checkpoint_every: Count(ge=0, le=MAX_STEPS) = 0
     timeout_s: Real(ge=1.0, le=86_400.0) = 60.0
+    # A rank whose heartbeat stops for this long is lost (the launcher stops it and names it).
+    detect_s: Real(ge=1.0, le=3600.0) = 3.0
+    # On a lost device, go on on the others: a new plan, from the last checkpoint.
+    recover: bool = True
 
 
 class ParallelismSpec(_Strict):
