@@ -224,3 +224,39 @@ def test_a_planted_pickle_in_a_checkpoint_never_runs(tmp_path, capsys):
     assert refusals == ["checkpoint step-000002 refused: rank-0.safetensors is not a safetensors file (a planted "
                         "pickle or another format); refused unread"], refusals
     assert json.loads((out / "summary.json").read_text())["resumed_from"] == 1
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("sig", ["KILL", "STOP"])
+def test_a_lost_device_and_the_run_goes_on(tmp_path, capsys, monkeypatch, sig):
+    """pp over a, b, c; b is SIGKILLed (or SIGSTOPped: frozen, found by its heartbeat)
+    before step 3. The run goes on under a new plan over a and c from the last
+    checkpoint, finishes every step with the uninterrupted run's losses (1e-5), says so
+    in events.jsonl and summary.json, and leaves no process behind."""
+    pool, job = _files(tmp_path, ("a", "b", "c"), steps=6, timeout_s=30)
+    plan = _plan(tmp_path, pool, job, "pp")
+    base = ["train", "--pool", str(pool), "--job", str(job), "--plan", str(plan), "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "full")]) == 0
+    monkeypatch.setenv("EDGEPOOL_FAULT", f"rank=1,step=3,signal={sig}")
+    out = tmp_path / "lost"
+    t0 = time.monotonic()
+    assert main(base + ["--out", str(out)]) == 0, capsys.readouterr().err
+    took = time.monotonic() - t0
+    got, want = _losses(out), _losses(tmp_path / "full")
+    assert sorted(got) == list(range(6))
+    assert all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in got), (got, want)
+    events = [json.loads(ln) for ln in (out / "events.jsonl").read_text().splitlines()]
+    assert len(events) == 1
+    ev = events[0]
+    assert ev["event"] == "device_lost" and ev["device"] == "b" and ev["devices"] == ["a", "c"]
+    assert ev["lost_at_step"] == 3 and ev["from_step"] == 3 and not ev["samples_lost"]
+    if sig == "STOP":
+        assert "no heartbeat" in ev["reason"]
+    assert 0 < ev["recovery_s"] < took
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["events"] == events and summary["plan_id"] == ev["plan_id"] != json.loads(plan.read_text())["plan_id"]
+    assert "event: device_lost b" in capsys.readouterr().err
+    assert _gone(out)

@@ -42,7 +42,8 @@ def run(args) -> int:
 
 def _train(spec, args, console) -> int:
     from edgepool.cli.progress import TrainProgress
-    from edgepool.launch.local import launch_local, pool_placement
+    from edgepool.launch.local import pool_placement
+    from edgepool.launch.recover import train_recovering
 
     plan = spec.plan
     console.print(f"plan {plan.plan_id}: {plan.parallelism}, {len(plan.stages)} stage(s), "
@@ -50,7 +51,8 @@ def _train(spec, args, console) -> int:
     with pool_placement(spec.pool, log=console.print) as placement:
         bar = TrainProgress(spec.steps, plan, console=console, enabled=not args.no_progress)
         with bar:
-            summary = launch_local(spec, placement=placement, on_step=bar.update)
+            summary = train_recovering(spec, placement=placement, on_step=bar.update, on_event=bar.event,
+                                       log=console.print)
     console.print(f"final loss {summary.final_loss:.4f}, step {summary.step_time_s:.3f} s ({summary.step_time_stat}), "
                   f"{summary.samples_per_s:.1f} samples/s; results in {args.out}")
     print(json.dumps(summary.model_dump(include={"plan_id", "parallelism", "final_loss", "step_time_s", "samples_per_s"})))

@@ -165,7 +165,12 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
         if skipped:
             log(f"energy meter on {device}: {type(meter).__name__} ({'; '.join(skipped)})")
         for step in range(start, run.steps):
-            if fault is not None and step == fault:
+            if fault is not None and step == fault[0]:
+                if fault[1]:  # killed or frozen for real
+                    import os
+                    import signal
+
+                    os.kill(os.getpid(), getattr(signal, f"SIG{fault[1]}"))
                 raise RuntimeError(f"injected fault at step {step} (EDGEPOOL_FAULT)")
             meter.begin("step")
             res = engine.step(step, trace=step == run.steps - 1)
@@ -242,15 +247,19 @@ def _store_host() -> int | None:
     return None if os.environ.get("EDGEPOOL_STORE") else 0
 
 
-def _fault(rank: int) -> int | None:
-    """``EDGEPOOL_FAULT=rank=R,step=S`` makes rank R fail before step S (tests, drills)."""
+def _fault(rank: int) -> tuple[int, str] | None:
+    """``EDGEPOOL_FAULT=rank=R,step=S[,signal=KILL|STOP]`` makes rank R fail before step S
+    (tests, drills): an error, or the signal sent to itself (SIGKILL: gone; SIGSTOP: frozen)."""
     import os
 
     spec = os.environ.get("EDGEPOOL_FAULT")
     if not spec:
         return None
     kv = dict(part.split("=", 1) for part in spec.split(","))
-    return int(kv["step"]) if int(kv["rank"]) == rank else None
+    sig = kv.get("signal", "").upper()
+    if sig not in ("", "KILL", "STOP"):
+        raise SpecError(f"EDGEPOOL_FAULT signal {sig!r}: use KILL or STOP")
+    return (int(kv["step"]), sig) if int(kv["rank"]) == rank else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,6 +86,8 @@ class Summary(_Record):
     memory_source: str = "peak resident set of each rank's process (getrusage)"
     bytes_source: str = "point-to-point exact; collectives as ring-algorithm bytes"
     devices: dict[str, DeviceSummary] = {}
+    # Devices lost during the run and how it went on (``launch.recover``): one dict each.
+    events: list[dict] = []
 
 
 def timed_steps(records: list[StepRecord]) -> list[StepRecord]:
