@@ -23,13 +23,14 @@ from edgepool.testing import CORPUS
 pytestmark = pytest.mark.e2e
 
 
-def _files(tmp: Path, devices: tuple[str, ...], *, steps: int = 10_000, timeout_s: float = 20) -> tuple[Path, Path]:
+def _files(tmp: Path, devices: tuple[str, ...], *, steps: int = 10_000, timeout_s: float = 20,
+           recover: bool = True) -> tuple[Path, Path]:
     pool = tmp / "pool.yaml"
     pool.write_text("devices:\n" + "".join(f"  - {{name: {d}, kind: host-cpu, host: local}}\n" for d in devices))
     job = tmp / "job.yaml"
     job.write_text(f"model: {{family: gpt, size: tiny}}\ndata: {{path: {CORPUS}}}\n"
                    f"train: {{global_batch: 4, seq_len: 16, steps: {steps}, checkpoint_every: 1, "
-                   f"timeout_s: {timeout_s}}}\n")
+                   f"timeout_s: {timeout_s}, recover: {str(recover).lower()}}}\n")
     return pool, job
 
 
@@ -171,8 +172,9 @@ def test_resume_under_another_plan_goes_on_and_another_run_is_refused(tmp_path, 
 
 
 def test_a_frozen_device_is_named_not_the_one_that_noticed(tmp_path):
-    """Three stages a -> b -> c; c is SIGSTOPped: a and b time out, both must blame c."""
-    pool, job = _files(tmp_path, ("a", "b", "c"), timeout_s=3)
+    """Three stages a -> b -> c; c is SIGSTOPped: its heartbeat stops, and the launcher (or
+    a and b, timing out) must blame c. Without train.recover the run ends there."""
+    pool, job = _files(tmp_path, ("a", "b", "c"), timeout_s=3, recover=False)
     plan = _plan(tmp_path, pool, job, "pp")
     out = tmp_path / "frozen"
     proc, err = _start(pool, job, plan, out)
@@ -259,4 +261,6 @@ def test_a_lost_device_and_the_run_goes_on(tmp_path, capsys, monkeypatch, sig):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["events"] == events and summary["plan_id"] == ev["plan_id"] != json.loads(plan.read_text())["plan_id"]
     assert "event: device_lost b" in capsys.readouterr().err
+    assert "EDGEPOOL-FAULT at" in (out / "logs-before-recovery-1" / "rank-1.log").read_text()  # the lost run's logs stay
+    assert ev["detected_at"] < ev["recovered_at"]
     assert _gone(out)

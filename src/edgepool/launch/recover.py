@@ -14,6 +14,11 @@ went on from, the new ``plan_id``, whether the lost device's own samples left th
 with it (devices with data files of their own), and the recovery time (from the loss
 to the next completed step).
 
+Only a lost device is gone around: a rank killed by a signal (SIGKILL, the kernel's OOM
+killer) or silent (frozen, cut off). A rank that fails on an error of its own would fail
+again, so the run ends as before. The lost run's logs move to
+``DIR/logs-before-recovery-N/``.
+
 This is the restart-from-checkpoint path: the survivors' processes start again. Keeping
 them, with their state and in-memory replicas of their neighbours' (issue 12's aim),
 is not built yet.
@@ -69,6 +74,7 @@ def train_recovering(run, *, placement: Placement | None = None, on_step: Callab
         if pending is not None and rec.plan_id == pending[0]["plan_id"]:
             event, t_lost = pending
             event["recovery_s"] = round(time.monotonic() - t_lost, 3)
+            event["recovered_at"] = time.time()
             _record(out, event)
             if on_event is not None:
                 on_event(event)
@@ -84,22 +90,31 @@ def train_recovering(run, *, placement: Placement | None = None, on_step: Callab
         except RankFailed as exc:
             t_lost = time.monotonic()
             left = [d for d in run.plan.devices if d != exc.device]
-            if not run.job.train.recover or exc.rank < 0 or exc.device not in run.plan.devices or not left:
+            # Lost: killed by a signal (SIGKILL, the kernel's OOM killer) or silent (stopped here,
+            # -9). A rank that failed on an error of its own would fail again: the run ends.
+            if (not run.job.train.recover or exc.rank < 0 or exc.returncode >= 0 or exc.device not in run.plan.devices
+                    or not left):
                 raise
             found = checkpoint.survey(out / "checkpoints", run.identity())
             if not found.usable:
                 raise RankFailed(f"{exc}; no checkpoint to go on from (set train.checkpoint_every)", rank=exc.rank,
                                  device=exc.device, returncode=exc.returncode, reason=exc.reason, log=exc.log) from None
             plan = replan(run, left, log=log)
-            event = {"event": "device_lost", "device": exc.device, "reason": exc.reason, "lost_at_step": last["step"] + 1,
+            event = {"event": "device_lost", "device": exc.device, "reason": exc.reason, "detected_at": time.time(),
+                     "lost_at_step": last["step"] + 1,
                      "from_step": found.usable[0], "old_plan_id": run.plan.plan_id, "plan_id": plan.plan_id,
                      "parallelism": plan.parallelism, "devices": left, "samples_lost": _data_lost(run, exc.device)}
+            if plan.estimate is not None:
+                event["predicted_step_s"] = plan.estimate.step_time_s
             if event["samples_lost"]:
                 event["samples_lost_from_step"] = found.usable[0]
             events.append(event)
             log(f"event: device_lost {exc.device} at step {event['lost_at_step']} ({exc.reason}); going on from step "
                 f"{found.usable[0]} under plan {plan.plan_id} ({plan.parallelism} over {', '.join(left)})")
             pending = (event, t_lost)
+            logs = out / "logs"
+            if logs.is_dir():  # the lost run's logs stay (the next launch writes new ones)
+                logs.rename(out / f"logs-before-recovery-{len(events)}")
             run = run.model_copy(update={"plan": plan, "resume": True})
             env["EDGEPOOL_FAULT"] = ""  # a drill's fault fires once
     if summary is not None and events:

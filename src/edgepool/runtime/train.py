@@ -169,7 +169,9 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
                 if fault[1]:  # killed or frozen for real
                     import os
                     import signal
+                    import time
 
+                    log(f"EDGEPOOL-FAULT at {time.time():.3f}: SIG{fault[1]} before step {step}")
                     os.kill(os.getpid(), getattr(signal, f"SIG{fault[1]}"))
                 raise RuntimeError(f"injected fault at step {step} (EDGEPOOL_FAULT)")
             meter.begin("step")
