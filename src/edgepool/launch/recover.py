@@ -2,7 +2,7 @@
 
 ``train_recovering`` runs ``launch_local`` and, when a device is lost (its rank died,
 or its heartbeat stopped for ``train.detect_s``: ``launch.local``), plans again over
-the devices that are left, keeping the global batch (the planner, for the family the
+the pool's devices that are left (the plan's and any it left out), keeping the global batch (the planner, for the family the
 run had: pp stays pp, a hybrid goes to ``auto``), and starts their ranks again with
 ``--resume``: the newest good checkpoint is resharded to the new plan
 (``runtime.reshard``), and the steps after it are redone. The run ends when every step
@@ -65,6 +65,7 @@ def train_recovering(run, *, placement: Placement | None = None, on_step: Callab
     """``launch_local(run)``, going on without each device it loses while ``train.recover``."""
     out = Path(run.out_dir)
     events: list[dict] = []
+    lost: set[str] = set()
     pending: tuple[dict, float] | None = None
     last = {"step": -1}
 
@@ -89,7 +90,8 @@ def train_recovering(run, *, placement: Placement | None = None, on_step: Callab
             break
         except RankFailed as exc:
             t_lost = time.monotonic()
-            left = [d for d in run.plan.devices if d != exc.device]
+            lost.add(exc.device)
+            left = [d for d in run.pool.device_names if d not in lost]  # the plan's, and any standby
             # Lost: killed by a signal (SIGKILL, the kernel's OOM killer) or silent (stopped here,
             # -9). A rank that failed on an error of its own would fail again: the run ends.
             if (not run.job.train.recover or exc.rank < 0 or exc.returncode >= 0 or exc.device not in run.plan.devices
