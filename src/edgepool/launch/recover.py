@@ -55,7 +55,7 @@ def _data_lost(run, device: str) -> bool:
     try:
         mine = run.job.data.path_for(device)
         return any(run.job.data.path_for(d) != mine for d in run.plan.devices if d != device) or \
-            run.pool.device(device).host != "local"
+            run.pool.device(device).host not in ("local", "emulated")  # a real host's file is its own
     except KeyError:
         return True
 
@@ -105,7 +105,7 @@ def train_recovering(run, *, placement: Placement | None = None, on_step: Callab
             event = {"event": "device_lost", "device": exc.device, "reason": exc.reason, "detected_at": time.time(),
                      "lost_at_step": last["step"] + 1,
                      "from_step": found.usable[0], "old_plan_id": run.plan.plan_id, "plan_id": plan.plan_id,
-                     "parallelism": plan.parallelism, "devices": left, "samples_lost": _data_lost(run, exc.device)}
+                     "parallelism": plan.parallelism, "devices": plan.devices, "standby": [d for d in left if d not in plan.devices], "samples_lost": _data_lost(run, exc.device)}
             if plan.estimate is not None:
                 event["predicted_step_s"] = plan.estimate.step_time_s
             if event["samples_lost"]:
