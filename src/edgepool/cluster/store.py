@@ -48,6 +48,11 @@ class StoreServer:
         with self._cv:
             return list(self._data)
 
+    def items(self, prefix: str) -> dict[str, bytes]:
+        """The keys under ``prefix`` and their values, read at one moment."""
+        with self._cv:
+            return {k: v for k, v in self._data.items() if k.startswith(prefix)}
+
     def _wait(self, keys: list[str], timeout: float) -> bool:
         return self._cv.wait_for(lambda: all(k in self._data for k in keys), timeout)
 

@@ -12,6 +12,11 @@ rank's own one-line reason, with the log to read. A rank that names a silent pee
 (``EDGEPOOL-SILENT`` in its log, from ``runtime.health``) has the silent device blamed,
 not itself.
 
+The launcher hosts the run's rendezvous store (``cluster.store``, TLS, a token made for
+the run), so it outlives any rank, and reads the ranks' heartbeats in it: a rank silent
+for ``train.detect_s`` is stopped and named (``Heartbeats``). What happens next is
+``launch.recover``'s (go on without it) or the caller's.
+
 The launcher owns its ranks: no rank outlives it.
 - SIGTERM and SIGHUP (and SIGINT, Ctrl-C) make it stop every rank's process group
   before it exits (``Stopped``).
@@ -248,8 +253,8 @@ class Heartbeats:
         """Lost ranks -> seconds since their last beat."""
         now = time.monotonic() if now is None else now
         out = {}
-        data = self.store._data
-        for key in [k for k in list(data) if k.startswith(self.PREFIX)]:
+        data = self.store.items(self.PREFIX)
+        for key in data:
             tail = key[len(self.PREFIX):]
             if not tail.isdigit():
                 continue

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from edgepool.errors import EdgepoolError
 from edgepool.launch.local import Placement, RankFailed, launch_local
 from edgepool.runtime import checkpoint
 from edgepool.specs.metrics import StepRecord, Summary, read_summary, write_json
@@ -101,18 +102,22 @@ def train_recovering(run, *, placement: Placement | None = None, on_step: Callab
             if not found.usable:
                 raise RankFailed(f"{exc}; no checkpoint to go on from (set train.checkpoint_every)", rank=exc.rank,
                                  device=exc.device, returncode=exc.returncode, reason=exc.reason, log=exc.log) from None
-            plan = replan(run, left, log=log)
+            try:
+                plan = replan(run, left, log=log)
+            except EdgepoolError as why:
+                raise RankFailed(f"{exc}; no plan fits the devices left ({', '.join(left)}): {why}", rank=exc.rank,
+                                 device=exc.device, returncode=exc.returncode, reason=exc.reason, log=exc.log) from None
             event = {"event": "device_lost", "device": exc.device, "reason": exc.reason, "detected_at": time.time(),
-                     "lost_at_step": last["step"] + 1,
-                     "from_step": found.usable[0], "old_plan_id": run.plan.plan_id, "plan_id": plan.plan_id,
-                     "parallelism": plan.parallelism, "devices": plan.devices, "standby": [d for d in left if d not in plan.devices], "samples_lost": _data_lost(run, exc.device)}
+                     "lost_at_step": last["step"] + 1, "from_step": found.usable[0], "old_plan_id": run.plan.plan_id,
+                     "plan_id": plan.plan_id, "parallelism": plan.parallelism, "devices": plan.devices,
+                     "standby": [d for d in left if d not in plan.devices], "samples_lost": _data_lost(run, exc.device)}
             if plan.estimate is not None:
                 event["predicted_step_s"] = plan.estimate.step_time_s
             if event["samples_lost"]:
                 event["samples_lost_from_step"] = found.usable[0]
             events.append(event)
             log(f"event: device_lost {exc.device} at step {event['lost_at_step']} ({exc.reason}); going on from step "
-                f"{found.usable[0]} under plan {plan.plan_id} ({plan.parallelism} over {', '.join(left)})")
+                f"{found.usable[0]} under plan {plan.plan_id} ({plan.parallelism} over {', '.join(plan.devices)})")
             pending = (event, t_lost)
             logs = out / "logs"
             if logs.is_dir():  # the lost run's logs stay (the next launch writes new ones)
