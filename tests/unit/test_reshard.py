@@ -122,19 +122,16 @@ def test_tp_and_fsdp_cuts_match_the_engine(model):
     from edgepool.specs.layout import Layout
 
     shapes, shape, _ = model
-    p = PLANS["tp"]
-    cfg_block = {n[len("blocks.0."):]: s for n, s in shapes.items() if n.startswith("blocks.0.")}
-    split = Layout.of(p, shape).splits[0]
+    block_shapes = {n[len("blocks.0."):]: s for n, s in shapes.items() if n.startswith("blocks.0.")}
+    family = "llama" if "mlp.gate.weight" in block_shapes else "gpt"
+    cfg = preset(family, "tiny", vocab_size=50, num_layers=L, num_kv_heads=2 if family == "llama" else None)
+    split = Layout.of(PLANS["tp"], shape).splits[0]
     tp = modes.get("tp")
     for index in range(2):
-        from edgepool.models.config import preset as _preset
-
-        fam = "llama" if "mlp.gate.weight" in cfg_block else "gpt"
-        cfg = _preset(fam, "tiny", vocab_size=50, num_layers=L, num_kv_heads=2 if fam == "llama" else None)
         block = Block(cfg)
         heads, ffn = tp._ranges(split, index)
         spec = shard_block(block, heads=heads, ffn=ffn)
-        for k, s in cfg_block.items():
+        for k, s in block_shapes.items():
             assert spec.get(k) == tp.shard_of(f"blocks.0.{k}", s, split, index, shape), k
             want = tuple(b - a for a, b in box(spec.get(k), s))
             assert tuple(dict(block.named_parameters())[k].shape) == want, k

@@ -243,26 +243,26 @@ class Heartbeats:
     them: a rank whose counter has not moved for ``detect_s`` since it first beat is lost
     (frozen, SIGSTOPped, cut off), whatever its process looks like from here."""
 
-    PREFIX = "edgepool/heartbeat/"
-
     def __init__(self, store, detect_s: float):
         self.store, self.detect_s = store, detect_s
         self._last: dict[int, tuple[bytes, float]] = {}
 
     def silent(self, now: float | None = None) -> dict[int, float]:
         """Lost ranks -> seconds since their last beat."""
+        from edgepool.runtime.health import PREFIX
+
         now = time.monotonic() if now is None else now
         out = {}
-        data = self.store.items(self.PREFIX)
+        data = self.store.items(f"{PREFIX}/")
         for key in data:
-            tail = key[len(self.PREFIX):]
+            tail = key[len(PREFIX) + 1:]
             if not tail.isdigit():
                 continue
             rank, value = int(tail), data.get(key)
             seen = self._last.get(rank)
             if seen is None or seen[0] != value:
                 self._last[rank] = (value, now)
-            elif now - seen[1] > self.detect_s and f"{self.PREFIX}left/{rank}" not in data:
+            elif now - seen[1] > self.detect_s and f"{PREFIX}/left/{rank}" not in data:
                 out[rank] = now - seen[1]
         return out
 

@@ -4,8 +4,8 @@
 q/k/v and the MLP's up/gate are column-parallel (their output rows are sliced), o_proj
 and down are row-parallel (their input columns are sliced); norms and the separate
 output biases stay whole. It returns the shard spec of every sliced parameter,
-``name -> (dim, start, stop)`` in the full parameter, which checkpoints use to stitch
-shards back into full tensors under any plan.
+``name -> (dim, start, stop)`` in the full parameter (``modes.tp.block_slice``, the
+pure cut ``runtime.reshard`` routes checkpoints and state by).
 """
 
 from __future__ import annotations

@@ -187,8 +187,9 @@ def written_plan(manifest: dict):
 
 
 def routes(d: Path, plan, shapes, shape):
-    """How checkpoint ``d`` (written under any plan) fills the ranks of ``plan``: a
-    ``runtime.reshard.Reshard`` whose holders are the rank files' names, or a reason it cannot."""
+    """How checkpoint ``d`` (written under any plan) fills the ranks of ``plan``: (its
+    manifest, a ``runtime.reshard.Reshard`` whose holders are the rank files' names), or
+    a reason it cannot."""
     from edgepool.runtime.reshard import reshard
 
     if not (d / "manifest.json").is_file():
@@ -202,19 +203,16 @@ def routes(d: Path, plan, shapes, shape):
     if manifest.get("world_size") != old.world_size or len(manifest.get("files") or {}) != old.world_size:
         return "the manifest's files do not match its plan"
     r = reshard(old, plan, {rank_file(i): [i] for i in range(old.world_size)}, shapes=shapes, shape=shape,
-                prefer=lambda j, h: h == rank_file(j) and old.world_size == plan.world_size)
+                prefer=lambda j, h: h == rank_file(j))
     if r.missing:
         return f"it does not hold {r.missing[0][1]} (needed by rank {r.missing[0][0]})"
-    return r
+    return manifest, r
 
 
-def check(d: Path, rank: int, identity: dict, files: list[str]) -> str | None:
-    """Why checkpoint folder ``d`` cannot be used by ``rank`` (which reads ``files`` of
-    it), or None if it can."""
-    if not (d / "manifest.json").is_file():
-        return "no manifest (partial write)"
-    manifest = read_manifest(d)
-    why = differences(manifest.get("run") if manifest else None, identity)
+def check(d: Path, manifest: dict, identity: dict, files: list[str]) -> str | None:
+    """Why checkpoint folder ``d`` (with ``manifest``) cannot be used by a rank that reads
+    ``files`` of it, or None if it can."""
+    why = differences(manifest.get("run"), identity)
     if why is not None:
         return f"{why} (resume with the same job)"
     for name in files:
@@ -261,12 +259,12 @@ def find_resumable(root: Path, rank: int, identity: dict, comm, *, plan, shapes,
     found, mine = {}, {}
     for step in steps:
         d = step_dir(root, step)
-        r = routes(d, plan, shapes, shape)
-        if isinstance(r, str):
-            mine[str(step)] = r
+        got = routes(d, plan, shapes, shape)
+        if isinstance(got, str):
+            mine[str(step)] = got
             continue
-        found[step] = r
-        mine[str(step)] = check(d, rank, identity, sorted({m.holder for m in r.moves[rank]}))
+        manifest, found[step] = got
+        mine[str(step)] = check(d, manifest, identity, sorted({m.holder for m in found[step].moves[rank]}))
     everyone = comm.gather_json(mine, "comparing checkpoints")
     for step in steps:
         reasons = [e.get(str(step), "missing on another rank") for e in everyone]

@@ -307,7 +307,7 @@ class Engine:
 
     def load_pieces(self, tensors: dict[str, torch.Tensor], scalars: dict[str, dict]) -> None:
         """Restore the state ``pieces`` returned, cut for this rank (``runtime.reshard.assemble``)."""
-        own = self.local_state()
+        own = list(self.model.state_dict())
         missing = [k for k in own if f"model/{k}" not in tensors]
         if missing:
             raise KeyError(f"the state is missing {len(missing)} of rank {self.rank}'s tensors, e.g. {missing[:3]}")

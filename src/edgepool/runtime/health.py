@@ -31,6 +31,7 @@ from typing import Iterator
 
 from edgepool.errors import PeerError
 
+PREFIX = "edgepool/heartbeat"  # the store keys ``PREFIX/<rank>`` (counters) and ``PREFIX/left/<rank>``
 BEAT_S = 0.5
 # A rank is silent when its counter does not move over this many beats.
 SILENT_BEATS = 2.5
@@ -47,7 +48,7 @@ class Heartbeat:
     def __init__(self, store, rank: int, world_size: int, *, beat_s: float = BEAT_S, store_host: int | None = 0):
         import torch.distributed as dist
 
-        self.store = dist.PrefixStore("edgepool/heartbeat", store)
+        self.store = dist.PrefixStore(PREFIX, store)
         self.rank, self.world_size, self.beat_s = rank, world_size, beat_s
         self.store_host = store_host  # the rank that hosts the store; None: no rank does (``edgepool serve``)
         self._stop = threading.Event()

@@ -45,17 +45,19 @@ def part_of(name: str) -> str | int:
     return head
 
 
-def holdings(plan: Plan, rank: int, shapes: Mapping[str, tuple[int, ...]], shape: Shape) -> dict[str, Spec]:
+def holdings(plan: Plan, rank: int, shapes: Mapping[str, tuple[int, ...]], shape: Shape,
+             layout: Layout | None = None) -> dict[str, Spec]:
     """The parameters ``rank`` holds under ``plan`` and where each sits in the full tensor.
 
-    ``shapes``: every parameter's full shape (``full_shapes``)."""
+    ``shapes``: every parameter's full shape (``full_shapes``); ``layout``: the plan's
+    ``Layout`` when the caller has it."""
     from edgepool.sim.lower import is_data_owner
 
     role = role_of(plan, rank)
     st = plan.stages[role.stage]
     owner = is_data_owner(plan, rank)
     mode = modes.get(st.mode)
-    split = Layout.of(plan, shape).splits[role.stage] if len(st.devices) > 1 else None
+    split = (layout or Layout.of(plan, shape)).splits[role.stage] if len(st.devices) > 1 else None
     a, b = st.layers
     out: dict[str, Spec] = {}
     for name, full in shapes.items():
@@ -93,15 +95,6 @@ class Reshard:
     wanted: dict[int, dict[str, Spec]] = field(default_factory=dict)  # new rank -> what it holds under the new plan
     missing: list[tuple[int, str]] = field(default_factory=list)  # (new rank, parameter) that nobody holds
 
-    def sends(self, holder: Hashable) -> dict[int, list[Move]]:
-        """What ``holder`` sends: receiver -> moves."""
-        out: dict[int, list[Move]] = {}
-        for rank, moves in self.moves.items():
-            for m in moves:
-                if m.holder == holder:
-                    out.setdefault(rank, []).append(m)
-        return out
-
 
 def _local(b: Box, within: Box) -> Box:
     return tuple((x0 - w0, x1 - w0) for (x0, x1), (w0, _) in zip(b, within))
@@ -120,7 +113,8 @@ def reshard(old_plan: Plan, new_plan: Plan, holders: Mapping[Hashable, Iterable[
     for a checkpoint's files, ``{1: [1, 2]}`` for a survivor with a replica of rank 2).
     ``prefer(new_rank, holder)``: a holder to take from first (the receiver itself), so
     that as little as possible travels. Pure and deterministic."""
-    old_hold = {r: holdings(old_plan, r, shapes, shape) for r in range(old_plan.world_size)}
+    old_layout, new_layout = Layout.of(old_plan, shape), Layout.of(new_plan, shape)
+    old_hold = {r: holdings(old_plan, r, shapes, shape, old_layout) for r in range(old_plan.world_size)}
     keepers: dict[int, list[Hashable]] = {}
     for h in holders:
         for r in holders[h]:
@@ -129,7 +123,7 @@ def reshard(old_plan: Plan, new_plan: Plan, holders: Mapping[Hashable, Iterable[
             keepers.setdefault(r, []).append(h)
     out = Reshard()
     for j in range(new_plan.world_size):
-        want = holdings(new_plan, j, shapes, shape)
+        want = holdings(new_plan, j, shapes, shape, new_layout)
         out.wanted[j] = want
 
         def near(h: Hashable, j: int = j) -> bool:
