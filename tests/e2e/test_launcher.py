@@ -261,6 +261,9 @@ def test_a_lost_device_and_the_run_goes_on(tmp_path, capsys, monkeypatch, sig):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["events"] == events and summary["plan_id"] == ev["plan_id"] != json.loads(plan.read_text())["plan_id"]
     assert "event: device_lost b" in capsys.readouterr().err
-    assert "EDGEPOOL-FAULT at" in (out / "logs-before-recovery-1" / "rank-1.log").read_text()  # the lost run's logs stay
+    # the survivors kept their processes: no restart, the lost rank's log is there
+    assert ev["recovery"] == "in memory" and not (out / "logs-before-recovery-1").exists()
+    assert "EDGEPOOL-FAULT at" in (out / "logs" / "rank-1.log").read_text()
+    assert "going on from step 3 (memory)" in (out / "logs" / "rank-2.log").read_text()
     assert ev["detected_at"] < ev["recovered_at"]
     assert _gone(out)

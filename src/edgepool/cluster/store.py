@@ -53,6 +53,15 @@ class StoreServer:
         with self._cv:
             return {k: v for k, v in self._data.items() if k.startswith(prefix)}
 
+    def put(self, key: str, value: bytes) -> None:
+        """Set ``key`` from this process (the launcher's side of ``runtime.regroup``)."""
+        with self._cv:
+            self._data[key] = bytes(value)
+            self._cv.notify_all()
+
+    def add(self, key: str, amount: int) -> int:
+        return int(self.handle({"op": "add", "key": key, "amount": amount})["value"])
+
     def _wait(self, keys: list[str], timeout: float) -> bool:
         return self._cv.wait_for(lambda: all(k in self._data for k in keys), timeout)
 

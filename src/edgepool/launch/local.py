@@ -151,7 +151,7 @@ def _reason(log: Path) -> str:
 
 def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[StepRecord], None] | None = None,
                  poll_s: float = 0.2, deadline_s: float | None = None, ranks: list[int] | None = None,
-                 env: dict[str, str] | None = None, stop=None) -> Summary | None:
+                 env: dict[str, str] | None = None, stop=None, regroup=None) -> Summary | None:
     """Run ``run`` (a RunSpec) on local processes; returns the summary.
 
     ``on_step`` gets every step's record as rank 0 writes it (a progress bar, say).
@@ -160,7 +160,9 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
     agent of ``cluster.agent`` starts its own device's rank; the others run elsewhere),
     with ``env`` added to their environment; without rank 0 there is no summary here
     (None). ``stop`` (a ``threading.Event``, set from another thread) stops every rank
-    and raises ``Stopped``, as SIGTERM does."""
+    and raises ``Stopped``, as SIGTERM does. ``regroup(failure, run, procs, logs, beats)``
+    (``launch.recover``) goes on without a lost rank, keeping the others' processes, or
+    raises; it needs the store this launcher hosts."""
     placement = placement or Placement()
     out = Path(run.out_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -173,6 +175,11 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
     if env is None or "EDGEPOOL_STORE" not in env:  # the run's own store, hosted here
         private, hosted, store = _host_run_store(placement.host_addr)
         env = {**(env or {}), **store}
+    if hosted is None:
+        regroup = None
+    elif regroup is not None:
+        regroup.store = hosted[1]
+        env["EDGEPOOL_REGROUP"] = "1"
     procs: dict[int, subprocess.Popen] = {}
     logs: dict[int, Path] = {}
     # The watchdog pipe: ranks inherit only the read end; it reads end-of-file when
@@ -188,7 +195,7 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
             finally:
                 os.close(watch_r)
             beats = Heartbeats(hosted[1], run.job.train.detect_s) if hosted is not None else None
-            return _watch(run, procs, logs, placement, on_step, poll_s, deadline_s, stop, beats)
+            return _watch(run, procs, logs, placement, on_step, poll_s, deadline_s, stop, beats, regroup)
         finally:
             _stop_all(procs)
             os.close(watch_w)
@@ -244,13 +251,18 @@ class Heartbeats:
     (frozen, SIGSTOPped, cut off), whatever its process looks like from here."""
 
     def __init__(self, store, detect_s: float):
-        self.store, self.detect_s = store, detect_s
+        from edgepool.runtime.health import PREFIX
+
+        self.store, self.detect_s, self.prefix = store, detect_s, PREFIX
         self._last: dict[int, tuple[bytes, float]] = {}
+
+    def follow(self, prefix: str) -> None:
+        """Read the counters under ``prefix`` from now on (a new generation's ranks)."""
+        self.prefix, self._last = prefix, {}
 
     def silent(self, now: float | None = None) -> dict[int, float]:
         """Lost ranks -> seconds since their last beat."""
-        from edgepool.runtime.health import PREFIX
-
+        PREFIX = self.prefix
         now = time.monotonic() if now is None else now
         out = {}
         data = self.store.items(f"{PREFIX}/")
@@ -306,7 +318,7 @@ def _stop_all(procs: dict[int, subprocess.Popen]) -> None:
 
 def _watch(run, procs: dict[int, subprocess.Popen], logs: dict[int, Path], placement: Placement,
            on_step: Callable[[StepRecord], None] | None, poll_s: float, deadline_s: float | None,
-           stop=None, beats: Heartbeats | None = None) -> Summary | None:
+           stop=None, beats: Heartbeats | None = None, regroup=None) -> Summary | None:
     out = Path(run.out_dir)
     metrics = out / "metrics.jsonl"
     seen = 0
@@ -328,33 +340,13 @@ def _watch(run, procs: dict[int, subprocess.Popen], logs: dict[int, Path], place
     while True:
         follow()
         codes = {r: p.poll() for r, p in procs.items()}
-        failed = [r for r, c in codes.items() if c not in (None, 0)]
-        quiet = {r: s for r, s in (beats.silent() if beats is not None else {}).items() if codes.get(r) is None}
-        if quiet and not failed:  # alive but silent: frozen or cut off; stopped here, named
-            first = min(quiet, key=lambda r: (-quiet[r], r))
-            device = run.plan.devices[first]
-            if first in procs:
-                _stop_all({first: procs[first]})
-            reason = f"no heartbeat for {quiet[first]:.1f} s (frozen, stopped or cut off); stopped"
-            raise RankFailed(f"device {device} (rank {first}) stopped answering: {reason}; see {logs[first]}",
-                             rank=first, device=device, returncode=-9, reason=reason, log=logs[first])
-        if failed:
-            causes = {r: placement.exit_cause(run.plan.devices[r], codes[r]) for r in failed}
-            # The rank that died first: one the kernel killed (OOM, signal) over
-            # peers that only noticed it; then the oldest log.
-            first = min(failed, key=lambda r: (causes[r] is None and codes[r] > 0, _mtime(logs[r])))
-            device = run.plan.devices[first]
-            reason = causes[first] or _reason(logs[first])
-            message = f"rank {first} ({device}) failed (exit {codes[first]}): {reason}; see {logs[first]}"
-            named = Counter(r for f in failed for r in _silent(logs[f]))
-            if named:  # a peer the noticing ranks found silent (``runtime.health``) is the culprit
-                noticed, log = f"rank {first} ({device})", logs[first]
-                first = min(named, key=lambda r: (-named[r], r))  # the rank most of them name
-                device = run.plan.devices[first]
-                message = f"device {device} (rank {first}) stopped answering; {noticed} noticed: {reason}; see {log}"
-            code = codes.get(first) if codes.get(first) is not None else -1  # a silent rank may be there, or elsewhere
-            raise RankFailed(message, rank=first, device=device, returncode=code, reason=reason,
-                             log=logs.get(first, out / "logs"))
+        failure = _failure(run, procs, codes, logs, placement, beats)
+        if failure is not None:
+            if regroup is None:
+                raise failure
+            # the survivors go on in memory (``launch.recover``), or this raises
+            run, procs, logs, seen = regroup(failure, run, procs, logs, beats)
+            continue
         if stop is not None and stop.is_set():
             raise Stopped("told to stop; every rank was stopped")
         if all(c == 0 for c in codes.values()):
@@ -371,6 +363,41 @@ def _watch(run, procs: dict[int, subprocess.Popen], logs: dict[int, Path], place
     if not summary_path.is_file():
         raise EdgepoolError(f"the run ended without {summary_path}; see {out / 'logs'}")
     return read_summary(summary_path)
+
+
+def _failure(run, procs, codes: dict[int, int | None], logs: dict[int, Path], placement: Placement,
+             beats: Heartbeats | None) -> RankFailed | None:
+    """The rank lost first, as the error that names it: a silent one (stopped here), or
+    the one that died first; None while every rank is well."""
+    out = Path(run.out_dir)
+    failed = [r for r, c in codes.items() if c not in (None, 0)]
+    quiet = {r: s for r, s in (beats.silent() if beats is not None else {}).items() if codes.get(r) is None}
+    if quiet and not failed:  # alive but silent: frozen or cut off; stopped here, named
+        first = min(quiet, key=lambda r: (-quiet[r], r))
+        device = run.plan.devices[first]
+        if first in procs:
+            _stop_all({first: procs[first]})
+        reason = f"no heartbeat for {quiet[first]:.1f} s (frozen, stopped or cut off); stopped"
+        return RankFailed(f"device {device} (rank {first}) stopped answering: {reason}; see {logs[first]}",
+                          rank=first, device=device, returncode=-9, reason=reason, log=logs[first])
+    if not failed:
+        return None
+    causes = {r: placement.exit_cause(run.plan.devices[r], codes[r]) for r in failed}
+    # The rank that died first: one the kernel killed (OOM, signal) over
+    # peers that only noticed it; then the oldest log.
+    first = min(failed, key=lambda r: (causes[r] is None and codes[r] > 0, _mtime(logs[r])))
+    device = run.plan.devices[first]
+    reason = causes[first] or _reason(logs[first])
+    message = f"rank {first} ({device}) failed (exit {codes[first]}): {reason}; see {logs[first]}"
+    named = Counter(r for f in failed for r in _silent(logs[f]))
+    if named:  # a peer the noticing ranks found silent (``runtime.health``) is the culprit
+        noticed, log = f"rank {first} ({device})", logs[first]
+        first = min(named, key=lambda r: (-named[r], r))  # the rank most of them name
+        device = run.plan.devices[first]
+        message = f"device {device} (rank {first}) stopped answering; {noticed} noticed: {reason}; see {log}"
+    code = codes.get(first) if codes.get(first) is not None else -1  # a silent rank may be there, or elsewhere
+    return RankFailed(message, rank=first, device=device, returncode=code, reason=reason,
+                      log=logs.get(first, out / "logs"))
 
 
 def _silent(log: Path) -> list[int]:

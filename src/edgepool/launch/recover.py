@@ -61,71 +61,205 @@ def _data_lost(run, device: str) -> bool:
         return True
 
 
-def train_recovering(run, *, placement: Placement | None = None, on_step: Callable[[StepRecord], None] | None = None,
-                     on_event: Callable[[dict], None] | None = None, log=print, **launch) -> Summary | None:
-    """``launch_local(run)``, going on without each device it loses while ``train.recover``."""
-    out = Path(run.out_dir)
-    events: list[dict] = []
-    lost: set[str] = set()
-    pending: tuple[dict, float] | None = None
-    last = {"step": -1}
+class _Events:
+    """The run's ``device_lost`` events: built, logged, and completed with the recovery
+    time at the first step the new plan finishes."""
 
-    def step(rec: StepRecord) -> None:
-        nonlocal pending
-        last["step"] = rec.step
-        if pending is not None and rec.plan_id == pending[0]["plan_id"]:
-            event, t_lost = pending
+    def __init__(self, out: Path, log, on_step, on_event):
+        self.out, self.log, self.on_step, self.on_event = out, log, on_step, on_event
+        self.events: list[dict] = []
+        self.lost: set[str] = set()
+        self.pending: tuple[dict, float] | None = None
+        self.last_step = -1
+
+    def step(self, rec: StepRecord) -> None:
+        self.last_step = rec.step
+        if self.pending is not None and rec.plan_id == self.pending[0]["plan_id"]:
+            event, t_lost = self.pending
             event["recovery_s"] = round(time.monotonic() - t_lost, 3)
             event["recovered_at"] = time.time()
-            _record(out, event)
-            if on_event is not None:
-                on_event(event)
-            pending = None
-        if on_step is not None:
-            on_step(rec)
+            _record(self.out, event)
+            if self.on_event is not None:
+                self.on_event(event)
+            self.pending = None
+        if self.on_step is not None:
+            self.on_step(rec)
 
-    env = dict(launch.pop("env", None) or {})
-    while True:
+    def lost_device(self, run, exc: RankFailed, t_lost: float, plan, left: list[str], from_step: int,
+                    how: str) -> dict:
+        event = {"event": "device_lost", "device": exc.device, "reason": exc.reason, "detected_at": time.time(),
+                 "lost_at_step": self.last_step + 1, "from_step": from_step, "old_plan_id": run.plan.plan_id,
+                 "plan_id": plan.plan_id, "parallelism": plan.parallelism, "devices": plan.devices,
+                 "standby": [d for d in left if d not in plan.devices], "samples_lost": _data_lost(run, exc.device),
+                 "recovery": how}
+        if plan.estimate is not None:
+            event["predicted_step_s"] = plan.estimate.step_time_s
+        if event["samples_lost"]:
+            event["samples_lost_from_step"] = from_step
+        self.events.append(event)
+        self.log(f"event: device_lost {exc.device} at step {event['lost_at_step']} ({exc.reason}); going on from "
+                 f"step {from_step} under plan {plan.plan_id} ({plan.parallelism} over {', '.join(plan.devices)}; "
+                 f"{how})")
+        self.pending = (event, t_lost)
+        return event
+
+
+def _lost(run, exc: RankFailed) -> bool:
+    """Whether ``exc`` is a lost device to go on without: killed by a signal (SIGKILL, the
+    kernel's OOM killer) or silent (stopped here, -9). A rank that failed on an error of
+    its own would fail again."""
+    return run.job.train.recover and exc.rank >= 0 and exc.returncode < 0 and exc.device in run.plan.devices
+
+
+class InMemory:
+    """``launch_local``'s ``regroup``: the survivors keep their processes and state
+    (``runtime.regroup`` has the protocol). Raises the failure when it cannot (the rank's
+    own error, a survivor that does not report within ``wait_s``, no state to go on
+    from); ``train_recovering`` then restarts from the checkpoint."""
+
+    def __init__(self, events: _Events, *, wait_s: float, log=print):
+        self.events, self.wait_s, self.log = events, wait_s, log
+        self.store = None  # the run's store, set by ``launch_local``
+        self.gen = 0
+        self.standby: list = []  # processes left out of a new plan; they leave on their own
+
+    def __call__(self, failure: RankFailed, run, procs: dict, logs: dict, beats):
+        from edgepool.launch.local import _stop_all
+        from edgepool.runtime.regroup import GEN, beat_prefix, key
+
+        if not _lost(run, failure):
+            raise failure
+        t_lost = time.monotonic()
+        _stop_all({failure.rank: procs[failure.rank]} if failure.rank in procs else {})
+        self.gen += 1
+        g = self.gen
+        self.store.put(key(g, "lost"), json.dumps({"rank": failure.rank, "device": failure.device}).encode())
+        self.store.add(GEN, 1)
+        survivors = {r: p for r, p in procs.items() if r != failure.rank}
+        reports: dict[int, dict] = {}
+        deadline = time.monotonic() + self.wait_s
+        while len(reports) < len(survivors):
+            held = self.store.items(key(g, "held/"))
+            reports = {int(k.rsplit("/", 1)[1]): json.loads(v) for k, v in held.items()}
+            gone = [r for r, p in survivors.items() if p.poll() is not None]
+            if gone or time.monotonic() > deadline:
+                self.log(f"regrouping failed ({'rank ' + str(gone[0]) + ' exited' if gone else 'no report within '}"
+                         f"{'' if gone else f'{self.wait_s:g} s'}); restarting from the checkpoint")
+                self._stop(g, "another device was lost while regrouping")
+                raise failure
+            time.sleep(0.02)
+        out = Path(run.out_dir)
+        step, source = self._state(run, out, reports)
+        if step is None:
+            self._stop(g, "no state to go on from")
+            raise failure
+        left = [run.plan.devices[r] for r in sorted(survivors)]
         try:
-            summary = launch_local(run, placement=placement, on_step=step, env=env or None, **launch)
-            break
-        except RankFailed as exc:
-            t_lost = time.monotonic()
-            lost.add(exc.device)
-            left = [d for d in run.pool.device_names if d not in lost]  # the plan's, and any standby
-            # Lost: killed by a signal (SIGKILL, the kernel's OOM killer) or silent (stopped here,
-            # -9). A rank that failed on an error of its own would fail again: the run ends.
-            if (not run.job.train.recover or exc.rank < 0 or exc.returncode >= 0 or exc.device not in run.plan.devices
-                    or not left):
-                raise
-            found = checkpoint.survey(out / "checkpoints", run.identity())
-            if not found.usable:
-                raise RankFailed(f"{exc}; no checkpoint to go on from (set train.checkpoint_every)", rank=exc.rank,
-                                 device=exc.device, returncode=exc.returncode, reason=exc.reason, log=exc.log) from None
+            plan = replan(run, left, log=self.log)
+        except EdgepoolError as why:
+            self._stop(g, f"no plan fits the devices left: {why}")
+            raise RankFailed(f"{failure}; no plan fits the devices left ({', '.join(left)}): {why}", rank=failure.rank,
+                             device=failure.device, returncode=failure.returncode, reason=failure.reason,
+                             log=failure.log) from None
+        ranks = {r: (plan.devices.index(run.plan.devices[r]) if run.plan.devices[r] in plan.devices else None)
+                 for r in survivors}
+        kept = _truncate_metrics(out / "metrics.jsonl", step)
+        self.events.lost.add(failure.device)
+        self.events.lost_device(run, failure, t_lost, plan, left, step,
+                                "in memory" if source == "memory" else "in memory, state from the checkpoint")
+        new_run = run.model_copy(update={"plan": plan, "resume": True})
+        new_run.dump(out / "run.json")
+        beats.follow(beat_prefix(g))
+        self.store.put(key(g, "plan"), json.dumps({"plan": plan.model_dump(mode="json"), "step": step,
+                                                   "source": source,
+                                                   "ranks": {str(r): j for r, j in ranks.items()}}).encode())
+        self.standby += [procs[r] for r, j in ranks.items() if j is None]
+        return (new_run, {j: procs[r] for r, j in ranks.items() if j is not None},
+                {j: logs[r] for r, j in ranks.items() if j is not None}, kept)
+
+    def _stop(self, g: int, why: str) -> None:
+        from edgepool.runtime.regroup import key
+
+        self.store.put(key(g, "plan"), json.dumps({"stop": why}).encode())
+
+    @staticmethod
+    def _state(run, out: Path, reports: dict[int, dict]) -> tuple[int | None, str]:
+        """The step to go on from and where its state comes from: the survivors'
+        snapshots when they all hold the same checkpoint step of this plan (the lost
+        ranks' part from its files), else the newest good checkpoint."""
+        found = checkpoint.survey(out / "checkpoints", run.identity())
+        snaps = {tuple(rep["snapshot"]) if rep.get("snapshot") else None for rep in reports.values()}
+        if len(snaps) == 1 and None not in snaps:
+            plan_id, step = next(iter(snaps))
+            written = checkpoint.read_manifest(checkpoint.step_dir(out / "checkpoints", step)) or {}
+            if plan_id == run.plan.plan_id and step in found.usable and written.get("plan_id") == plan_id:
+                return step, "memory"
+        return (found.usable[0], "checkpoint") if found.usable else (None, "")
+
+    def close(self) -> None:
+        from edgepool.launch.local import _stop_all
+
+        _stop_all(dict(enumerate(self.standby)))
+
+
+def _truncate_metrics(path: Path, step: int) -> int:
+    """Keep the records of the steps before ``step`` (they are redone from there); how many."""
+    from edgepool.specs.metrics import read_metrics
+
+    if not path.is_file():
+        return 0
+    kept = [r for r in read_metrics(path) if r.step < step]
+    path.write_text("".join(r.model_dump_json() + "\n" for r in kept))
+    return len(kept)
+
+
+def train_recovering(run, *, placement: Placement | None = None, on_step: Callable[[StepRecord], None] | None = None,
+                     on_event: Callable[[dict], None] | None = None, log=print, **launch) -> Summary | None:
+    """``launch_local(run)``, going on without each device it loses while ``train.recover``:
+    in memory first (``InMemory``), else from the checkpoint with every rank restarted."""
+    out = Path(run.out_dir)
+    events = _Events(out, log, on_step, on_event)
+    env = dict(launch.pop("env", None) or {})
+    regroup = InMemory(events, wait_s=run.job.train.detect_s + run.job.train.timeout_s, log=log) \
+        if run.job.train.recover else None
+    try:
+        while True:
             try:
-                plan = replan(run, left, log=log)
-            except EdgepoolError as why:
-                raise RankFailed(f"{exc}; no plan fits the devices left ({', '.join(left)}): {why}", rank=exc.rank,
-                                 device=exc.device, returncode=exc.returncode, reason=exc.reason, log=exc.log) from None
-            event = {"event": "device_lost", "device": exc.device, "reason": exc.reason, "detected_at": time.time(),
-                     "lost_at_step": last["step"] + 1, "from_step": found.usable[0], "old_plan_id": run.plan.plan_id,
-                     "plan_id": plan.plan_id, "parallelism": plan.parallelism, "devices": plan.devices,
-                     "standby": [d for d in left if d not in plan.devices], "samples_lost": _data_lost(run, exc.device)}
-            if plan.estimate is not None:
-                event["predicted_step_s"] = plan.estimate.step_time_s
-            if event["samples_lost"]:
-                event["samples_lost_from_step"] = found.usable[0]
-            events.append(event)
-            log(f"event: device_lost {exc.device} at step {event['lost_at_step']} ({exc.reason}); going on from step "
-                f"{found.usable[0]} under plan {plan.plan_id} ({plan.parallelism} over {', '.join(plan.devices)})")
-            pending = (event, t_lost)
-            logs = out / "logs"
-            if logs.is_dir():  # the lost run's logs stay (the next launch writes new ones)
-                logs.rename(out / f"logs-before-recovery-{len(events)}")
-            run = run.model_copy(update={"plan": plan, "resume": True})
-            env["EDGEPOOL_FAULT"] = ""  # a drill's fault fires once
-    if summary is not None and events:
-        summary = summary.model_copy(update={"events": events})
+                summary = launch_local(run, placement=placement, on_step=events.step, env=env or None,
+                                       regroup=regroup, **launch)
+                break
+            except RankFailed as exc:
+                t_lost = time.monotonic()
+                if regroup is not None and regroup.gen:  # the run regrouped: its newest plan is in run.json
+                    run = run.read(out / "run.json")
+                events.lost.add(exc.device)
+                left = [d for d in run.pool.device_names if d not in events.lost]  # the plan's, and any standby
+                if not _lost(run, exc) or not left:
+                    raise
+                found = checkpoint.survey(out / "checkpoints", run.identity())
+                if not found.usable:
+                    raise RankFailed(f"{exc}; no checkpoint to go on from (set train.checkpoint_every)",
+                                     rank=exc.rank, device=exc.device, returncode=exc.returncode, reason=exc.reason,
+                                     log=exc.log) from None
+                try:
+                    plan = replan(run, left, log=log)
+                except EdgepoolError as why:
+                    raise RankFailed(f"{exc}; no plan fits the devices left ({', '.join(left)}): {why}",
+                                     rank=exc.rank, device=exc.device, returncode=exc.returncode, reason=exc.reason,
+                                     log=exc.log) from None
+                events.lost_device(run, exc, t_lost, plan, left, found.usable[0], "restart from the checkpoint")
+                logs = out / "logs"
+                if logs.is_dir():  # the lost run's logs stay (the next launch writes new ones)
+                    logs.rename(out / f"logs-before-recovery-{len(events.events)}")
+                run = run.model_copy(update={"plan": plan, "resume": True})
+                env["EDGEPOOL_FAULT"] = ""  # a drill's fault fires once
+                if regroup is not None:
+                    regroup.gen = 0
+    finally:
+        if regroup is not None:
+            regroup.close()
+    if summary is not None and events.events:
+        summary = summary.model_copy(update={"events": events.events})
         write_json(out / "summary.json", summary)
         summary = read_summary(out / "summary.json")
     return summary

@@ -276,7 +276,7 @@ def find_resumable(root: Path, rank: int, identity: dict, comm, *, plan, shapes,
     return None
 
 
-class _File:
+class RankFile:
     """A rank file as a ``runtime.reshard.Source``: slices read from disk, nothing else."""
 
     def __init__(self, handle):
@@ -304,11 +304,11 @@ def load(root: Path, step: int, engine, rank: int, moves, shapes) -> None:
     from edgepool.runtime.reshard import assemble
 
     d = step_dir(root, step)
-    files: dict[str, _File] = {}
+    files: dict[str, RankFile] = {}
     with ExitStack() as stack:
         def source(holder, old_rank):
             if holder not in files:
-                files[holder] = _File(stack.enter_context(safe_open(str(d / holder), framework="pt")))
+                files[holder] = RankFile(stack.enter_context(safe_open(str(d / holder), framework="pt")))
             return files[holder]
 
         tensors = assemble(rank, moves, shapes, source)

@@ -5,9 +5,9 @@ run keeps the store, for ``runtime.health``'s heartbeats), or, for a rank an age
 ``edgepool join`` started, through the coordinator's authenticated store
 (``cluster.store``); ``StageGroups.build(plan)`` makes
 one subgroup per multi-device stage (every rank creates every group, in plan order, as
-torch.distributed requires) and ``destroy()`` tears them down. Nothing re-plans a
-running job yet: a lost device ends the run (a ``PeerError`` naming it), and ``--resume``
-continues from the last checkpoint under any plan (``runtime.reshard``).
+torch.distributed requires) and ``destroy()`` tears them down. ``regroup_world`` joins
+the world of a new generation after a lost device (``runtime.regroup``), over a prefix
+of the same store.
 
 Backend: gloo. NCCL would need every rank of a group to hold CUDA tensors; the runtime
 keeps tensors on the CPU today, so it never picks NCCL (see docs/runtime.md).
@@ -61,6 +61,21 @@ def _pool_store(rank: int, timeout: timedelta):
 
         _STORE_HOST = host_store(addr, port, token, run_id, log=lambda m: print(m, flush=True))
     return ChannelStore(addr, port, token, run_id, rank, timeout)
+
+
+def regroup_world(rank: int, world_size: int, *, prefix: str, timeout_s: float, device: TorchDevice = CPU) -> None:
+    """Leave the world group and join a new one under ``prefix`` of the same store
+    (``runtime.regroup``): a new generation, with ranks renumbered."""
+    leave_world()
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(device.backend, store=dist.PrefixStore(prefix, _WORLD_STORE), rank=rank,
+                            world_size=world_size, timeout=timeout)
+
+
+def leave_world() -> None:
+    """Destroy the world group (its connections may be cut already), keeping the store."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_store():

@@ -16,8 +16,7 @@ torch's ``all_gather_object`` would unpickle whatever a peer sends. Every failur
 ``PeerError`` that names the silent device, not the one that noticed; the wire and the
 engine ask the same ``Heartbeat`` when their own calls time out.
 
-Recovery (re-planning around a lost device) is not here yet: a silent device still ends
-the run, with the right name on it.
+Going on without a lost device is ``launch.recover``'s and ``runtime.regroup``'s.
 """
 
 from __future__ import annotations
@@ -45,10 +44,13 @@ def first_line(exc: BaseException) -> str:
 class Heartbeat:
     """This rank's beat, and a reading of everybody's."""
 
-    def __init__(self, store, rank: int, world_size: int, *, beat_s: float = BEAT_S, store_host: int | None = 0):
+    def __init__(self, store, rank: int, world_size: int, *, beat_s: float = BEAT_S, store_host: int | None = 0,
+                 prefix: str = PREFIX, regrouping: threading.Event | None = None):
         import torch.distributed as dist
 
-        self.store = dist.PrefixStore(PREFIX, store)
+        self.store = dist.PrefixStore(prefix, store)
+        # set when the launcher regroups the run (``runtime.regroup``): nobody is to blame then
+        self.regrouping = regrouping
         self.rank, self.world_size, self.beat_s = rank, world_size, beat_s
         self.store_host = store_host  # the rank that hosts the store; None: no rank does (``edgepool serve``)
         self._stop = threading.Event()
@@ -87,11 +89,17 @@ class Heartbeat:
 
     def silent(self) -> list[int]:
         """The ranks other than this one whose heartbeat stopped without their leaving
-        (takes a few beats; this rank keeps beating meanwhile)."""
+        (takes a few beats; this rank keeps beating meanwhile); none while the run regroups."""
+        if self.regrouping is not None and self.regrouping.is_set():
+            return []
         self.store.set_timeout(timedelta(seconds=max(2.0, 3 * self.beat_s)))
         try:
             before = self._read()
-            time.sleep(SILENT_BEATS * self.beat_s)
+            if self.regrouping is not None:
+                if self.regrouping.wait(SILENT_BEATS * self.beat_s):
+                    return []
+            else:
+                time.sleep(SILENT_BEATS * self.beat_s)
             after = self._read()
             return [r for r in range(self.world_size)
                     if r != self.rank and after[r] == before[r] and not self.store.check([f"left/{r}"])]

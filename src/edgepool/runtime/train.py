@@ -100,124 +100,190 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
     ``meter_factory(run, device, engine) -> (meter, skipped)``); the step record carries
     every device's joules and the meter's source label.
 
+    Under a launcher that recovers in memory (``runtime.regroup``), a lost peer does not
+    end this rank: it regroups with the other survivors under the launcher's new plan,
+    keeping its process and its state, and goes on (a standby, left out of the new plan,
+    returns None).
+
     ``hard_exit`` (a rank process of its own): after a clean run and a final barrier,
     leave with ``os._exit(0)`` instead of tearing gloo down. Now and then (about 1 run
     in 7 here) gloo's teardown aborted a finished rank ("terminate called without an
     active exception"), which would report a good run as failed."""
+    from edgepool.runtime.regroup import Regroup, beat_prefix
+
     torch.set_num_threads(run.threads)
-    job, plan = run.job, run.plan
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = CPU  # where tensors live (``runtime.device``); only the CPU is built today
     own_group = not dist.is_initialized()
     if own_group:
-        init_world(rank, world_size, init_method=init_method or "env://", timeout_s=job.train.timeout_s,
+        init_world(rank, world_size, init_method=init_method or "env://", timeout_s=run.job.train.timeout_s,
                    device=tensors)
     clean = False
     store = world_store()
-    heartbeat = Heartbeat(store, rank, world_size, store_host=_store_host()).start() if store is not None else None
-    comm = Comm(rank, plan.devices, heartbeat, job.train.timeout_s)
+    regroup = Regroup.from_env(store, run.job.train.timeout_s) if own_group else None
+    heartbeat, comm, assignment = None, None, None
     try:
-        if dist.get_world_size() != plan.world_size:
-            raise SpecError(f"the plan has {plan.world_size} devices but {dist.get_world_size()} ranks joined")
-        cfg = job_model_config(job)
-        identity = run.identity()
-        device = plan.devices[rank]
-        groups = StageGroups.build(plan, rank, job.train.timeout_s, device=tensors)
-        sampler = sampler_for(run, device, cfg) if is_data_owner(plan, rank) else None
-        engine = Engine(
-            plan, cfg, rank=rank, sampler=sampler, global_batch=job.train.global_batch, seq_len=job.train.seq_len,
-            groups=groups, lr=job.train.lr, optimizer=job.train.optimizer, weight_decay=job.train.weight_decay,
-            seed=job.train.seed, timeout_s=job.train.timeout_s, state_dict=initial_state(job, cfg), device=tensors,
-            heartbeat=heartbeat,
-        )
-        ckpt_root = out / "checkpoints"
-        start = 0
-        if run.resume:
-            shapes = full_shapes(cfg)
-            found = checkpoint.find_resumable(ckpt_root, rank, identity, comm, plan=plan, shapes=shapes,
-                                              shape=engine.shape, log=log)
-            if found is not None:
-                start, moves = found
-                checkpoint.load(ckpt_root, start, engine, rank, moves, shapes)
-                if rank == 0:
-                    written = checkpoint.read_manifest(checkpoint.step_dir(ckpt_root, start)) or {}
-                    how = ("" if written.get("plan_id") == plan.plan_id else
-                           f" (written under plan {written.get('plan_id')} on {written.get('world_size')} devices, "
-                           f"resharded to plan {plan.plan_id} on {plan.world_size})")
-                    log(f"resuming after step {start} from {checkpoint.step_dir(ckpt_root, start)}{how}")
-            elif checkpoint.step_folders(ckpt_root)[0]:
-                raise checkpoint.CheckpointError(
-                    f"no checkpoint in {ckpt_root} can be resumed by this run (see the refusals above); nothing "
-                    "was overwritten: resume with the job that wrote them, or start over with --fresh")
-            elif rank == 0:
-                log("no checkpoint to resume from; starting from step 0")
-        metrics_path = out / "metrics.jsonl"
-        if rank == 0:
-            earlier = read_metrics(metrics_path, log=log) if metrics_path.is_file() else []
-            if start == 0 and earlier:
-                raise SpecError(f"{metrics_path} holds {len(earlier)} steps of an earlier run; nothing was "
-                                "overwritten: continue it with --resume, or start over with --fresh")
-            metrics_path.write_text("".join(r.model_dump_json() + "\n" for r in earlier if r.step < start))
-        gb, seq = job.train.global_batch, job.train.seq_len
-        fault = _fault(rank)
-        meter, skipped = (meter_factory or step_meter)(run, device, engine)
-        if skipped:
-            log(f"energy meter on {device}: {type(meter).__name__} ({'; '.join(skipped)})")
-        for step in range(start, run.steps):
-            if fault is not None and step == fault[0]:
-                if fault[1]:  # killed or frozen for real
-                    import os
-                    import signal
-                    import time
-
-                    log(f"EDGEPOOL-FAULT at {time.time():.3f}: SIG{fault[1]} before step {step}")
-                    os.kill(os.getpid(), getattr(signal, f"SIG{fault[1]}"))
-                raise RuntimeError(f"injected fault at step {step} (EDGEPOOL_FAULT)")
-            meter.begin("step")
-            res = engine.step(step, trace=step == run.steps - 1)
-            reading = meter.end("step").readings.get(device)
-            joules = (reading.energy_j, reading.source) if reading is not None else (None, "none")
-            per_rank = comm.gather_json([device, res.bytes_sent, res.peak_memory_bytes, res.cpu_s, res.trace, joules],
-                                        f"gathering the metrics of step {step}")
-            if rank == 0:
-                rec = StepRecord(
-                    step=step, loss=res.loss, step_time_s=res.step_time_s, samples_per_s=gb / res.step_time_s,
-                    tokens_per_s=gb * seq / res.step_time_s, plan_id=plan.plan_id,
-                    devices={d: DeviceStep(peak_memory_bytes=m, bytes_sent=b, cpu_s=c, energy_j=e[0], energy_source=e[1])
-                             for d, b, m, c, _, e in per_rank})
-                append_record(metrics_path, rec)
-                if res.trace:
-                    trace = Trace(plan_id=plan.plan_id, step=step,
-                                  ranks=[RankTrace(rank=r, device=d, events=[tuple(e) for e in t])
-                                         for r, (d, _, _, _, t, _) in enumerate(per_rank)])
-                    write_json(out / "trace.json", trace)
-            every = job.train.checkpoint_every
-            if every and (step + 1) % every == 0:
-                checkpoint.save(ckpt_root, step + 1, engine, rank, identity, comm)
-        summary = None
-        if rank == 0:
-            summary = summarize(read_metrics(metrics_path), plan_id=plan.plan_id, parallelism=plan.parallelism,
-                                schedule=plan.schedule, num_microbatches=plan.num_microbatches, resumed_from=start)
-            write_json(out / "summary.json", summary)
-        groups.destroy()
+        while True:
+            plan = run.plan
+            gen = assignment.gen if assignment is not None else 0
+            heartbeat = (Heartbeat(store, rank, plan.world_size, store_host=_store_host(), prefix=beat_prefix(gen),
+                                   regrouping=regroup.moved if regroup is not None else None).start()
+                         if store is not None else None)
+            comm = Comm(rank, plan.devices, heartbeat, run.job.train.timeout_s)
+            try:
+                summary = _train(run, rank, comm, heartbeat, tensors, log, meter_factory, regroup, assignment)
+                break
+            except Exception as exc:  # noqa: BLE001 - a lost peer, when the launcher regroups
+                if regroup is None or not _regrouping(regroup, exc, run.job.train.detect_s):
+                    raise
+                heartbeat.stop()
+                assignment = regroup.rejoin(rank, plan.devices[rank], plan, log=log)
+                if assignment.rank is None:  # a standby: this device is not in the new plan
+                    regroup.stop()
+                    clean = True
+                    return None
+                run = run.model_copy(update={"plan": assignment.plan})
+                rank = assignment.rank
         clean = True
         return summary
     finally:
+        if regroup is not None:
+            regroup.stop()
         if own_group and clean and hard_exit:
             import os
             import sys
 
-            comm.barrier("waiting for every rank to finish")
+            if dist.is_initialized():
+                comm.barrier("waiting for every rank to finish")
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
-        if own_group and clean:
+        if own_group and clean and dist.is_initialized():
             comm.barrier("waiting for every rank to finish")
         if heartbeat is not None:
             heartbeat.stop() if clean else heartbeat.leave()
         if own_group:
             shutdown(clean=False)
+
+
+def _regrouping(regroup, exc: BaseException, detect_s: float) -> bool:
+    """Whether ``exc`` is a peer lost in a run that regroups: a failed collective or
+    transfer, and the launcher starting a new generation within the detection bound."""
+    from edgepool.errors import PeerError
+
+    if not isinstance(exc, (PeerError, RuntimeError)) or isinstance(exc, SpecError):
+        return False
+    return regroup.moved.wait(detect_s + 4 * regroup.beat_s + 2.0)
+
+
+def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_factory, regroup,
+           assignment) -> Summary | None:
+    """One generation of the run: this rank's engine under ``run.plan``, from step 0, a
+    checkpoint, or (``assignment``) the state the survivors kept."""
+    job, plan = run.job, run.plan
+    out = Path(run.out_dir)
+    if dist.get_world_size() != plan.world_size:
+        raise SpecError(f"the plan has {plan.world_size} devices but {dist.get_world_size()} ranks joined")
+    cfg = job_model_config(job)
+    identity = run.identity()
+    device = plan.devices[rank]
+    groups = StageGroups.build(plan, rank, job.train.timeout_s, device=tensors)
+    sampler = sampler_for(run, device, cfg) if is_data_owner(plan, rank) else None
+    engine = Engine(
+        plan, cfg, rank=rank, sampler=sampler, global_batch=job.train.global_batch, seq_len=job.train.seq_len,
+        groups=groups, lr=job.train.lr, optimizer=job.train.optimizer, weight_decay=job.train.weight_decay,
+        seed=job.train.seed, timeout_s=job.train.timeout_s,
+        state_dict=initial_state(job, cfg) if assignment is None else None, device=tensors, heartbeat=heartbeat,
+    )
+    ckpt_root = out / "checkpoints"
+    start = 0
+    if regroup is not None:
+        regroup.groups = groups  # torn down when the run regroups
+    if assignment is not None and assignment.source == "memory":
+        from edgepool.runtime.regroup import restore
+
+        restore(engine, assignment, regroup.snapshot, ckpt_root, identity, full_shapes(cfg), comm, log=log)
+        start = assignment.step
+    elif run.resume or assignment is not None:
+        start = _resume(run, rank, engine, ckpt_root, identity, comm, cfg, log)
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        earlier = read_metrics(metrics_path, log=log) if metrics_path.is_file() else []
+        if start == 0 and earlier and assignment is None:
+            raise SpecError(f"{metrics_path} holds {len(earlier)} steps of an earlier run; nothing was "
+                            "overwritten: continue it with --resume, or start over with --fresh")
+        metrics_path.write_text("".join(r.model_dump_json() + "\n" for r in earlier if r.step < start))
+    gb, seq = job.train.global_batch, job.train.seq_len
+    fault = _fault(rank) if assignment is None else None  # a drill's fault fires in the first generation only
+    meter, skipped = (meter_factory or step_meter)(run, device, engine)
+    if skipped:
+        log(f"energy meter on {device}: {type(meter).__name__} ({'; '.join(skipped)})")
+    for step in range(start, run.steps):
+        if fault is not None and step == fault[0]:
+            if fault[1]:  # killed or frozen for real
+                import os
+                import signal
+                import time
+
+                log(f"EDGEPOOL-FAULT at {time.time():.3f}: SIG{fault[1]} before step {step}")
+                os.kill(os.getpid(), getattr(signal, f"SIG{fault[1]}"))
+            raise RuntimeError(f"injected fault at step {step} (EDGEPOOL_FAULT)")
+        meter.begin("step")
+        res = engine.step(step, trace=step == run.steps - 1)
+        reading = meter.end("step").readings.get(device)
+        joules = (reading.energy_j, reading.source) if reading is not None else (None, "none")
+        per_rank = comm.gather_json([device, res.bytes_sent, res.peak_memory_bytes, res.cpu_s, res.trace, joules],
+                                    f"gathering the metrics of step {step}")
+        if rank == 0:
+            rec = StepRecord(
+                step=step, loss=res.loss, step_time_s=res.step_time_s, samples_per_s=gb / res.step_time_s,
+                tokens_per_s=gb * seq / res.step_time_s, plan_id=plan.plan_id,
+                devices={d: DeviceStep(peak_memory_bytes=m, bytes_sent=b, cpu_s=c, energy_j=e[0], energy_source=e[1])
+                         for d, b, m, c, _, e in per_rank})
+            append_record(metrics_path, rec)
+            if res.trace:
+                trace = Trace(plan_id=plan.plan_id, step=step,
+                              ranks=[RankTrace(rank=r, device=d, events=[tuple(e) for e in t])
+                                     for r, (d, _, _, _, t, _) in enumerate(per_rank)])
+                write_json(out / "trace.json", trace)
+        every = job.train.checkpoint_every
+        if every and (step + 1) % every == 0:
+            checkpoint.save(ckpt_root, step + 1, engine, rank, identity, comm)
+            if regroup is not None:
+                regroup.keep_state(engine, step + 1)
+    summary = None
+    if rank == 0:
+        summary = summarize(read_metrics(metrics_path), plan_id=plan.plan_id, parallelism=plan.parallelism,
+                            schedule=plan.schedule, num_microbatches=plan.num_microbatches, resumed_from=start)
+        write_json(out / "summary.json", summary)
+    groups.destroy()
+    return summary
+
+
+def _resume(run: RunSpec, rank: int, engine, ckpt_root: Path, identity: dict, comm, cfg, log) -> int:
+    """Collective: load the newest checkpoint every rank can, resharded to this plan; the step it holds."""
+    plan = run.plan
+    shapes = full_shapes(cfg)
+    found = checkpoint.find_resumable(ckpt_root, rank, identity, comm, plan=plan, shapes=shapes, shape=engine.shape,
+                                      log=log)
+    if found is not None:
+        start, moves = found
+        checkpoint.load(ckpt_root, start, engine, rank, moves, shapes)
+        if rank == 0:
+            written = checkpoint.read_manifest(checkpoint.step_dir(ckpt_root, start)) or {}
+            how = ("" if written.get("plan_id") == plan.plan_id else
+                   f" (written under plan {written.get('plan_id')} on {written.get('world_size')} devices, "
+                   f"resharded to plan {plan.plan_id} on {plan.world_size})")
+            log(f"resuming after step {start} from {checkpoint.step_dir(ckpt_root, start)}{how}")
+        return start
+    if checkpoint.step_folders(ckpt_root)[0]:
+        raise checkpoint.CheckpointError(
+            f"no checkpoint in {ckpt_root} can be resumed by this run (see the refusals above); nothing "
+            "was overwritten: resume with the job that wrote them, or start over with --fresh")
+    if rank == 0:
+        log("no checkpoint to resume from; starting from step 0")
+    return 0
 
 
 def step_meter(run: "RunSpec", device: str, engine):

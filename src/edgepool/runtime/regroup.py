@@ -1,0 +1,319 @@
+"""Recovery without a restart, rank side: the survivors of a lost device keep their processes.
+
+The launcher (``launch.recover``) and the ranks meet in the run's store, which the
+launcher hosts, so it outlives any rank:
+
+1. The launcher loses a rank in generation ``g`` (it died, or its heartbeat stopped and the
+   launcher stopped it). It writes ``edgepool/gen/<g+1>/lost`` and bumps the counter
+   ``edgepool/gen``.
+2. Each rank's watcher thread (``Regroup``) reads the counter every beat. When it moves,
+   the watcher shuts down this process's TCP connections of the old process groups, so
+   whatever collective or transfer the main thread is blocked in fails at once, whether
+   the lost peer was killed, frozen or cut off. gloo has no way to cancel a waiting op:
+   ``ProcessGroupGloo.abort()`` left a blocked ``recv`` blocked here (torch 2.13), while a
+   shut connection fails it within milliseconds. The store's own connection is kept.
+3. The main thread, out of its step, reports what it holds (``gen/<g+1>/held/<old rank>``:
+   its device and its snapshot, the state of its newest checkpoint step kept in memory),
+   and waits for the launcher's answer (``gen/<g+1>/plan``): the new plan, old rank ->
+   new rank (None: not in the new plan, a standby, which leaves cleanly), the step to go
+   on from, and where the state comes from.
+4. It destroys its groups and joins the new world over ``PrefixStore("edgepool/gen<g+1>")``
+   of the same store (torchft's reconfigurable process group: a fresh gloo group per
+   quorum, keyed by a prefix of one store; ``runtime.groups.regroup``), builds the engine
+   of the new plan and fills it (``restore``): ``runtime.reshard`` routes every piece;
+   pieces a survivor holds travel rank to rank as safetensors bytes, one message per
+   (sender, receiver) pair in an order every rank computes alike; pieces only a lost rank
+   held come from the checkpoint files of that step (the log says so). The step that was
+   in progress is redone.
+
+When the survivors' snapshots do not agree with a checkpoint on disk, the launcher says
+``checkpoint`` and every rank loads the newest good checkpoint instead, still without a
+restart. Replicas of a neighbour's state in memory (Asteroid's backups) are not built:
+without a checkpoint of the snapshot's step the lost state comes from an older one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgepool.errors import EdgepoolError
+from edgepool.runtime.health import BEAT_S, PREFIX
+from edgepool.specs.plan import Plan
+
+GEN = "edgepool/gen"  # the counter; ``GEN/<g>/...`` the keys of generation g
+
+
+def key(gen: int, what: str) -> str:
+    return f"{GEN}/{gen}/{what}"
+
+
+def beat_prefix(gen: int) -> str:
+    """The heartbeat keys of generation ``gen`` (``runtime.health``; ranks are renumbered)."""
+    return PREFIX if gen == 0 else f"{PREFIX}/g{gen}"
+
+
+@dataclass
+class Snapshot:
+    """One rank's whole state at a step boundary, copied (``Engine.pieces``)."""
+
+    plan_id: str
+    step: int
+    tensors: dict[str, torch.Tensor]
+    scalars: dict[str, dict]
+    rng: torch.Tensor
+
+    @classmethod
+    def of(cls, engine, step: int) -> "Snapshot":
+        tensors, scalars = engine.pieces()  # optimizer tensors are copies already, parameters are not
+        tensors = {k: v.detach().clone() if k.startswith("model/") else v for k, v in tensors.items()}
+        return cls(engine.plan.plan_id, step, tensors, json.loads(json.dumps(scalars)), torch.get_rng_state())
+
+
+@dataclass
+class Assignment:
+    """The launcher's answer for one generation."""
+
+    gen: int
+    old_plan: Plan
+    plan: Plan
+    rank: int | None  # this process's rank under ``plan``; None: a standby
+    ranks: dict[int, int | None]  # old rank -> new rank, for every survivor
+    step: int
+    source: str  # "memory": survivors' snapshots and the lost ranks' checkpoint files; "checkpoint": files only
+
+
+def _connections(keep: set[tuple[str, int]]) -> list[int]:
+    """This process's connected TCP sockets (file descriptors), but those to ``keep``."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            s = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        try:
+            if s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6) and \
+                    not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                peer = s.getpeername()
+                if (peer[0], peer[1]) not in keep:
+                    out.append(int(name))
+        except OSError:  # not connected
+            pass
+        finally:
+            s.close()
+    return out
+
+
+def shut_connections(keep: set[tuple[str, int]]) -> int:
+    """Shut down every connected TCP socket of this process but those to ``keep`` (the
+    store): the old groups' peers. A listener is left alone (gloo aborts the process
+    when its accept fails). Returns how many were shut."""
+    n = 0
+    for fd in _connections(keep):
+        try:
+            s = socket.socket(fileno=os.dup(fd))
+            s.shutdown(socket.SHUT_RDWR)
+            s.close()
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+class Regroup:
+    """This rank's part in going on without a lost device (see the module docstring)."""
+
+    def __init__(self, store, *, timeout_s: float, keep: set[tuple[str, int]] = frozenset(), beat_s: float = BEAT_S):
+        self.store, self.timeout_s, self.keep, self.beat_s = store, timeout_s, set(keep), beat_s
+        self.gen = 0
+        self.snapshot: Snapshot | None = None
+        self.moved = threading.Event()  # the launcher started a new generation; the old groups are cut
+        self._target = 0
+        self.groups = None  # the generation's ``StageGroups``, torn down on regrouping
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgepool-regroup", daemon=True)
+
+    @classmethod
+    def from_env(cls, store, timeout_s: float) -> "Regroup | None":
+        """A ``Regroup`` when the launcher recovers in memory (``EDGEPOOL_REGROUP=1``), else None."""
+        if os.environ.get("EDGEPOOL_REGROUP") != "1" or store is None:
+            return None
+        from edgepool.machine import parse_endpoint
+
+        keep = set()
+        if os.environ.get("EDGEPOOL_STORE"):
+            host, port = parse_endpoint(os.environ["EDGEPOOL_STORE"], "EDGEPOOL_STORE")
+            keep.add((host, port))
+        return cls(store, timeout_s=timeout_s, keep=keep).start()
+
+    def start(self) -> "Regroup":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.beat_s):
+            try:
+                wanted = int(self.store.add(GEN, 0))
+            except Exception:  # noqa: BLE001 - the store's host (the launcher) is gone: the watchdog ends us
+                return
+            if wanted > self.gen and not self.moved.is_set():
+                self._target = wanted
+                shut_connections(self.keep)
+                self.moved.set()
+
+    def keep_state(self, engine, step: int) -> None:
+        """Remember this rank's state after ``step`` steps (a checkpoint step)."""
+        self.snapshot = Snapshot.of(engine, step)
+
+    def rejoin(self, old_rank: int, device: str, old_plan: Plan, log=print) -> Assignment:
+        """Report, wait for the launcher's answer, and join the new world (``None`` rank: leave it)."""
+        from edgepool.runtime.groups import leave_world, regroup_world
+
+        g = self._target
+        snap = [self.snapshot.plan_id, self.snapshot.step] if self.snapshot is not None else None
+        self.store.set(key(g, f"held/{old_rank}"), json.dumps({"device": device, "snapshot": snap}))
+        answer = json.loads(self.store.get(key(g, "plan")))  # within the store's timeout (train.timeout_s)
+        if "stop" in answer:
+            raise EdgepoolError(f"the launcher ended the run: {answer['stop']}")
+        ranks = {int(k): v for k, v in answer["ranks"].items()}
+        plan = Plan.model_validate(answer["plan"])
+        self.gen = g
+        self.moved.clear()
+        if self.groups is not None:
+            self.groups.destroy()
+            self.groups = None
+        new = ranks.get(old_rank)
+        if new is None:
+            leave_world()
+        else:
+            regroup_world(new, plan.world_size, prefix=f"{GEN}{g}", timeout_s=self.timeout_s)
+        log(f"generation {g}: rank {old_rank} ({device}) is rank {new} of plan {plan.plan_id}; going on from step "
+            f"{answer['step']} ({answer['source']})")
+        return Assignment(gen=g, old_plan=old_plan, plan=plan, rank=new, ranks=ranks, step=int(answer["step"]),
+                          source=answer["source"])
+
+
+class _Held:
+    """Slices of one old rank's state that arrived from the survivor holding it (a
+    ``runtime.reshard.Source``)."""
+
+    def __init__(self):
+        self.slices: dict[tuple[str, tuple], torch.Tensor] = {}
+
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys(k for k, _ in self.slices))
+
+    def get(self, key: str, src):
+        return self.slices[key, tuple(src)]
+
+
+def _name(key: str, src) -> str:
+    return f"{key}|{json.dumps([list(b) for b in src])}"
+
+
+def exchange(a: Assignment, moves, snapshot: Snapshot, comm) -> tuple[dict, dict]:
+    """Send the pieces of ``snapshot`` other ranks need and receive the ones this rank
+    needs from survivors (one safetensors message per pair, in the same order on every
+    rank). Returns (old rank -> a source of its received slices, the scalars received)."""
+    import torch.distributed as dist
+    from safetensors.torch import load, save
+
+    from edgepool.runtime.reshard import Tensors, by_param
+
+    me = a.rank
+    pairs: dict[tuple[int, int], list] = {}
+    for j in range(a.plan.world_size):
+        for m in moves.moves.get(j, []):
+            if isinstance(m.holder, tuple) and a.ranks[m.old_rank] != j:  # ("mem", old rank), held elsewhere
+                pairs.setdefault((a.ranks[m.old_rank], j), []).append(m)
+    own = Tensors(snapshot.tensors)
+    groups = by_param(snapshot.tensors)
+    got: dict[int, _Held] = {}
+    scalars: dict[str, dict] = {}
+    for (src, dst), ms in sorted(pairs.items()):
+        if me == src:
+            out = {_name(k, m.src): own.get(k, m.src).clone().contiguous() for m in ms for k in groups.get(m.name, [])}
+            extra = {m.name: snapshot.scalars[m.name] for m in ms if m.name in snapshot.scalars}
+            blob = save(out, metadata={"scalars": json.dumps(extra)})
+            with comm.guard(f"sending state to rank {dst}"):
+                dist.send(torch.tensor([len(blob)], dtype=torch.int64), dst)
+                dist.send(torch.frombuffer(bytearray(blob), dtype=torch.uint8), dst)
+        elif me == dst:
+            with comm.guard(f"receiving state from rank {src}"):
+                size = torch.zeros(1, dtype=torch.int64)
+                dist.recv(size, src)
+                buf = torch.empty(int(size), dtype=torch.uint8)
+                dist.recv(buf, src)
+            blob = buf.numpy().tobytes()
+            held = got.setdefault(ms[0].old_rank, _Held())  # a survivor sends only the state it held itself
+            for name, t in load(blob).items():
+                k, _, where = name.partition("|")
+                held.slices[k, tuple(tuple(b) for b in json.loads(where))] = t
+            scalars.update(json.loads(_metadata(blob).get("scalars", "{}")))
+    return got, scalars
+
+
+def _metadata(blob: bytes) -> dict:
+    n = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8:8 + n]).get("__metadata__") or {}
+
+
+def restore(engine, a: Assignment, snapshot: Snapshot | None, ckpt_root: Path, identity: dict, shapes, comm,
+            log=print) -> None:
+    """Fill the new engine of ``a.rank`` from the survivors' snapshots and, for what only a
+    lost rank held, the checkpoint files of step ``a.step``."""
+    from edgepool.runtime import checkpoint
+    from edgepool.runtime.reshard import Tensors, assemble, reshard
+
+    survivors = [r for r, new in a.ranks.items() if new is not None]
+    lost = [r for r in range(a.old_plan.world_size) if r not in survivors]
+    holders = {("mem", r): [r] for r in survivors}
+    holders.update({checkpoint.rank_file(r): [r] for r in lost})
+    moves = reshard(a.old_plan, a.plan, holders, shapes=shapes, shape=engine.shape,
+                    prefer=lambda j, h: isinstance(h, tuple) and a.ranks[h[1]] == j)
+    if moves.missing:
+        raise checkpoint.CheckpointError(f"nobody holds {moves.missing[0][1]} (needed by rank {moves.missing[0][0]})")
+    if snapshot is None or (snapshot.plan_id, snapshot.step) != (a.old_plan.plan_id, a.step):
+        raise checkpoint.CheckpointError(f"this rank's snapshot is not of step {a.step} under plan "
+                                         f"{a.old_plan.plan_id}")
+    received, scalars = exchange(a, moves, snapshot, comm)
+    d = checkpoint.step_dir(ckpt_root, a.step)
+    files = sorted({m.holder for m in moves.moves[a.rank] if isinstance(m.holder, str)})
+    if files:
+        manifest = checkpoint.read_manifest(d) or {}
+        why = checkpoint.check(d, manifest, identity, files)
+        if why is not None:
+            raise checkpoint.CheckpointError(f"checkpoint {d.name} refused: {why}")
+        log(f"no survivor holds the state of rank(s) {', '.join(map(str, lost))}: it comes from {d} "
+            f"({', '.join(files)})")
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+
+    with ExitStack() as stack:
+        opened: dict[str, checkpoint.RankFile] = {}
+
+        def source(holder, old_rank):
+            if isinstance(holder, tuple):
+                return Tensors(snapshot.tensors) if a.ranks[old_rank] == a.rank else received[old_rank]
+            if holder not in opened:
+                opened[holder] = checkpoint.RankFile(stack.enter_context(safe_open(str(d / holder), framework="pt")))
+            return opened[holder]
+
+        tensors = assemble(a.rank, moves, shapes, source)
+        for f in opened.values():
+            scalars.update(f.meta.get("optim_scalars", {}))
+    scalars.update(snapshot.scalars)
+    engine.load_pieces(tensors, scalars)
+    torch.set_rng_state(snapshot.rng)
