@@ -232,14 +232,15 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
-@pytest.mark.parametrize("sig", ["KILL", "STOP"])
-def test_a_lost_device_and_the_run_goes_on(tmp_path, capsys, monkeypatch, sig):
-    """pp over a, b, c; b is SIGKILLed (or SIGSTOPped: frozen, found by its heartbeat)
-    before step 3. The run goes on under a new plan over a and c from the last
-    checkpoint, finishes every step with the uninterrupted run's losses (1e-5), says so
-    in events.jsonl and summary.json, and leaves no process behind."""
+@pytest.mark.parametrize("family,sig", [("pp", "KILL"), ("pp", "STOP"), ("tp", "KILL")])
+def test_a_lost_device_and_the_run_goes_on(tmp_path, capsys, monkeypatch, family, sig):
+    """pp (or tp) over a, b, c; b is SIGKILLed (or SIGSTOPped: frozen, found by its
+    heartbeat) before step 3. a and c keep their processes and go on in memory under a
+    new plan (tp: every shard cut anew, slices sent rank to rank), b's state from the
+    last checkpoint; every step finishes with the uninterrupted run's losses (1e-5), the
+    event is in events.jsonl and summary.json, and no process is left behind."""
     pool, job = _files(tmp_path, ("a", "b", "c"), steps=6, timeout_s=30)
-    plan = _plan(tmp_path, pool, job, "pp")
+    plan = _plan(tmp_path, pool, job, family)
     base = ["train", "--pool", str(pool), "--job", str(job), "--plan", str(plan), "--no-progress"]
     assert main(base + ["--out", str(tmp_path / "full")]) == 0
     monkeypatch.setenv("EDGEPOOL_FAULT", f"rank=1,step=3,signal={sig}")

@@ -1,27 +1,34 @@
-"""Going on without a lost device: a new plan over the others, from the last checkpoint.
+"""Going on without a lost device: a new plan over the others, in memory or from the last checkpoint.
 
 ``train_recovering`` runs ``launch_local`` and, when a device is lost (its rank died,
 or its heartbeat stopped for ``train.detect_s``: ``launch.local``), plans again over
-the pool's devices that are left (the plan's and any it left out), keeping the global batch (the planner, for the family the
-run had: pp stays pp, a hybrid goes to ``auto``), and starts their ranks again with
-``--resume``: the newest good checkpoint is resharded to the new plan
-(``runtime.reshard``), and the steps after it are redone. The run ends when every step
-is done, when no device is left, or when there is no checkpoint to go on from.
+the devices that are left, keeping the global batch (the planner, for the family the
+run had: pp stays pp, a hybrid goes to ``auto``), and goes on:
+
+- in memory first (``InMemory``, the rank side in ``runtime.regroup``): the survivors
+  keep their processes and the state of their newest checkpoint step; they regroup under
+  the new plan over a new generation of process groups, and the lost ranks' part of that
+  step comes from its checkpoint files. No process starts again;
+- else (a survivor failed or stayed silent while regrouping, its snapshot does not match
+  a checkpoint on disk) every rank starts again with ``--resume``: the newest good
+  checkpoint resharded to the new plan (``runtime.reshard``), over the devices left and
+  any standby. The lost run's logs move to ``DIR/logs-before-recovery-N/``.
+
+Either way the steps after the checkpoint are redone. The run ends when every step is
+done, when no device is left, or when there is no checkpoint to go on from.
 
 Every loss is an event, in ``DIR/events.jsonl``, in ``summary.json`` (``events``) and
 on the console: the device and why, the step at which it was lost, the step the run
-went on from, the new ``plan_id``, whether the lost device's own samples left the run
-with it (devices with data files of their own), and the recovery time (from the loss
-to the next completed step).
+went on from, how (``recovery``), the new ``plan_id``, whether the lost device's own
+samples left the run with it (devices with data files of their own), and the recovery
+time (from the loss to the next completed step).
 
 Only a lost device is gone around: a rank killed by a signal (SIGKILL, the kernel's OOM
 killer) or silent (frozen, cut off). A rank that fails on an error of its own would fail
-again, so the run ends as before. The lost run's logs move to
-``DIR/logs-before-recovery-N/``.
+again, so the run ends as before.
 
-This is the restart-from-checkpoint path: the survivors' processes start again. Keeping
-them, with their state and in-memory replicas of their neighbours' (issue 12's aim),
-is not built yet.
+Not built: replicas of a neighbour's state kept in memory (the lost rank's state comes
+from disk), devices joining mid-run (a standby is used only by the restart path).
 """
 
 from __future__ import annotations
@@ -86,8 +93,9 @@ class _Events:
             self.on_step(rec)
 
     def lost_device(self, run, exc: RankFailed, t_lost: float, plan, left: list[str], from_step: int,
-                    how: str) -> dict:
-        event = {"event": "device_lost", "device": exc.device, "reason": exc.reason, "detected_at": time.time(),
+                    how: str, detected_at: float | None = None) -> dict:
+        event = {"event": "device_lost", "device": exc.device, "reason": exc.reason,
+                 "detected_at": detected_at or time.time(),
                  "lost_at_step": self.last_step + 1, "from_step": from_step, "old_plan_id": run.plan.plan_id,
                  "plan_id": plan.plan_id, "parallelism": plan.parallelism, "devices": plan.devices,
                  "standby": [d for d in left if d not in plan.devices], "samples_lost": _data_lost(run, exc.device),
@@ -129,7 +137,7 @@ class InMemory:
 
         if not _lost(run, failure):
             raise failure
-        t_lost = time.monotonic()
+        t_lost, detected_at = time.monotonic(), time.time()
         _stop_all({failure.rank: procs[failure.rank]} if failure.rank in procs else {})
         self.gen += 1
         g = self.gen
@@ -166,7 +174,8 @@ class InMemory:
         kept = _truncate_metrics(out / "metrics.jsonl", step)
         self.events.lost.add(failure.device)
         self.events.lost_device(run, failure, t_lost, plan, left, step,
-                                "in memory" if source == "memory" else "in memory, state from the checkpoint")
+                                "in memory" if source == "memory" else "in memory, state from the checkpoint",
+                                detected_at=detected_at)
         new_run = run.model_copy(update={"plan": plan, "resume": True})
         new_run.dump(out / "run.json")
         beats.follow(beat_prefix(g))
