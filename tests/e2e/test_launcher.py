@@ -24,12 +24,12 @@ pytestmark = pytest.mark.e2e
 
 
 def _files(tmp: Path, devices: tuple[str, ...], *, steps: int = 10_000, timeout_s: float = 20,
-           recover: bool = True) -> tuple[Path, Path]:
+           recover: bool = True, extra: str = "checkpoint_every: 1") -> tuple[Path, Path]:
     pool = tmp / "pool.yaml"
     pool.write_text("devices:\n" + "".join(f"  - {{name: {d}, kind: host-cpu, host: local}}\n" for d in devices))
     job = tmp / "job.yaml"
     job.write_text(f"model: {{family: gpt, size: tiny}}\ndata: {{path: {CORPUS}}}\n"
-                   f"train: {{global_batch: 4, seq_len: 16, steps: {steps}, checkpoint_every: 1, "
+                   f"train: {{global_batch: 4, seq_len: 16, steps: {steps}, {extra}, "
                    f"timeout_s: {timeout_s}, recover: {str(recover).lower()}}}\n")
     return pool, job
 
@@ -232,14 +232,20 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
-@pytest.mark.parametrize("family,sig", [("pp", "KILL"), ("pp", "STOP"), ("tp", "KILL")])
-def test_a_lost_device_and_the_run_goes_on(tmp_path, capsys, monkeypatch, family, sig):
+NO_CHECKPOINT = "checkpoint_every: 0"  # backups in memory only: nothing on disk to go on from
+FILES_ONLY = "checkpoint_every: 1, replicate_every: 0"  # no backups: the lost state from the checkpoint
+
+
+@pytest.mark.parametrize("family,sig,extra", [("pp", "KILL", NO_CHECKPOINT), ("pp", "STOP", "checkpoint_every: 1"),
+                                              ("tp", "KILL", NO_CHECKPOINT), ("pp", "KILL", FILES_ONLY)])
+def test_a_lost_device_and_the_run_goes_on(tmp_path, capsys, monkeypatch, family, sig, extra):
     """pp (or tp) over a, b, c; b is SIGKILLed (or SIGSTOPped: frozen, found by its
     heartbeat) before step 3. a and c keep their processes and go on in memory under a
     new plan (tp: every shard cut anew, slices sent rank to rank), b's state from the
-    last checkpoint; every step finishes with the uninterrupted run's losses (1e-5), the
-    event is in events.jsonl and summary.json, and no process is left behind."""
-    pool, job = _files(tmp_path, ("a", "b", "c"), steps=6, timeout_s=30)
+    replica its backup peer keeps (with no checkpoint at all), or, without backups, from
+    the last checkpoint; every step finishes with the uninterrupted run's losses (1e-5),
+    the event is in events.jsonl and summary.json, and no process is left behind."""
+    pool, job = _files(tmp_path, ("a", "b", "c"), steps=6, timeout_s=30, extra=extra)
     plan = _plan(tmp_path, pool, job, family)
     base = ["train", "--pool", str(pool), "--job", str(job), "--plan", str(plan), "--no-progress"]
     assert main(base + ["--out", str(tmp_path / "full")]) == 0
@@ -263,7 +269,9 @@ def test_a_lost_device_and_the_run_goes_on(tmp_path, capsys, monkeypatch, family
     assert summary["events"] == events and summary["plan_id"] == ev["plan_id"] != json.loads(plan.read_text())["plan_id"]
     assert "event: device_lost b" in capsys.readouterr().err
     # the survivors kept their processes: no restart, the lost rank's log is there
-    assert ev["recovery"] == "in memory" and not (out / "logs-before-recovery-1").exists()
+    assert ev["recovery"] == ("in memory, the state of b from the checkpoint" if extra == FILES_ONLY else "in memory")
+    assert not (out / "logs-before-recovery-1").exists()
+    assert (out / "checkpoints").is_dir() == (extra != NO_CHECKPOINT)
     assert "EDGEPOOL-FAULT at" in (out / "logs" / "rank-1.log").read_text()
     assert "going on from step 3 (memory)" in (out / "logs" / "rank-2.log").read_text()
     assert ev["detected_at"] < ev["recovered_at"]

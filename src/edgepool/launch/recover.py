@@ -157,7 +157,8 @@ class InMemory:
                 raise failure
             time.sleep(0.02)
         out = Path(run.out_dir)
-        step, source = self._state(run, out, reports)
+        lost = [r for r in range(run.plan.world_size) if r not in survivors]
+        step, source, holders, files = self._state(run, out, reports, lost)
         if step is None:
             self._stop(g, "no state to go on from")
             raise failure
@@ -173,14 +174,16 @@ class InMemory:
                  for r in survivors}
         kept = _truncate_metrics(out / "metrics.jsonl", step)
         self.events.lost.add(failure.device)
-        self.events.lost_device(run, failure, t_lost, plan, left, step,
-                                "in memory" if source == "memory" else "in memory, state from the checkpoint",
-                                detected_at=detected_at)
+        how = ("in memory" if source == "memory" and not files else
+               f"in memory, the state of {', '.join(run.plan.devices[r] for r in files)} from the checkpoint"
+               if source == "memory" else "in memory, state from the checkpoint")
+        self.events.lost_device(run, failure, t_lost, plan, left, step, how, detected_at=detected_at)
         new_run = run.model_copy(update={"plan": plan, "resume": True})
         new_run.dump(out / "run.json")
         beats.follow(beat_prefix(g))
         self.store.put(key(g, "plan"), json.dumps({"plan": plan.model_dump(mode="json"), "step": step,
-                                                   "source": source,
+                                                   "source": source, "files": files,
+                                                   "holders": {str(r): h for r, h in holders.items()},
                                                    "ranks": {str(r): j for r, j in ranks.items()}}).encode())
         self.standby += [procs[r] for r, j in ranks.items() if j is None]
         return (new_run, {j: procs[r] for r, j in ranks.items() if j is not None},
@@ -192,18 +195,42 @@ class InMemory:
         self.store.put(key(g, "plan"), json.dumps({"stop": why}).encode())
 
     @staticmethod
-    def _state(run, out: Path, reports: dict[int, dict]) -> tuple[int | None, str]:
-        """The step to go on from and where its state comes from: the survivors'
-        snapshots when they all hold the same checkpoint step of this plan (the lost
-        ranks' part from its files), else the newest good checkpoint."""
+    def _state(run, out: Path, reports: dict[int, dict], lost: list[int]):
+        """The step to go on from and where its state comes from: the newest step that
+        every survivor holds a snapshot of (``runtime.regroup``) and at which each lost
+        rank has a twin among the survivors (``runtime.reshard.twins``), a replica kept
+        by one, or a checkpoint of this plan on disk. Returns (step, ``"memory"``,
+        survivor -> the old ranks whose state it gives, lost ranks read from files);
+        else the newest good checkpoint, (step, ``"checkpoint"``, {}, []); else None."""
+        from edgepool.runtime.reshard import twins
+
         found = checkpoint.survey(out / "checkpoints", run.identity())
-        snaps = {tuple(rep["snapshot"]) if rep.get("snapshot") else None for rep in reports.values()}
-        if len(snaps) == 1 and None not in snaps:
-            plan_id, step = next(iter(snaps))
-            written = checkpoint.read_manifest(checkpoint.step_dir(out / "checkpoints", step)) or {}
-            if plan_id == run.plan.plan_id and step in found.usable and written.get("plan_id") == plan_id:
-                return step, "memory"
-        return (found.usable[0], "checkpoint") if found.usable else (None, "")
+        pid = run.plan.plan_id
+        common: set[int] | None = None
+        for rep in reports.values():
+            steps = {t for p, t in rep.get("snapshots", []) if p == pid}
+            common = steps if common is None else common & steps
+        for t in sorted(common or (), reverse=True):
+            holders = {s: [s] for s in sorted(reports)}
+            files: list[int] = []
+            written = None
+            for r in lost:
+                if any(q in reports for q in twins(run.plan, r)):
+                    continue
+                keeper = next((s for s in sorted(reports) if [pid, t] in reports[s].get("replicas", {}).get(str(r), [])),
+                              None)
+                if keeper is not None:
+                    holders[keeper].append(r)
+                    continue
+                if written is None:
+                    written = checkpoint.read_manifest(checkpoint.step_dir(out / "checkpoints", t)) or {}
+                if t in found.usable and written.get("plan_id") == pid:
+                    files.append(r)
+                else:
+                    break
+            else:
+                return t, "memory", holders, files
+        return (found.usable[0], "checkpoint", {}, []) if found.usable else (None, "", {}, [])
 
     def close(self) -> None:
         from edgepool.launch.local import _stop_all

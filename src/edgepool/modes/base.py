@@ -128,6 +128,9 @@ class Mode:
     syncs_grads: ClassVar[bool] = False  # one gradient all-reduce per step (sync_grads)
     in_pipelines: ClassVar[bool] = False  # the planner's pipeline search places it in pipelines
     builds_per_unit: ClassVar[bool] = False  # ``apply`` builds each unit itself (``StageModel(deferred=True)``)
+    # every device of a group holds the stage's whole state, the same bits (parameters and
+    # optimizer state): a group member is a free replica of another (``runtime.reshard.backups``)
+    replicated_state: ClassVar[bool] = False
 
     # -- split ------------------------------------------------------------------------
     def num_items(self, microbatch: int, shape: Shape) -> int:

@@ -20,6 +20,7 @@ class DataParallel(Mode):
     owns_data = True
     syncs_grads = True
     in_pipelines = True
+    replicated_state = True
 
     def comm(self, w: StageWork, net) -> GroupComm:
         zero = {x: 0.0 for x in w.names}

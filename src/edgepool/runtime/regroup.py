@@ -67,13 +67,54 @@ class Snapshot:
     step: int
     tensors: dict[str, torch.Tensor]
     scalars: dict[str, dict]
-    rng: torch.Tensor
+    rng: torch.Tensor | None = None  # this process's own; a replica of a peer's carries none
 
     @classmethod
     def of(cls, engine, step: int) -> "Snapshot":
         tensors, scalars = engine.pieces()  # optimizer tensors are copies already, parameters are not
         tensors = {k: v.detach().clone() if k.startswith("model/") else v for k, v in tensors.items()}
         return cls(engine.plan.plan_id, step, tensors, json.loads(json.dumps(scalars)), torch.get_rng_state())
+
+    def to_bytes(self) -> bytes:
+        """Safetensors bytes of the tensors, the scalars in its metadata (never a pickle)."""
+        from safetensors.torch import save
+
+        return save(self.tensors, metadata={"scalars": json.dumps(self.scalars)})
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, plan_id: str, step: int) -> "Snapshot":
+        from safetensors.torch import load
+
+        return cls(plan_id, step, load(blob), json.loads(_metadata(blob).get("scalars", "{}")))
+
+
+def replicate(snap: Snapshot, plan: Plan, rank: int, comm) -> dict[int, Snapshot]:
+    """Collective over the world: send this rank's ``snap`` to the rank that backs it up
+    (``runtime.reshard.backups``) and receive the snapshots of the ranks this one backs
+    up. Every send and receive is posted at once (a ring of blocking sends would wait on
+    each other), sizes first. Returns old rank -> its replica."""
+    import torch.distributed as dist
+
+    from edgepool.runtime.reshard import backups
+
+    to = backups(plan)
+    dst = to.get(rank)
+    srcs = sorted(r for r, b in to.items() if b == rank)
+    blob = snap.to_bytes() if dst is not None else b""
+    with comm.guard(f"backing up the state of step {snap.step}"):
+        sizes = {r: torch.zeros(1, dtype=torch.int64) for r in srcs}
+        reqs = [dist.irecv(sizes[r], r) for r in srcs]
+        if dst is not None:
+            reqs.append(dist.isend(torch.tensor([len(blob)], dtype=torch.int64), dst))
+        for q in reqs:
+            q.wait()
+        bufs = {r: torch.empty(int(sizes[r]), dtype=torch.uint8) for r in srcs}
+        reqs = [dist.irecv(bufs[r], r) for r in srcs]
+        if dst is not None:
+            reqs.append(dist.isend(torch.frombuffer(bytearray(blob), dtype=torch.uint8), dst))
+        for q in reqs:
+            q.wait()
+    return {r: Snapshot.from_bytes(bufs[r].numpy().tobytes(), snap.plan_id, snap.step) for r in srcs}
 
 
 @dataclass
@@ -84,9 +125,12 @@ class Assignment:
     old_plan: Plan
     plan: Plan
     rank: int | None  # this process's rank under ``plan``; None: a standby
+    old_rank: int  # this process's rank under ``old_plan``
     ranks: dict[int, int | None]  # old rank -> new rank, for every survivor
     step: int
-    source: str  # "memory": survivors' snapshots and the lost ranks' checkpoint files; "checkpoint": files only
+    source: str  # "memory": survivors' snapshots and replicas (and files where named); "checkpoint": files only
+    holders: dict[int, list[int]]  # survivor (old rank) -> the old ranks whose state of ``step`` it gives
+    files: list[int]  # old ranks whose state of ``step`` comes from the checkpoint's files
 
 
 def _connections(keep: set[tuple[str, int]]) -> list[int]:
@@ -134,7 +178,8 @@ class Regroup:
     def __init__(self, store, *, timeout_s: float, keep: set[tuple[str, int]] = frozenset(), beat_s: float = BEAT_S):
         self.store, self.timeout_s, self.keep, self.beat_s = store, timeout_s, set(keep), beat_s
         self.gen = 0
-        self.snapshot: Snapshot | None = None
+        self.own: dict[int, Snapshot] = {}  # step -> this rank's state (the confirmed one, and one being confirmed)
+        self.kept: dict[int, dict[int, Snapshot]] = {}  # old rank -> step -> the replica this rank keeps of it
         self.moved = threading.Event()  # the launcher started a new generation; the old groups are cut
         self._target = 0
         self.groups = None  # the generation's ``StageGroups``, torn down on regrouping
@@ -172,17 +217,33 @@ class Regroup:
                 shut_connections(self.keep)
                 self.moved.set()
 
-    def keep_state(self, engine, step: int) -> None:
-        """Remember this rank's state after ``step`` steps (a checkpoint step)."""
-        self.snapshot = Snapshot.of(engine, step)
+    def keep_state(self, engine, step: int, comm=None) -> None:
+        """Remember this rank's state after ``step`` steps and, with ``comm`` (collective:
+        every rank calls it at the same step), back it up on its peer and keep the
+        replicas of the peers it backs up (``replicate``). The older versions are dropped
+        only once a barrier confirms that every rank holds this step's, so a loss at any
+        point leaves one step that every survivor and some replica of each lost rank hold."""
+        snap = Snapshot.of(engine, step)
+        self.own[step] = snap
+        if comm is not None:
+            for r, rep in replicate(snap, engine.plan, engine.rank, comm).items():
+                self.kept.setdefault(r, {})[step] = rep
+            comm.barrier(f"confirming the backups of step {step}")
+        self.own = {step: snap}
+        self.kept = {r: {t: v for t, v in by.items() if t >= step} for r, by in self.kept.items()}
+
+    def forget(self) -> None:
+        """Drop every snapshot and replica (a new generation's plan starts its own)."""
+        self.own, self.kept = {}, {}
 
     def rejoin(self, old_rank: int, device: str, old_plan: Plan, log=print) -> Assignment:
         """Report, wait for the launcher's answer, and join the new world (``None`` rank: leave it)."""
         from edgepool.runtime.groups import leave_world, regroup_world
 
         g = self._target
-        snap = [self.snapshot.plan_id, self.snapshot.step] if self.snapshot is not None else None
-        self.store.set(key(g, f"held/{old_rank}"), json.dumps({"device": device, "snapshot": snap}))
+        self.store.set(key(g, f"held/{old_rank}"), json.dumps({
+            "device": device, "snapshots": [[v.plan_id, t] for t, v in sorted(self.own.items())],
+            "replicas": {str(r): [[v.plan_id, t] for t, v in sorted(by.items())] for r, by in self.kept.items()}}))
         answer = json.loads(self.store.get(key(g, "plan")))  # within the store's timeout (train.timeout_s)
         if "stop" in answer:
             raise EdgepoolError(f"the launcher ended the run: {answer['stop']}")
@@ -200,8 +261,10 @@ class Regroup:
             regroup_world(new, plan.world_size, prefix=f"{GEN}{g}", timeout_s=self.timeout_s)
         log(f"generation {g}: rank {old_rank} ({device}) is rank {new} of plan {plan.plan_id}; going on from step "
             f"{answer['step']} ({answer['source']})")
-        return Assignment(gen=g, old_plan=old_plan, plan=plan, rank=new, ranks=ranks, step=int(answer["step"]),
-                          source=answer["source"])
+        return Assignment(gen=g, old_plan=old_plan, plan=plan, rank=new, old_rank=old_rank, ranks=ranks,
+                          step=int(answer["step"]), source=answer["source"],
+                          holders={int(k): v for k, v in answer.get("holders", {}).items()},
+                          files=list(answer.get("files", [])))
 
 
 class _Held:
@@ -218,14 +281,15 @@ class _Held:
         return self.slices[key, tuple(src)]
 
 
-def _name(key: str, src) -> str:
-    return f"{key}|{json.dumps([list(b) for b in src])}"
+def _name(old_rank: int, key: str, src) -> str:
+    return f"{old_rank}|{key}|{json.dumps([list(b) for b in src])}"
 
 
-def exchange(a: Assignment, moves, snapshot: Snapshot, comm) -> tuple[dict, dict]:
-    """Send the pieces of ``snapshot`` other ranks need and receive the ones this rank
-    needs from survivors (one safetensors message per pair, in the same order on every
-    rank). Returns (old rank -> a source of its received slices, the scalars received)."""
+def exchange(a: Assignment, moves, held: dict[int, Snapshot], comm) -> tuple[dict, dict]:
+    """Send the pieces other ranks need of the states this rank holds (``held``: old rank
+    -> its snapshot or the replica kept of it) and receive the ones this rank needs from
+    other survivors (one safetensors message per pair, in the same order on every rank).
+    Returns (old rank -> a source of its received slices, the scalars received)."""
     import torch.distributed as dist
     from safetensors.torch import load, save
 
@@ -235,16 +299,20 @@ def exchange(a: Assignment, moves, snapshot: Snapshot, comm) -> tuple[dict, dict
     pairs: dict[tuple[int, int], list] = {}
     for j in range(a.plan.world_size):
         for m in moves.moves.get(j, []):
-            if isinstance(m.holder, tuple) and a.ranks[m.old_rank] != j:  # ("mem", old rank), held elsewhere
-                pairs.setdefault((a.ranks[m.old_rank], j), []).append(m)
-    own = Tensors(snapshot.tensors)
-    groups = by_param(snapshot.tensors)
+            if isinstance(m.holder, tuple) and a.ranks[m.holder[1]] != j:  # ("mem", old rank), held elsewhere
+                pairs.setdefault((a.ranks[m.holder[1]], j), []).append(m)
     got: dict[int, _Held] = {}
     scalars: dict[str, dict] = {}
     for (src, dst), ms in sorted(pairs.items()):
         if me == src:
-            out = {_name(k, m.src): own.get(k, m.src).clone().contiguous() for m in ms for k in groups.get(m.name, [])}
-            extra = {m.name: snapshot.scalars[m.name] for m in ms if m.name in snapshot.scalars}
+            out, extra = {}, {}
+            for m in ms:
+                state = held[m.old_rank]
+                own = Tensors(state.tensors)
+                for k in by_param(state.tensors).get(m.name, []):
+                    out[_name(m.old_rank, k, m.src)] = own.get(k, m.src).clone().contiguous()
+                if m.name in state.scalars:
+                    extra[m.name] = state.scalars[m.name]
             blob = save(out, metadata={"scalars": json.dumps(extra)})
             with comm.guard(f"sending state to rank {dst}"):
                 dist.send(torch.tensor([len(blob)], dtype=torch.int64), dst)
@@ -256,10 +324,9 @@ def exchange(a: Assignment, moves, snapshot: Snapshot, comm) -> tuple[dict, dict
                 buf = torch.empty(int(size), dtype=torch.uint8)
                 dist.recv(buf, src)
             blob = buf.numpy().tobytes()
-            held = got.setdefault(ms[0].old_rank, _Held())  # a survivor sends only the state it held itself
             for name, t in load(blob).items():
-                k, _, where = name.partition("|")
-                held.slices[k, tuple(tuple(b) for b in json.loads(where))] = t
+                r, k, where = name.split("|", 2)
+                got.setdefault(int(r), _Held()).slices[k, tuple(tuple(b) for b in json.loads(where))] = t
             scalars.update(json.loads(_metadata(blob).get("scalars", "{}")))
     return got, scalars
 
@@ -269,25 +336,31 @@ def _metadata(blob: bytes) -> dict:
     return json.loads(blob[8:8 + n]).get("__metadata__") or {}
 
 
-def restore(engine, a: Assignment, snapshot: Snapshot | None, ckpt_root: Path, identity: dict, shapes, comm,
+def restore(engine, a: Assignment, regroup: Regroup, ckpt_root: Path, identity: dict, shapes, comm,
             log=print) -> None:
-    """Fill the new engine of ``a.rank`` from the survivors' snapshots and, for what only a
-    lost rank held, the checkpoint files of step ``a.step``."""
+    """Fill the new engine of ``a.rank`` with the state of step ``a.step``: from the
+    survivors' snapshots and the replicas they keep of lost ranks, and, for what no
+    survivor holds, from the checkpoint files of that step (the log says so)."""
     from edgepool.runtime import checkpoint
     from edgepool.runtime.reshard import Tensors, assemble, reshard
 
-    survivors = [r for r, new in a.ranks.items() if new is not None]
-    lost = [r for r in range(a.old_plan.world_size) if r not in survivors]
-    holders = {("mem", r): [r] for r in survivors}
-    holders.update({checkpoint.rank_file(r): [r] for r in lost})
+    snapshot = regroup.own.get(a.step)
+    if snapshot is None or snapshot.plan_id != a.old_plan.plan_id:
+        raise checkpoint.CheckpointError(f"this rank holds no snapshot of step {a.step} under plan "
+                                         f"{a.old_plan.plan_id}")
+    held = {a.old_rank: snapshot}
+    held.update({r: by[a.step] for r, by in regroup.kept.items() if a.step in by})
+    holders = {("mem", r): list(given) for r, given in a.holders.items()}
+    holders.update({checkpoint.rank_file(r): [r] for r in a.files})
     moves = reshard(a.old_plan, a.plan, holders, shapes=shapes, shape=engine.shape,
                     prefer=lambda j, h: isinstance(h, tuple) and a.ranks[h[1]] == j)
     if moves.missing:
         raise checkpoint.CheckpointError(f"nobody holds {moves.missing[0][1]} (needed by rank {moves.missing[0][0]})")
-    if snapshot is None or (snapshot.plan_id, snapshot.step) != (a.old_plan.plan_id, a.step):
-        raise checkpoint.CheckpointError(f"this rank's snapshot is not of step {a.step} under plan "
-                                         f"{a.old_plan.plan_id}")
-    received, scalars = exchange(a, moves, snapshot, comm)
+    mine = a.holders.get(a.old_rank, [a.old_rank])
+    if any(r not in held for r in mine):
+        raise checkpoint.CheckpointError(f"this rank keeps no replica of step {a.step} of rank(s) "
+                                         f"{', '.join(str(r) for r in mine if r not in held)}")
+    received, scalars = exchange(a, moves, held, comm)
     d = checkpoint.step_dir(ckpt_root, a.step)
     files = sorted({m.holder for m in moves.moves[a.rank] if isinstance(m.holder, str)})
     if files:
@@ -295,7 +368,7 @@ def restore(engine, a: Assignment, snapshot: Snapshot | None, ckpt_root: Path, i
         why = checkpoint.check(d, manifest, identity, files)
         if why is not None:
             raise checkpoint.CheckpointError(f"checkpoint {d.name} refused: {why}")
-        log(f"no survivor holds the state of rank(s) {', '.join(map(str, lost))}: it comes from {d} "
+        log(f"no survivor keeps the state of rank(s) {', '.join(map(str, a.files))} in memory: it comes from {d} "
             f"({', '.join(files)})")
     from contextlib import ExitStack
 
@@ -306,7 +379,7 @@ def restore(engine, a: Assignment, snapshot: Snapshot | None, ckpt_root: Path, i
 
         def source(holder, old_rank):
             if isinstance(holder, tuple):
-                return Tensors(snapshot.tensors) if a.ranks[old_rank] == a.rank else received[old_rank]
+                return Tensors(held[old_rank].tensors) if a.ranks[holder[1]] == a.rank else received[old_rank]
             if holder not in opened:
                 opened[holder] = checkpoint.RankFile(stack.enter_context(safe_open(str(d / holder), framework="pt")))
             return opened[holder]
@@ -314,6 +387,9 @@ def restore(engine, a: Assignment, snapshot: Snapshot | None, ckpt_root: Path, i
         tensors = assemble(a.rank, moves, shapes, source)
         for f in opened.values():
             scalars.update(f.meta.get("optim_scalars", {}))
+    for r in mine:
+        if r != a.old_rank:
+            scalars.update(held[r].scalars)
     scalars.update(snapshot.scalars)
     engine.load_pieces(tensors, scalars)
     torch.set_rng_state(snapshot.rng)

@@ -203,10 +203,18 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
     if assignment is not None and assignment.source == "memory":
         from edgepool.runtime.regroup import restore
 
-        restore(engine, assignment, regroup.snapshot, ckpt_root, identity, full_shapes(cfg), comm, log=log)
+        restore(engine, assignment, regroup, ckpt_root, identity, full_shapes(cfg), comm, log=log)
         start = assignment.step
     elif run.resume or assignment is not None:
         start = _resume(run, rank, engine, ckpt_root, identity, comm, cfg, log)
+    # In-memory backups (``runtime.regroup``): every ``replicate_every`` steps each rank
+    # snapshots its state and backs it up on a peer; without them, the snapshot of each
+    # checkpoint step. A new plan starts its own, from the state it starts with.
+    replicate = job.train.replicate_every if regroup is not None and plan.world_size > 1 else 0
+    if regroup is not None:
+        regroup.forget()
+        if replicate:
+            regroup.keep_state(engine, start, comm)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         earlier = read_metrics(metrics_path, log=log) if metrics_path.is_file() else []
@@ -250,8 +258,10 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
         every = job.train.checkpoint_every
         if every and (step + 1) % every == 0:
             checkpoint.save(ckpt_root, step + 1, engine, rank, identity, comm)
-            if regroup is not None:
+            if regroup is not None and not replicate:
                 regroup.keep_state(engine, step + 1)
+        if replicate and (step + 1) % replicate == 0 and step + 1 < run.steps:
+            regroup.keep_state(engine, step + 1, comm)
     summary = None
     if rank == 0:
         summary = summarize(read_metrics(metrics_path), plan_id=plan.plan_id, parallelism=plan.parallelism,
