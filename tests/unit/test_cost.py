@@ -209,3 +209,52 @@ def test_dims_from_a_config_object():
     d = ModelDims.of(Cfg())
     assert d.kv_dim == 32
     assert analytic_profile(d).num_layers == 2
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_backups_are_charged_their_time_memory_and_bytes(every):
+    """In-memory backups (``cost.model.BackupCost``): a 3-stage pipeline backs each
+    stage's parameters and optimizer state up on the next stage. The step grows by the
+    concurrent transfers over ``every`` steps, in the cost model and the simulator alike;
+    each device holds its own copy and its neighbour's, twice at the step boundary when
+    that is more than its activations; the bytes are counted both ways. A dp group's
+    ranks are each other's backups: they send nothing."""
+    from dataclasses import replace
+
+    from edgepool.cost.model import backup_cost
+    from edgepool.sim import simulate
+    from edgepool.specs.plan import Shape
+
+    pool = make_pool(["host-cpu"] * 3, medium="switched", bandwidth_mbps=100.0)
+    prof = tiny(num_layers=3)
+    shape = Shape(global_batch=4, seq_len=16, num_heads=4, ffn=256)
+    pp = Plan(num_layers=3, stages=[StagePlan(layers=(i, i + 1), devices=(f"d{i}",)) for i in range(3)])
+    base, with_b = estimate(pp, pool, prof, shape), estimate(pp, pool, replace(prof, backup_every=every), shape)
+    work = device_work(pp, pool, prof, shape)
+    state = {n: w.state_bytes["params"] + w.state_bytes["optimizer"] for n, w in work.items()}
+    want_s = Network.of(pool).transfer_time([("d0", "d1", state["d0"]), ("d1", "d2", state["d1"]),
+                                             ("d2", "d0", state["d2"])]) / every
+    assert want_s > 0 and with_b.backup_s == pytest.approx(want_s)
+    assert with_b.step_time_s == pytest.approx(base.step_time_s + want_s)
+    for n, prev in (("d0", "d2"), ("d1", "d0"), ("d2", "d1")):
+        held = state[n] + state[prev]
+        act = with_b.devices[n].memory_parts["activations"] + with_b.devices[n].memory_parts["transient"]
+        assert with_b.devices[n].memory_parts["backups"] == pytest.approx(held + max(0.0, held - act))
+        assert with_b.devices[n].bytes_moved == pytest.approx(base.devices[n].bytes_moved + (state[n] + state[prev]) / every)
+    sim0, sim1 = simulate(pp, pool, prof, shape), simulate(pp, pool, replace(prof, backup_every=every), shape)
+    assert sim1.step_time_s == pytest.approx(sim0.step_time_s + want_s)
+    assert all(sim1.devices[n].peak_memory_bytes > sim0.devices[n].peak_memory_bytes for n in state)
+    dp = Plan(num_layers=3, stages=[StagePlan(layers=(0, 3), mode="dp", devices=("d0", "d1", "d2"))])
+    b = backup_cost(dp, device_work(dp, pool, prof, shape), Network.of(pool), every)
+    assert b.time_s == 0 and not any(b.bytes_moved.values())
+
+
+def test_a_job_that_does_not_recover_is_charged_no_backups():
+    from edgepool.cost.profile import for_job
+    from edgepool.specs.job import JobSpec
+
+    job = {"model": {"family": "gpt", "size": "tiny"}, "data": {"path": "x.txt"}}
+    prof = tiny()
+    assert for_job(prof, JobSpec.model_validate(job)).backup_every == 1
+    assert for_job(prof, JobSpec.model_validate({**job, "train": {"recover": False}})).backup_every == 0
+    assert for_job(prof, JobSpec.model_validate({**job, "train": {"replicate_every": 4}})).backup_every == 4

@@ -140,3 +140,41 @@ def test_tp_and_fsdp_cuts_match_the_engine(model):
         rows = torch.zeros(s[0]).chunk(3)
         got = [modes.get("fsdp").shard_of(name, s, fsdp_split, i, shape) for i in range(3)]
         assert [g[2] - g[1] for g in got][: len(rows)] == [len(r) for r in rows]
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_one_lost_rank_is_always_held_in_memory(model, name):
+    """Under every plan, whichever rank is lost, the survivors' own state and the
+    replicas ``backups`` places give every rank its state back bit-exact, with no file:
+    a rank with a dp twin needs no replica, every other one has a peer (never itself,
+    of another stage where there is one) keeping one."""
+    from edgepool.runtime.reshard import Tensors
+    from edgepool.specs.layout import backups, role_of, twins
+
+    shapes, shape, full = model
+    plan = PLANS[name]
+    to = backups(plan)
+    n = plan.world_size
+    for r, b in to.items():
+        assert b != r and not twins(plan, r)
+        if len(plan.stages) > 1:
+            assert role_of(plan, b).stage != role_of(plan, r).stage
+    assert all(r in to for r in range(n) if not twins(plan, r)) or n == 1
+    held = [_cut(full, shapes, plan, r, shape) for r in range(n)]
+    for lost in range(n) if n > 1 else []:
+        holders = {("mem", s): [s] + [q for q, b in to.items() if b == s and q == lost] for s in range(n) if s != lost}
+        moves = reshard(plan, plan, holders, shapes=shapes, shape=shape)
+        assert not moves.missing, (lost, moves.missing[:2])
+        for j in range(n):
+            got = assemble(j, moves, shapes, lambda h, old: Tensors(held[old]))
+            assert set(got) == set(held[j]) and all(torch.equal(got[k], held[j][k]) for k in got)
+
+
+def test_twins_are_dp_groups_only():
+    from edgepool.specs.layout import backups, twins
+
+    assert twins(PLANS["dp"], 0) == [1, 2] and twins(PLANS["sp"], 1) == [] and twins(PLANS["fsdp"], 0) == []
+    assert backups(PLANS["single"]) == {} and backups(PLANS["dp"]) == {}
+    assert backups(PLANS["pp"]) == {0: 1, 1: 2, 2: 0}
+    assert backups(PLANS["tp"]) == {0: 1, 1: 0}
+    assert backups(PLANS["hybrid2"]) == {2: 0, 3: 0}  # the dp stage's ranks are twins; sp's back up on stage 0

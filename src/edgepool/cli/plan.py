@@ -28,13 +28,15 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_profile(job, path: str | None):
-    from edgepool.cost.profile import ModelProfile, analytic_profile
+    """The profile to plan ``job`` with (``path``, else the analytic one), with the job's
+    in-memory backups (``cost.profile.for_job``), as ``train`` will run them."""
+    from edgepool.cost.profile import ModelProfile, analytic_profile, for_job
 
     if path:
-        return ModelProfile.load(path)
+        return for_job(ModelProfile.load(path), job)
     from edgepool.planner.search import job_model_dims
 
-    return analytic_profile(job_model_dims(job), optimizer=job.train.optimizer)
+    return for_job(analytic_profile(job_model_dims(job), optimizer=job.train.optimizer), job)
 
 
 def _gb(x: float) -> str:

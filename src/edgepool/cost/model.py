@@ -219,6 +219,7 @@ class PlanCost:
     chan_s: float  # shared-channel airtime per micro-batch (0 when switched)
     sync_s: float
     optim_s: float
+    backup_s: float  # the in-memory backups per step (``BackupCost``)
     bottleneck: str
     stages: tuple[StageCost, ...]
     links: tuple[LinkCost, ...]
@@ -375,6 +376,45 @@ def boundary_flows(plan: Plan, shape: Shape, profile: ModelProfile, k: int, back
     return out
 
 
+@dataclass(frozen=True)
+class BackupCost:
+    """What the in-memory backups (``runtime.regroup``, every ``profile.backup_every``
+    steps) add to a step of a plan.
+
+    Every rank copies its state (parameters and optimizer state as its mode holds them,
+    ``state_bytes`` less gradients) and sends it to the rank that backs it up
+    (``specs.layout.backups``; a dp twin needs none); the sends run at once at the step
+    boundary, synchronous, so the step grows by their ``Network.transfer_time`` over
+    ``every`` steps. Memory: the own copy plus the replicas kept, held through the
+    step (``steady_bytes``); at the boundary the next step's copies are made before the
+    old ones go, twice that, when the activations are gone (``peak_bytes``)."""
+
+    time_s: float
+    bytes_moved: dict[str, float]
+    steady_bytes: dict[str, float]
+
+    def memory_part(self, name: str, activations_bytes: float) -> float:
+        """The bytes the backups add to ``name``'s peak over its step's activations."""
+        held = self.steady_bytes.get(name, 0.0)
+        return held + max(0.0, held - activations_bytes)
+
+
+def backup_cost(plan: Plan, work: dict[str, DeviceWork], net: Network, every: int) -> BackupCost:
+    from edgepool.specs.layout import backups
+
+    if not every or plan.world_size < 2:
+        return BackupCost(0.0, {}, {})
+    state = {n: w.state_bytes.get("params", 0.0) + w.state_bytes.get("optimizer", 0.0) for n, w in work.items()}
+    flows = [(plan.devices[r], plan.devices[b], state[plan.devices[r]]) for r, b in backups(plan).items()]
+    held = dict(state)
+    moved = {n: 0.0 for n in plan.devices}
+    for src, dst, nb in flows:
+        held[dst] += nb
+        moved[src] += nb / every
+        moved[dst] += nb / every
+    return BackupCost(time_s=net.transfer_time(flows) / every, bytes_moved=moved, steady_bytes=held)
+
+
 def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, network: Network | None = None) -> PlanCost:
     """The cost model's prediction for one step of ``plan`` (see the module docstring)."""
     net = network or Network.of(pool)
@@ -445,7 +485,10 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             pipe, bottleneck = channel_bound, "shared channel"
     sync_total = sum(sc.sync_s for sc in stage_costs)
     optim_first = max(work[n].optim_s for n in plan.stages[0].devices)
-    step = pipe + sync_total + optim_first
+    backup = backup_cost(plan, work, net, profile.backup_every)
+    step = pipe + sync_total + optim_first + backup.time_s
+    for n, b in backup.bytes_moved.items():
+        dev_bytes[n] += b
 
     # -- per device: memory and energy ---------------------------------------------------
     out: dict[str, DeviceCost] = {}
@@ -456,8 +499,11 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             pm = kind.power_mode(mode_of[name])
             w = work[name]
             busy = M * (w.fwd_s + w.bwd_s) + w.optim_s
-            mem_parts = {"runtime": profile.runtime_bytes, **w.state_bytes,
-                         "activations": w.act_bytes * stage_costs[s].inflight, "transient": w.transient_bytes}
+            act = w.act_bytes * stage_costs[s].inflight
+            mem_parts = {"runtime": profile.runtime_bytes, **w.state_bytes, "activations": act,
+                         "transient": w.transient_bytes}
+            if backup.steady_bytes:
+                mem_parts["backups"] = backup.memory_part(name, act + w.transient_bytes)
             out[name] = DeviceCost(
                 name=name, kind=dev.kind, power_mode=pm.name, stage=s, speed=device_speed(dev, pm.name),
                 fwd_s=w.fwd_s, bwd_s=w.bwd_s, busy_s=busy,
@@ -468,6 +514,7 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             )
     return PlanCost(
         plan_id=plan.plan_id, schedule=plan.schedule, num_microbatches=M, step_time_s=step, pipe_s=pipe, fill_s=fill,
-        period_s=period, chan_s=chan, sync_s=sync_total, optim_s=optim_first, bottleneck=bottleneck,
+        period_s=period, chan_s=chan, sync_s=sync_total, optim_s=optim_first, backup_s=backup.time_s,
+        bottleneck=bottleneck,
         stages=tuple(stage_costs), links=tuple(links), devices=out,
     )

@@ -154,6 +154,10 @@ class ModelProfile:
     # figure: a profile measured on one host core, for devices that the testbed gives
     # ``speed * cores_per_speed`` cores, has speed ``1 / cores_per_speed``.
     reference_speed_value: float | None = None
+    # How the job keeps its state safe, beyond the optimizer: every this many steps each
+    # rank backs its state up in a peer's memory (``train.replicate_every`` of a run that
+    # recovers; 0: never). ``for_job`` sets it; the cost model charges the backups.
+    backup_every: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
     schema_version: int = PROFILE_SCHEMA_VERSION
 
@@ -221,6 +225,13 @@ class ModelProfile:
             return cls.from_json(json.loads(p.read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise SpecError(f"cannot read profile {p}: {exc}") from None
+
+
+def for_job(profile: ModelProfile, job) -> ModelProfile:
+    """``profile`` with ``job``'s in-memory backups (``backup_every``): what the runtime
+    will do for a ``train`` run that recovers from a lost device."""
+    every = job.train.replicate_every if job.train.recover else 0
+    return profile if profile.backup_every == every else replace(profile, backup_every=every)
 
 
 def block_flops(dims: ModelDims) -> tuple[Parts, Parts]:

@@ -198,11 +198,11 @@ class InMemory:
     def _state(run, out: Path, reports: dict[int, dict], lost: list[int]):
         """The step to go on from and where its state comes from: the newest step that
         every survivor holds a snapshot of (``runtime.regroup``) and at which each lost
-        rank has a twin among the survivors (``runtime.reshard.twins``), a replica kept
+        rank has a twin among the survivors (``specs.layout.twins``), a replica kept
         by one, or a checkpoint of this plan on disk. Returns (step, ``"memory"``,
         survivor -> the old ranks whose state it gives, lost ranks read from files);
         else the newest good checkpoint, (step, ``"checkpoint"``, {}, []); else None."""
-        from edgepool.runtime.reshard import twins
+        from edgepool.specs.layout import twins
 
         found = checkpoint.survey(out / "checkpoints", run.identity())
         pid = run.plan.plan_id

@@ -129,7 +129,7 @@ class Mode:
     in_pipelines: ClassVar[bool] = False  # the planner's pipeline search places it in pipelines
     builds_per_unit: ClassVar[bool] = False  # ``apply`` builds each unit itself (``StageModel(deferred=True)``)
     # every device of a group holds the stage's whole state, the same bits (parameters and
-    # optimizer state): a group member is a free replica of another (``runtime.reshard.backups``)
+    # optimizer state): a group member is a free replica of another (``specs.layout.backups``)
     replicated_state: ClassVar[bool] = False
 
     # -- split ------------------------------------------------------------------------

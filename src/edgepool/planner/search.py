@@ -840,7 +840,7 @@ def job_model_dims(job):
 
 def plan_for_run(pool: PoolSpec, job, family: str | None = None, objective: str = "time") -> Plan:
     """The planner's best plan for a run (used by ``launch.prepare`` for ``--parallelism auto``)."""
-    from edgepool.cost.profile import analytic_profile
+    from edgepool.cost.profile import analytic_profile, for_job
 
-    profile = analytic_profile(job_model_dims(job), optimizer=job.train.optimizer)
+    profile = for_job(analytic_profile(job_model_dims(job), optimizer=job.train.optimizer), job)
     return plan(pool, job, profile, objective=objective, family=family).plan

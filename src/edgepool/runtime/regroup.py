@@ -90,12 +90,12 @@ class Snapshot:
 
 def replicate(snap: Snapshot, plan: Plan, rank: int, comm) -> dict[int, Snapshot]:
     """Collective over the world: send this rank's ``snap`` to the rank that backs it up
-    (``runtime.reshard.backups``) and receive the snapshots of the ranks this one backs
+    (``specs.layout.backups``) and receive the snapshots of the ranks this one backs
     up. Every send and receive is posted at once (a ring of blocking sends would wait on
     each other), sizes first. Returns old rank -> its replica."""
     import torch.distributed as dist
 
-    from edgepool.runtime.reshard import backups
+    from edgepool.specs.layout import backups
 
     to = backups(plan)
     dst = to.get(rank)

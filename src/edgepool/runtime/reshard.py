@@ -68,36 +68,6 @@ def holdings(plan: Plan, rank: int, shapes: Mapping[str, tuple[int, ...]], shape
     return out
 
 
-def twins(plan: Plan, rank: int) -> list[int]:
-    """The other ranks that hold the same state as ``rank``, bit for bit: the members of
-    its stage's group when the stage's mode replicates its whole state (dp: parameters,
-    embed and head on every first-stage device, and the optimizer state stepped alike)."""
-    role = role_of(plan, rank)
-    st = plan.stages[role.stage]
-    if len(st.devices) < 2 or not modes.get(st.mode).replicated_state:
-        return []
-    return [plan.devices.index(d) for d in st.devices if d != plan.devices[rank]]
-
-
-def backups(plan: Plan) -> dict[int, int]:
-    """Where each rank's state is backed up in memory: rank -> the rank that keeps a
-    replica of it (Asteroid's neighbour backups). A rank with a twin (``twins``) needs
-    none. Else the replica goes to the next rank, in rank order and around, of another
-    stage (a pipeline neighbour: it is already linked to it), or of the same group when
-    the plan has one stage. Pure; every rank and the launcher compute the same."""
-    n = plan.world_size
-    out: dict[int, int] = {}
-    if n < 2:
-        return out
-    stage = {r: role_of(plan, r).stage for r in range(n)}
-    for r in range(n):
-        if twins(plan, r):
-            continue
-        ring = [(r + k) % n for k in range(1, n)]
-        out[r] = next((q for q in ring if stage[q] != stage[r]), ring[0])
-    return out
-
-
 def box(spec: Spec, full: tuple[int, ...]) -> Box:
     dims = [(0, n) for n in full]
     if spec is not None:

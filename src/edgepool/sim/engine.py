@@ -43,7 +43,7 @@ import heapq
 from dataclasses import dataclass
 
 from edgepool import catalog, modes
-from edgepool.cost.model import EnergyParts, boundary_flows, device_work, group_comm, power_mode_of
+from edgepool.cost.model import EnergyParts, backup_cost, boundary_flows, device_work, group_comm, power_mode_of
 from edgepool.cost.network import Network
 from edgepool.cost.profile import ModelProfile
 from edgepool.errors import PlanError
@@ -213,6 +213,10 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
     comms = [group_comm(plan, s, profile, shape, net) for s in range(S)]
     # The framework's own memory, then parameters, gradients and optimizer state as the mode holds them.
     static = {n: profile.runtime_bytes + w.static_bytes for n, w in work.items()}
+    # In-memory backups (``cost.model.BackupCost``): held through the step, copied anew at its end.
+    backup = backup_cost(plan, work, net, profile.backup_every)
+    for n, b in backup.steady_bytes.items():
+        static[n] += b
 
     # Transfers of every boundary, and how many each receiver waits for.
     flows_of: dict[tuple[int, bool], list[tuple[str, str, float]]] = {}
@@ -400,13 +404,15 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             raise PlanError("simulation did not finish")
 
     step = max((rk.free_at for rk in ranks), default=0.0)
-    step = max(step, max((sg.end_s for sg in segments), default=0.0))
+    step = max(step, max((sg.end_s for sg in segments), default=0.0)) + backup.time_s
+    for rk in ranks:  # the boundary's second copy of the backups, the activations gone
+        rk.mem_peak = max(rk.mem_peak, static[rk.device] + backup.steady_bytes.get(rk.device, 0.0))
     traces = {}
     for rk in ranks:
         dev = devs[rk.device]
         kind = catalog.get(dev.kind)
         pm = kind.power_mode(power_mode_of(plan, dev))
-        moved = netsim.moved.get(rk.device, 0.0)
+        moved = netsim.moved.get(rk.device, 0.0) + backup.bytes_moved.get(rk.device, 0.0)
         finish = max([sg.end_s for sg in segments if sg.device == rk.device] + [rk.free_at])
         traces[rk.device] = DeviceTrace(
             name=rk.device, power_mode=pm.name, finish_s=finish, busy_s=rk.busy_s, idle_s=step - rk.busy_s,

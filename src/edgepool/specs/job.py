@@ -97,7 +97,7 @@ class TrainSpec(_Strict):
     # processes), else from the last checkpoint.
     recover: bool = True
     # With recover: every this many steps each rank backs its state up in a peer's memory
-    # (``runtime.reshard.backups``), so a lost device's state need not come from disk.
+    # (``specs.layout.backups``), so a lost device's state need not come from disk.
     # 0: no backups (a lost device's state comes from the last checkpoint).
     replicate_every: Count(ge=0, le=MAX_STEPS) = 1
 

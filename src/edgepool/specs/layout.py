@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from edgepool import catalog, modes
 from edgepool.errors import PlanError, SpecError
-from edgepool.specs.plan import (EMPTY, Plan, Region, Shape, StageSplit, Transfer, microbatch_size, stage_ranks,
+from edgepool.specs.plan import (EMPTY, Plan, Region, Shape, StageSplit, Transfer, microbatch_size, role_of, stage_ranks,
                                  transfers)
 
 
@@ -113,3 +113,33 @@ def check_plan(plan: Plan, shape: Shape, pool=None, num_layers: int | None = Non
             except SpecError as exc:
                 raise PlanError(f"power_modes: device {d!r}: {exc}") from None
     Layout.of(plan, shape)
+
+
+def twins(plan: Plan, rank: int) -> list[int]:
+    """The other ranks that hold the same state as ``rank``, bit for bit: the members of
+    its stage's group when the stage's mode replicates its whole state (dp: parameters,
+    embed and head on every first-stage device, and the optimizer state stepped alike)."""
+    role = role_of(plan, rank)
+    st = plan.stages[role.stage]
+    if len(st.devices) < 2 or not modes.get(st.mode).replicated_state:
+        return []
+    return [plan.devices.index(d) for d in st.devices if d != plan.devices[rank]]
+
+
+def backups(plan: Plan) -> dict[int, int]:
+    """Where each rank's state is backed up in memory: rank -> the rank that keeps a
+    replica of it (Asteroid's neighbour backups). A rank with a twin (``twins``) needs
+    none. Else the replica goes to the next rank, in rank order and around, of another
+    stage (a pipeline neighbour: it is already linked to it), or of the same group when
+    the plan has one stage. Pure; every rank and the launcher compute the same."""
+    n = plan.world_size
+    out: dict[int, int] = {}
+    if n < 2:
+        return out
+    stage = {r: role_of(plan, r).stage for r in range(n)}
+    for r in range(n):
+        if twins(plan, r):
+            continue
+        ring = [(r + k) % n for k in range(1, n)]
+        out[r] = next((q for q in ring if stage[q] != stage[r]), ring[0])
+    return out
