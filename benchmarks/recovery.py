@@ -203,10 +203,11 @@ def _write(cases: list[dict], spec, args, took: float) -> None:
         "a loss the planner picks the best pipeline over the devices left.", "",
         "How edgepool goes on: the launcher names the lost device (its rank's exit, or a heartbeat silent for "
         f"{spec.job.train.detect_s:g} s) and plans again over the others; the survivors keep their processes and "
-        "the state of the newest checkpoint step, regroup under the new plan and take the lost rank's part from "
-        "that checkpoint's files (`launch.recover`, `runtime.regroup`: *in memory*); when that cannot be done, "
-        "every rank restarts from the checkpoint (*restart*). No replica of a neighbour's state is kept in memory, "
-        "so the lost device's state is read from disk.", "",
+        "their snapshots, regroup under the new plan and take the lost rank's part from the backup its peer keeps "
+        f"in memory (`train.replicate_every` {spec.job.train.replicate_every}; `launch.recover`, `runtime.regroup`: "
+        "*in memory*), else from that step's checkpoint files (*in memory, the state of X from the checkpoint*); "
+        "when regrouping cannot be done, every rank restarts from the checkpoint (*restart*). The job also writes a "
+        "checkpoint every step, for the baseline.", "",
         "| device | lost by | at step | detected (s) | recovered (s) | how | steps thrown away | new plan | step after (s) | predicted (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -6,9 +6,10 @@ the devices that are left, keeping the global batch (the planner, for the family
 run had: pp stays pp, a hybrid goes to ``auto``), and goes on:
 
 - in memory first (``InMemory``, the rank side in ``runtime.regroup``): the survivors
-  keep their processes and the state of their newest checkpoint step; they regroup under
-  the new plan over a new generation of process groups, and the lost ranks' part of that
-  step comes from its checkpoint files. No process starts again;
+  keep their processes, their snapshots and the replicas they keep of their peers'
+  state (``train.replicate_every``); they regroup under the new plan over a new
+  generation of process groups, and the lost ranks' part comes from a replica (or a
+  dp twin), else from that step's checkpoint files. No process starts again;
 - else (a survivor failed or stayed silent while regrouping, its snapshot does not match
   a checkpoint on disk) every rank starts again with ``--resume``: the newest good
   checkpoint resharded to the new plan (``runtime.reshard``), over the devices left and
@@ -27,8 +28,8 @@ Only a lost device is gone around: a rank killed by a signal (SIGKILL, the kerne
 killer) or silent (frozen, cut off). A rank that fails on an error of its own would fail
 again, so the run ends as before.
 
-Not built: replicas of a neighbour's state kept in memory (the lost rank's state comes
-from disk), devices joining mid-run (a standby is used only by the restart path).
+Not built: devices joining mid-run (a standby is used only by the restart path), and
+recovery under ``edgepool serve``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,15 @@
 """Recovery without a restart, rank side: the survivors of a lost device keep their processes.
 
+Backups, while the run goes well: every ``train.replicate_every`` steps each rank takes a
+snapshot of its state (parameters and optimizer state, ``Engine.pieces``) and sends it
+to the rank that backs it up (``specs.layout.backups``: the next rank of another stage,
+Asteroid's neighbour backups; a rank of a dp group has twins that hold the same bits and
+sends nothing), as safetensors bytes over the world group. A barrier then confirms
+that every rank holds the step's snapshot and replicas, and only then are the older
+ones dropped: whenever a device is lost, one step is held by every survivor, and the
+lost rank's state of that step by a twin or a replica. Without backups
+(``replicate_every: 0``) the snapshot is that of each checkpoint step.
+
 The launcher (``launch.recover``) and the ranks meet in the run's store, which the
 launcher hosts, so it outlives any rank:
 
@@ -13,23 +23,23 @@ launcher hosts, so it outlives any rank:
    ``ProcessGroupGloo.abort()`` left a blocked ``recv`` blocked here (torch 2.13), while a
    shut connection fails it within milliseconds. The store's own connection is kept.
 3. The main thread, out of its step, reports what it holds (``gen/<g+1>/held/<old rank>``:
-   its device and its snapshot, the state of its newest checkpoint step kept in memory),
-   and waits for the launcher's answer (``gen/<g+1>/plan``): the new plan, old rank ->
-   new rank (None: not in the new plan, a standby, which leaves cleanly), the step to go
-   on from, and where the state comes from.
+   its device, the steps of its snapshots and of the replicas it keeps), and waits for
+   the launcher's answer (``gen/<g+1>/plan``): the new plan, old rank -> new rank (None:
+   not in the new plan, a standby, which leaves cleanly), the step to go on from, which
+   survivor gives which old rank's state, and which lost ranks' state comes from that
+   step's checkpoint files (none, when a replica survives).
 4. It destroys its groups and joins the new world over ``PrefixStore("edgepool/gen<g+1>")``
    of the same store (torchft's reconfigurable process group: a fresh gloo group per
    quorum, keyed by a prefix of one store; ``runtime.groups.regroup``), builds the engine
    of the new plan and fills it (``restore``): ``runtime.reshard`` routes every piece;
-   pieces a survivor holds travel rank to rank as safetensors bytes, one message per
-   (sender, receiver) pair in an order every rank computes alike; pieces only a lost rank
-   held come from the checkpoint files of that step (the log says so). The step that was
-   in progress is redone.
+   pieces a survivor holds (its own, or a replica) travel rank to rank as safetensors
+   bytes, one message per (sender, receiver) pair in an order every rank computes
+   alike; pieces nobody holds in memory come from the checkpoint files of that step
+   (the log says so). The step that was in progress is redone.
 
-When the survivors' snapshots do not agree with a checkpoint on disk, the launcher says
-``checkpoint`` and every rank loads the newest good checkpoint instead, still without a
-restart. Replicas of a neighbour's state in memory (Asteroid's backups) are not built:
-without a checkpoint of the snapshot's step the lost state comes from an older one.
+When no step is held in memory by everyone (two devices lost at once, a twin and its
+replica both gone), the launcher says ``checkpoint`` and every rank loads the newest
+good checkpoint instead, still without a restart.
 """
 
 from __future__ import annotations

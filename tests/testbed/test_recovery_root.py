@@ -1,0 +1,140 @@
+"""A 4-device emulated pool loses three devices in one run, each a different way, and finishes.
+
+The pool runs in the testbed (namespaces, shaped links, cgroup caps). A pipeline over
+a, b, c and d loses b (SIGKILL), then a device of the new plan (SIGSTOP: frozen), then
+one more (its link set down on the host side: cut off), each mid-run. After each loss
+the survivors regroup in memory, the lost state from the backups their peers keep. The
+run finishes every step with the uninterrupted run's losses (1e-5), names each loss,
+leaves no process behind, and its last checkpoint verifies. Needs root; skipped
+otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgepool.testbed import Testbed, is_available
+from edgepool.testing import CORPUS
+
+_AVAIL = is_available()
+pytestmark = [pytest.mark.root, pytest.mark.e2e,
+              pytest.mark.skipif(not _AVAIL, reason=f"testbed unavailable: {_AVAIL.reason}")]
+
+DEVICES = ("a", "b", "c", "d")
+STEPS = 10
+
+
+def _files(tmp: Path) -> tuple[Path, Path]:
+    pool = tmp / "pool.yaml"
+    pool.write_text(yaml.safe_dump({
+        "name": "lossy", "network": {"medium": "switched", "bandwidth_mbps": 200},
+        "devices": [{"name": n, "kind": "host-cpu", "host": "emulated", "compute_scale": 0.5, "memory_gb": 2.0}
+                    for n in DEVICES]}))
+    job = tmp / "job.yaml"
+    job.write_text(yaml.safe_dump({"model": {"family": "gpt", "size": "tiny"}, "data": {"path": str(CORPUS)},
+                                   "train": {"global_batch": 8, "seq_len": 16, "steps": STEPS, "seed": 0,
+                                             "checkpoint_every": 1, "timeout_s": 30},
+                                   "parallelism": {"mode": "pp", "num_microbatches": 2, "schedule": "1f1b"}}))
+    return pool, job
+
+
+def _records(out: Path) -> list[dict]:
+    m = out / "metrics.jsonl"
+    return [json.loads(ln) for ln in m.read_text().splitlines() if ln.strip()] if m.is_file() else []
+
+
+def _rank_pids(out: Path) -> dict[int, int]:
+    """pid -> first-generation rank of every live rank process of the run in ``out``."""
+    needle = str(out / "run.json").encode()
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if needle not in (d / "cmdline").read_bytes():
+                continue
+            env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0") if b"=" in kv)
+            if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" and b"RANK" in env:
+                found[int(d.name)] = int(env[b"RANK"])
+        except OSError:
+            continue
+    return found
+
+
+def _faults(out: Path, first: tuple[str, ...], state, done: threading.Event, did: list) -> None:
+    """After step 4, freeze a device of the current plan; after step 7, cut another's link."""
+    for after, how in ((4, "STOP"), (7, "CUT")):
+        while not done.is_set() and not any(r["step"] >= after for r in _records(out)):
+            time.sleep(0.05)
+        if done.is_set():
+            return
+        plan = json.loads((out / "run.json").read_text())["plan"]
+        devices = [d for s in plan["stages"] for d in s["devices"]]
+        victim = next((d for d in reversed(devices) if d != "a" and d not in [v for _, v in did]), None)
+        if victim is None:
+            return
+        if how == "STOP":
+            pid = next(p for p, r in _rank_pids(out).items() if first[r] == victim)
+            os.kill(pid, signal.SIGSTOP)
+        else:
+            subprocess.run(["ip", "link", "set", state.layout.of(victim).host_if, "down"], check=True)
+        did.append((how, victim))
+
+
+def test_three_devices_lost_three_ways_and_the_run_finishes(tmp_path):
+    from edgepool.launch.local import pool_placement
+    from edgepool.launch.prepare import prepare_run, proportional_plan
+    from edgepool.launch.recover import train_recovering
+    from edgepool.runtime import checkpoint
+    from edgepool.specs import load_job, load_pool
+
+    pool_path, job_path = _files(tmp_path)
+    pool = load_pool(pool_path)
+    plan = tmp_path / "plan.json"
+    plan.write_text(proportional_plan(pool, load_job(job_path), 4, "pp").dumps())
+    spec = prepare_run(pool, str(job_path), out_dir=tmp_path / "unused", plan_path=str(plan), log=lambda m: None)
+    first = tuple(spec.plan.devices)
+    assert first == DEVICES
+    with pool_placement(pool, log=lambda m: None) as placement:
+        state = Testbed.attach(pool)
+        full = tmp_path / "full"
+        train_recovering(spec.model_copy(update={"out_dir": str(full)}), placement=placement, log=lambda m: None)
+        out = tmp_path / "lossy"
+        done, did = threading.Event(), []
+        watcher = threading.Thread(target=_faults, args=(out, first, state, done, did), daemon=True)
+        watcher.start()
+        try:
+            train_recovering(spec.model_copy(update={"out_dir": str(out)}), placement=placement,
+                             env={"EDGEPOOL_FAULT": "rank=1,step=2,signal=KILL"}, log=lambda m: None)
+        finally:
+            done.set()
+            watcher.join(timeout=5)
+            for n in DEVICES:
+                subprocess.run(["ip", "link", "set", state.layout.of(n).host_if, "up"], check=False)
+    want = {r["step"]: r["loss"] for r in _records(full)}
+    got = {r["step"]: r["loss"] for r in _records(out)}
+    assert sorted(got) == list(range(STEPS))
+    assert all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in got), (got, want)
+    events = [json.loads(ln) for ln in (out / "events.jsonl").read_text().splitlines()]
+    assert [(e["device"]) for e in events] == ["b"] + [v for _, v in did], (events, did)
+    assert [how for how, _ in did] == ["STOP", "CUT"], did  # three devices lost, three ways
+    assert all(e["recovery"] == "in memory" for e in events), [e["recovery"] for e in events]
+    assert all("no heartbeat" in e["reason"] for e in events[1:]), [e["reason"] for e in events]
+    deadline = time.monotonic() + 10
+    while _rank_pids(out) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _rank_pids(out), "a rank process was left behind"
+    found = checkpoint.survey(out / "checkpoints", spec.identity())
+    assert found.usable and found.usable[0] == STEPS
+    d = checkpoint.step_dir(out / "checkpoints", STEPS)
+    manifest = checkpoint.read_manifest(d)
+    assert checkpoint.check(d, manifest, spec.identity(), sorted(manifest["files"])) is None
