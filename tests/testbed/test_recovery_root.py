@@ -3,7 +3,8 @@
 The pool runs in the testbed (namespaces, shaped links, cgroup caps). A pipeline over
 a, b, c and d loses b (SIGKILL), then a device of the new plan (SIGSTOP: frozen), then
 one more (its link set down on the host side: cut off), each mid-run. After each loss
-the survivors regroup in memory, the lost state from the backups their peers keep. The
+the survivors regroup in memory, the lost state from the backups their peers keep (or,
+for a step whose backup was cut short, from its checkpoint). The
 run finishes every step with the uninterrupted run's losses (1e-5), names each loss,
 leaves no process behind, and its last checkpoint verifies. Needs root; skipped
 otherwise.
@@ -127,7 +128,11 @@ def test_three_devices_lost_three_ways_and_the_run_finishes(tmp_path):
     events = [json.loads(ln) for ln in (out / "events.jsonl").read_text().splitlines()]
     assert [(e["device"]) for e in events] == ["b"] + [v for _, v in did], (events, did)
     assert [how for how, _ in did] == ["STOP", "CUT"], did  # three devices lost, three ways
-    assert all(e["recovery"] == "in memory" for e in events), [e["recovery"] for e in events]
+    # no restart: the survivors regroup each time. The KILL fires just after a confirmed
+    # backup, so b's state is a replica; a device cut off or frozen at a step boundary
+    # may leave the newest step's replica unsent, and that step's checkpoint files give it.
+    assert events[0]["recovery"] == "in memory"
+    assert all(e["recovery"].startswith("in memory") for e in events), [e["recovery"] for e in events]
     assert all("no heartbeat" in e["reason"] for e in events[1:]), [e["reason"] for e in events]
     deadline = time.monotonic() + 10
     while _rank_pids(out) and time.monotonic() < deadline:
