@@ -158,11 +158,6 @@ class InMemory:
                 raise failure
             time.sleep(0.02)
         out = Path(run.out_dir)
-        lost = [r for r in range(run.plan.world_size) if r not in survivors]
-        step, source, holders, files = self._state(run, out, reports, lost)
-        if step is None:
-            self._stop(g, "no state to go on from")
-            raise failure
         left = [run.plan.devices[r] for r in sorted(survivors)]
         try:
             plan = replan(run, left, log=self.log)
@@ -173,6 +168,14 @@ class InMemory:
                              log=failure.log) from None
         ranks = {r: (plan.devices.index(run.plan.devices[r]) if run.plan.devices[r] in plan.devices else None)
                  for r in survivors}
+        # A survivor the new plan leaves out (a standby) leaves without handing anything
+        # over: its state, like a lost rank's, comes from a twin, a replica or the files.
+        staying = {r: reports[r] for r, j in ranks.items() if j is not None}
+        gone = [r for r in range(run.plan.world_size) if r not in staying]
+        step, source, holders, files = self._state(run, out, staying, gone)
+        if step is None:
+            self._stop(g, "no state to go on from")
+            raise failure
         kept = _truncate_metrics(out / "metrics.jsonl", step)
         self.events.lost.add(failure.device)
         how = ("in memory" if source == "memory" and not files else
@@ -198,9 +201,10 @@ class InMemory:
     @staticmethod
     def _state(run, out: Path, reports: dict[int, dict], lost: list[int]):
         """The step to go on from and where its state comes from: the newest step that
-        every survivor holds a snapshot of (``runtime.regroup``) and at which each lost
-        rank has a twin among the survivors (``specs.layout.twins``), a replica kept
-        by one, or a checkpoint of this plan on disk. Returns (step, ``"memory"``,
+        every survivor of the new plan (``reports``) holds a snapshot of
+        (``runtime.regroup``) and at which each other old rank (``lost``: lost, or left
+        out) has a twin among them (``specs.layout.twins``), a replica kept by one, or a
+        checkpoint of this plan on disk. Returns (step, ``"memory"``,
         survivor -> the old ranks whose state it gives, lost ranks read from files);
         else the newest good checkpoint, (step, ``"checkpoint"``, {}, []); else None."""
         from edgepool.specs.layout import twins
