@@ -43,7 +43,7 @@ def _files(tmp: Path) -> tuple[Path, Path]:
     job = tmp / "job.yaml"
     job.write_text(yaml.safe_dump({"model": {"family": "gpt", "size": "tiny"}, "data": {"path": str(CORPUS)},
                                    "train": {"global_batch": 8, "seq_len": 16, "steps": STEPS, "seed": 0,
-                                             "checkpoint_every": 1, "timeout_s": 30},
+                                             "checkpoint_every": 1, "replicate_every": 1, "timeout_s": 30},
                                    "parallelism": {"mode": "pp", "num_microbatches": 2, "schedule": "1f1b"}}))
     return pool, job
 

@@ -255,6 +255,30 @@ def test_a_job_that_does_not_recover_is_charged_no_backups():
 
     job = {"model": {"family": "gpt", "size": "tiny"}, "data": {"path": "x.txt"}}
     prof = tiny()
-    assert for_job(prof, JobSpec.model_validate(job)).backup_every == 1
+    assert for_job(prof, JobSpec.model_validate(job)).backup_every == "auto"
     assert for_job(prof, JobSpec.model_validate({**job, "train": {"recover": False}})).backup_every == 0
     assert for_job(prof, JobSpec.model_validate({**job, "train": {"replicate_every": 4}})).backup_every == 4
+
+
+@pytest.mark.parametrize("mbps", [20.0, 1000.0])
+def test_auto_backups_stay_under_a_tenth_of_the_step(mbps):
+    """``replicate_every: auto``: the smallest interval whose rounds cost at most
+    BACKUP_SHARE of the step; on a slow link the interval grows, on a fast one it is 1."""
+    import math
+    from dataclasses import replace
+
+    from edgepool.cost.model import BACKUP_SHARE
+    from edgepool.specs.plan import Shape
+
+    pool = make_pool(["host-cpu"] * 2, medium="shared", bandwidth_mbps=mbps)
+    prof = tiny(num_layers=2, hidden=256, vocab=5000)
+    shape = Shape(global_batch=4, seq_len=16, num_heads=4, ffn=1024)
+    pp = Plan(num_layers=2, stages=[StagePlan(layers=(i, i + 1), devices=(f"d{i}",)) for i in range(2)])
+    base = estimate(pp, pool, prof, shape)
+    one, auto = (estimate(pp, pool, replace(prof, backup_every=e), shape) for e in (1, "auto"))
+    round_s, step_s = one.backup_s, base.step_time_s
+    assert auto.backup_every == max(1, math.ceil(round_s / (BACKUP_SHARE * step_s)))
+    assert auto.backup_s == pytest.approx(round_s / auto.backup_every)
+    assert auto.backup_every == 1 or auto.backup_s <= BACKUP_SHARE * step_s * (1 + 1e-9)
+    if mbps == 20.0:
+        assert auto.backup_every > 1

@@ -220,6 +220,7 @@ class PlanCost:
     sync_s: float
     optim_s: float
     backup_s: float  # the in-memory backups per step (``BackupCost``)
+    backup_every: int  # steps between two rounds of backups (0: none)
     bottleneck: str
     stages: tuple[StageCost, ...]
     links: tuple[LinkCost, ...]
@@ -376,22 +377,28 @@ def boundary_flows(plan: Plan, shape: Shape, profile: ModelProfile, k: int, back
     return out
 
 
+BACKUP_SHARE = 0.1  # ``replicate_every: auto`` keeps the backups under this share of the training time
+
+
 @dataclass(frozen=True)
 class BackupCost:
-    """What the in-memory backups (``runtime.regroup``, every ``profile.backup_every``
-    steps) add to a step of a plan.
+    """What the in-memory backups (``runtime.regroup``, every ``every`` steps) add to a
+    step of a plan.
 
     Every rank copies its state (parameters and optimizer state as its mode holds them,
     ``state_bytes`` less gradients) and sends it to the rank that backs it up
     (``specs.layout.backups``; a dp twin needs none); the sends run at once at the step
-    boundary, synchronous, so the step grows by their ``Network.transfer_time`` over
-    ``every`` steps. Memory: the own copy plus the replicas kept, held through the
-    step (``steady_bytes``); at the boundary the next step's copies are made before the
-    old ones go, twice that, when the activations are gone (``peak_bytes``)."""
+    boundary, synchronous, so a round takes their ``Network.transfer_time``, and the
+    step grows by that over ``every`` steps. ``auto`` (``train.replicate_every``) picks
+    the smallest ``every`` that keeps a round under ``BACKUP_SHARE`` of the steps between
+    two rounds. Memory: the own copy plus the replicas kept, held through the step
+    (``steady_bytes``); at the boundary the next copies are made before the old ones go,
+    twice that, when the activations are gone (``memory_part``)."""
 
     time_s: float
     bytes_moved: dict[str, float]
     steady_bytes: dict[str, float]
+    every: int = 0  # steps between two rounds (0: no backups)
 
     def memory_part(self, name: str, activations_bytes: float) -> float:
         """The bytes the backups add to ``name``'s peak over its step's activations."""
@@ -399,20 +406,27 @@ class BackupCost:
         return held + max(0.0, held - activations_bytes)
 
 
-def backup_cost(plan: Plan, work: dict[str, DeviceWork], net: Network, every: int) -> BackupCost:
+def backup_cost(plan: Plan, work: dict[str, DeviceWork], net: Network, every: int | str,
+                step_s: float = 0.0) -> BackupCost:
+    """``BackupCost`` of ``plan``; ``step_s``: its step without backups (for ``auto``)."""
+    import math
+
     from edgepool.specs.layout import backups
 
     if not every or plan.world_size < 2:
         return BackupCost(0.0, {}, {})
     state = {n: w.state_bytes.get("params", 0.0) + w.state_bytes.get("optimizer", 0.0) for n, w in work.items()}
     flows = [(plan.devices[r], plan.devices[b], state[plan.devices[r]]) for r, b in backups(plan).items()]
+    round_s = net.transfer_time(flows)
+    if every == "auto":
+        every = max(1, math.ceil(round_s / (BACKUP_SHARE * step_s))) if step_s > 0 else 1
     held = dict(state)
     moved = {n: 0.0 for n in plan.devices}
     for src, dst, nb in flows:
         held[dst] += nb
         moved[src] += nb / every
         moved[dst] += nb / every
-    return BackupCost(time_s=net.transfer_time(flows) / every, bytes_moved=moved, steady_bytes=held)
+    return BackupCost(time_s=round_s / every, bytes_moved=moved, steady_bytes=held, every=int(every))
 
 
 def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, network: Network | None = None) -> PlanCost:
@@ -485,7 +499,7 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             pipe, bottleneck = channel_bound, "shared channel"
     sync_total = sum(sc.sync_s for sc in stage_costs)
     optim_first = max(work[n].optim_s for n in plan.stages[0].devices)
-    backup = backup_cost(plan, work, net, profile.backup_every)
+    backup = backup_cost(plan, work, net, profile.backup_every, step_s=pipe + sync_total + optim_first)
     step = pipe + sync_total + optim_first + backup.time_s
     for n, b in backup.bytes_moved.items():
         dev_bytes[n] += b
@@ -515,6 +529,7 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
     return PlanCost(
         plan_id=plan.plan_id, schedule=plan.schedule, num_microbatches=M, step_time_s=step, pipe_s=pipe, fill_s=fill,
         period_s=period, chan_s=chan, sync_s=sync_total, optim_s=optim_first, backup_s=backup.time_s,
+        backup_every=backup.every,
         bottleneck=bottleneck,
         stages=tuple(stage_costs), links=tuple(links), devices=out,
     )

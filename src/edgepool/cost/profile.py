@@ -156,8 +156,9 @@ class ModelProfile:
     reference_speed_value: float | None = None
     # How the job keeps its state safe, beyond the optimizer: every this many steps each
     # rank backs its state up in a peer's memory (``train.replicate_every`` of a run that
-    # recovers; 0: never). ``for_job`` sets it; the cost model charges the backups.
-    backup_every: int = 0
+    # recovers: a count or "auto"; 0: never). ``for_job`` sets it; the cost model charges
+    # the backups (``cost.model.BackupCost``).
+    backup_every: int | str = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
     schema_version: int = PROFILE_SCHEMA_VERSION
 

@@ -63,6 +63,16 @@ def _pool_store(rank: int, timeout: timedelta):
     return ChannelStore(addr, port, token, run_id, rank, timeout)
 
 
+def connect_store(rank: int, *, timeout_s: float):
+    """The run's store, without a world group yet (a device taken into a running run,
+    ``runtime.regroup``): ``regroup_world`` then joins the world of its generation."""
+    global _WORLD_STORE
+    store = _pool_store(rank, timedelta(seconds=timeout_s))
+    store.set_timeout(timedelta(seconds=timeout_s))
+    _WORLD_STORE = store
+    return store
+
+
 def regroup_world(rank: int, world_size: int, *, prefix: str, timeout_s: float, device: TorchDevice = CPU) -> None:
     """Leave the world group and join a new one under ``prefix`` of the same store
     (``runtime.regroup``): a new generation, with ranks renumbered."""

@@ -7,8 +7,9 @@ Asteroid's neighbour backups; a rank of a dp group has twins that hold the same 
 sends nothing), as safetensors bytes over the world group. A barrier then confirms
 that every rank holds the step's snapshot and replicas, and only then are the older
 ones dropped: whenever a device is lost, one step is held by every survivor, and the
-lost rank's state of that step by a twin or a replica. Without backups
-(``replicate_every: 0``) the snapshot is that of each checkpoint step.
+lost rank's state of that step by a twin or a replica. At a checkpoint step each rank
+also keeps a snapshot (the files hold the lost rank's part of it), so without backups
+(``replicate_every: 0``), or between two rounds, the run goes on from there.
 
 The launcher (``launch.recover``) and the ranks meet in the run's store, which the
 launcher hosts, so it outlives any rank:
@@ -57,7 +58,17 @@ from edgepool.errors import EdgepoolError
 from edgepool.runtime.health import BEAT_S, PREFIX
 from edgepool.specs.plan import Plan
 
-GEN = "edgepool/gen"  # the counter; ``GEN/<g>/...`` the keys of generation g
+GEN = "edgepool/gen"  # the generation a loss opened; ``GEN/<g>/...`` the keys of generation g
+JOIN = "edgepool/join"  # the generation the launcher opened to take devices in at the next step boundary
+
+
+class Joining(Exception):  # noqa: N818 - a signal between the step loop and ``run_rank``, not an error
+    """Every rank saw at the same step boundary (the step's metrics gather carries what
+    each read) that the launcher opened generation ``gen`` to take devices in."""
+
+    def __init__(self, gen: int, step: int):
+        super().__init__(f"taking devices in at step {step} (generation {gen})")
+        self.gen, self.step = gen, step
 
 
 def key(gen: int, what: str) -> str:
@@ -135,7 +146,7 @@ class Assignment:
     old_plan: Plan
     plan: Plan
     rank: int | None  # this process's rank under ``plan``; None: a standby
-    old_rank: int  # this process's rank under ``old_plan``
+    old_rank: int | None  # this process's rank under ``old_plan``; None: a device taken in
     ranks: dict[int, int | None]  # old rank -> new rank, for every survivor
     step: int
     source: str  # "memory": survivors' snapshots and replicas (and files where named); "checkpoint": files only
@@ -242,21 +253,34 @@ class Regroup:
         self.own = {step: snap}
         self.kept = {r: {t: v for t, v in by.items() if t >= step} for r, by in self.kept.items()}
 
+    def join_wanted(self) -> int:
+        """The generation the launcher opened to take devices in (``JOIN``; 0: none)."""
+        try:
+            return int(self.store.add(JOIN, 0))
+        except Exception:  # noqa: BLE001 - the store's host (the launcher) is gone: the watchdog ends us
+            return 0
+
     def forget(self) -> None:
         """Drop every snapshot and replica (a new generation's plan starts its own)."""
         self.own, self.kept = {}, {}
 
-    def rejoin(self, old_rank: int, device: str, old_plan: Plan, log=print) -> Assignment:
-        """Report, wait for the launcher's answer, and join the new world (``None`` rank: leave it)."""
+    def rejoin(self, old_rank: int, device: str, old_plan: Plan, log=print, gen: int | None = None) -> Assignment:
+        """Report, wait for the launcher's answer, and join the new world (``None`` rank:
+        leave it). ``gen``: the generation that takes devices in (``Joining``), else the
+        one a loss opened."""
         from edgepool.runtime.groups import leave_world, regroup_world
 
-        g = self._target
+        g = self._target = gen if gen is not None else self._target
         self.store.set(key(g, f"held/{old_rank}"), json.dumps({
             "device": device, "snapshots": [[v.plan_id, t] for t, v in sorted(self.own.items())],
             "replicas": {str(r): [[v.plan_id, t] for t, v in sorted(by.items())] for r, by in self.kept.items()}}))
         answer = json.loads(self.store.get(key(g, "plan")))  # within the store's timeout (train.timeout_s)
         if "stop" in answer:
             raise EdgepoolError(f"the launcher ended the run: {answer['stop']}")
+        if answer.get("again"):  # a device was lost while others were taken in: that generation follows
+            if not self.moved.wait(self.timeout_s):
+                raise EdgepoolError(f"generation {g} was called off and no other followed within {self.timeout_s:g} s")
+            return self.rejoin(old_rank, device, old_plan, log=log)
         ranks = {int(k): v for k, v in answer["ranks"].items()}
         plan = Plan.model_validate(answer["plan"])
         self.gen = g
@@ -275,6 +299,28 @@ class Regroup:
                           step=int(answer["step"]), source=answer["source"],
                           holders={int(k): v for k, v in answer.get("holders", {}).items()},
                           files=list(answer.get("files", [])))
+
+
+    def join(self, device: str, gen: int, log=print) -> Assignment:
+        """This process is ``device``, taken into the run at generation ``gen``: report,
+        wait for the launcher's answer, join the new world; its state comes from its peers."""
+        from edgepool.runtime.groups import regroup_world
+
+        self._target = gen
+        self.store.set(key(gen, f"joiner/{device}"), json.dumps({"device": device}))
+        answer = json.loads(self.store.get(key(gen, "plan")))
+        if "stop" in answer or answer.get("again") or device not in answer.get("joined", {}):
+            raise EdgepoolError(f"{device} was not taken in: {answer.get('stop', 'the launcher called it off')}")
+        plan = Plan.model_validate(answer["plan"])
+        new = int(answer["joined"][device])
+        self.gen = gen
+        regroup_world(new, plan.world_size, prefix=f"{GEN}{gen}", timeout_s=self.timeout_s)
+        log(f"generation {gen}: {device} is taken in as rank {new} of plan {plan.plan_id} at step {answer['step']}; "
+            "its state comes from its peers")
+        return Assignment(gen=gen, old_plan=Plan.model_validate(answer["old_plan"]), plan=plan, rank=new,
+                          old_rank=None, ranks={int(k): v for k, v in answer["ranks"].items()},
+                          step=int(answer["step"]), source="memory",
+                          holders={int(k): v for k, v in answer.get("holders", {}).items()}, files=[])
 
 
 class _Held:
@@ -354,11 +400,11 @@ def restore(engine, a: Assignment, regroup: Regroup, ckpt_root: Path, identity: 
     from edgepool.runtime import checkpoint
     from edgepool.runtime.reshard import Tensors, assemble, reshard
 
-    snapshot = regroup.own.get(a.step)
-    if snapshot is None or snapshot.plan_id != a.old_plan.plan_id:
+    snapshot = regroup.own.get(a.step) if a.old_rank is not None else None  # a device taken in holds nothing
+    if a.old_rank is not None and (snapshot is None or snapshot.plan_id != a.old_plan.plan_id):
         raise checkpoint.CheckpointError(f"this rank holds no snapshot of step {a.step} under plan "
                                          f"{a.old_plan.plan_id}")
-    held = {a.old_rank: snapshot}
+    held = {a.old_rank: snapshot} if snapshot is not None else {}
     held.update({r: by[a.step] for r, by in regroup.kept.items() if a.step in by})
     holders = {("mem", r): list(given) for r, given in a.holders.items()}
     holders.update({checkpoint.rank_file(r): [r] for r in a.files})
@@ -366,7 +412,7 @@ def restore(engine, a: Assignment, regroup: Regroup, ckpt_root: Path, identity: 
                     prefer=lambda j, h: isinstance(h, tuple) and a.ranks[h[1]] == j)
     if moves.missing:
         raise checkpoint.CheckpointError(f"nobody holds {moves.missing[0][1]} (needed by rank {moves.missing[0][0]})")
-    mine = a.holders.get(a.old_rank, [a.old_rank])
+    mine = a.holders.get(a.old_rank, [a.old_rank]) if a.old_rank is not None else []
     if any(r not in held for r in mine):
         raise checkpoint.CheckpointError(f"this rank keeps no replica of step {a.step} of rank(s) "
                                          f"{', '.join(str(r) for r in mine if r not in held)}")
@@ -400,6 +446,8 @@ def restore(engine, a: Assignment, regroup: Regroup, ckpt_root: Path, identity: 
     for r in mine:
         if r != a.old_rank:
             scalars.update(held[r].scalars)
-    scalars.update(snapshot.scalars)
+    if snapshot is not None:
+        scalars.update(snapshot.scalars)
     engine.load_pieces(tensors, scalars)
-    torch.set_rng_state(snapshot.rng)
+    if snapshot is not None:
+        torch.set_rng_state(snapshot.rng)

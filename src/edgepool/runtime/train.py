@@ -13,6 +13,7 @@ needs.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -109,20 +110,34 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
     leave with ``os._exit(0)`` instead of tearing gloo down. Now and then (about 1 run
     in 7 here) gloo's teardown aborted a finished rank ("terminate called without an
     active exception"), which would report a good run as failed."""
-    from edgepool.runtime.regroup import Regroup, beat_prefix
+    import os
+
+    from edgepool.runtime.groups import connect_store
+    from edgepool.runtime.regroup import Joining, Regroup, beat_prefix
 
     torch.set_num_threads(run.threads)
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = CPU  # where tensors live (``runtime.device``); only the CPU is built today
     own_group = not dist.is_initialized()
-    if own_group:
-        init_world(rank, world_size, init_method=init_method or "env://", timeout_s=run.job.train.timeout_s,
-                   device=tensors)
+    # a device the launcher takes into the running run (``runtime.regroup``): no world yet
+    taken_in = int(os.environ.get("EDGEPOOL_JOIN_GEN") or 0) if own_group else 0
+    if taken_in:
+        store = connect_store(rank, timeout_s=run.job.train.timeout_s)
+    else:
+        if own_group:
+            init_world(rank, world_size, init_method=init_method or "env://", timeout_s=run.job.train.timeout_s,
+                       device=tensors)
+        store = world_store()
     clean = False
-    store = world_store()
     regroup = Regroup.from_env(store, run.job.train.timeout_s) if own_group else None
     heartbeat, comm, assignment = None, None, None
+    if taken_in:
+        if regroup is None:
+            raise SpecError("EDGEPOOL_JOIN_GEN is set but the launcher does not regroup (EDGEPOOL_REGROUP)")
+        assignment = regroup.join(os.environ["EDGEPOOL_DEVICE"], taken_in, log=log)
+        run = run.model_copy(update={"plan": assignment.plan})
+        rank = assignment.rank
     try:
         while True:
             plan = run.plan
@@ -134,17 +149,20 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
             try:
                 summary = _train(run, rank, comm, heartbeat, tensors, log, meter_factory, regroup, assignment)
                 break
+            except Joining as j:  # devices taken in at this step boundary
+                heartbeat.stop()
+                assignment = regroup.rejoin(rank, plan.devices[rank], plan, log=log, gen=j.gen)
             except Exception as exc:  # noqa: BLE001 - a lost peer, when the launcher regroups
                 if regroup is None or not _regrouping(regroup, exc, run.job.train.detect_s):
                     raise
                 heartbeat.stop()
                 assignment = regroup.rejoin(rank, plan.devices[rank], plan, log=log)
-                if assignment.rank is None:  # a standby: this device is not in the new plan
-                    regroup.stop()
-                    clean = True
-                    return None
-                run = run.model_copy(update={"plan": assignment.plan})
-                rank = assignment.rank
+            if assignment.rank is None:  # a standby: this device is not in the new plan
+                regroup.stop()
+                clean = True
+                return None
+            run = run.model_copy(update={"plan": assignment.plan})
+            rank = assignment.rank
         clean = True
         return summary
     finally:
@@ -210,11 +228,11 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
     # In-memory backups (``runtime.regroup``): every ``replicate_every`` steps each rank
     # snapshots its state and backs it up on a peer; without them, the snapshot of each
     # checkpoint step. A new plan starts its own, from the state it starts with.
-    replicate = job.train.replicate_every if regroup is not None and plan.world_size > 1 else 0
+    replicate = backup_every(run) if regroup is not None and plan.world_size > 1 else 0
     if regroup is not None:
         regroup.forget()
-        if replicate:
-            regroup.keep_state(engine, start, comm)
+        if replicate:  # the first backup of a fresh run; a regrouped one keeps its snapshot and backs up later
+            regroup.keep_state(engine, start, comm if assignment is None else None)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         earlier = read_metrics(metrics_path, log=log) if metrics_path.is_file() else []
@@ -232,36 +250,49 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
             if fault[1]:  # killed or frozen for real
                 import os
                 import signal
-                import time
 
                 log(f"EDGEPOOL-FAULT at {time.time():.3f}: SIG{fault[1]} before step {step}")
                 os.kill(os.getpid(), getattr(signal, f"SIG{fault[1]}"))
             raise RuntimeError(f"injected fault at step {step} (EDGEPOOL_FAULT)")
         meter.begin("step")
         res = engine.step(step, trace=step == run.steps - 1)
+        backup_s = 0.0
+        if replicate and (step + 1) % replicate == 0 and step + 1 < run.steps:
+            t0 = time.perf_counter()  # part of the step's time and energy: the run waits for it
+            regroup.keep_state(engine, step + 1, comm)
+            backup_s = time.perf_counter() - t0
         reading = meter.end("step").readings.get(device)
         joules = (reading.energy_j, reading.source) if reading is not None else (None, "none")
-        per_rank = comm.gather_json([device, res.bytes_sent, res.peak_memory_bytes, res.cpu_s, res.trace, joules],
+        # each rank also says which generation the launcher opened to take devices in, as it
+        # read it: all see every rank's reading, so all regroup at the same boundary
+        per_rank = comm.gather_json([device, res.bytes_sent, res.peak_memory_bytes, res.cpu_s, res.trace, joules,
+                                     regroup.join_wanted() if regroup is not None else 0],
                                     f"gathering the metrics of step {step}")
+        join = max(p[6] for p in per_rank)
         if rank == 0:
+            took = res.step_time_s + backup_s
             rec = StepRecord(
-                step=step, loss=res.loss, step_time_s=res.step_time_s, samples_per_s=gb / res.step_time_s,
-                tokens_per_s=gb * seq / res.step_time_s, plan_id=plan.plan_id,
+                step=step, loss=res.loss, step_time_s=took, samples_per_s=gb / took,
+                tokens_per_s=gb * seq / took, plan_id=plan.plan_id,
                 devices={d: DeviceStep(peak_memory_bytes=m, bytes_sent=b, cpu_s=c, energy_j=e[0], energy_source=e[1])
-                         for d, b, m, c, _, e in per_rank})
+                         for d, b, m, c, _, e, _ in per_rank})
             append_record(metrics_path, rec)
             if res.trace:
                 trace = Trace(plan_id=plan.plan_id, step=step,
                               ranks=[RankTrace(rank=r, device=d, events=[tuple(e) for e in t])
-                                     for r, (d, _, _, _, t, _) in enumerate(per_rank)])
+                                     for r, (d, _, _, _, t, _, _) in enumerate(per_rank)])
                 write_json(out / "trace.json", trace)
         every = job.train.checkpoint_every
         if every and (step + 1) % every == 0:
             checkpoint.save(ckpt_root, step + 1, engine, rank, identity, comm)
-            if regroup is not None and not replicate:
+            if regroup is not None and step + 1 not in regroup.own:  # a lost state then comes from these files
                 regroup.keep_state(engine, step + 1)
-        if replicate and (step + 1) % replicate == 0 and step + 1 < run.steps:
-            regroup.keep_state(engine, step + 1, comm)
+        if regroup is not None and join > regroup.gen and step + 1 < run.steps:
+            if step + 1 not in regroup.own:
+                regroup.keep_state(engine, step + 1)
+            groups.destroy()
+            regroup.groups = None
+            raise Joining(join, step + 1)
     summary = None
     if rank == 0:
         summary = summarize(read_metrics(metrics_path), plan_id=plan.plan_id, parallelism=plan.parallelism,
@@ -269,6 +300,22 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
         write_json(out / "summary.json", summary)
     groups.destroy()
     return summary
+
+
+def backup_every(run: RunSpec) -> int:
+    """Every how many steps this run's ranks back their state up in a peer's memory:
+    ``train.replicate_every``, or for ``auto`` the cost model's interval for the plan
+    (``cost.model.BackupCost``: the backups under a tenth of the training time). Pure:
+    every rank of a plan computes the same."""
+    every = run.job.train.replicate_every
+    if every != "auto":
+        return int(every)
+    from edgepool.cost.model import estimate, shape_for
+    from edgepool.cost.profile import analytic_profile, for_job
+    from edgepool.planner.search import job_model_dims
+
+    prof = for_job(analytic_profile(job_model_dims(run.job), optimizer=run.job.train.optimizer), run.job)
+    return estimate(run.plan, run.pool, prof, shape_for(prof, run.job.train.global_batch, run.job.train.seq_len)).backup_every
 
 
 def _resume(run: RunSpec, rank: int, engine, ckpt_root: Path, identity: dict, comm, cfg, log) -> int:

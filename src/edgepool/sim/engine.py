@@ -214,8 +214,8 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
     # The framework's own memory, then parameters, gradients and optimizer state as the mode holds them.
     static = {n: profile.runtime_bytes + w.static_bytes for n, w in work.items()}
     # In-memory backups (``cost.model.BackupCost``): held through the step, copied anew at its end.
-    backup = backup_cost(plan, work, net, profile.backup_every)
-    for n, b in backup.steady_bytes.items():
+    held = backup_cost(plan, work, net, profile.backup_every).steady_bytes
+    for n, b in held.items():
         static[n] += b
 
     # Transfers of every boundary, and how many each receiver waits for.
@@ -404,9 +404,11 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             raise PlanError("simulation did not finish")
 
     step = max((rk.free_at for rk in ranks), default=0.0)
-    step = max(step, max((sg.end_s for sg in segments), default=0.0)) + backup.time_s
+    step = max(step, max((sg.end_s for sg in segments), default=0.0))
+    backup = backup_cost(plan, work, net, profile.backup_every, step_s=step)
+    step += backup.time_s
     for rk in ranks:  # the boundary's second copy of the backups, the activations gone
-        rk.mem_peak = max(rk.mem_peak, static[rk.device] + backup.steady_bytes.get(rk.device, 0.0))
+        rk.mem_peak = max(rk.mem_peak, static[rk.device] + held.get(rk.device, 0.0))
     traces = {}
     for rk in ranks:
         dev = devs[rk.device]

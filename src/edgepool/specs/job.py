@@ -98,8 +98,14 @@ class TrainSpec(_Strict):
     recover: bool = True
     # With recover: every this many steps each rank backs its state up in a peer's memory
     # (``specs.layout.backups``), so a lost device's state need not come from disk.
-    # 0: no backups (a lost device's state comes from the last checkpoint).
-    replicate_every: Count(ge=0, le=MAX_STEPS) = 1
+    # auto: as often as keeps the backups under a tenth of the training time (the cost
+    # model's figure for the plan); 0: no backups (the lost state comes from the last
+    # checkpoint).
+    replicate_every: Count(ge=0, le=MAX_STEPS) | Literal["auto"] = "auto"
+    # With recover: a lost device is offered back to the run this many seconds after it
+    # was lost (0: never); it is taken in at a step boundary when the planner predicts
+    # a faster step with it, else kept as a standby.
+    rejoin_s: Real(ge=0.0, le=86_400.0) = 0.0
 
 
 class ParallelismSpec(_Strict):
