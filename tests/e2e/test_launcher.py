@@ -281,3 +281,44 @@ def test_a_lost_device_and_the_run_goes_on(tmp_path, capsys, monkeypatch, family
     assert "going on from step 3 (memory)" in (out / "logs" / "rank-2.log").read_text()
     assert ev["detected_at"] < ev["recovered_at"]
     assert _gone(out)
+
+
+@pytest.mark.parametrize("b_scale,taken_in", [(0.01, True), (0.001, False)])
+def test_a_lost_device_comes_back(tmp_path, capsys, monkeypatch, b_scale, taken_in):
+    """dp over a, b, c; b is SIGKILLed before step 2 and offered back a second later
+    (``train.rejoin_s``). The planner predicts the step with b again: where b is as fast
+    as the others it is taken in at a step boundary, its state streamed from its peers,
+    and the run finishes over a, b and c; where b is very slow it stays a standby. Either
+    way every step finishes with the uninterrupted run's losses (1e-5) and no process is
+    left behind."""
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("network: {medium: switched, bandwidth_mbps: 1000}\ndevices:\n" + "".join(
+        f"  - {{name: {d}, kind: host-cpu, host: local, compute_scale: {b_scale if d == 'b' else 0.01}}}\n"
+        for d in "abc"))
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: {{family: gpt, size: tiny}}\ndata: {{path: {CORPUS}}}\n"
+                   "train: {global_batch: 24, seq_len: 16, steps: 40, timeout_s: 30, rejoin_s: 0.5}\n")
+    plan = _plan(tmp_path, pool, job, "dp")
+    base = ["train", "--pool", str(pool), "--job", str(job), "--plan", str(plan), "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "full")]) == 0
+    monkeypatch.setenv("EDGEPOOL_FAULT", "rank=1,step=2,signal=KILL")
+    out = tmp_path / "back"
+    assert main(base + ["--out", str(out)]) == 0, capsys.readouterr().err
+    got, want = _losses(out), _losses(tmp_path / "full")
+    assert sorted(got) == list(range(40))
+    assert all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in got), (got, want)
+    events = [json.loads(ln) for ln in (out / "events.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "device_lost" and events[0]["device"] == "b"
+    if taken_in:
+        joined = [e for e in events if e["event"] == "device_joined"]
+        assert len(joined) == 1, events
+        ev = joined[0]
+        assert ev["joined"] == ["b"] and sorted(ev["devices"]) == ["a", "b", "c"]
+        assert ev["predicted_step_s"] < ev["predicted_before_s"] and ev["join_s"] > 0
+        assert json.loads((out / "summary.json").read_text())["plan_id"] == ev["plan_id"]
+        assert "its state comes from its peers" in next((out / "logs").glob("join-*-b.log")).read_text()
+    else:
+        kept = [e for e in events if e["event"] == "device_standby"]
+        assert [e["device"] for e in kept] == ["b"] and not any(e["event"] == "device_joined" for e in events)
+        assert kept[0]["predicted_with_s"] is None or kept[0]["predicted_with_s"] > kept[0]["predicted_step_s"] * 0.95
+    assert _gone(out)

@@ -28,8 +28,9 @@ class TrainProgress:
         self.progress.update(self.task, completed=rec.step + 1, loss=f"{rec.loss:.4f}", rate=f"{rec.samples_per_s:.1f}")
 
     def event(self, ev: dict) -> None:
-        """Show a ``launch.recover`` event (a lost device) above the bar, and the new plan on it."""
+        """Show a ``launch.recover`` event (a device lost, or taken in) above the bar, and the new plan on it."""
         self.progress.update(self.task, description=f"{ev['parallelism']} {ev['plan_id']}")
+        took = (f"taken in in {ev['join_s']:.1f} s" if "join_s" in ev else f"recovered in {ev['recovery_s']:.1f} s")
         self.progress.console.print(
             f"event: {ev['event']} {ev['device']}: went on from step {ev['from_step']} under plan {ev['plan_id']} "
-            f"({ev['parallelism']} over {', '.join(ev['devices'])}), recovered in {ev['recovery_s']:.1f} s")
+            f"({ev['parallelism']} over {', '.join(ev['devices'])}), {took}")

@@ -162,7 +162,8 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
     (None). ``stop`` (a ``threading.Event``, set from another thread) stops every rank
     and raises ``Stopped``, as SIGTERM does. ``regroup(failure, run, procs, logs, beats)``
     (``launch.recover``) goes on without a lost rank, keeping the others' processes, or
-    raises; it needs the store this launcher hosts."""
+    raises, and its ``offer`` takes a device back in; it needs the store this launcher
+    hosts."""
     placement = placement or Placement()
     out = Path(run.out_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -186,18 +187,26 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
     # the launcher is gone, however it went.
     watch_r, watch_w = os.pipe()
     os.set_inheritable(watch_r, True)
+    later: dict[int, subprocess.Popen] = {}  # devices taken in while the run goes on
+
+    def start(rank: int, device: str, extra: dict[str, str], name: str) -> tuple[subprocess.Popen, Path]:
+        """Start ``device``'s process as ``rank`` of a later generation (``launch.recover``)."""
+        path = out / "logs" / name
+        later[len(later)] = p = _start_rank(run, rank, run_json, placement, master, port, watch_r, path,
+                                            {**env, **extra}, device=device)
+        return p, path
+
     with _stop_on_signals():
         try:
-            try:
-                for rank in ranks:
-                    logs[rank] = out / "logs" / f"rank-{rank}.log"
-                    procs[rank] = _start_rank(run, rank, run_json, placement, master, port, watch_r, logs[rank], env)
-            finally:
-                os.close(watch_r)
+            for rank in ranks:
+                logs[rank] = out / "logs" / f"rank-{rank}.log"
+                procs[rank] = _start_rank(run, rank, run_json, placement, master, port, watch_r, logs[rank], env)
             beats = Heartbeats(hosted[1], run.job.train.detect_s) if hosted is not None else None
-            return _watch(run, procs, logs, placement, on_step, poll_s, deadline_s, stop, beats, regroup)
+            return _watch(run, procs, logs, placement, on_step, poll_s, deadline_s, stop, beats, regroup, start)
         finally:
             _stop_all(procs)
+            _stop_all(later)
+            os.close(watch_r)
             os.close(watch_w)
             if hosted is not None:
                 hosted[0].close()
@@ -287,8 +296,8 @@ def remove_private(private: str | None) -> None:
 
 
 def _start_rank(run, rank: int, run_json: Path, placement: Placement, master: str, port: int,
-                watch_fd: int, log: Path, extra: dict[str, str]) -> subprocess.Popen:
-    device = run.plan.devices[rank]
+                watch_fd: int, log: Path, extra: dict[str, str], device: str | None = None) -> subprocess.Popen:
+    device = device or run.plan.devices[rank]
     world = run.plan.world_size
     env = dict(os.environ)
     env.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=master,
@@ -318,7 +327,7 @@ def _stop_all(procs: dict[int, subprocess.Popen]) -> None:
 
 def _watch(run, procs: dict[int, subprocess.Popen], logs: dict[int, Path], placement: Placement,
            on_step: Callable[[StepRecord], None] | None, poll_s: float, deadline_s: float | None,
-           stop=None, beats: Heartbeats | None = None, regroup=None) -> Summary | None:
+           stop=None, beats: Heartbeats | None = None, regroup=None, start=None) -> Summary | None:
     out = Path(run.out_dir)
     metrics = out / "metrics.jsonl"
     seen = 0
@@ -347,6 +356,11 @@ def _watch(run, procs: dict[int, subprocess.Popen], logs: dict[int, Path], place
             # the survivors go on in memory (``launch.recover``), or this raises
             run, procs, logs, seen = regroup(failure, run, procs, logs, beats)
             continue
+        if regroup is not None and start is not None:  # a device to take in at the next step boundary
+            moved = regroup.offer(run, procs, logs, beats, start)
+            if moved is not None:
+                run, procs, logs, seen = moved
+                continue
         if stop is not None and stop.is_set():
             raise Stopped("told to stop; every rank was stopped")
         if all(c == 0 for c in codes.values()):

@@ -84,7 +84,8 @@ class _Events:
         self.last_step = rec.step
         if self.pending is not None and rec.plan_id == self.pending[0]["plan_id"]:
             event, t_lost = self.pending
-            event["recovery_s"] = round(time.monotonic() - t_lost, 3)
+            took = "join_s" if event["event"] == "device_joined" else "recovery_s"
+            event[took] = round(time.monotonic() - t_lost, 3)
             event["recovered_at"] = time.time()
             _record(self.out, event)
             if self.on_event is not None:
@@ -113,6 +114,42 @@ class _Events:
         return event
 
 
+    def joined(self, run, plan, devices: list[str], step: int, t0: float, before_s: float, after_s: float) -> dict:
+        event = {"event": "device_joined", "device": ", ".join(devices), "joined": devices, "from_step": step,
+                 "old_plan_id": run.plan.plan_id, "plan_id": plan.plan_id, "parallelism": plan.parallelism,
+                 "devices": plan.devices, "predicted_before_s": before_s, "predicted_step_s": after_s,
+                 "recovery": "in memory"}
+        self.events.append(event)
+        self.log(f"event: device_joined {event['device']} at step {step}: plan {plan.plan_id} ({plan.parallelism} over "
+                 f"{', '.join(plan.devices)}), predicted step {after_s:.3f} s against {before_s:.3f} s")
+        self.pending = (event, t0)
+        return event
+
+    def standby(self, run, device: str, before_s: float, after_s: float | None) -> None:
+        event = {"event": "device_standby", "device": device, "at_step": self.last_step + 1,
+                 "plan_id": run.plan.plan_id, "predicted_step_s": before_s, "predicted_with_s": after_s}
+        self.events.append(event)
+        _record(self.out, event)
+        with_it = f"{after_s:.3f} s with it" if after_s is not None else "no plan that uses it"
+        self.log(f"event: device_standby {device} at step {event['at_step']}: kept out (the planner predicts "
+                 f"{with_it}, {before_s:.3f} s without)")
+
+
+def predicted_step_s(run, plan) -> float:
+    """The simulator's step for ``plan`` of ``run``'s job (its backups included), as the
+    planner sees it: the same figure for the plan running and for one with more devices."""
+    from edgepool.cost.model import shape_for
+    from edgepool.cost.profile import analytic_profile, for_job
+    from edgepool.planner.search import job_model_dims
+    from edgepool.sim import simulate
+
+    prof = for_job(analytic_profile(job_model_dims(run.job), optimizer=run.job.train.optimizer), run.job)
+    return simulate(plan, run.pool, prof, shape_for(prof, run.job.train.global_batch, run.job.train.seq_len)).step_time_s
+
+
+JOIN_GAIN = 0.05  # a device is taken in when the planner predicts a step at least this much shorter
+
+
 def _lost(run, exc: RankFailed) -> bool:
     """Whether ``exc`` is a lost device to go on without: killed by a signal (SIGKILL, the
     kernel's OOM killer) or silent (stopped here, -9). A rank that failed on an error of
@@ -131,6 +168,9 @@ class InMemory:
         self.store = None  # the run's store, set by ``launch_local``
         self.gen = 0
         self.standby: list = []  # processes left out of a new plan; they leave on their own
+        self.away: dict[str, float] = {}  # devices out of the plan -> since when (lost, or left out)
+        self.declined: set[tuple[str, str]] = set()  # (plan_id, device) the planner kept out
+        self.next_offer = 0.0
 
     def __call__(self, failure: RankFailed, run, procs: dict, logs: dict, beats):
         from edgepool.launch.local import _stop_all
@@ -143,7 +183,8 @@ class InMemory:
         self.gen += 1
         g = self.gen
         self.store.put(key(g, "lost"), json.dumps({"rank": failure.rank, "device": failure.device}).encode())
-        self.store.add(GEN, 1)
+        _set_counter(self.store, GEN, g)
+        self.away[failure.device] = time.monotonic()
         survivors = {r: p for r, p in procs.items() if r != failure.rank}
         reports: dict[int, dict] = {}
         deadline = time.monotonic() + self.wait_s
@@ -190,8 +231,98 @@ class InMemory:
                                                    "holders": {str(r): h for r, h in holders.items()},
                                                    "ranks": {str(r): j for r, j in ranks.items()}}).encode())
         self.standby += [procs[r] for r, j in ranks.items() if j is None]
+        self.away.update({run.plan.devices[r]: float("-inf") for r, j in ranks.items() if j is None})
         return (new_run, {j: procs[r] for r, j in ranks.items() if j is not None},
                 {j: logs[r] for r, j in ranks.items() if j is not None}, kept)
+
+    def offer(self, run, procs: dict, logs: dict, beats, start):
+        """``launch_local``'s poll between steps: take a device back in when one is away
+        (lost ``train.rejoin_s`` ago, or left out of the plan) and the planner predicts a
+        step at least ``JOIN_GAIN`` shorter with it; else it stays a standby (said once per
+        plan). Returns what ``__call__`` does, or None when nothing changed."""
+        after = run.job.train.rejoin_s
+        now = time.monotonic()
+        if not after or now < self.next_offer:
+            return None
+        self.next_offer = now + 1.0
+        cands = [d for d, t in self.away.items()
+                 if now - t >= after and d not in run.plan.devices and (run.plan.plan_id, d) not in self.declined]
+        if not cands or self.events.last_step + 2 >= run.steps:  # nothing to take in, or the run ends
+            return None
+        try:
+            plan = replan(run, [*run.plan.devices, *cands], log=lambda m: None)
+        except EdgepoolError:
+            plan = None
+        joining = [d for d in plan.devices if d not in run.plan.devices] if plan is not None else []
+        before_s = predicted_step_s(run, run.plan)
+        after_s = predicted_step_s(run, plan) if joining else None
+        if not joining or any(d not in plan.devices for d in run.plan.devices) or after_s > before_s * (1 - JOIN_GAIN):
+            for d in cands:
+                self.declined.add((run.plan.plan_id, d))
+                self.events.standby(run, d, before_s, after_s)
+            return None
+        return self._join(run, plan, joining, procs, logs, beats, start, before_s, after_s)
+
+    def _join(self, run, plan, joining: list[str], procs: dict, logs: dict, beats, start, before_s, after_s):
+        """Take ``joining`` in at the next step boundary (``runtime.regroup``): every rank
+        reports its snapshot of that step, the new devices' processes start and join, and
+        their state comes from the ranks that hold it."""
+        from edgepool.launch.local import _stop_all
+        from edgepool.runtime.regroup import JOIN, beat_prefix, key
+
+        t0 = time.monotonic()
+        self.gen += 1
+        g = self.gen
+        self.store.put(key(g, "join"), json.dumps({"devices": joining}).encode())
+        started = {d: start(plan.devices.index(d), d, {"EDGEPOOL_JOIN_GEN": str(g), "EDGEPOOL_DEVICE": d},
+                            f"join-{g}-{d}.log") for d in joining}
+        _set_counter(self.store, JOIN, g)
+        self.log(f"taking {', '.join(joining)} in at the next step boundary (predicted step {after_s:.3f} s against "
+                 f"{before_s:.3f} s)")
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            reports = {int(k.rsplit("/", 1)[1]): json.loads(v) for k, v in self.store.items(key(g, "held/")).items()}
+            came = {k.rsplit("/", 1)[1] for k in self.store.items(key(g, "joiner/"))}
+            if len(reports) == len(procs) and all(d in came for d in joining):
+                break
+            dead = [r for r, p in procs.items() if p.poll() is not None]
+            failed = [d for d, (p, _) in started.items() if p.poll() is not None]
+            late = time.monotonic() > deadline
+            if dead or (late and len(reports) < len(procs)):  # a rank of the run is in trouble: a loss follows
+                self.store.put(key(g, "plan"), json.dumps({"again": True}).encode())
+                _stop_all({i: p for i, (p, _) in enumerate(started.values())})
+                self.away.update({d: time.monotonic() for d in joining})
+                self.log(f"taking {', '.join(joining)} in was called off: a device of the run stopped answering")
+                return None
+            if failed or late:  # the run's ranks are all there; a device to take in is not
+                self.log(f"{', '.join(failed or joining)} could not be taken in; going on without")
+                _stop_all({i: p for i, (p, _) in enumerate(started.values())})
+                self.away.update({d: time.monotonic() for d in joining})
+                plan, joining, started = run.plan, [], {}
+                if len(reports) == len(procs):
+                    break
+            time.sleep(0.02)
+        out = Path(run.out_dir)
+        step, source, holders, _ = self._state(run, out, reports, [])
+        ranks = {r: plan.devices.index(run.plan.devices[r]) for r in procs}
+        kept = _truncate_metrics(out / "metrics.jsonl", step)
+        new_run = run.model_copy(update={"plan": plan, "resume": True})
+        new_run.dump(out / "run.json")
+        beats.follow(beat_prefix(g))
+        self.store.put(key(g, "plan"), json.dumps({
+            "plan": plan.model_dump(mode="json"), "old_plan": run.plan.model_dump(mode="json"), "step": step,
+            "source": source, "files": [], "holders": {str(r): h for r, h in holders.items()},
+            "ranks": {str(r): j for r, j in ranks.items()},
+            "joined": {d: plan.devices.index(d) for d in joining}}).encode())
+        if joining:
+            for d in joining:
+                self.away.pop(d, None)
+            self.events.joined(run, plan, joining, step, t0, before_s, after_s)
+        new_procs = {ranks[r]: p for r, p in procs.items()}
+        new_logs = {ranks[r]: logs[r] for r in procs}
+        for d, (p, path) in started.items():
+            new_procs[plan.devices.index(d)], new_logs[plan.devices.index(d)] = p, path
+        return new_run, new_procs, new_logs, kept
 
     def _stop(self, g: int, why: str) -> None:
         from edgepool.runtime.regroup import key
@@ -241,6 +372,11 @@ class InMemory:
         from edgepool.launch.local import _stop_all
 
         _stop_all(dict(enumerate(self.standby)))
+
+
+def _set_counter(store, name: str, value: int) -> None:
+    """Set the store's counter ``name`` (read by the ranks with ``add(name, 0)``) to ``value``."""
+    store.add(name, value - int(store.add(name, 0)))
 
 
 def _truncate_metrics(path: Path, step: int) -> int:

@@ -290,6 +290,8 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
         if regroup is not None and join > regroup.gen and step + 1 < run.steps:
             if step + 1 not in regroup.own:
                 regroup.keep_state(engine, step + 1)
+            from edgepool.runtime.regroup import Joining
+
             groups.destroy()
             regroup.groups = None
             raise Joining(join, step + 1)
