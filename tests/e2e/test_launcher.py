@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from edgepool.cli.main import main
-from edgepool.testing import CORPUS
+from edgepool.testing import CORPUS, rank_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -53,24 +53,7 @@ def _start(pool: Path, job: Path, plan: Path, out: Path, *args: str) -> tuple[su
     return proc, err
 
 
-def _ranks(out: Path) -> dict[int, int]:
-    """pid -> rank of every live rank process of the run in ``out``."""
-    needle = str(out / "run.json").encode()
-    found = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes()
-            if needle not in cmd or b"edgepool.runtime.rank" not in cmd:
-                continue
-            env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0") if b"=" in kv)
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            found[int(d.name)] = int(env[b"RANK"])
-    return found
+_ranks = rank_processes  # pid -> rank of every live rank process of the run in a folder
 
 
 def _wait_steps(out: Path, n: int, proc: subprocess.Popen, timeout: float = 90) -> None:

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from edgepool.testbed import Testbed, is_available
-from edgepool.testing import CORPUS
+from edgepool.testing import CORPUS, rank_processes
 
 _AVAIL = is_available()
 pytestmark = [pytest.mark.root, pytest.mark.e2e,
@@ -53,24 +53,6 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in m.read_text().splitlines() if ln.strip()] if m.is_file() else []
 
 
-def _rank_pids(out: Path) -> dict[int, int]:
-    """pid -> first-generation rank of every live rank process of the run in ``out``."""
-    needle = str(out / "run.json").encode()
-    found = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if needle not in (d / "cmdline").read_bytes():
-                continue
-            env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0") if b"=" in kv)
-            if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" and b"RANK" in env:
-                found[int(d.name)] = int(env[b"RANK"])
-        except OSError:
-            continue
-    return found
-
-
 def _faults(out: Path, first: tuple[str, ...], state, done: threading.Event, did: list) -> None:
     """After step 4, freeze a device of the current plan; after step 7, cut another's link."""
     for after, how in ((4, "STOP"), (7, "CUT")):
@@ -84,7 +66,7 @@ def _faults(out: Path, first: tuple[str, ...], state, done: threading.Event, did
         if victim is None:
             return
         if how == "STOP":
-            pid = next(p for p, r in _rank_pids(out).items() if first[r] == victim)
+            pid = next(p for p, r in rank_processes(out).items() if first[r] == victim)
             os.kill(pid, signal.SIGSTOP)
         else:
             subprocess.run(["ip", "link", "set", state.layout.of(victim).host_if, "down"], check=True)
@@ -135,9 +117,9 @@ def test_three_devices_lost_three_ways_and_the_run_finishes(tmp_path):
     assert all(e["recovery"].startswith("in memory") for e in events), [e["recovery"] for e in events]
     assert all("no heartbeat" in e["reason"] for e in events[1:]), [e["reason"] for e in events]
     deadline = time.monotonic() + 10
-    while _rank_pids(out) and time.monotonic() < deadline:
+    while rank_processes(out) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _rank_pids(out), "a rank process was left behind"
+    assert not rank_processes(out), "a rank process was left behind"
     found = checkpoint.survey(out / "checkpoints", spec.identity())
     assert found.usable and found.usable[0] == STEPS
     d = checkpoint.step_dir(out / "checkpoints", STEPS)
