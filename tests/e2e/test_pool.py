@@ -457,3 +457,31 @@ def _cmdline(d: Path) -> bytes:
         return (d / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_a_killed_coordinator_stops_every_agent(setup):
+    """SIGKILL the coordinator mid-run: every agent notices (its channel closes), stops
+    its rank and exits non-zero with one line; nothing is left running, nothing hangs."""
+    import signal
+
+    tmp = setup
+    devices = DEVICES[:2]
+    pool = _pool(tmp, "127.0.0.1", devices)
+    job = _job(tmp, _data(tmp))
+    port, token = _port(), str(tmp / "pool.token")
+    serve = Serve("--pool", str(pool), "--job", str(job), "--out", str(tmp / "serve-gone"), "--token", token,
+                  "--port", str(port), "--parallelism", "dp", "--steps", "100000")
+    serve.wait_for("listening on")
+    agents = {n: _cli("join", "--coordinator", f"127.0.0.1:{port}", "--token", token, "--device", n,
+                      "--work", str(tmp / f"work-gone-{n}")) for n, _, _ in devices}
+    metrics = tmp / "serve-gone" / "metrics.jsonl"
+    t0 = time.monotonic()
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert time.monotonic() - t0 < 120, serve.lines
+        time.sleep(0.2)
+    serve.proc.send_signal(signal.SIGKILL)
+    for n, (rc, err) in zip(agents, _finish(list(agents.values()), timeout=30)):
+        assert rc != 0 and len([ln for ln in err.splitlines() if "error:" in ln]) == 1, (n, err)
+    time.sleep(1.0)
+    left = [d.name for d in Path("/proc").iterdir() if d.name.isdigit() and b"work-gone" in _cmdline(d)]
+    assert not left, f"rank processes left: {left}"
