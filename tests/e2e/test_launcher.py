@@ -263,24 +263,27 @@ def test_a_lost_device_and_the_run_goes_on(tmp_path, capsys, monkeypatch, family
     assert "EDGEPOOL-FAULT at" in (out / "logs" / "rank-1.log").read_text()
     assert "going on from step 3 (memory)" in (out / "logs" / "rank-2.log").read_text()
     assert ev["detected_at"] < ev["recovered_at"]
+    phases = ev["phases_s"]  # where the recovery's time went
+    assert set(phases) == {"stop_lost", "reports", "plan", "regroup_and_step"} and min(phases.values()) >= 0
+    assert sum(phases.values()) == pytest.approx(ev["recovery_s"], abs=0.01)
     assert _gone(out)
 
 
 @pytest.mark.parametrize("b_scale,taken_in", [(0.01, True), (0.001, False)])
 def test_a_lost_device_comes_back(tmp_path, capsys, monkeypatch, b_scale, taken_in):
-    """dp over a, b, c; b is SIGKILLed before step 2 and offered back a second later
+    """dp over a, b, c; b is SIGKILLed before step 2 and offered back 0.2 s later
     (``train.rejoin_s``). The planner predicts the step with b again: where b is as fast
     as the others it is taken in at a step boundary, its state streamed from its peers,
     and the run finishes over a, b and c; where b is very slow it stays a standby. Either
-    way every step finishes with the uninterrupted run's losses (1e-5) and no process is
-    left behind."""
+    way every step (120 short ones: the offer comes while the run goes on) finishes with
+    the uninterrupted run's losses (1e-5) and no process is left behind."""
     pool = tmp_path / "pool.yaml"
     pool.write_text("network: {medium: switched, bandwidth_mbps: 1000}\ndevices:\n" + "".join(
         f"  - {{name: {d}, kind: host-cpu, host: local, compute_scale: {b_scale if d == 'b' else 0.01}}}\n"
         for d in "abc"))
     job = tmp_path / "job.yaml"
     job.write_text(f"model: {{family: gpt, size: tiny}}\ndata: {{path: {CORPUS}}}\n"
-                   "train: {global_batch: 24, seq_len: 16, steps: 40, timeout_s: 30, rejoin_s: 0.5}\n")
+                   "train: {global_batch: 24, seq_len: 16, steps: 120, timeout_s: 30, rejoin_s: 0.2}\n")
     plan = _plan(tmp_path, pool, job, "dp")
     base = ["train", "--pool", str(pool), "--job", str(job), "--plan", str(plan), "--no-progress"]
     assert main(base + ["--out", str(tmp_path / "full")]) == 0
@@ -288,10 +291,10 @@ def test_a_lost_device_comes_back(tmp_path, capsys, monkeypatch, b_scale, taken_
     out = tmp_path / "back"
     assert main(base + ["--out", str(out)]) == 0, capsys.readouterr().err
     got, want = _losses(out), _losses(tmp_path / "full")
-    assert sorted(got) == list(range(40))
+    assert sorted(got) == list(range(120))
     assert all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in got), (got, want)
     events = [json.loads(ln) for ln in (out / "events.jsonl").read_text().splitlines()]
-    assert events[0]["event"] == "device_lost" and events[0]["device"] == "b"
+    assert [e["device"] for e in events if e["event"] == "device_lost"] == ["b"]
     if taken_in:
         joined = [e for e in events if e["event"] == "device_joined"]
         assert len(joined) == 1, events

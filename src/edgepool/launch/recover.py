@@ -86,6 +86,8 @@ class _Events:
             event, t_lost = self.pending
             took = "join_s" if event["event"] == "device_joined" else "recovery_s"
             event[took] = round(time.monotonic() - t_lost, 3)
+            if "phases_s" in event:  # the new world, the state handed over, and the step redone
+                event["phases_s"]["regroup_and_step"] = round(event[took] - sum(event["phases_s"].values()), 3)
             event["recovered_at"] = time.time()
             _record(self.out, event)
             if self.on_event is not None:
@@ -95,7 +97,7 @@ class _Events:
             self.on_step(rec)
 
     def lost_device(self, run, exc: RankFailed, t_lost: float, plan, left: list[str], from_step: int,
-                    how: str, detected_at: float | None = None) -> dict:
+                    how: str, detected_at: float | None = None, phases: dict | None = None) -> dict:
         event = {"event": "device_lost", "device": exc.device, "reason": exc.reason,
                  "detected_at": detected_at or time.time(),
                  "lost_at_step": self.last_step + 1, "from_step": from_step, "old_plan_id": run.plan.plan_id,
@@ -106,6 +108,8 @@ class _Events:
             event["predicted_step_s"] = plan.estimate.step_time_s
         if event["samples_lost"]:
             event["samples_lost_from_step"] = from_step
+        if phases:  # where the recovery's time went, up to the answer; the rest on step()
+            event["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
         self.events.append(event)
         self.log(f"event: device_lost {exc.device} at step {event['lost_at_step']} ({exc.reason}); going on from "
                  f"step {from_step} under plan {plan.plan_id} ({plan.parallelism} over {', '.join(plan.devices)}; "
@@ -188,6 +192,7 @@ class InMemory:
         survivors = {r: p for r, p in procs.items() if r != failure.rank}
         reports: dict[int, dict] = {}
         deadline = time.monotonic() + self.wait_s
+        t_cut = time.monotonic()
         while len(reports) < len(survivors):
             held = self.store.items(key(g, "held/"))
             reports = {int(k.rsplit("/", 1)[1]): json.loads(v) for k, v in held.items()}
@@ -199,6 +204,7 @@ class InMemory:
                 raise failure
             time.sleep(0.02)
         out = Path(run.out_dir)
+        t_reported = time.monotonic()
         left = [run.plan.devices[r] for r in sorted(survivors)]
         try:
             plan = replan(run, left, log=self.log)
@@ -222,7 +228,8 @@ class InMemory:
         how = ("in memory" if source == "memory" and not files else
                f"in memory, the state of {', '.join(run.plan.devices[r] for r in files)} from the checkpoint"
                if source == "memory" else "in memory, state from the checkpoint")
-        self.events.lost_device(run, failure, t_lost, plan, left, step, how, detected_at=detected_at)
+        phases = {"stop_lost": t_cut - t_lost, "reports": t_reported - t_cut, "plan": time.monotonic() - t_reported}
+        self.events.lost_device(run, failure, t_lost, plan, left, step, how, detected_at=detected_at, phases=phases)
         new_run = run.model_copy(update={"plan": plan, "resume": True})
         new_run.dump(out / "run.json")
         beats.follow(beat_prefix(g))
@@ -247,7 +254,8 @@ class InMemory:
         self.next_offer = now + 1.0
         cands = [d for d, t in self.away.items()
                  if now - t >= after and d not in run.plan.devices and (run.plan.plan_id, d) not in self.declined]
-        if not cands or self.events.last_step + 2 >= run.steps:  # nothing to take in, or the run ends
+        # nothing to take in, the last event's plan has not finished a step yet, or the run ends
+        if not cands or self.events.pending is not None or self.events.last_step + 2 >= run.steps:
             return None
         try:
             plan = replan(run, [*run.plan.devices, *cands], log=lambda m: None)
