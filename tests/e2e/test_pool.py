@@ -416,26 +416,31 @@ def test_raw_data_never_crosses_the_wire(setup):
             assert form not in data, f"device {name}'s data crossed the wire ({form[:24]!r}...)"
 
 
+def _two_agents_running(tmp: Path, tag: str) -> tuple[Serve, dict[str, subprocess.Popen]]:
+    """A coordinator and agents a and b on a long dp run (work folders ``work-TAG-*``), two steps done."""
+    devices = DEVICES[:2]
+    pool = _pool(tmp, "127.0.0.1", devices)
+    job = _job(tmp, _data(tmp))
+    port, token = _port(), str(tmp / "pool.token")
+    serve = Serve("--pool", str(pool), "--job", str(job), "--out", str(tmp / f"serve-{tag}"), "--token", token,
+                  "--port", str(port), "--parallelism", "dp", "--steps", "100000")
+    serve.wait_for("listening on")
+    agents = {n: _cli("join", "--coordinator", f"127.0.0.1:{port}", "--token", token, "--device", n,
+                      "--work", str(tmp / f"work-{tag}-{n}")) for n, _, _ in devices}
+    metrics = tmp / f"serve-{tag}" / "metrics.jsonl"
+    t0 = time.monotonic()
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert time.monotonic() - t0 < 120, serve.lines
+        time.sleep(0.2)
+    return serve, agents
+
+
 def test_a_killed_agent_is_named_and_nothing_is_left_running(setup):
     """SIGKILL one agent mid-run: its rank dies with it (the watchdog pipe), the
     coordinator names that device in one line and stops the others, every agent exits."""
     import signal
 
-    tmp = setup
-    devices = DEVICES[:2]
-    pool = _pool(tmp, "127.0.0.1", devices)
-    job = _job(tmp, _data(tmp))
-    port, token = _port(), str(tmp / "pool.token")
-    serve = Serve("--pool", str(pool), "--job", str(job), "--out", str(tmp / "serve-killed"), "--token", token,
-                  "--port", str(port), "--parallelism", "dp", "--steps", "100000")
-    serve.wait_for("listening on")
-    agents = {n: _cli("join", "--coordinator", f"127.0.0.1:{port}", "--token", token, "--device", n,
-                      "--work", str(tmp / f"work-killed-{n}")) for n, _, _ in devices}
-    metrics = tmp / "serve-killed" / "metrics.jsonl"
-    t0 = time.monotonic()
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
-        assert time.monotonic() - t0 < 120, serve.lines
-        time.sleep(0.2)
+    serve, agents = _two_agents_running(setup, "killed")
     agents["b"].send_signal(signal.SIGKILL)
     t_kill = time.monotonic()
     assert serve.finish(timeout=60) == 2
@@ -464,21 +469,7 @@ def test_a_killed_coordinator_stops_every_agent(setup):
     its rank and exits non-zero with one line; nothing is left running, nothing hangs."""
     import signal
 
-    tmp = setup
-    devices = DEVICES[:2]
-    pool = _pool(tmp, "127.0.0.1", devices)
-    job = _job(tmp, _data(tmp))
-    port, token = _port(), str(tmp / "pool.token")
-    serve = Serve("--pool", str(pool), "--job", str(job), "--out", str(tmp / "serve-gone"), "--token", token,
-                  "--port", str(port), "--parallelism", "dp", "--steps", "100000")
-    serve.wait_for("listening on")
-    agents = {n: _cli("join", "--coordinator", f"127.0.0.1:{port}", "--token", token, "--device", n,
-                      "--work", str(tmp / f"work-gone-{n}")) for n, _, _ in devices}
-    metrics = tmp / "serve-gone" / "metrics.jsonl"
-    t0 = time.monotonic()
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
-        assert time.monotonic() - t0 < 120, serve.lines
-        time.sleep(0.2)
+    serve, agents = _two_agents_running(setup, "gone")
     serve.proc.send_signal(signal.SIGKILL)
     for n, (rc, err) in zip(agents, _finish(list(agents.values()), timeout=30)):
         assert rc != 0 and len([ln for ln in err.splitlines() if "error:" in ln]) == 1, (n, err)
