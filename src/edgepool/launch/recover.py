@@ -28,8 +28,15 @@ Only a lost device is gone around: a rank killed by a signal (SIGKILL, the kerne
 killer) or silent (frozen, cut off). A rank that fails on an error of its own would fail
 again, so the run ends as before.
 
-Not built: devices joining mid-run (a standby is used only by the restart path), and
-recovery under ``edgepool serve``.
+With ``train.rejoin_s`` a device that was lost (or left out of a new plan) is offered
+back (``InMemory.offer``): when the planner predicts a step at least ``JOIN_GAIN``
+shorter with it, every rank regroups at the next step boundary and the device's new
+process joins with its state streamed from its peers (``runtime.regroup``: ``Joining``,
+``Regroup.join``); else it stays a standby. Events ``device_joined`` and
+``device_standby``.
+
+Not built: recovery and joining under ``edgepool serve``; a survivor left out of a new
+plan hands nothing over (its state and the replicas it keeps come from elsewhere).
 """
 
 from __future__ import annotations

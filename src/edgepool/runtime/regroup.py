@@ -41,6 +41,13 @@ launcher hosts, so it outlives any rank:
 When no step is held in memory by everyone (two devices lost at once, a twin and its
 replica both gone), the launcher says ``checkpoint`` and every rank loads the newest
 good checkpoint instead, still without a restart.
+
+Taking a device in (``launch.recover.InMemory.offer``) is the same protocol without a
+loss: the launcher sets ``JOIN`` to the new generation; each rank reads it once a step
+and says so in the step's metrics all-gather, so all see it at the same boundary
+(``Joining``), snapshot that step and report; the device's new process (``join``)
+connects to the store without a world, reports, and joins the generation's world; its
+state comes from the ranks that hold it, as a lost rank's would.
 """
 
 from __future__ import annotations
