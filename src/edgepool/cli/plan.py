@@ -30,13 +30,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def resolve_profile(job, path: str | None):
     """The profile to plan ``job`` with (``path``, else the analytic one), with the job's
     in-memory backups (``cost.profile.for_job``), as ``train`` will run them."""
-    from edgepool.cost.profile import ModelProfile, analytic_profile, for_job
+    from edgepool.cost.profile import ModelProfile, for_job
+    from edgepool.planner.search import job_profile
 
-    if path:
-        return for_job(ModelProfile.load(path), job)
-    from edgepool.planner.search import job_model_dims
-
-    return for_job(analytic_profile(job_model_dims(job), optimizer=job.train.optimizer), job)
+    return for_job(ModelProfile.load(path), job) if path else job_profile(job)
 
 
 def _gb(x: float) -> str:

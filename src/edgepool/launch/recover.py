@@ -150,11 +150,10 @@ def predicted_step_s(run, plan) -> float:
     """The simulator's step for ``plan`` of ``run``'s job (its backups included), as the
     planner sees it: the same figure for the plan running and for one with more devices."""
     from edgepool.cost.model import shape_for
-    from edgepool.cost.profile import analytic_profile, for_job
-    from edgepool.planner.search import job_model_dims
+    from edgepool.planner.search import job_profile
     from edgepool.sim import simulate
 
-    prof = for_job(analytic_profile(job_model_dims(run.job), optimizer=run.job.train.optimizer), run.job)
+    prof = job_profile(run.job)
     return simulate(plan, run.pool, prof, shape_for(prof, run.job.train.global_batch, run.job.train.seq_len)).step_time_s
 
 
@@ -300,22 +299,20 @@ class InMemory:
             came = {k.rsplit("/", 1)[1] for k in self.store.items(key(g, "joiner/"))}
             if len(reports) == len(procs) and all(d in came for d in joining):
                 break
-            dead = [r for r, p in procs.items() if p.poll() is not None]
-            failed = [d for d, (p, _) in started.items() if p.poll() is not None]
             late = time.monotonic() > deadline
-            if dead or (late and len(reports) < len(procs)):  # a rank of the run is in trouble: a loss follows
-                self.store.put(key(g, "plan"), json.dumps({"again": True}).encode())
+            # a rank of the run in trouble (a loss follows), or a device to take in that is not there
+            trouble = late and len(reports) < len(procs) or any(p.poll() is not None for p in procs.values())
+            failed = [d for d, (p, _) in started.items() if p.poll() is not None or late]
+            if trouble or failed:
                 _stop_all({i: p for i, (p, _) in enumerate(started.values())})
                 self.away.update({d: time.monotonic() for d in joining})
-                self.log(f"taking {', '.join(joining)} in was called off: a device of the run stopped answering")
-                return None
-            if failed or late:  # the run's ranks are all there; a device to take in is not
-                self.log(f"{', '.join(failed or joining)} could not be taken in; going on without")
-                _stop_all({i: p for i, (p, _) in enumerate(started.values())})
-                self.away.update({d: time.monotonic() for d in joining})
+                if trouble:
+                    self.store.put(key(g, "plan"), json.dumps({"again": True}).encode())
+                    self.log(f"taking {', '.join(joining)} in was called off: a device of the run stopped answering")
+                    return None
+                self.log(f"{', '.join(failed)} could not be taken in; going on without")
                 plan, joining, started = run.plan, [], {}
-                if len(reports) == len(procs):
-                    break
+                continue
             time.sleep(0.02)
         out = Path(run.out_dir)
         step, source, holders, _ = self._state(run, out, reports, [])

@@ -838,9 +838,14 @@ def job_model_dims(job):
     return ModelDims.of(job_model_config(job))
 
 
-def plan_for_run(pool: PoolSpec, job, family: str | None = None, objective: str = "time") -> Plan:
-    """The planner's best plan for a run (used by ``launch.prepare`` for ``--parallelism auto``)."""
+def job_profile(job):
+    """The analytic profile ``train`` plans ``job`` with: its model and optimizer, and its
+    in-memory backups (``cost.profile.for_job``)."""
     from edgepool.cost.profile import analytic_profile, for_job
 
-    profile = for_job(analytic_profile(job_model_dims(job), optimizer=job.train.optimizer), job)
-    return plan(pool, job, profile, objective=objective, family=family).plan
+    return for_job(analytic_profile(job_model_dims(job), optimizer=job.train.optimizer), job)
+
+
+def plan_for_run(pool: PoolSpec, job, family: str | None = None, objective: str = "time") -> Plan:
+    """The planner's best plan for a run (used by ``launch.prepare`` for ``--parallelism auto``)."""
+    return plan(pool, job, job_profile(job), objective=objective, family=family).plan

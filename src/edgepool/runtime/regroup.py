@@ -43,8 +43,9 @@ replica both gone), the launcher says ``checkpoint`` and every rank loads the ne
 good checkpoint instead, still without a restart.
 
 Taking a device in (``launch.recover.InMemory.offer``) is the same protocol without a
-loss: the launcher sets ``JOIN`` to the new generation; each rank reads it once a step
-and says so in the step's metrics all-gather, so all see it at the same boundary
+loss: the launcher sets ``JOIN`` to the new generation; each rank's watcher reads it
+with ``GEN`` every beat, and the step loop says what it last read in the step's metrics
+all-gather, so all see it at the same boundary
 (``Joining``), snapshot that step and report; the device's new process (``join``)
 connects to the store without a world, reports, and joins the generation's world; its
 state comes from the ranks that hold it, as a lost rank's would.
@@ -209,6 +210,7 @@ class Regroup:
         self.own: dict[int, Snapshot] = {}  # step -> this rank's state (the confirmed one, and one being confirmed)
         self.kept: dict[int, dict[int, Snapshot]] = {}  # old rank -> step -> the replica this rank keeps of it
         self.moved = threading.Event()  # the launcher started a new generation; the old groups are cut
+        self.joining = 0  # the generation the launcher opened to take devices in (``JOIN``), as last read
         self._target = 0
         self.groups = None  # the generation's ``StageGroups``, torn down on regrouping
         self._stop = threading.Event()
@@ -238,6 +240,7 @@ class Regroup:
         while not self._stop.wait(self.beat_s):
             try:
                 wanted = int(self.store.add(GEN, 0))
+                self.joining = int(self.store.add(JOIN, 0))
             except Exception:  # noqa: BLE001 - the store's host (the launcher) is gone: the watchdog ends us
                 return
             if wanted > self.gen and not self.moved.is_set():
@@ -260,13 +263,6 @@ class Regroup:
         self.own = {step: snap}
         self.kept = {r: {t: v for t, v in by.items() if t >= step} for r, by in self.kept.items()}
 
-    def join_wanted(self) -> int:
-        """The generation the launcher opened to take devices in (``JOIN``; 0: none)."""
-        try:
-            return int(self.store.add(JOIN, 0))
-        except Exception:  # noqa: BLE001 - the store's host (the launcher) is gone: the watchdog ends us
-            return 0
-
     def forget(self) -> None:
         """Drop every snapshot and replica (a new generation's plan starts its own)."""
         self.own, self.kept = {}, {}
@@ -281,9 +277,7 @@ class Regroup:
         self.store.set(key(g, f"held/{old_rank}"), json.dumps({
             "device": device, "snapshots": [[v.plan_id, t] for t, v in sorted(self.own.items())],
             "replicas": {str(r): [[v.plan_id, t] for t, v in sorted(by.items())] for r, by in self.kept.items()}}))
-        answer = json.loads(self.store.get(key(g, "plan")))  # within the store's timeout (train.timeout_s)
-        if "stop" in answer:
-            raise EdgepoolError(f"the launcher ended the run: {answer['stop']}")
+        answer = self._answer(g)
         if answer.get("again"):  # a device was lost while others were taken in: that generation follows
             if not self.moved.wait(self.timeout_s):
                 raise EdgepoolError(f"generation {g} was called off and no other followed within {self.timeout_s:g} s")
@@ -302,11 +296,14 @@ class Regroup:
             regroup_world(new, plan.world_size, prefix=f"{GEN}{g}", timeout_s=self.timeout_s)
         log(f"generation {g}: rank {old_rank} ({device}) is rank {new} of plan {plan.plan_id}; going on from step "
             f"{answer['step']} ({answer['source']})")
-        return Assignment(gen=g, old_plan=old_plan, plan=plan, rank=new, old_rank=old_rank, ranks=ranks,
-                          step=int(answer["step"]), source=answer["source"],
-                          holders={int(k): v for k, v in answer.get("holders", {}).items()},
-                          files=list(answer.get("files", [])))
+        return _assignment(answer, g, old_plan, new, old_rank)
 
+    def _answer(self, g: int) -> dict:
+        """The launcher's answer for generation ``g``, within the store's timeout (train.timeout_s)."""
+        answer = json.loads(self.store.get(key(g, "plan")))
+        if "stop" in answer:
+            raise EdgepoolError(f"the launcher ended the run: {answer['stop']}")
+        return answer
 
     def join(self, device: str, gen: int, log=print) -> Assignment:
         """This process is ``device``, taken into the run at generation ``gen``: report,
@@ -315,19 +312,25 @@ class Regroup:
 
         self._target = gen
         self.store.set(key(gen, f"joiner/{device}"), json.dumps({"device": device}))
-        answer = json.loads(self.store.get(key(gen, "plan")))
-        if "stop" in answer or answer.get("again") or device not in answer.get("joined", {}):
-            raise EdgepoolError(f"{device} was not taken in: {answer.get('stop', 'the launcher called it off')}")
+        answer = self._answer(gen)
+        if answer.get("again") or device not in answer.get("joined", {}):
+            raise EdgepoolError(f"{device} was not taken in: the launcher called it off")
         plan = Plan.model_validate(answer["plan"])
         new = int(answer["joined"][device])
         self.gen = gen
         regroup_world(new, plan.world_size, prefix=f"{GEN}{gen}", timeout_s=self.timeout_s)
         log(f"generation {gen}: {device} is taken in as rank {new} of plan {plan.plan_id} at step {answer['step']}; "
             "its state comes from its peers")
-        return Assignment(gen=gen, old_plan=Plan.model_validate(answer["old_plan"]), plan=plan, rank=new,
-                          old_rank=None, ranks={int(k): v for k, v in answer["ranks"].items()},
-                          step=int(answer["step"]), source="memory",
-                          holders={int(k): v for k, v in answer.get("holders", {}).items()}, files=[])
+        return _assignment(answer, gen, Plan.model_validate(answer["old_plan"]), new, None)
+
+
+def _assignment(answer: dict, gen: int, old_plan: Plan, rank: int | None, old_rank: int | None) -> Assignment:
+    """The launcher's ``answer`` for generation ``gen`` as this process's ``Assignment``."""
+    return Assignment(gen=gen, old_plan=old_plan, plan=Plan.model_validate(answer["plan"]), rank=rank,
+                      old_rank=old_rank, ranks={int(k): v for k, v in answer["ranks"].items()},
+                      step=int(answer["step"]), source=answer["source"],
+                      holders={int(k): v for k, v in answer.get("holders", {}).items()},
+                      files=list(answer.get("files", [])))
 
 
 class _Held:
@@ -366,13 +369,14 @@ def exchange(a: Assignment, moves, held: dict[int, Snapshot], comm) -> tuple[dic
                 pairs.setdefault((a.ranks[m.holder[1]], j), []).append(m)
     got: dict[int, _Held] = {}
     scalars: dict[str, dict] = {}
+    keys = {r: by_param(state.tensors) for r, state in held.items()}
     for (src, dst), ms in sorted(pairs.items()):
         if me == src:
             out, extra = {}, {}
             for m in ms:
                 state = held[m.old_rank]
                 own = Tensors(state.tensors)
-                for k in by_param(state.tensors).get(m.name, []):
+                for k in keys[m.old_rank].get(m.name, []):
                     out[_name(m.old_rank, k, m.src)] = own.get(k, m.src).clone().contiguous()
                 if m.name in state.scalars:
                     extra[m.name] = state.scalars[m.name]

@@ -28,8 +28,9 @@ from edgepool.runtime import checkpoint
 from edgepool.runtime.device import CPU
 from edgepool.runtime.engine import Engine
 from edgepool.runtime.reshard import full_shapes
-from edgepool.runtime.groups import StageGroups, init_world, shutdown, world_store
+from edgepool.runtime.groups import StageGroups, connect_store, init_world, shutdown, world_store
 from edgepool.runtime.health import Comm, Heartbeat
+from edgepool.runtime.regroup import Joining, Regroup, beat_prefix, restore
 from edgepool.specs.job import JobSpec
 from edgepool.specs.metrics import (DeviceStep, RankTrace, StepRecord, Summary, Trace, append_record, read_metrics,
                                     summarize, write_json)
@@ -111,9 +112,6 @@ def run_rank(rank: int, world_size: int, run: RunSpec, *, init_method: str | Non
     in 7 here) gloo's teardown aborted a finished rank ("terminate called without an
     active exception"), which would report a good run as failed."""
     import os
-
-    from edgepool.runtime.groups import connect_store
-    from edgepool.runtime.regroup import Joining, Regroup, beat_prefix
 
     torch.set_num_threads(run.threads)
     out = Path(run.out_dir)
@@ -219,8 +217,6 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
     if regroup is not None:
         regroup.groups = groups  # torn down when the run regroups
     if assignment is not None and assignment.source == "memory":
-        from edgepool.runtime.regroup import restore
-
         restore(engine, assignment, regroup, ckpt_root, identity, full_shapes(cfg), comm, log=log)
         start = assignment.step
     elif run.resume or assignment is not None:
@@ -266,7 +262,7 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
         # each rank also says which generation the launcher opened to take devices in, as it
         # read it: all see every rank's reading, so all regroup at the same boundary
         per_rank = comm.gather_json([device, res.bytes_sent, res.peak_memory_bytes, res.cpu_s, res.trace, joules,
-                                     regroup.join_wanted() if regroup is not None else 0],
+                                     regroup.joining if regroup is not None else 0],
                                     f"gathering the metrics of step {step}")
         join = max(p[6] for p in per_rank)
         if rank == 0:
@@ -290,8 +286,6 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
         if regroup is not None and join > regroup.gen and step + 1 < run.steps:
             if step + 1 not in regroup.own:
                 regroup.keep_state(engine, step + 1)
-            from edgepool.runtime.regroup import Joining
-
             groups.destroy()
             regroup.groups = None
             raise Joining(join, step + 1)
@@ -313,10 +307,9 @@ def backup_every(run: RunSpec) -> int:
     if every != "auto":
         return int(every)
     from edgepool.cost.model import estimate, shape_for
-    from edgepool.cost.profile import analytic_profile, for_job
-    from edgepool.planner.search import job_model_dims
+    from edgepool.planner.search import job_profile
 
-    prof = for_job(analytic_profile(job_model_dims(run.job), optimizer=run.job.train.optimizer), run.job)
+    prof = job_profile(run.job)
     return estimate(run.plan, run.pool, prof, shape_for(prof, run.job.train.global_batch, run.job.train.seq_len)).backup_every
 
 
