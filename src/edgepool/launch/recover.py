@@ -9,7 +9,9 @@ run had: pp stays pp, a hybrid goes to ``auto``), and goes on:
   keep their processes, their snapshots and the replicas they keep of their peers'
   state (``train.replicate_every``); they regroup under the new plan over a new
   generation of process groups, and the lost ranks' part comes from a replica (or a
-  dp twin), else from that step's checkpoint files. No process starts again;
+  dp twin), else from that step's checkpoint files. No process starts again. The new
+  plan's layer boundaries are set with the state's moves counted (``planner.settle``:
+  with few steps left or a slow link, layers stay where they are held);
 - else (a survivor failed or stayed silent while regrouping, its snapshot does not match
   a checkpoint on disk) every rank starts again with ``--resume``: the newest good
   checkpoint resharded to the new plan (``runtime.reshard``), over the devices left and
@@ -229,6 +231,8 @@ class InMemory:
         if step is None:
             self._stop(g, "no state to go on from")
             raise failure
+        if source == "memory":
+            plan = self._settle(run, plan, holders, files, step)
         kept = _truncate_metrics(out / "metrics.jsonl", step)
         self.events.lost.add(failure.device)
         how = ("in memory" if source == "memory" and not files else
@@ -340,6 +344,25 @@ class InMemory:
         from edgepool.runtime.regroup import key
 
         self.store.put(key(g, "plan"), json.dumps({"stop": why}).encode())
+
+    def _settle(self, run, plan, holders: dict, files: list, step: int):
+        """``plan`` with the layer boundaries that end the run soonest, the state's moves
+        between the devices left counted (``planner.settle``)."""
+        from edgepool.cost.model import shape_for
+        from edgepool.planner.search import job_profile
+        from edgepool.planner.settle import settle
+        from edgepool.sim import simulate
+
+        prof = job_profile(run.job)
+        shape = shape_for(prof, run.job.train.global_batch, run.job.train.seq_len)
+        s = settle(plan, run.plan, holders, files, run.pool, prof, shape, run.steps - step)
+        if not s.changed:
+            return plan
+        self.log(f"keeping layers where they are: plan {s.plan.plan_id} ({s.moved_bytes / 1e6:.1f} MB to move, "
+                 f"{s.move_s:.2f} s; step {s.step_s:.3f} s) instead of the planner's {plan.plan_id} "
+                 f"({s.planner_move_s:.2f} s to move; step {s.planner_step_s:.3f} s), {run.steps - step} steps left")
+        objective = plan.estimate.objective if plan.estimate is not None else None
+        return s.plan.with_estimate(simulate(s.plan, run.pool, prof, shape).to_estimate(objective))
 
     @staticmethod
     def _state(run, out: Path, reports: dict[int, dict], lost: list[int]):
