@@ -221,11 +221,9 @@ class InMemory:
             raise RankFailed(f"{failure}; no plan fits the devices left ({', '.join(left)}): {why}", rank=failure.rank,
                              device=failure.device, returncode=failure.returncode, reason=failure.reason,
                              log=failure.log) from None
-        ranks = {r: (plan.devices.index(run.plan.devices[r]) if run.plan.devices[r] in plan.devices else None)
-                 for r in survivors}
         # A survivor the new plan leaves out (a standby) leaves without handing anything
         # over: its state, like a lost rank's, comes from a twin, a replica or the files.
-        staying = {r: reports[r] for r, j in ranks.items() if j is not None}
+        staying = {r: reports[r] for r in survivors if run.plan.devices[r] in plan.devices}
         gone = [r for r in range(run.plan.world_size) if r not in staying]
         step, source, holders, files = self._state(run, out, staying, gone)
         if step is None:
@@ -233,6 +231,8 @@ class InMemory:
             raise failure
         if source == "memory":
             plan = self._settle(run, plan, holders, files, step)
+        ranks = {r: (plan.devices.index(run.plan.devices[r]) if run.plan.devices[r] in plan.devices else None)
+                 for r in survivors}
         kept = _truncate_metrics(out / "metrics.jsonl", step)
         self.events.lost.add(failure.device)
         how = ("in memory" if source == "memory" and not files else

@@ -5,14 +5,15 @@ devices that do not hold them: their parameters and optimizer state then travel 
 pool's network before the first step under the new plan. Over a slow link, with a big
 model or few steps left, that costs more than a split a little slower per step that
 keeps the layers where they are (Asteroid re-plans at the layer level for the same
-reason). ``settle`` keeps the plan's stages (devices, modes, shares, micro-batches,
-schedule) and tries other layer boundaries: every split when there are at most
-``MAX_SPLITS``, else a hill-climb from the planner's split, a boundary one layer at a
-time. It picks the split that ends the run soonest, by the cost model:
+reason). ``settle`` keeps the plan's device groups (devices, modes, shares) and its
+micro-batches and schedule, and tries the groups in other stage orders (up to
+``MAX_REORDER`` stages) over other layer boundaries: every split when there are at most
+``MAX_SPLITS`` in all, else a hill-climb from the planner's boundaries, one layer at a
+time. It picks the plan that ends the run soonest, by the cost model:
 
     time of the state's moves + steps left x the step time,
 
-among splits that fit every device's memory.
+among plans that fit every device's memory.
 
 The moves are counted per Transformer block: a device needs all of a block's state when
 its new stage keeps whole replicas (dp), else its share; it holds what its old rank held
@@ -32,7 +33,8 @@ from dataclasses import dataclass
 from edgepool import modes
 from edgepool.specs.plan import Plan
 
-MAX_SPLITS = 400  # past this many splits, a hill-climb from the planner's
+MAX_SPLITS = 400  # past this many (orders x splits), a hill-climb from the planner's boundaries per order
+MAX_REORDER = 4  # stage orders are tried up to this many stages (4! = 24 orders)
 
 
 @dataclass(frozen=True)
@@ -94,55 +96,62 @@ def flows(plan: Plan, mem: dict, disk: dict, block_bytes: list[float]) -> list[t
     return out
 
 
-def _with_bounds(plan: Plan, bounds: tuple[int, ...]) -> Plan:
+def _arranged(plan: Plan, order: tuple[int, ...], bounds: tuple[int, ...]) -> Plan:
+    """``plan``'s stages in ``order`` over the layer ranges ``bounds`` cut."""
     edges = (0, *bounds, plan.num_layers)
     data = plan.model_dump(mode="json", exclude={"estimate"})
+    data["stages"] = [data["stages"][i] for i in order]
     for st, a, b in zip(data["stages"], edges, edges[1:]):
         st["layers"] = [a, b]
     return Plan.model_validate(data)
 
 
-def _splits(plan: Plan):
-    k, n = len(plan.stages), plan.num_layers
-    if math.comb(n - 1, k - 1) <= MAX_SPLITS:
-        return list(itertools.combinations(range(1, n), k - 1)), False
-    return [tuple(st.layers[0] for st in plan.stages[1:])], True
-
-
 def settle(plan: Plan, old_plan: Plan, holders: dict[int, list[int]], files: list[int], pool, profile, shape,
            steps_left: int) -> Settled:
-    """``plan`` with the layer boundaries that end the run soonest (see the module docstring)."""
+    """``plan`` with the stage order and layer boundaries that end the run soonest (see
+    the module docstring)."""
     from edgepool.cost.model import estimate
     from edgepool.cost.network import Network
 
     net = Network.of(pool)
     mem, disk = holdings(old_plan, holders, files)
     block_bytes = [lp.params_at() * (1 + profile.opt_state_factor) for lp in profile.blocks]
-    seen: dict[tuple, tuple[float, float, float, Plan] | None] = {}
+    k, n = len(plan.stages), plan.num_layers
+    start = (tuple(range(k)), tuple(st.layers[0] for st in plan.stages[1:]))
+    seen: dict[tuple, tuple | None] = {}
 
-    def cost(bounds: tuple[int, ...]):
-        if bounds not in seen:
-            p = plan if bounds == tuple(st.layers[0] for st in plan.stages[1:]) else _with_bounds(plan, bounds)
+    def cost(key: tuple):
+        """(the run's remaining time, the moves' time, the step, the plan, the bytes moved), or None: no fit."""
+        if key not in seen:
+            p = plan if key == start else _arranged(plan, *key)
             c = estimate(p, pool, profile, shape, network=net)
             fl = flows(p, mem, disk, block_bytes)
             move = net.transfer_time(fl)
-            seen[bounds] = (move + steps_left * c.step_time_s, move, c.step_time_s, p, sum(b for _, _, b in fl)) \
-                if c.feasible or p is plan else None
-        return seen[bounds]
+            seen[key] = ((move + steps_left * c.step_time_s, move, c.step_time_s, p, sum(b for _, _, b in fl))
+                         if c.feasible or key == start else None)
+        return seen[key]
 
-    start = tuple(st.layers[0] for st in plan.stages[1:])
-    cands, climb = _splits(plan)
+    def better(a: tuple, b: tuple) -> bool:
+        return cost(a) is not None and cost(a)[0] < cost(b)[0] - 1e-9
+
     best = start
-    for b in cands:
-        if cost(b) is not None and cost(b)[0] < cost(best)[0] - 1e-9:
-            best = b
-    while climb:  # one boundary one layer at a time, while the run ends sooner
-        climb = False
-        for i, delta in itertools.product(range(len(best)), (-1, 1)):
-            b = best[:i] + (best[i] + delta,) + best[i + 1:]
-            edges = (0, *b, plan.num_layers)
-            if all(x < y for x, y in zip(edges, edges[1:])) and cost(b) is not None and cost(b)[0] < cost(best)[0] - 1e-9:
-                best, climb = b, True
+    orders = list(itertools.permutations(range(k))) if k <= MAX_REORDER else [start[0]]
+    every = len(orders) * math.comb(n - 1, k - 1) <= MAX_SPLITS
+    for order in orders:
+        if every:
+            for bounds in itertools.combinations(range(1, n), k - 1):
+                if better((order, bounds), best):
+                    best = (order, bounds)
+            continue
+        here, climb = (order, start[1]), True
+        while climb:  # one boundary one layer at a time, while the run ends sooner
+            climb = False
+            for i, delta in itertools.product(range(k - 1), (-1, 1)):
+                b = here[1][:i] + (here[1][i] + delta,) + here[1][i + 1:]
+                if all(x < y for x, y in zip((0, *b), (*b, n))) and better((order, b), here):
+                    here, climb = (order, b), True
+        if better(here, best):
+            best = here
     _, move, step, chosen, moved = cost(best)
     return Settled(plan=chosen, planner_plan=plan, move_s=move, moved_bytes=moved, planner_move_s=cost(start)[1],
                    step_s=step, planner_step_s=cost(start)[2])
