@@ -41,10 +41,10 @@ def _pool(tmp: Path, host: str, devices=DEVICES) -> Path:
     return p
 
 
-def _job(tmp: Path, data: str) -> Path:
-    p = tmp / "job.yaml"
+def _job(tmp: Path, data: str, name: str = "job.yaml", **train) -> Path:
+    p = tmp / name
     p.write_text(yaml.safe_dump({"model": {"family": "gpt", "size": "tiny"}, "data": {"path": data},
-                                 "train": {"global_batch": 8, "seq_len": 32, "steps": STEPS, "seed": 0},
+                                 "train": {"global_batch": 8, "seq_len": 32, "steps": STEPS, "seed": 0, **train},
                                  "parallelism": {"mode": "dp", "num_microbatches": 2, "schedule": "1f1b"}}))
     return p
 
@@ -417,10 +417,11 @@ def test_raw_data_never_crosses_the_wire(setup):
 
 
 def _two_agents_running(tmp: Path, tag: str) -> tuple[Serve, dict[str, subprocess.Popen]]:
-    """A coordinator and agents a and b on a long dp run (work folders ``work-TAG-*``), two steps done."""
+    """A coordinator and agents a and b on a long dp run that does not go on without a
+    lost device (``train.recover: false``; work folders ``work-TAG-*``), two steps done."""
     devices = DEVICES[:2]
     pool = _pool(tmp, "127.0.0.1", devices)
-    job = _job(tmp, _data(tmp))
+    job = _job(tmp, _data(tmp), f"job-{tag}.yaml", recover=False)
     port, token = _port(), str(tmp / "pool.token")
     serve = Serve("--pool", str(pool), "--job", str(job), "--out", str(tmp / f"serve-{tag}"), "--token", token,
                   "--port", str(port), "--parallelism", "dp", "--steps", "100000")
@@ -436,8 +437,9 @@ def _two_agents_running(tmp: Path, tag: str) -> tuple[Serve, dict[str, subproces
 
 
 def test_a_killed_agent_is_named_and_nothing_is_left_running(setup):
-    """SIGKILL one agent mid-run: its rank dies with it (the watchdog pipe), the
-    coordinator names that device in one line and stops the others, every agent exits."""
+    """SIGKILL one agent mid-run of a job that does not recover: its rank dies with it (the
+    watchdog pipe), the coordinator names that device in one line and stops the others,
+    every agent exits."""
     import signal
 
     serve, agents = _two_agents_running(setup, "killed")
@@ -455,6 +457,44 @@ def test_a_killed_agent_is_named_and_nothing_is_left_running(setup):
             and b"work-killed" in _cmdline(d)]
     assert not left, f"rank processes left: {left}"
     assert took < 30, f"the coordinator took {took:.1f} s to notice"
+
+
+def test_a_rank_killed_on_its_host_and_the_pool_goes_on(setup):
+    """pp over a, b and c under ``serve``: b's rank is SIGKILLed before step 3 (a drill in
+    its agent's environment). The coordinator names b, the survivors regroup in memory
+    with b's state from the backup a peer keeps, and the run finishes every step with the
+    losses of an uninterrupted ``train`` of the same plan (1e-5); the event is in
+    ``events.jsonl`` and ``summary.json``; every agent exits 0 and no rank is left."""
+    tmp, steps = setup, 8
+    job = _job(tmp, _data(tmp), "job-lossy.yaml", steps=steps, replicate_every=1)
+    out = tmp / "train-lossy"
+    local = _pool(tmp, "local")
+    assert main(["train", "--pool", str(local), "--job", str(job), "--plan", str(_plan(tmp, local, job, "pp")),
+                 "--out", str(out), "--no-progress"]) == 0
+    pool = _pool(tmp, "127.0.0.1")
+    port, token = _port(), str(tmp / "pool.token")
+    served = tmp / "serve-lossy"
+    serve = Serve("--pool", str(pool), "--job", str(job), "--out", str(served), "--token", token, "--port", str(port),
+                  "--plan", str(_plan(tmp, pool, job, "pp")))
+    serve.wait_for("listening on 127.0.0.1")
+    agents = [_cli("join", "--coordinator", f"127.0.0.1:{port}", "--token", token, "--device", n,
+                   "--work", str(tmp / f"work-lossy-{n}"),
+                   env={**os.environ, **({"EDGEPOOL_FAULT": "rank=1,step=3,signal=KILL"} if n == "b" else {})})
+              for n, _, _ in DEVICES]
+    results = _finish(agents)
+    assert serve.finish() == 0, serve.lines
+    assert [rc for rc, _ in results] == [0, 2, 0], results  # b's agent reports its rank killed, and leaves
+    got, want = _losses(served), _losses(out)
+    assert len(got) == len(want) == steps
+    assert got == pytest.approx(want, rel=1e-5)
+    events = [json.loads(ln) for ln in (served / "events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["device"], e["recovery"]) for e in events] == [("device_lost", "b", "in memory")], events
+    assert "SIGKILL" in events[0]["reason"] and events[0]["devices"] == ["a", "c"], events
+    summary = json.loads((served / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["plan_id"] == events[0]["plan_id"] and summary["events"] == events
+    assert any("device_lost b" in ln for ln in serve.lines), serve.lines
+    left = [d.name for d in Path("/proc").iterdir() if d.name.isdigit() and b"work-lossy" in _cmdline(d)]
+    assert not left, f"rank processes left: {left}"
 
 
 def _cmdline(d: Path) -> bytes:

@@ -153,6 +153,12 @@ def _run(ch, msg: dict, device: str, *, data, work, token_path: Path, iface: str
         ch.send({"exit": 2, "reason": f"its data: {exc}"})
         raise
     env = {"EDGEPOOL_STORE": msg["store"], "EDGEPOOL_RUN_ID": msg["run_id"], "EDGEPOOL_TOKEN_FILE": str(token_path)}
+    # a run that goes on without a lost device (``runtime.regroup``): this rank may be rank 0
+    # of a later plan, so every record it writes goes to the coordinator, which keeps the
+    # running plan's and writes the summary
+    regroup = bool(msg.get("regroup"))
+    if regroup:
+        env["EDGEPOOL_REGROUP"] = "1"
     told: list[str] = []
     stop = threading.Event()
     threading.Thread(target=_listen, args=(ch, told, stop), name="edgepool-agent", daemon=True).start()
@@ -165,16 +171,17 @@ def _run(ch, msg: dict, device: str, *, data, work, token_path: Path, iface: str
         with pool_placement(run.pool, log=log, bring_up=False) as placement:
             if iface and not placement.env(device).get("GLOO_SOCKET_IFNAME"):
                 env["GLOO_SOCKET_IFNAME"] = iface  # gloo binds where this agent reached the coordinator
+            started = time.time()
             summary = launch_local(run, ranks=[rank], env=env, placement=placement, stop=stop,
-                                   on_step=forward if rank == 0 else None)
+                                   on_step=forward if rank == 0 or regroup else None, summary=not regroup)
         final: dict = {"exit": 0}
         if summary is not None:
             final["summary"] = summary.model_dump(mode="json")
-            trace = out / "trace.json"
-            if trace.is_file():
-                import json
+        trace, ended = out / "trace.json", out / "summary.json"  # this rank was rank 0 at the end
+        if ended.is_file() and ended.stat().st_mtime >= started and trace.is_file():
+            import json
 
-                final["trace"] = json.loads(trace.read_text())
+            final["trace"] = json.loads(trace.read_text())
         ch.send(final)
     except RankFailed as exc:
         _tell(ch, {"exit": exc.returncode or 1, "reason": exc.reason, "message": str(exc)})
@@ -187,8 +194,7 @@ def _run(ch, msg: dict, device: str, *, data, work, token_path: Path, iface: str
     except Exception as exc:  # noqa: BLE001 - the coordinator hears why, not just a lost connection
         _tell(ch, {"exit": 1, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
         raise
-    deadline = time.monotonic() + 30.0
-    while time.monotonic() < deadline and not told:  # the coordinator's "done" (or a failure elsewhere)
+    while not told:  # the coordinator's "done", a failure elsewhere, or the coordinator lost (``_listen``)
         time.sleep(0.05)
     if told and told[0] != "done":
         raise EdgepoolError(f"the run failed elsewhere: {told[0]}")

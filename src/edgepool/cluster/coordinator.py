@@ -20,8 +20,19 @@ reports its rank's exit. The first failure stops everyone, named. The data never
 travels: an agent sends facts and step records, never samples.
 
 Membership is a table of devices that joined and left (``Member``): a device that
-disconnects while the pool waits may join again. Re-planning around a device that
-leaves a running job is the next issue; today it ends the run, named.
+disconnects while the pool waits may join again.
+
+With ``train.recover`` (the default) a lost device does not end the run: the
+coordinator follows it as ``launch.local`` follows local processes, with the same
+watcher and the same handler (``launch.recover.InMemory``). A rank on another host is a
+``RemoteRank`` (its exit is its agent's report, or -9 once the agent is lost; stopping
+it is asking its agent), the heartbeats are read from the coordinator's own store, and
+every agent forwards the step records its rank writes, of which the coordinator keeps
+those of the plan running, in order (the rank 0 of a new plan may be another device).
+The survivors regroup in memory and the lost ranks' state comes from the backups their
+peers keep (``train.replicate_every``) or a dp twin; a device's checkpoint files are on
+its own host, so when no survivor holds the state the run ends, saying so. A device
+that leaves is not taken back in under ``serve`` (``train.rejoin_s`` is for local pools).
 """
 
 from __future__ import annotations
@@ -197,8 +208,18 @@ class Coordinator:
         self.close()
         return False
 
-    def launch(self, spec) -> None:
-        """Hand each device of the plan its rank and the run; other admitted devices are let go."""
+    def tell(self, device: str, msg: dict) -> None:
+        """Send ``msg`` to one device's agent, if it is still there."""
+        m = self.members.get(device)
+        if m is not None:
+            try:
+                m.channel.send(msg)
+            except ChannelError:
+                pass
+
+    def launch(self, spec, regroup: bool = False) -> None:
+        """Hand each device of the plan its rank and the run (``regroup``: its rank goes
+        on without a lost peer, ``runtime.regroup``); other admitted devices are let go."""
         with self._lock:
             gone = [n for n in spec.plan.devices if n not in self.members]
             if gone:
@@ -211,7 +232,7 @@ class Coordinator:
             m.rank = rank
             host = m.channel.sock.getsockname()[0]  # the address this agent reached
             store = f"[{host}]:{self.address[1]}" if ":" in host else f"{host}:{self.address[1]}"
-            m.channel.send({"run": run, "rank": rank, "run_id": self._run_id, "store": store})
+            m.channel.send({"run": run, "rank": rank, "run_id": self._run_id, "store": store, "regroup": regroup})
         for name, m in members.items():
             if m.rank is None:
                 m.channel.send({"unused": "the plan for the devices that joined does not use this device"})
@@ -263,6 +284,112 @@ class Coordinator:
         return exits[plan.devices[0]]
 
 
+class RemoteRank:
+    """A rank on an agent's host, as ``launch.local`` watches a process: ``poll()`` is its
+    exit code as its agent reported it (-9 once the agent is lost), ``stop()`` asks the
+    agent to stop it. There is nothing to reap here: ``wait()`` does not block (a frozen
+    or cut-off host may never answer; the run goes on without it either way)."""
+
+    def __init__(self, ranks: "RemoteRanks", device: str):
+        self.ranks, self.device, self.code = ranks, device, None
+
+    def poll(self) -> int | None:
+        self.ranks.pump()
+        return self.code
+
+    def stop(self) -> None:
+        self.ranks.coord.tell(self.device, {"stop": f"device {self.device} was lost; the run goes on without it"})
+
+    def wait(self) -> int | None:
+        return self.poll()
+
+
+class RemoteRanks:
+    """The run's ranks on the agents, fed by the coordinator's events: exits, lost agents
+    (their ``OUT/logs/<device>.log`` says why) and step records. Of the records, those of
+    the plan running go to ``OUT/metrics.jsonl``, in order: each agent forwards what its
+    rank writes, and a rank that was rank 0 of an earlier plan wrote steps that are
+    redone. Only the main thread reads it (``pump`` from ``poll``)."""
+
+    def __init__(self, coord: Coordinator, spec):
+        self.coord, self.out = coord, Path(spec.out_dir)
+        self.plan_id, self.next_step = spec.plan.plan_id, 0
+        self.ranks = {n: RemoteRank(self, n) for n in spec.plan.devices}
+        self.logs = {r: self.out / "logs" / f"{n}.log" for r, n in enumerate(spec.plan.devices)}
+        self.trace: dict | None = None
+
+    def follow(self, run) -> None:
+        """From now on keep the records of ``run``'s plan, from the first step not on file."""
+        from edgepool.specs.metrics import read_metrics
+
+        path = self.out / "metrics.jsonl"
+        self.plan_id, self.next_step = run.plan.plan_id, len(read_metrics(path)) if path.is_file() else 0
+
+    def pump(self) -> None:
+        from edgepool.specs.metrics import StepRecord, append_record
+
+        while True:
+            try:
+                kind, name, msg, member = self.coord.events.get_nowait()
+            except queue.Empty:
+                return
+            rank = self.ranks.get(name)
+            if rank is None or member is not self.coord.members.get(name):  # not in the run, or a stale event
+                continue
+            if kind == "step":
+                rec = StepRecord.model_validate(msg["step"])
+                if rec.plan_id == self.plan_id and rec.step == self.next_step:
+                    append_record(self.out / "metrics.jsonl", rec)
+                    self.next_step += 1
+            elif kind in ("exit", "lost") and rank.code is None:
+                rank.code = int(msg.get("exit", 1)) if kind == "exit" else -9
+                if msg.get("trace"):
+                    self.trace = msg["trace"]
+                if rank.code:
+                    why = msg.get("reason", "failed") if kind == "exit" else f"lost its connection ({msg['reason']})"
+                    log = self.out / "logs" / f"{name}.log"
+                    log.write_text(f"{msg.get('message', why)}\nEDGEPOOL-ERROR {name}: {why}\n")
+
+
+def _follow_regrouping(coord: Coordinator, spec, on_step: Callable, on_event: Callable | None,
+                       deadline_s: float | None, log):
+    """Follow ``spec`` on the agents, going on without each device it loses (see the
+    module docstring); the summary from ``OUT/metrics.jsonl`` with the events."""
+    from edgepool.launch.local import Heartbeats, Placement, _watch
+    from edgepool.launch.recover import InMemory, _Events
+    from edgepool.runtime.train import RunSpec
+    from edgepool.specs.metrics import Summary, Trace, read_metrics, summarize, write_json
+
+    out = Path(spec.out_dir)
+    remote = RemoteRanks(coord, spec)
+    events = _Events(out, log, on_step, on_event)
+    handler = InMemory(events, wait_s=spec.job.train.detect_s + spec.job.train.timeout_s, log=log)
+    handler.store = coord.store
+
+    def regroup(failure, run, procs, logs, beats):
+        new = handler(failure, run, procs, logs, beats)
+        remote.follow(new[0])
+        return new
+
+    procs = {r: remote.ranks[n] for r, n in enumerate(spec.plan.devices)}
+    try:
+        _watch(spec, procs, dict(remote.logs), Placement(), events.step, 0.1, deadline_s,
+               beats=Heartbeats(coord.store, spec.job.train.detect_s), regroup=regroup, summary=False)
+    finally:
+        handler.close()
+    final = RunSpec.read(out / "run.json")
+    plan = final.plan
+    summary = summarize(read_metrics(out / "metrics.jsonl"), plan_id=plan.plan_id, parallelism=plan.parallelism,
+                        schedule=plan.schedule, num_microbatches=plan.num_microbatches)
+    if events.events:
+        summary = summary.model_copy(update={"events": events.events})
+    write_json(out / "summary.json", summary)
+    if remote.trace:
+        write_json(out / "trace.json", Trace.model_validate(remote.trace))
+    coord._broadcast({"done": True})
+    return Summary.model_validate_json((out / "summary.json").read_text())
+
+
 def _describe(facts: dict) -> str:
     parts = [f"{facts[k]} {label}" for k, label in (("cores", "cores"), ("memory_gb", "GB")) if k in facts]
     if facts.get("gflops"):
@@ -271,9 +398,10 @@ def _describe(facts: dict) -> str:
 
 
 def run_spec(coord: Coordinator, spec, *, on_step: Callable | None = None, progress: Callable | None = None,
-             deadline_s: float | None = None):
+             deadline_s: float | None = None, recover: bool = False, log=print):
     """Launch ``spec`` on the admitted agents and follow it: ``OUT/metrics.jsonl`` from
-    rank 0's step records, then ``summary.json`` and ``trace.json``; returns the summary."""
+    rank 0's step records, then ``summary.json`` and ``trace.json``; returns the summary.
+    ``recover``: go on without a lost device (the module docstring)."""
     from edgepool.specs.metrics import Summary, Trace, append_record, write_json
 
     out_dir = Path(spec.out_dir)
@@ -285,12 +413,15 @@ def run_spec(coord: Coordinator, spec, *, on_step: Callable | None = None, progr
     metrics.write_text("")
     with (progress(spec) if progress else _Quiet()) as bar:
         def step(rec) -> None:
-            append_record(metrics, rec)
+            if not recover:
+                append_record(metrics, rec)
             bar.update(rec)
             if on_step is not None:
                 on_step(rec)
 
-        coord.launch(spec)
+        coord.launch(spec, regroup=recover)
+        if recover:
+            return _follow_regrouping(coord, spec, step, getattr(bar, "event", None), deadline_s, log)
         final = coord.follow(spec, on_step=step, deadline_s=deadline_s)
     if not final.get("summary"):
         raise EdgepoolError("rank 0's agent ended without a summary")
@@ -334,7 +465,7 @@ def serve(pool_path, job_path, *, out: str, token: bytes, bind: str | None = Non
             plan = spec.plan
             log(f"plan {plan.plan_id}: {plan.parallelism}, {len(plan.stages)} stage(s), {plan.num_microbatches} "
                 f"micro-batch(es), {plan.schedule}, devices {', '.join(plan.devices)}")
-            return run_spec(coord, spec, progress=progress)
+            return run_spec(coord, spec, progress=progress, recover=spec.job.train.recover, log=log)
 
 
 def launch_pool(spec, *, placement=None, on_step: Callable | None = None, deadline_s: float | None = None,
@@ -380,6 +511,9 @@ def launch_pool(spec, *, placement=None, on_step: Callable | None = None, deadli
 class _Quiet:
     def __enter__(self):
         return self
+
+    def event(self, ev: dict) -> None:
+        pass
 
     def __exit__(self, *exc):
         return False

@@ -151,7 +151,7 @@ def _reason(log: Path) -> str:
 
 def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[StepRecord], None] | None = None,
                  poll_s: float = 0.2, deadline_s: float | None = None, ranks: list[int] | None = None,
-                 env: dict[str, str] | None = None, stop=None, regroup=None) -> Summary | None:
+                 env: dict[str, str] | None = None, stop=None, regroup=None, summary: bool = True) -> Summary | None:
     """Run ``run`` (a RunSpec) on local processes; returns the summary.
 
     ``on_step`` gets every step's record as rank 0 writes it (a progress bar, say).
@@ -159,7 +159,8 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
     ``RankFailed`` with reason "timeout" is raised. ``ranks``: start only these (an
     agent of ``cluster.agent`` starts its own device's rank; the others run elsewhere),
     with ``env`` added to their environment; without rank 0 there is no summary here
-    (None). ``stop`` (a ``threading.Event``, set from another thread) stops every rank
+    (None), nor with ``summary=False`` (an agent's rank in a run that regroups: the
+    coordinator writes it). ``stop`` (a ``threading.Event``, set from another thread) stops every rank
     and raises ``Stopped``, as SIGTERM does. ``regroup(failure, run, procs, logs, beats)``
     (``launch.recover``) goes on without a lost rank, keeping the others' processes, or
     raises, and its ``offer`` takes a device back in; it needs the store this launcher
@@ -202,7 +203,8 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
                 logs[rank] = out / "logs" / f"rank-{rank}.log"
                 procs[rank] = _start_rank(run, rank, run_json, placement, master, port, watch_r, logs[rank], env)
             beats = Heartbeats(hosted[1], run.job.train.detect_s) if hosted is not None else None
-            return _watch(run, procs, logs, placement, on_step, poll_s, deadline_s, stop, beats, regroup, start)
+            return _watch(run, procs, logs, placement, on_step, poll_s, deadline_s, stop, beats, regroup, start,
+                          summary)
         finally:
             _stop_all(procs)
             _stop_all(later)
@@ -313,10 +315,14 @@ def _start_rank(run, rank: int, run_json: Path, placement: Placement, master: st
                                 pass_fds=(watch_fd,))
 
 
-def _stop_all(procs: dict[int, subprocess.Popen]) -> None:
-    """Kill every rank's process group (a rank and anything it started) and reap it."""
+def _stop_all(procs: dict) -> None:
+    """Kill every rank's process group (a rank and anything it started) and reap it; a
+    rank on another host (``cluster.coordinator.RemoteRank``) is stopped by its agent."""
     for p in procs.values():
         if p.poll() is None:
+            if not isinstance(p, subprocess.Popen):
+                p.stop()
+                continue
             try:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -327,24 +333,34 @@ def _stop_all(procs: dict[int, subprocess.Popen]) -> None:
 
 def _watch(run, procs: dict[int, subprocess.Popen], logs: dict[int, Path], placement: Placement,
            on_step: Callable[[StepRecord], None] | None, poll_s: float, deadline_s: float | None,
-           stop=None, beats: Heartbeats | None = None, regroup=None, start=None) -> Summary | None:
+           stop=None, beats: Heartbeats | None = None, regroup=None, start=None,
+           summary: bool = True) -> Summary | None:
     out = Path(run.out_dir)
     metrics = out / "metrics.jsonl"
-    seen = 0
+    seen, ino = 0, None
+    delivered: set[tuple[str, int]] = set()
     t_end = time.monotonic() + deadline_s if deadline_s else None
 
     def follow() -> None:
-        nonlocal seen
-        if not metrics.is_file():
+        """The new step records, each once: a file written anew (a regrouped rank 0, or the
+        launcher, keeps the steps before the one redone) is read again from its start."""
+        nonlocal seen, ino
+        try:
+            now = metrics.stat().st_ino
+        except OSError:
             return
+        if now != ino:
+            ino, seen = now, 0
         for ln in metrics.read_text().splitlines()[seen:]:
             try:
                 rec = StepRecord.model_validate_json(ln)
             except ValueError:  # a line still being written
                 return
-            if on_step is not None:
-                on_step(rec)
             seen += 1
+            if (rec.plan_id, rec.step) not in delivered:
+                delivered.add((rec.plan_id, rec.step))
+                if on_step is not None:
+                    on_step(rec)
 
     while True:
         follow()
@@ -354,12 +370,12 @@ def _watch(run, procs: dict[int, subprocess.Popen], logs: dict[int, Path], place
             if regroup is None:
                 raise failure
             # the survivors go on in memory (``launch.recover``), or this raises
-            run, procs, logs, seen = regroup(failure, run, procs, logs, beats)
+            run, procs, logs = regroup(failure, run, procs, logs, beats)
             continue
         if regroup is not None and start is not None:  # a device to take in at the next step boundary
             moved = regroup.offer(run, procs, logs, beats, start)
             if moved is not None:
-                run, procs, logs, seen = moved
+                run, procs, logs = moved
                 continue
         if stop is not None and stop.is_set():
             raise Stopped("told to stop; every rank was stopped")
@@ -371,7 +387,7 @@ def _watch(run, procs: dict[int, subprocess.Popen], logs: dict[int, Path], place
                              f"stopped all ranks", rank=-1, device="-", returncode=-1,
                              reason=f"timeout after {deadline_s:g} s at step {seen}", log=out / "logs")
         time.sleep(poll_s)
-    if 0 not in procs:
+    if 0 not in procs or not summary:
         return None
     summary_path = out / "summary.json"
     if not summary_path.is_file():

@@ -37,8 +37,11 @@ process joins with its state streamed from its peers (``runtime.regroup``: ``Joi
 ``Regroup.join``); else it stays a standby. Events ``device_joined`` and
 ``device_standby``.
 
-Not built: recovery and joining under ``edgepool serve``; a survivor left out of a new
-plan hands nothing over (its state and the replicas it keeps come from elsewhere).
+Under ``edgepool serve`` the same handler follows ranks on other hosts
+(``cluster.coordinator.RemoteRanks``); there a lost device's checkpoint files are on its
+own host, so its state must come from a peer's memory. Not built: joining under
+``serve``; a survivor left out of a new plan hands nothing over (its state and the
+replicas it keeps come from elsewhere).
 """
 
 from __future__ import annotations
@@ -233,7 +236,7 @@ class InMemory:
             plan = self._settle(run, plan, holders, files, step)
         ranks = {r: (plan.devices.index(run.plan.devices[r]) if run.plan.devices[r] in plan.devices else None)
                  for r in survivors}
-        kept = _truncate_metrics(out / "metrics.jsonl", step)
+        _truncate_metrics(out / "metrics.jsonl", step)
         self.events.lost.add(failure.device)
         how = ("in memory" if source == "memory" and not files else
                f"in memory, the state of {', '.join(run.plan.devices[r] for r in files)} from the checkpoint"
@@ -250,7 +253,7 @@ class InMemory:
         self.standby += [procs[r] for r, j in ranks.items() if j is None]
         self.away.update({run.plan.devices[r]: float("-inf") for r, j in ranks.items() if j is None})
         return (new_run, {j: procs[r] for r, j in ranks.items() if j is not None},
-                {j: logs[r] for r, j in ranks.items() if j is not None}, kept)
+                {j: logs[r] for r, j in ranks.items() if j is not None})
 
     def offer(self, run, procs: dict, logs: dict, beats, start):
         """``launch_local``'s poll between steps: take a device back in when one is away
@@ -321,7 +324,7 @@ class InMemory:
         out = Path(run.out_dir)
         step, source, holders, _ = self._state(run, out, reports, [])
         ranks = {r: plan.devices.index(run.plan.devices[r]) for r in procs}
-        kept = _truncate_metrics(out / "metrics.jsonl", step)
+        _truncate_metrics(out / "metrics.jsonl", step)
         new_run = run.model_copy(update={"plan": plan, "resume": True})
         new_run.dump(out / "run.json")
         beats.follow(beat_prefix(g))
@@ -338,7 +341,7 @@ class InMemory:
         new_logs = {ranks[r]: logs[r] for r in procs}
         for d, (p, path) in started.items():
             new_procs[plan.devices.index(d)], new_logs[plan.devices.index(d)] = p, path
-        return new_run, new_procs, new_logs, kept
+        return new_run, new_procs, new_logs
 
     def _stop(self, g: int, why: str) -> None:
         from edgepool.runtime.regroup import key
@@ -414,15 +417,14 @@ def _set_counter(store, name: str, value: int) -> None:
     store.add(name, value - int(store.add(name, 0)))
 
 
-def _truncate_metrics(path: Path, step: int) -> int:
-    """Keep the records of the steps before ``step`` (they are redone from there); how many."""
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of the steps before ``step`` (they are redone from there), in a
+    file written anew (``launch.local`` then reads it from its start)."""
     from edgepool.specs.metrics import read_metrics
 
-    if not path.is_file():
-        return 0
-    kept = [r for r in read_metrics(path) if r.step < step]
-    path.write_text("".join(r.model_dump_json() + "\n" for r in kept))
-    return len(kept)
+    if path.is_file():
+        kept = [r for r in read_metrics(path) if r.step < step]
+        checkpoint.atomic_write_bytes(path, "".join(r.model_dump_json() + "\n" for r in kept).encode())
 
 
 def train_recovering(run, *, placement: Placement | None = None, on_step: Callable[[StepRecord], None] | None = None,

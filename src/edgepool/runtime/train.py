@@ -235,7 +235,9 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
         if start == 0 and earlier and assignment is None:
             raise SpecError(f"{metrics_path} holds {len(earlier)} steps of an earlier run; nothing was "
                             "overwritten: continue it with --resume, or start over with --fresh")
-        metrics_path.write_text("".join(r.model_dump_json() + "\n" for r in earlier if r.step < start))
+        # written anew (a new inode: a launcher following the file reads it again from its start)
+        checkpoint.atomic_write_bytes(metrics_path, "".join(r.model_dump_json() + "\n" for r in earlier
+                                                            if r.step < start).encode())
     gb, seq = job.train.global_batch, job.train.seq_len
     fault = _fault(rank) if assignment is None else None  # a drill's fault fires in the first generation only
     meter, skipped = (meter_factory or step_meter)(run, device, engine)
