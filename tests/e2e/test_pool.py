@@ -459,37 +459,42 @@ def test_a_killed_agent_is_named_and_nothing_is_left_running(setup):
     assert took < 30, f"the coordinator took {took:.1f} s to notice"
 
 
-def test_a_rank_killed_on_its_host_and_the_pool_goes_on(setup):
-    """pp over a, b and c under ``serve``: b's rank is SIGKILLed before step 3 (a drill in
-    its agent's environment). The coordinator names b, the survivors regroup in memory
+@pytest.mark.parametrize("how", ["KILL", "STOP"])
+def test_a_rank_lost_on_its_host_and_the_pool_goes_on(setup, how):
+    """pp over a, b and c under ``serve``: b's rank is SIGKILLed, or frozen by SIGSTOP,
+    before step 3 (a drill in its agent's environment). The coordinator names b (its
+    agent's report; a heartbeat silent in the coordinator's store, and then its agent
+    stops it), the survivors regroup in memory
     with b's state from the backup a peer keeps, and the run finishes every step with the
     losses of an uninterrupted ``train`` of the same plan (1e-5); the event is in
     ``events.jsonl`` and ``summary.json``; every agent exits 0 and no rank is left."""
     tmp, steps = setup, 8
     job = _job(tmp, _data(tmp), "job-lossy.yaml", steps=steps, replicate_every=1)
-    out = tmp / "train-lossy"
-    local = _pool(tmp, "local")
-    assert main(["train", "--pool", str(local), "--job", str(job), "--plan", str(_plan(tmp, local, job, "pp")),
-                 "--out", str(out), "--no-progress"]) == 0
+    out = tmp / "train-lossy"  # the uninterrupted run, once for both
+    if not (out / "summary.json").is_file():
+        local = _pool(tmp, "local")
+        assert main(["train", "--pool", str(local), "--job", str(job), "--plan", str(_plan(tmp, local, job, "pp")),
+                     "--out", str(out), "--no-progress"]) == 0
     pool = _pool(tmp, "127.0.0.1")
     port, token = _port(), str(tmp / "pool.token")
-    served = tmp / "serve-lossy"
+    served = tmp / f"serve-lossy-{how}"
     serve = Serve("--pool", str(pool), "--job", str(job), "--out", str(served), "--token", token, "--port", str(port),
                   "--plan", str(_plan(tmp, pool, job, "pp")))
     serve.wait_for("listening on 127.0.0.1")
     agents = [_cli("join", "--coordinator", f"127.0.0.1:{port}", "--token", token, "--device", n,
-                   "--work", str(tmp / f"work-lossy-{n}"),
-                   env={**os.environ, **({"EDGEPOOL_FAULT": "rank=1,step=3,signal=KILL"} if n == "b" else {})})
+                   "--work", str(tmp / f"work-lossy-{how}-{n}"),
+                   env={**os.environ, **({"EDGEPOOL_FAULT": f"rank=1,step=3,signal={how}"} if n == "b" else {})})
               for n, _, _ in DEVICES]
     results = _finish(agents)
     assert serve.finish() == 0, serve.lines
-    assert [rc for rc, _ in results] == [0, 2, 0], results  # b's agent reports its rank killed, and leaves
+    assert [rc for rc, _ in results] == [0, 2, 0], results  # b's agent reports its rank lost, and leaves
     got, want = _losses(served), _losses(out)
     assert len(got) == len(want) == steps
     assert got == pytest.approx(want, rel=1e-5)
     events = [json.loads(ln) for ln in (served / "events.jsonl").read_text().splitlines()]
     assert [(e["event"], e["device"], e["recovery"]) for e in events] == [("device_lost", "b", "in memory")], events
-    assert "SIGKILL" in events[0]["reason"] and events[0]["devices"] == ["a", "c"], events
+    assert ("SIGKILL" if how == "KILL" else "no heartbeat") in events[0]["reason"], events
+    assert events[0]["devices"] == ["a", "c"], events
     summary = json.loads((served / "summary.json").read_text())
     assert summary["steps"] == steps and summary["plan_id"] == events[0]["plan_id"] and summary["events"] == events
     assert any("device_lost b" in ln for ln in serve.lines), serve.lines
