@@ -502,6 +502,54 @@ def test_a_rank_lost_on_its_host_and_the_pool_goes_on(setup, how):
     assert not left, f"rank processes left: {left}"
 
 
+def test_a_device_lost_under_serve_joins_again(setup):
+    """dp over a, b and c, compute-bound and as fast, under ``serve`` with
+    ``train.rejoin_s``: b's rank is SIGKILLed before step 2 and its agent leaves; a new
+    agent for b joins the running run, the planner predicts a faster step with b again,
+    and b is taken in at a step boundary, its state streamed from its peers. The run
+    finishes over a, b and c with the losses of an uninterrupted ``train`` (1e-5)."""
+    tmp, steps = setup, 150
+    job = tmp / "job-back.yaml"
+    job.write_text(f"model: {{family: gpt, size: tiny}}\ndata: {{path: {CORPUS}}}\n"
+                   f"train: {{global_batch: 24, seq_len: 16, steps: {steps}, timeout_s: 30, rejoin_s: 0.2}}\n")
+
+    def pool(host: str) -> Path:
+        p = tmp / f"pool-back-{host}.yaml"
+        p.write_text("network: {medium: switched, bandwidth_mbps: 1000}\ndevices:\n" + "".join(
+            f"  - {{name: {d}, kind: host-cpu, host: '{host}', compute_scale: 0.01}}\n" for d in "abc"))
+        return p
+
+    out = tmp / "train-back"
+    assert main(["train", "--pool", str(pool("local")), "--job", str(job), "--out", str(out), "--no-progress",
+                 "--plan", str(_plan(tmp, pool("local"), job, "dp"))]) == 0
+    port, token = _port(), str(tmp / "pool.token")
+    served = tmp / "serve-back"
+    serve = Serve("--pool", str(pool("127.0.0.1")), "--job", str(job), "--out", str(served), "--token", token,
+                  "--port", str(port), "--plan", str(_plan(tmp, pool("127.0.0.1"), job, "dp")))
+    serve.wait_for("listening on 127.0.0.1")
+
+    def agent(n: str, tag: str = "", **env) -> subprocess.Popen:
+        return _cli("join", "--coordinator", f"127.0.0.1:{port}", "--token", token, "--device", n,
+                    "--work", str(tmp / f"work-back-{n}{tag}"), env={**os.environ, **env})
+
+    agents = {n: agent(n, **({"EDGEPOOL_FAULT": "rank=1,step=2,signal=KILL"} if n == "b" else {})) for n in "abc"}
+    first_b = _finish([agents["b"]], timeout=120)[0]
+    assert first_b[0] == 2, first_b  # its rank was lost; it says so and leaves
+    agents["b"] = agent("b", "-again")
+    results = {n: _finish([p])[0] for n, p in agents.items()}
+    assert serve.finish() == 0, serve.lines
+    assert all(rc == 0 for rc, _ in results.values()), results
+    got, want = _losses(served), _losses(out)
+    assert len(got) == len(want) == steps
+    assert got == pytest.approx(want, rel=1e-5)
+    events = [json.loads(ln) for ln in (served / "events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["device"]) for e in events] == [("device_lost", "b"), ("device_joined", "b")], events
+    assert sorted(events[1]["devices"]) == ["a", "b", "c"] and events[1]["join_s"] > 0
+    assert json.loads((served / "summary.json").read_text())["plan_id"] == events[1]["plan_id"]
+    logs = "".join(p.read_text() for p in (tmp / "work-back-b-again" / "logs").glob("*.log"))
+    assert "its state comes from its peers" in logs, logs[-2000:]
+
+
 def _cmdline(d: Path) -> bytes:
     try:
         return (d / "cmdline").read_bytes()

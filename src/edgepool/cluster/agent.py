@@ -7,8 +7,10 @@ probe (torch loads only then, so a refusal comes at once). It waits for the run,
 (``launch.local.launch_local`` for this one rank: the rank cannot outlive the agent)
 with the rendezvous on the coordinator's authenticated store (``cluster.store``) and
 gloo bound to the interface that reaches the coordinator. The agent of rank 0 forwards
-each step record; every agent reports its rank's exit. When the coordinator says
-stop, or its connection is lost, the rank is stopped.
+each step record (in a run that regroups after a loss, every agent: rank 0 may change);
+every agent reports its rank's exit. When the coordinator says stop, or its connection
+is lost, the rank is stopped. An agent that joins a running run (``train.rejoin_s``)
+waits until the coordinator takes its device in, and leaves when the run ends first.
 
 The data stays here: ``--data PATH`` replaces this device's file in the job (the run
 description names paths only); samples are read by the rank and never sent. Results
@@ -26,6 +28,8 @@ from pathlib import Path
 import edgepool
 from edgepool.cluster.channel import PING_S, WAIT_S, ChannelError, Unreachable, connect
 from edgepool.errors import EdgepoolError, SpecError
+
+JOIN_ENV = ("EDGEPOOL_JOIN_GEN", "EDGEPOOL_DEVICE")  # what a coordinator may add to a rank's environment
 
 REACH_S = 120.0  # how long an agent keeps trying to reach a coordinator that is not up yet
 
@@ -108,6 +112,9 @@ def join(coordinator: str, token_path, device: str, *, data: str | None = None, 
             if "unused" in msg:
                 log(f"{device} is not in this run: {msg['unused']}")
                 return 0
+            if "done" in msg:  # joined a running run that ended before taking this device in
+                log(f"{device}: the run ended without taking this device in")
+                return 0
             if "run" in msg:
                 break
         try:
@@ -159,6 +166,8 @@ def _run(ch, msg: dict, device: str, *, data, work, token_path: Path, iface: str
     regroup = bool(msg.get("regroup"))
     if regroup:
         env["EDGEPOOL_REGROUP"] = "1"
+    # taken into a running run: the generation that takes it in (nothing else is taken from the message)
+    env.update({k: str(v) for k, v in (msg.get("env") or {}).items() if k in JOIN_ENV})
     told: list[str] = []
     stop = threading.Event()
     threading.Thread(target=_listen, args=(ch, told, stop), name="edgepool-agent", daemon=True).start()

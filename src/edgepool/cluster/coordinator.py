@@ -31,8 +31,11 @@ every agent forwards the step records its rank writes, of which the coordinator 
 those of the plan running, in order (the rank 0 of a new plan may be another device).
 The survivors regroup in memory and the lost ranks' state comes from the backups their
 peers keep (``train.replicate_every``) or a dp twin; a device's checkpoint files are on
-its own host, so when no survivor holds the state the run ends, saying so. A device
-that leaves is not taken back in under ``serve`` (``train.rejoin_s`` is for local pools).
+its own host, so when no survivor holds the state the run ends, saying so. With
+``train.rejoin_s`` an agent may join the running run (a device lost, or one not in it):
+it is admitted and waits; the handler's offer takes it in at a step boundary when the
+planner predicts a faster step with it, and its agent then starts its rank, whose
+state streams from its peers.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class Member:
     peer: str
     facts: dict
     rank: int | None = None
+    gone: bool = False  # its connection ended
 
 
 def bind_address(pool, bind: str | None) -> str:
@@ -86,6 +90,7 @@ class Coordinator:
         self.store = StoreServer()
         self._lock = threading.Lock()
         self._run_id: str | None = None
+        self.rejoining = False  # a device may join the running run, to be taken in (``train.rejoin_s``)
         self._listener = Listener(tls_context(token, server=True), bind, port, {
             "join": self._join, "store": store_handler(self.store, self._current_run, self._refuse)}, log=log)
         self.address = self._listener.address
@@ -120,9 +125,10 @@ class Coordinator:
             return self._refuse(ch, who, f"it runs edgepool {version}, the coordinator {edgepool.__version__}; "
                                          "install the same version on every device")
         with self._lock:  # admitted before any broadcast can reach it
-            if self._run_id is not None:
-                return self._refuse(ch, who, "the run has started; join the next one")
-            if name in self.members:
+            if self._run_id is not None:  # a device lost (or never in the run) may come back to be taken in
+                if not self.rejoining or (name in self.members and not self.members[name].gone):
+                    return self._refuse(ch, who, "the run has started; join the next one")
+            elif name in self.members:
                 self.log(f"{name} has already joined from {self.members[name].peer}")
                 return self._refuse(ch, who, f"device {name!r} has already joined")
             member = Member(name, ch, peer, facts if isinstance(facts, dict) else {})
@@ -145,6 +151,7 @@ class Coordinator:
             try:
                 msg = m.channel.recv(timeout=WAIT_S)  # agents ping every PING_S
             except ChannelError as exc:
+                m.gone = True
                 with self._lock:
                     if self.members.get(m.device) is m:
                         if self._run_id is None:  # while the pool waits, a device may leave and join again
@@ -226,16 +233,19 @@ class Coordinator:
                 raise EdgepoolError(f"device(s) {', '.join(gone)} left while the run was being planned; start again")
             self._run_id = secrets.token_hex(16)
             members = dict(self.members)
-        run = json.loads(spec.model_dump_json())
         for rank, name in enumerate(spec.plan.devices):
-            m = members[name]
-            m.rank = rank
-            host = m.channel.sock.getsockname()[0]  # the address this agent reached
-            store = f"[{host}]:{self.address[1]}" if ":" in host else f"{host}:{self.address[1]}"
-            m.channel.send({"run": run, "rank": rank, "run_id": self._run_id, "store": store, "regroup": regroup})
+            self.send_run(members[name], spec, rank, regroup)
         for name, m in members.items():
             if m.rank is None:
                 m.channel.send({"unused": "the plan for the devices that joined does not use this device"})
+
+    def send_run(self, m: Member, spec, rank: int, regroup: bool, env: dict[str, str] | None = None) -> None:
+        """Hand one agent its rank of ``spec`` (``env``: a device taken into the running run)."""
+        m.rank = rank
+        host = m.channel.sock.getsockname()[0]  # the address this agent reached
+        store = f"[{host}]:{self.address[1]}" if ":" in host else f"{host}:{self.address[1]}"
+        m.channel.send({"run": json.loads(spec.model_dump_json()), "rank": rank, "run_id": self._run_id,
+                        "store": store, "regroup": regroup, "env": env or {}})
 
     def follow(self, spec, on_step: Callable | None = None, deadline_s: float | None = None) -> dict:
         """Until every rank has exited: rank 0's step records to ``on_step``; returns
@@ -317,6 +327,15 @@ class RemoteRanks:
         self.ranks = {n: RemoteRank(self, n) for n in spec.plan.devices}
         self.logs = {r: self.out / "logs" / f"{n}.log" for r, n in enumerate(spec.plan.devices)}
         self.trace: dict | None = None
+        self.back: set[str] = set()  # devices whose agent joined while the run goes on, not yet taken in
+        self.on_back: Callable[[str], None] = lambda device: None
+
+    def start(self, rank: int, device: str, extra: dict[str, str], name: str, run) -> tuple[RemoteRank, Path]:
+        """``launch.local``'s ``start`` for a device whose agent is back: its rank of ``run``."""
+        self.coord.send_run(self.coord.members[device], run, rank, True, extra)
+        self.back.discard(device)
+        self.ranks[device] = rank_ = RemoteRank(self, device)
+        return rank_, self.out / "logs" / f"{device}.log"
 
     def follow(self, run) -> None:
         """From now on keep the records of ``run``'s plan, from the first step not on file."""
@@ -333,8 +352,13 @@ class RemoteRanks:
                 kind, name, msg, member = self.coord.events.get_nowait()
             except queue.Empty:
                 return
+            if member is not self.coord.members.get(name):  # a stale event
+                continue
+            if kind == "joined":
+                self.back.add(name)
+                self.on_back(name)
             rank = self.ranks.get(name)
-            if rank is None or member is not self.coord.members.get(name):  # not in the run, or a stale event
+            if rank is None:  # not in the run
                 continue
             if kind == "step":
                 rec = StepRecord.model_validate(msg["step"])
@@ -365,16 +389,29 @@ def _follow_regrouping(coord: Coordinator, spec, on_step: Callable, on_event: Ca
     events = _Events(out, log, on_step, on_event)
     handler = InMemory(events, wait_s=spec.job.train.detect_s + spec.job.train.timeout_s, log=log)
     handler.store = coord.store
+    handler.available = lambda device: device in remote.back
+    remote.on_back = lambda device: handler.away.setdefault(device, float("-inf"))  # one new to the run
+    coord.rejoining = spec.job.train.rejoin_s > 0
 
-    def regroup(failure, run, procs, logs, beats):
-        new = handler(failure, run, procs, logs, beats)
-        remote.follow(new[0])
-        return new
+    class Following:
+        """The handler, after which the coordinator keeps the new plan's records."""
+
+        def __call__(self, *args):
+            new = handler(*args)
+            remote.follow(new[0])
+            return new
+
+        def offer(self, *args):
+            new = handler.offer(*args)
+            if new is not None:
+                remote.follow(new[0])
+            return new
 
     procs = {r: remote.ranks[n] for r, n in enumerate(spec.plan.devices)}
     try:
         _watch(spec, procs, dict(remote.logs), Placement(), events.step, 0.1, deadline_s,
-               beats=Heartbeats(coord.store, spec.job.train.detect_s), regroup=regroup, summary=False)
+               beats=Heartbeats(coord.store, spec.job.train.detect_s), regroup=Following(),
+               start=remote.start if coord.rejoining else None, summary=False)
     finally:
         handler.close()
     final = RunSpec.read(out / "run.json")

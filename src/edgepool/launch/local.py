@@ -190,8 +190,9 @@ def launch_local(run, *, placement: Placement | None = None, on_step: Callable[[
     os.set_inheritable(watch_r, True)
     later: dict[int, subprocess.Popen] = {}  # devices taken in while the run goes on
 
-    def start(rank: int, device: str, extra: dict[str, str], name: str) -> tuple[subprocess.Popen, Path]:
-        """Start ``device``'s process as ``rank`` of a later generation (``launch.recover``)."""
+    def start(rank: int, device: str, extra: dict[str, str], name: str, _run=None) -> tuple[subprocess.Popen, Path]:
+        """Start ``device``'s process as ``rank`` of a later generation (``launch.recover``;
+        the run under the plan that takes it in, ``_run``, is for ranks elsewhere)."""
         path = out / "logs" / name
         later[len(later)] = p = _start_rank(run, rank, run_json, placement, master, port, watch_r, path,
                                             {**env, **extra}, device=device)

@@ -185,6 +185,8 @@ class InMemory:
         self.standby: list = []  # processes left out of a new plan; they leave on their own
         self.away: dict[str, float] = {}  # devices out of the plan -> since when (lost, or left out)
         self.declined: set[tuple[str, str]] = set()  # (plan_id, device) the planner kept out
+        # whether a device away can be started again (under ``serve``: its agent is back)
+        self.available: Callable[[str], bool] = lambda device: True
         self.next_offer = 0.0
 
     def __call__(self, failure: RankFailed, run, procs: dict, logs: dict, beats):
@@ -265,8 +267,8 @@ class InMemory:
         if not after or now < self.next_offer:
             return None
         self.next_offer = now + 1.0
-        cands = [d for d, t in self.away.items()
-                 if now - t >= after and d not in run.plan.devices and (run.plan.plan_id, d) not in self.declined]
+        cands = [d for d, t in self.away.items() if now - t >= after and d not in run.plan.devices
+                 and (run.plan.plan_id, d) not in self.declined and self.available(d)]
         # nothing to take in, the last event's plan has not finished a step yet, or the run ends
         if not cands or self.events.pending is not None or self.events.last_step + 2 >= run.steps:
             return None
@@ -295,8 +297,9 @@ class InMemory:
         self.gen += 1
         g = self.gen
         self.store.put(key(g, "join"), json.dumps({"devices": joining}).encode())
+        taking = run.model_copy(update={"plan": plan})
         started = {d: start(plan.devices.index(d), d, {"EDGEPOOL_JOIN_GEN": str(g), "EDGEPOOL_DEVICE": d},
-                            f"join-{g}-{d}.log") for d in joining}
+                            f"join-{g}-{d}.log", taking) for d in joining}
         _set_counter(self.store, JOIN, g)
         self.log(f"taking {', '.join(joining)} in at the next step boundary (predicted step {after_s:.3f} s against "
                  f"{before_s:.3f} s)")
