@@ -537,7 +537,7 @@ def test_a_device_lost_under_serve_joins_again(setup):
     assert first_b[0] == 2, first_b  # its rank was lost; it says so and leaves
     agents["b"] = agent("b", "-again")
     results = {n: _finish([p])[0] for n, p in agents.items()}
-    assert serve.finish() == 0, serve.lines
+    assert serve.finish() == 0, "\n".join(serve.lines)
     assert all(rc == 0 for rc, _ in results.values()), results
     got, want = _losses(served), _losses(out)
     assert len(got) == len(want) == steps

@@ -323,7 +323,7 @@ class RemoteRanks:
 
     def __init__(self, coord: Coordinator, spec):
         self.coord, self.out = coord, Path(spec.out_dir)
-        self.plan_id, self.next_step = spec.plan.plan_id, 0
+        self.plan_id, self.next_step, self.from_step = spec.plan.plan_id, 0, 0
         self.ranks = {n: RemoteRank(self, n) for n in spec.plan.devices}
         self.logs = {r: self.out / "logs" / f"{n}.log" for r, n in enumerate(spec.plan.devices)}
         self.trace: dict | None = None
@@ -337,12 +337,16 @@ class RemoteRanks:
         self.ranks[device] = rank_ = RemoteRank(self, device)
         return rank_, self.out / "logs" / f"{device}.log"
 
-    def follow(self, run) -> None:
-        """From now on keep the records of ``run``'s plan, from the first step not on file."""
+    def follow(self, run, start: int) -> None:
+        """From now on keep the records of ``run``'s plan, which goes on from step ``start``
+        (the handler kept the records before it), and the earlier plan's of the steps
+        before ``start`` still on their way; a step whose record was lost with its rank 0
+        stays a gap."""
         from edgepool.specs.metrics import read_metrics
 
         path = self.out / "metrics.jsonl"
-        self.plan_id, self.next_step = run.plan.plan_id, len(read_metrics(path)) if path.is_file() else 0
+        self.plan_id, self.from_step = run.plan.plan_id, start
+        self.next_step = min(len(read_metrics(path)) if path.is_file() else 0, start)
 
     def pump(self) -> None:
         from edgepool.specs.metrics import StepRecord, append_record
@@ -362,9 +366,9 @@ class RemoteRanks:
                 continue
             if kind == "step":
                 rec = StepRecord.model_validate(msg["step"])
-                if rec.plan_id == self.plan_id and rec.step == self.next_step:
+                if rec.step >= self.next_step and (rec.plan_id == self.plan_id or rec.step < self.from_step):
                     append_record(self.out / "metrics.jsonl", rec)
-                    self.next_step += 1
+                    self.next_step = rec.step + 1
             elif kind in ("exit", "lost") and rank.code is None:
                 rank.code = int(msg.get("exit", 1)) if kind == "exit" else -9
                 if msg.get("trace"):
@@ -398,13 +402,13 @@ def _follow_regrouping(coord: Coordinator, spec, on_step: Callable, on_event: Ca
 
         def __call__(self, *args):
             new = handler(*args)
-            remote.follow(new[0])
+            remote.follow(new[0], events.events[-1]["from_step"])
             return new
 
         def offer(self, *args):
             new = handler.offer(*args)
             if new is not None:
-                remote.follow(new[0])
+                remote.follow(new[0], events.events[-1]["from_step"])
             return new
 
     procs = {r: remote.ranks[n] for r, n in enumerate(spec.plan.devices)}

@@ -112,7 +112,8 @@ class _Events:
                     how: str, detected_at: float | None = None, phases: dict | None = None) -> dict:
         event = {"event": "device_lost", "device": exc.device, "reason": exc.reason,
                  "detected_at": detected_at or time.time(),
-                 "lost_at_step": self.last_step + 1, "from_step": from_step, "old_plan_id": run.plan.plan_id,
+                 # the records of the steps before may still be on their way (a launcher elsewhere)
+                 "lost_at_step": max(self.last_step + 1, from_step), "from_step": from_step, "old_plan_id": run.plan.plan_id,
                  "plan_id": plan.plan_id, "parallelism": plan.parallelism, "devices": plan.devices,
                  "standby": [d for d in left if d not in plan.devices], "samples_lost": _data_lost(run, exc.device),
                  "recovery": how}
