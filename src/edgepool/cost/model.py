@@ -387,13 +387,16 @@ class BackupCost:
 
     Every rank copies its state (parameters and optimizer state as its mode holds them,
     ``state_bytes`` less gradients) and sends it to the rank that backs it up
-    (``specs.layout.backups``; a dp twin needs none); the sends run at once at the step
-    boundary, synchronous, so a round takes their ``Network.transfer_time``, and the
-    step grows by that over ``every`` steps. ``auto`` (``train.replicate_every``) picks
-    the smallest ``every`` that keeps a round under ``BACKUP_SHARE`` of the steps between
-    two rounds. Memory: the own copy plus the replicas kept, held through the step
-    (``steady_bytes``); at the boundary the next copies are made before the old ones go,
-    twice that, when the activations are gone (``memory_part``)."""
+    (``specs.layout.backups``; a dp twin needs none); the sends of a round take their
+    ``Network.transfer_time`` and run in the background while the next ``every`` steps
+    go on, in the time the network is idle (each step's own transfers keep it busy
+    ``busy_s``). What does not fit there delays the next round's boundary, so the steps
+    grow by it over ``every`` (``time_s``). ``auto`` (``train.replicate_every``) picks the
+    smallest ``every`` that keeps that under ``BACKUP_SHARE`` of the step. The copy and
+    its serialization on the CPU are not counted. Memory: the own copy plus the replicas
+    kept, held through the step (``steady_bytes``); at the boundary the next copies are
+    made before the old ones go, twice that, when the activations are gone
+    (``memory_part``)."""
 
     time_s: float
     bytes_moved: dict[str, float]
@@ -407,8 +410,9 @@ class BackupCost:
 
 
 def backup_cost(plan: Plan, work: dict[str, DeviceWork], net: Network, every: int | str,
-                step_s: float = 0.0) -> BackupCost:
-    """``BackupCost`` of ``plan``; ``step_s``: its step without backups (for ``auto``)."""
+                step_s: float = 0.0, busy_s: float = 0.0) -> BackupCost:
+    """``BackupCost`` of ``plan``; ``step_s``: its step without backups, ``busy_s`` the
+    time its own transfers keep the network busy in it."""
     import math
 
     from edgepool.specs.layout import backups
@@ -418,15 +422,17 @@ def backup_cost(plan: Plan, work: dict[str, DeviceWork], net: Network, every: in
     state = {n: w.state_bytes.get("params", 0.0) + w.state_bytes.get("optimizer", 0.0) for n, w in work.items()}
     flows = [(plan.devices[r], plan.devices[b], state[plan.devices[r]]) for r, b in backups(plan).items()]
     round_s = net.transfer_time(flows)
-    if every == "auto":
-        every = max(1, math.ceil(round_s / (BACKUP_SHARE * step_s))) if step_s > 0 else 1
+    idle_s = max(0.0, step_s - busy_s)
+    if every == "auto":  # (round_s - every * idle_s) / every <= BACKUP_SHARE * step_s
+        every = max(1, math.ceil(round_s / (idle_s + BACKUP_SHARE * step_s))) if step_s > 0 else 1
     held = dict(state)
     moved = {n: 0.0 for n in plan.devices}
     for src, dst, nb in flows:
         held[dst] += nb
         moved[src] += nb / every
         moved[dst] += nb / every
-    return BackupCost(time_s=round_s / every, bytes_moved=moved, steady_bytes=held, every=int(every))
+    return BackupCost(time_s=max(0.0, round_s - every * idle_s) / every, bytes_moved=moved, steady_bytes=held,
+                      every=int(every))
 
 
 def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, network: Network | None = None) -> PlanCost:
@@ -499,7 +505,9 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             pipe, bottleneck = channel_bound, "shared channel"
     sync_total = sum(sc.sync_s for sc in stage_costs)
     optim_first = max(work[n].optim_s for n in plan.stages[0].devices)
-    backup = backup_cost(plan, work, net, profile.backup_every, step_s=pipe + sync_total + optim_first)
+    # the network's busy time in a step: every micro-batch's boundary and collective airtime, and the syncs
+    backup = backup_cost(plan, work, net, profile.backup_every, step_s=pipe + sync_total + optim_first,
+                         busy_s=min(pipe, M * chan) + sync_total)
     step = pipe + sync_total + optim_first + backup.time_s
     for n, b in backup.bytes_moved.items():
         dev_bytes[n] += b

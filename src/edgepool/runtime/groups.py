@@ -99,24 +99,31 @@ class StageGroups:
     rank: int
     timeout_s: float
     stage_groups: list = field(default_factory=list)  # one per stage; None for single-device stages
+    # every rank, for the in-memory backups that travel while the steps go on
+    # (``runtime.regroup``): their own connections, so they never queue behind a step's
+    backup_group: object = None
 
     @classmethod
-    def build(cls, plan: Plan, rank: int, timeout_s: float, *, device: TorchDevice = CPU) -> "StageGroups":
+    def build(cls, plan: Plan, rank: int, timeout_s: float, *, device: TorchDevice = CPU,
+              backups: bool = False) -> "StageGroups":
         self = cls(plan=plan, rank=rank, timeout_s=timeout_s)
         for ranks in stage_ranks(plan):
             group = (dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s), backend=device.backend)
                      if len(ranks) > 1 else None)
             self.stage_groups.append(group)
+        if backups:
+            self.backup_group = dist.new_group(list(range(plan.world_size)), timeout=timedelta(seconds=timeout_s),
+                                               backend="gloo")
         return self
 
     def of_stage(self, stage: int):
         return self.stage_groups[stage]
 
     def destroy(self) -> None:
-        for g in self.stage_groups:
+        for g in [*self.stage_groups, self.backup_group]:
             if g is not None:
                 dist.destroy_process_group(g)
-        self.stage_groups = []
+        self.stage_groups, self.backup_group = [], None
 
 
 def shutdown(*, clean: bool = True) -> None:

@@ -1,15 +1,18 @@
 """Recovery without a restart, rank side: the survivors of a lost device keep their processes.
 
 Backups, while the run goes well: every ``train.replicate_every`` steps each rank takes a
-snapshot of its state (parameters and optimizer state, ``Engine.pieces``) and sends it
-to the rank that backs it up (``specs.layout.backups``: the next rank of another stage,
-Asteroid's neighbour backups; a rank of a dp group has twins that hold the same bits and
-sends nothing), as safetensors bytes over the world group. A barrier then confirms
-that every rank holds the step's snapshot and replicas, and only then are the older
-ones dropped: whenever a device is lost, one step is held by every survivor, and the
-lost rank's state of that step by a twin or a replica. At a checkpoint step each rank
-also keeps a snapshot (the files hold the lost rank's part of it), so without backups
-(``replicate_every: 0``), or between two rounds, the run goes on from there.
+snapshot of its state (parameters and optimizer state, ``Engine.pieces``: a copy in
+memory, at the step boundary) and sends it to the rank that backs it up
+(``specs.layout.backups``: the next rank of another stage, Asteroid's neighbour
+backups; a rank of a dp group has twins that hold the same bits and sends nothing), as
+safetensors bytes. The sends run in the background, over a process group of their own
+(``StageGroups.backup_group``), while the next steps go on. Each rank counts its round
+done in the store; at the next round's boundary every rank waits until all have (one
+round in flight at most), and only then are the older copies dropped: whenever a device
+is lost, one step is held by every survivor, and the lost rank's state of that step by
+a twin or a replica. At a checkpoint step each rank also keeps a snapshot (the files
+hold the lost rank's part of it), so without backups (``replicate_every: 0``), or
+between two rounds, the run goes on from there.
 
 The launcher (``launch.recover``) and the ranks meet in the run's store, which the
 launcher hosts, so it outlives any rank:
@@ -121,11 +124,11 @@ class Snapshot:
         return cls(plan_id, step, load(blob), json.loads(_metadata(blob).get("scalars", "{}")))
 
 
-def replicate(snap: Snapshot, plan: Plan, rank: int, comm) -> dict[int, Snapshot]:
-    """Collective over the world: send this rank's ``snap`` to the rank that backs it up
-    (``specs.layout.backups``) and receive the snapshots of the ranks this one backs
-    up. Every send and receive is posted at once (a ring of blocking sends would wait on
-    each other), sizes first. Returns old rank -> its replica."""
+def replicate(snap: Snapshot, plan: Plan, rank: int, group=None) -> dict[int, Snapshot]:
+    """Collective over ``group`` (every rank): send this rank's ``snap`` to the rank that
+    backs it up (``specs.layout.backups``) and receive the snapshots of the ranks this
+    one backs up. Every send and receive is posted at once (a ring of blocking sends
+    would wait on each other), sizes first. Returns old rank -> its replica."""
     import torch.distributed as dist
 
     from edgepool.specs.layout import backups
@@ -134,19 +137,18 @@ def replicate(snap: Snapshot, plan: Plan, rank: int, comm) -> dict[int, Snapshot
     dst = to.get(rank)
     srcs = sorted(r for r, b in to.items() if b == rank)
     blob = snap.to_bytes() if dst is not None else b""
-    with comm.guard(f"backing up the state of step {snap.step}"):
-        sizes = {r: torch.zeros(1, dtype=torch.int64) for r in srcs}
-        reqs = [dist.irecv(sizes[r], r) for r in srcs]
-        if dst is not None:
-            reqs.append(dist.isend(torch.tensor([len(blob)], dtype=torch.int64), dst))
-        for q in reqs:
-            q.wait()
-        bufs = {r: torch.empty(int(sizes[r]), dtype=torch.uint8) for r in srcs}
-        reqs = [dist.irecv(bufs[r], r) for r in srcs]
-        if dst is not None:
-            reqs.append(dist.isend(torch.frombuffer(bytearray(blob), dtype=torch.uint8), dst))
-        for q in reqs:
-            q.wait()
+    sizes = {r: torch.zeros(1, dtype=torch.int64) for r in srcs}
+    reqs = [dist.irecv(sizes[r], r, group=group) for r in srcs]
+    if dst is not None:
+        reqs.append(dist.isend(torch.tensor([len(blob)], dtype=torch.int64), dst, group=group))
+    for q in reqs:
+        q.wait()
+    bufs = {r: torch.empty(int(sizes[r]), dtype=torch.uint8) for r in srcs}
+    reqs = [dist.irecv(bufs[r], r, group=group) for r in srcs]
+    if dst is not None:
+        reqs.append(dist.isend(torch.frombuffer(bytearray(blob), dtype=torch.uint8), dst, group=group))
+    for q in reqs:
+        q.wait()
     return {r: Snapshot.from_bytes(bufs[r].numpy().tobytes(), snap.plan_id, snap.step) for r in srcs}
 
 
@@ -217,6 +219,9 @@ class Regroup:
         self.joining = 0  # the generation the launcher opened to take devices in (``JOIN``), as last read
         self._target = 0
         self.groups = None  # the generation's ``StageGroups``, torn down on regrouping
+        self._round: tuple[threading.Thread, int, int] | None = None  # the backups in flight: thread, step, world
+        self._failed: BaseException | None = None  # why the round in flight failed
+        self._lock = threading.Lock()  # ``own`` and ``kept``, against the round in flight
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgepool-regroup", daemon=True)
 
@@ -252,24 +257,78 @@ class Regroup:
                 shut_connections(self.keep)
                 self.moved.set()
 
-    def keep_state(self, engine, step: int, comm=None) -> None:
-        """Remember this rank's state after ``step`` steps and, with ``comm`` (collective:
-        every rank calls it at the same step), back it up on its peer and keep the
-        replicas of the peers it backs up (``replicate``). The older versions are dropped
-        only once a barrier confirms that every rank holds this step's, so a loss at any
-        point leaves one step that every survivor and some replica of each lost rank hold."""
+    def keep_state(self, engine, step: int, group=None, *, backup: bool = False) -> None:
+        """Remember this rank's state after ``step`` steps. ``backup`` (collective: every
+        rank calls it at the same step) also backs it up on its peer and keeps the
+        replicas of the peers it backs up (``replicate``), in the background over
+        ``group``; first, the round before must be done on every rank (``settle``). The
+        older versions are dropped only once every rank holds the newer, so a loss at
+        any point leaves one step that every survivor and some replica of each lost
+        rank hold. Without ``backup`` (a checkpoint step: its files hold the rest) the
+        snapshot replaces the older ones at once."""
+        if backup:
+            self.settle()
         snap = Snapshot.of(engine, step)
-        self.own[step] = snap
-        if comm is not None:
-            for r, rep in replicate(snap, engine.plan, engine.rank, comm).items():
-                self.kept.setdefault(r, {})[step] = rep
-            comm.barrier(f"confirming the backups of step {step}")
-        self.own = {step: snap}
+        with self._lock:
+            self.own[step] = snap
+            if not backup:
+                self._drop_before(step)
+        if backup:
+            world = engine.plan.world_size
+            t = threading.Thread(target=self._send, args=(snap, engine.plan, engine.rank, group, world),
+                                 name="edgepool-backup", daemon=True)
+            self._round = (t, step, world)
+            t.start()
+
+    def _send(self, snap: Snapshot, plan: Plan, rank: int, group, world: int) -> None:
+        try:
+            got = replicate(snap, plan, rank, group)
+            with self._lock:
+                for r, rep in got.items():
+                    self.kept.setdefault(r, {})[snap.step] = rep
+        except Exception as exc:  # noqa: BLE001 - a peer lost mid-round: the main thread hears of it
+            self._failed = exc
+
+    def settle(self, timeout_s: float | None = None) -> None:
+        """Wait for the round in flight to be done on every rank, then drop the older
+        copies (each rank calls it at the same boundary, before the next round)."""
+        if self._round is None:
+            return
+        t, step, world = self._round
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        end = time.monotonic() + limit
+        t.join(limit)
+        self._round = None
+        # a RuntimeError, as gloo's: a lost peer, and the rank regroups (``runtime.train``)
+        if t.is_alive() or self._failed is not None:
+            why, self._failed = self._failed or f"not done within {limit:g} s", None
+            raise RuntimeError(f"backing up the state of step {step} failed: {why}")
+        done = key(self.gen, f"backups/{step}")  # counted here: the sending thread keeps off the store
+        self.store.add(done, 1)
+        while int(self.store.add(done, 0)) < world:
+            if time.monotonic() > end:
+                raise RuntimeError(f"the backups of step {step} were not done on every rank within {limit:g} s")
+            time.sleep(0.002)
+        with self._lock:
+            self._drop_before(step)
+
+    def _drop_before(self, step: int) -> None:
+        self.own = {t: v for t, v in self.own.items() if t >= step}
         self.kept = {r: {t: v for t, v in by.items() if t >= step} for r, by in self.kept.items()}
+
+    def held(self) -> dict:
+        """What this rank holds, as its report says it: the steps of its snapshots and of
+        the replicas it keeps (a round in flight counts once its replicas are here)."""
+        with self._lock:
+            return {"snapshots": [[v.plan_id, t] for t, v in sorted(self.own.items())],
+                    "replicas": {str(r): [[v.plan_id, t] for t, v in sorted(by.items())]
+                                 for r, by in self.kept.items()}}
 
     def forget(self) -> None:
         """Drop every snapshot and replica (a new generation's plan starts its own)."""
-        self.own, self.kept = {}, {}
+        self._round, self._failed = None, None
+        with self._lock:
+            self.own, self.kept = {}, {}
 
     def rejoin(self, old_rank: int, device: str, old_plan: Plan, log=print, gen: int | None = None) -> Assignment:
         """Report, wait for the launcher's answer, and join the new world (``None`` rank:
@@ -278,9 +337,9 @@ class Regroup:
         from edgepool.runtime.groups import leave_world, regroup_world
 
         g = self._target = gen if gen is not None else self._target
-        self.store.set(key(g, f"held/{old_rank}"), json.dumps({
-            "device": device, "snapshots": [[v.plan_id, t] for t, v in sorted(self.own.items())],
-            "replicas": {str(r): [[v.plan_id, t] for t, v in sorted(by.items())] for r, by in self.kept.items()}}))
+        if self._round is not None:  # a round in flight: done, or cut off with the old groups
+            self._round[0].join(self.timeout_s)
+        self.store.set(key(g, f"held/{old_rank}"), json.dumps({"device": device, **self.held()}))
         answer = self._answer(g)
         if answer.get("again"):  # a device was lost while others were taken in: that generation follows
             if not self.moved.wait(self.timeout_s):

@@ -204,7 +204,12 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
     cfg = job_model_config(job)
     identity = run.identity()
     device = plan.devices[rank]
-    groups = StageGroups.build(plan, rank, job.train.timeout_s, device=tensors)
+    # In-memory backups (``runtime.regroup``): every ``replicate_every`` steps each rank
+    # snapshots its state and backs it up on a peer, in the background over a group of
+    # their own; without them, the snapshot of each checkpoint step. A new plan starts
+    # its own, from the state it starts with.
+    replicate = backup_every(run) if regroup is not None and plan.world_size > 1 else 0
+    groups = StageGroups.build(plan, rank, job.train.timeout_s, device=tensors, backups=bool(replicate))
     sampler = sampler_for(run, device, cfg) if is_data_owner(plan, rank) else None
     engine = Engine(
         plan, cfg, rank=rank, sampler=sampler, global_batch=job.train.global_batch, seq_len=job.train.seq_len,
@@ -221,14 +226,10 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
         start = assignment.step
     elif run.resume or assignment is not None:
         start = _resume(run, rank, engine, ckpt_root, identity, comm, cfg, log)
-    # In-memory backups (``runtime.regroup``): every ``replicate_every`` steps each rank
-    # snapshots its state and backs it up on a peer; without them, the snapshot of each
-    # checkpoint step. A new plan starts its own, from the state it starts with.
-    replicate = backup_every(run) if regroup is not None and plan.world_size > 1 else 0
     if regroup is not None:
         regroup.forget()
         if replicate:  # the first backup of a fresh run; a regrouped one keeps its snapshot and backs up later
-            regroup.keep_state(engine, start, comm if assignment is None else None)
+            regroup.keep_state(engine, start, groups.backup_group, backup=assignment is None)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         earlier = read_metrics(metrics_path, log=log) if metrics_path.is_file() else []
@@ -256,8 +257,8 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
         res = engine.step(step, trace=step == run.steps - 1)
         backup_s = 0.0
         if replicate and (step + 1) % replicate == 0 and step + 1 < run.steps:
-            t0 = time.perf_counter()  # part of the step's time and energy: the run waits for it
-            regroup.keep_state(engine, step + 1, comm)
+            t0 = time.perf_counter()  # the snapshot, and any wait for the round before: the step's
+            regroup.keep_state(engine, step + 1, groups.backup_group, backup=True)
             backup_s = time.perf_counter() - t0
         reading = meter.end("step").readings.get(device)
         joules = (reading.energy_j, reading.source) if reading is not None else (None, "none")
@@ -286,11 +287,14 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
             if regroup is not None and step + 1 not in regroup.own:  # a lost state then comes from these files
                 regroup.keep_state(engine, step + 1)
         if regroup is not None and join > regroup.gen and step + 1 < run.steps:
+            regroup.settle()  # every rank is at this boundary: the round in flight ends
             if step + 1 not in regroup.own:
                 regroup.keep_state(engine, step + 1)
             groups.destroy()
             regroup.groups = None
             raise Joining(join, step + 1)
+    if regroup is not None:
+        regroup.settle()  # no backup left in flight when the groups go
     summary = None
     if rank == 0:
         summary = summarize(read_metrics(metrics_path), plan_id=plan.plan_id, parallelism=plan.parallelism,

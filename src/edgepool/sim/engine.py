@@ -84,6 +84,7 @@ class SimResult:
     devices: dict[str, DeviceTrace]
     segments: tuple[Segment, ...]
     num_flows: int
+    network_busy_s: float = 0.0  # time with bytes on the wire in the step (its own transfers)
 
     @property
     def energy_j(self) -> float:
@@ -130,6 +131,7 @@ class _Net:
         self.flows: list[_Flow] = []
         self.moved: dict[str, float] = {}
         self.count = 0
+        self.busy_s = 0.0  # time with bytes on the wire (the room left for the backups in the background)
 
     def add(self, src: str, dst: str, nbytes: float, now: float, on_done, delay_s: float | None = None) -> None:
         lat = max(self.net.dev_latency_s[src], self.net.dev_latency_s[dst]) if delay_s is None else delay_s
@@ -177,6 +179,8 @@ class _Net:
     def advance(self, now: float, to: float) -> list[_Flow]:
         dt = to - now
         done = []
+        if any(f.start_s <= now + _EPS and f.rate > 0 for f in self.flows):
+            self.busy_s += dt
         for f in self.flows:
             if f.start_s <= now + _EPS and f.rate > 0:
                 f.remaining -= f.rate * dt
@@ -405,7 +409,7 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
 
     step = max((rk.free_at for rk in ranks), default=0.0)
     step = max(step, max((sg.end_s for sg in segments), default=0.0))
-    backup = backup_cost(plan, work, net, profile.backup_every, step_s=step)
+    backup = backup_cost(plan, work, net, profile.backup_every, step_s=step, busy_s=netsim.busy_s)
     step += backup.time_s
     for rk in ranks:  # the boundary's second copy of the backups, the activations gone
         rk.mem_peak = max(rk.mem_peak, static[rk.device] + held.get(rk.device, 0.0))
@@ -423,4 +427,4 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
                              busy_s=rk.busy_s, radio_bytes=moved))
     segments.sort(key=lambda sg: (sg.device, sg.start_s))
     return SimResult(plan_id=plan.plan_id, step_time_s=step, devices=traces, segments=tuple(segments),
-                     num_flows=netsim.count)
+                     num_flows=netsim.count, network_busy_s=netsim.busy_s)
