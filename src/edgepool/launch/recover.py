@@ -57,9 +57,11 @@ from edgepool.runtime import checkpoint
 from edgepool.specs.metrics import StepRecord, Summary, read_summary, write_json
 
 
-def replan(run, devices: list[str], log=print):
-    """The plan for ``run``'s job over ``devices`` only (the same family where one fits)."""
-    from edgepool.launch.prepare import family_plan
+def replan(run, devices: list[str], log=print, every: bool = False):
+    """The plan for ``run``'s job over ``devices`` only (the same family where one fits);
+    ``every``: one that uses every device (in proportion to speed; ``planner.settle``
+    then sets its order and boundaries)."""
+    from edgepool.launch.prepare import family_plan, proportional_plan
     from edgepool.models.config import job_model_config
 
     pool = run.pool.model_copy(update={"devices": tuple(run.pool.device(d) for d in devices)})
@@ -67,8 +69,10 @@ def replan(run, devices: list[str], log=print):
     if len(devices) == 1:
         family = "single"
     elif family in ("hybrid", "single"):
-        family = "auto"
-    return family_plan(pool, run.job, job_model_config(run.job).num_layers, family, log=log)
+        family = "pp" if every else "auto"
+    layers = job_model_config(run.job).num_layers
+    return proportional_plan(pool, run.job, layers, family) if every else family_plan(pool, run.job, layers, family,
+                                                                                       log=log)
 
 
 def _data_lost(run, device: str) -> bool:
@@ -232,6 +236,15 @@ class InMemory:
         staying = {r: reports[r] for r in survivors if run.plan.devices[r] in plan.devices}
         gone = [r for r in range(run.plan.world_size) if r not in staying]
         step, source, holders, files = self._state(run, out, staying, gone)
+        if source != "memory" and len(staying) < len(survivors):
+            # A survivor left out holds state nobody else does (its replica went with the
+            # lost device, and no checkpoint here has it: under ``serve`` the files stay
+            # on each host): keep every survivor in the plan and go on from memory.
+            kept = self._state(run, out, {r: reports[r] for r in survivors}, [failure.rank])
+            if kept[1] == "memory":
+                plan, (step, source, holders, files) = replan(run, left, every=True), kept
+                self.log(f"keeping every survivor ({', '.join(left)}) in the plan: the state of a device the planner "
+                         "left out is held nowhere else")
         if step is None:
             self._stop(g, "no state to go on from")
             raise failure
