@@ -209,7 +209,8 @@ def _write(cases: list[dict], spec, args, took: float) -> None:
         f"{spec.job.train.detect_s:g} s (the default). Initial plan: "
         f"{spec.plan.plan_id}, {spec.plan.parallelism} over {', '.join(spec.plan.devices)} in proportion to speed "
         "(the planner alone would train this model on the laptop only, which could lose only that device); after "
-        "a loss the planner picks the best pipeline over the devices left.", "",
+        "a loss the planner picks the best pipeline over the devices left, and `planner.settle` sets its stage order and "
+        "layer boundaries with the state's moves counted.", "",
         "How edgepool goes on: the launcher names the lost device (its rank's exit, or a heartbeat silent for "
         f"{spec.job.train.detect_s:g} s) and plans again over the others; the survivors keep their processes and "
         "their snapshots, regroup under the new plan and take the lost rank's part from the backup its peer keeps "

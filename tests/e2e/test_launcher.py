@@ -282,7 +282,7 @@ def test_a_survivor_whose_state_is_nowhere_else_stays_in_the_plan(tmp_path, caps
 
     pool = tmp_path / "pool.yaml"
     pool.write_text("network: {medium: switched, bandwidth_mbps: 1000}\ndevices:\n" + "".join(
-        f"  - {{name: {d}, kind: host-cpu, host: local, compute_scale: {0.0005 if d == 'c' else 0.01}}}\n"
+        f"  - {{name: {d}, kind: host-cpu, host: local, compute_scale: {0.001 if d == 'c' else 0.01}}}\n"
         for d in "abcd"))
     job = tmp_path / "job.yaml"
     job.write_text(f"model: {{family: gpt, size: tiny}}\ndata: {{path: {CORPUS}}}\n"
