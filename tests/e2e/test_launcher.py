@@ -272,6 +272,17 @@ def test_a_lost_device_and_the_run_goes_on(tmp_path, capsys, monkeypatch, family
     assert _gone(out)
 
 
+def _scaled(tmp: Path, scales: dict[str, float], train: str) -> tuple[Path, Path]:
+    """A compute-bound local pool (each device's ``compute_scale``, a 1 Gbit/s switch) and a
+    tiny GPT job with ``train``'s settings."""
+    pool = tmp / "pool.yaml"
+    pool.write_text("network: {medium: switched, bandwidth_mbps: 1000}\ndevices:\n" + "".join(
+        f"  - {{name: {d}, kind: host-cpu, host: local, compute_scale: {s}}}\n" for d, s in scales.items()))
+    job = tmp / "job.yaml"
+    job.write_text(f"model: {{family: gpt, size: tiny}}\ndata: {{path: {CORPUS}}}\ntrain: {{{train}}}\n")
+    return pool, job
+
+
 def test_a_survivor_whose_state_is_nowhere_else_stays_in_the_plan(tmp_path, capsys, monkeypatch):
     """pp over a, b, c, d with backups in memory only (no checkpoint); c is very slow, so
     the planner alone would leave it out once d is lost. But c's replica was on d: its
@@ -280,14 +291,8 @@ def test_a_survivor_whose_state_is_nowhere_else_stays_in_the_plan(tmp_path, caps
     from edgepool.launch.recover import replan
     from edgepool.runtime.train import RunSpec
 
-    pool = tmp_path / "pool.yaml"
-    pool.write_text("network: {medium: switched, bandwidth_mbps: 1000}\ndevices:\n" + "".join(
-        f"  - {{name: {d}, kind: host-cpu, host: local, compute_scale: {0.001 if d == 'c' else 0.01}}}\n"
-        for d in "abcd"))
-    job = tmp_path / "job.yaml"
-    job.write_text(f"model: {{family: gpt, size: tiny}}\ndata: {{path: {CORPUS}}}\n"
-                   "train: {global_batch: 4, seq_len: 16, steps: 6, timeout_s: 30, checkpoint_every: 0, "
-                   "replicate_every: 1}\n")
+    pool, job = _scaled(tmp_path, {"a": 0.01, "b": 0.01, "c": 0.001, "d": 0.01},
+                        "global_batch: 4, seq_len: 16, steps: 6, timeout_s: 30, checkpoint_every: 0, replicate_every: 1")
     plan = _plan(tmp_path, pool, job, "pp")
     base = ["train", "--pool", str(pool), "--job", str(job), "--plan", str(plan), "--no-progress"]
     assert main(base + ["--out", str(tmp_path / "full")]) == 0
@@ -315,13 +320,8 @@ def test_a_lost_device_comes_back(tmp_path, capsys, monkeypatch, b_scale, taken_
     and the run finishes over a, b and c; where b is very slow it stays a standby. Either
     way every step (120 short ones: the offer comes while the run goes on) finishes with
     the uninterrupted run's losses (1e-5) and no process is left behind."""
-    pool = tmp_path / "pool.yaml"
-    pool.write_text("network: {medium: switched, bandwidth_mbps: 1000}\ndevices:\n" + "".join(
-        f"  - {{name: {d}, kind: host-cpu, host: local, compute_scale: {b_scale if d == 'b' else 0.01}}}\n"
-        for d in "abc"))
-    job = tmp_path / "job.yaml"
-    job.write_text(f"model: {{family: gpt, size: tiny}}\ndata: {{path: {CORPUS}}}\n"
-                   "train: {global_batch: 24, seq_len: 16, steps: 120, timeout_s: 30, rejoin_s: 0.2}\n")
+    pool, job = _scaled(tmp_path, {"a": 0.01, "b": b_scale, "c": 0.01},
+                        "global_batch: 24, seq_len: 16, steps: 120, timeout_s: 30, rejoin_s: 0.2")
     plan = _plan(tmp_path, pool, job, "dp")
     base = ["train", "--pool", str(pool), "--job", str(job), "--plan", str(plan), "--no-progress"]
     assert main(base + ["--out", str(tmp_path / "full")]) == 0
