@@ -297,17 +297,21 @@ class Regroup:
         t, step, world = self._round
         limit = self.timeout_s if timeout_s is None else timeout_s
         end = time.monotonic() + limit
-        t.join(limit)
+        # A RuntimeError, as gloo's, when a peer is lost (the launcher opened a generation:
+        # ``moved``) or the round is not done in time: the rank then regroups (``runtime.train``).
+        while t.is_alive() and not self.moved.is_set() and time.monotonic() < end:
+            t.join(0.05)
         self._round = None
-        # a RuntimeError, as gloo's: a lost peer, and the rank regroups (``runtime.train``)
         if t.is_alive() or self._failed is not None:
-            why, self._failed = self._failed or f"not done within {limit:g} s", None
+            why, self._failed = self._failed or ("a peer was lost" if self.moved.is_set() else
+                                                 f"not done within {limit:g} s"), None
             raise RuntimeError(f"backing up the state of step {step} failed: {why}")
         done = key(self.gen, f"backups/{step}")  # counted here: the sending thread keeps off the store
         self.store.add(done, 1)
         while int(self.store.add(done, 0)) < world:
-            if time.monotonic() > end:
-                raise RuntimeError(f"the backups of step {step} were not done on every rank within {limit:g} s")
+            if self.moved.is_set() or time.monotonic() > end:
+                raise RuntimeError(f"the backups of step {step} were not done on every rank "
+                                   f"({'a peer was lost' if self.moved.is_set() else f'within {limit:g} s'})")
             time.sleep(0.002)
         with self._lock:
             self._drop_before(step)
