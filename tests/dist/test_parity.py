@@ -23,14 +23,19 @@ from edgepool.testing.dist import run_distributed
 STEPS, BATCH, SEQ, LAYERS = 3, 8, 16, 4
 
 
-def _train(rank, world, plan, family, optimizer, lr):
+def _train(rank, world, plan, family, optimizer, lr, count=False):
+    """Per-step losses and the stitched parameters (``count``: and how many times this
+    rank's blocks ran forward)."""
     cfg = preset(family, "tiny", vocab_size=ByteTokenizer.vocab_size, num_layers=LAYERS)
     groups = StageGroups.build(plan, rank, 20)
     sampler = Sampler(path=str(CORPUS), seq_len=SEQ, family=family, seed=0, mask_token_id=ByteTokenizer.mask_token_id)
     eng = Engine(plan, cfg, rank=rank, sampler=sampler, global_batch=BATCH, seq_len=SEQ, groups=groups, lr=lr,
                  optimizer=optimizer, timeout_s=20)
+    calls = []
+    for block in eng.model.blocks.values():  # counted in the forward itself: hooks do not fire when it is run again
+        block.forward = (lambda run: lambda *a, **kw: (calls.append(1), run(*a, **kw))[1])(block.forward)
     losses = [eng.step(s).loss for s in range(STEPS)]
-    return losses, gather_full_state(eng)
+    return (losses, gather_full_state(eng)) + ((len(calls),) if count else ())
 
 
 def _stage(layers, devices, mode="dp", shares=None):
@@ -127,3 +132,35 @@ def test_fsdp_stage_after_a_single_device_stage_with_adamw():
                 num_microbatches=2, schedule="1f1b")
     got = run_distributed(_train, 3, plan, "gpt", "adamw", _LR["adamw"])[0]
     assert_parity(reference("gpt", "adamw"), got, param_atol=1e-4, outliers=1e-3, outlier_atol=STEPS * _LR["adamw"])
+
+
+def _recomputing(plan: Plan) -> Plan:
+    return plan.model_copy(update={"stages": tuple(st.model_copy(update={"recompute": True}) for st in plan.stages)})
+
+
+@pytest.mark.parametrize("mode", ["dp", "tp", "sp", "fsdp", "pp-1f1b"])
+def test_recomputation_changes_no_number(mode):
+    """Activation recomputation (``StagePlan.recompute``) in fp32: the same losses and the
+    same parameters, bit for bit, as the run that keeps every activation."""
+    plan = TWO_RANK[mode]
+    on = _recomputing(plan)
+    assert on.plan_id != plan.plan_id and all(st.recompute for st in on.stages)
+    kept = run_distributed(_train, 2, plan, "gpt", "adamw", _LR["adamw"], True)
+    redone = run_distributed(_train, 2, on, "gpt", "adamw", _LR["adamw"], True)
+    assert [r[2] * 2 for r in kept] == [r[2] for r in redone]  # every block's forward ran again in the backward
+    kept, redone = kept[0], redone[0]
+    assert kept[0] == redone[0]
+    assert set(kept[1]) == set(redone[1])
+    assert all(torch.equal(kept[1][k], redone[1][k]) for k in kept[1]), \
+        [k for k in kept[1] if not torch.equal(kept[1][k], redone[1][k])]
+
+
+def test_a_plan_without_recomputation_keeps_its_id():
+    """The field is written only when on: plans (and their ids, in checkpoints) from
+    before it are unchanged."""
+    assert TWO_RANK["pp-1f1b"].plan_id == "12b7846680" and "recompute" not in TWO_RANK["pp-1f1b"].dumps()
+    hybrid = Plan(num_layers=4, stages=[_stage((0, 2), ("a", "b"), "tp", (3, 1)), _stage((2, 4), ("c",))],
+                  num_microbatches=2, schedule="1f1b")
+    assert hybrid.plan_id == "42f509eee7"
+    on = _recomputing(hybrid)
+    assert Plan.model_validate_json(on.dumps()) == on and '"recompute": true' in on.dumps()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from edgepool.models.config import ModelConfig
 from edgepool.models.layers import Block, Embedding, Head, init_weights
@@ -18,11 +19,21 @@ def _seeded(seed: int, part: int, build):
 
 class Blocks(nn.ModuleDict):
     """A stage's blocks, run in order. A module of its own so that a mode can wrap the
-    blocks as one unit (``modes.fsdp`` makes it the FSDP root the forward goes through)."""
+    blocks as one unit (``modes.fsdp`` makes it the FSDP root the forward goes through).
+
+    ``recompute`` (the plan's ``StagePlan.recompute``): each block runs under
+    ``torch.utils.checkpoint`` (non-reentrant: the RNG state is restored, so dropout
+    draws the same masks), which keeps the block's input only and runs its forward again
+    in the backward; the numbers do not change."""
+
+    recompute = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.values():
-            x = block(x)
+            if self.recompute and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return x
 
 

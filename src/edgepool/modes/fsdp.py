@@ -166,6 +166,10 @@ def _count_traffic(unit, wire, n: int) -> None:
     per = int((n - 1) / n * sum(p.numel() * p.element_size() for p in unit.parameters()))
 
     def fwd(module, args, output):
+        import torch
+
+        if torch._C._current_graph_task_id() != -1:  # a forward run again in the backward (recomputation)
+            return
         wire.bytes_sent += per
         if output.requires_grad:  # its backward all-gathers and reduce-scatters
             output.register_hook(bwd)

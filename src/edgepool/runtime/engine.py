@@ -115,6 +115,7 @@ class Engine:
                                               owner=self.owner, device=device, state=state_dict if deferred else None)
         for block in model.blocks.values():
             block.set_ctx(ctx)
+        model.blocks.recompute = st.recompute
         self.model = model
         # 3. replicated parameters synchronised once per step (dp, sp)
         self.sync_params = self.mode.sync_params(model, owner=self.owner) if self.group is not None else []

@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_serializer, model_validator
 
 from edgepool.errors import PlanError
 from edgepool.models.config import LIMITS
@@ -53,6 +53,17 @@ class StagePlan(_Strict):
     mode: StageMode = "dp"
     devices: tuple[Name, ...] = Field(min_length=1, max_length=MAX_DEVICES)
     shares: tuple[Real(ge=0.0, le=1e6), ...] | None = None
+    # Activation recomputation (``torch.utils.checkpoint``): the stage keeps each block's
+    # input only and runs the block's forward again in the backward. Written only when
+    # on, so a plan without it dumps, and hashes to its ``plan_id``, as before the field.
+    recompute: bool = False
+
+    @model_serializer(mode="wrap")
+    def _without_defaults(self, handler):
+        data = handler(self)
+        if not self.recompute and isinstance(data, dict):
+            data.pop("recompute", None)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "StagePlan":
