@@ -207,6 +207,21 @@ def shut_connections(keep: set[tuple[str, int]]) -> int:
     return n
 
 
+ABANDON_S = 1.0  # how long a rank that regroups waits for its round of backups in flight
+
+
+@dataclass
+class _Round:
+    """A round of backups in flight: its step, the world it runs over, its thread, and
+    why it failed (set by the thread)."""
+
+    step: int
+    world: int
+    group: object
+    thread: threading.Thread | None = None
+    failed: BaseException | None = None
+
+
 class Regroup:
     """This rank's part in going on without a lost device (see the module docstring)."""
 
@@ -219,8 +234,7 @@ class Regroup:
         self.joining = 0  # the generation the launcher opened to take devices in (``JOIN``), as last read
         self._target = 0
         self.groups = None  # the generation's ``StageGroups``, torn down on regrouping
-        self._round: tuple[threading.Thread, int, int] | None = None  # the backups in flight: thread, step, world
-        self._failed: BaseException | None = None  # why the round in flight failed
+        self._round: _Round | None = None  # the backups in flight
         self._lock = threading.Lock()  # ``own`` and ``kept``, against the round in flight
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgepool-regroup", daemon=True)
@@ -274,38 +288,52 @@ class Regroup:
             if not backup:
                 self._drop_before(step)
         if backup:
-            world = engine.plan.world_size
-            t = threading.Thread(target=self._send, args=(snap, engine.plan, engine.rank, group, world),
-                                 name="edgepool-backup", daemon=True)
-            self._round = (t, step, world)
-            t.start()
+            rnd = _Round(step=step, world=engine.plan.world_size, group=group)
+            rnd.thread = threading.Thread(target=self._send, args=(rnd, snap, engine.plan, engine.rank),
+                                          name="edgepool-backup", daemon=True)
+            self._round = rnd
+            rnd.thread.start()
 
-    def _send(self, snap: Snapshot, plan: Plan, rank: int, group, world: int) -> None:
+    def _send(self, rnd: "_Round", snap: Snapshot, plan: Plan, rank: int) -> None:
         try:
-            got = replicate(snap, plan, rank, group)
+            got = replicate(snap, plan, rank, rnd.group)
             with self._lock:
-                for r, rep in got.items():
-                    self.kept.setdefault(r, {})[snap.step] = rep
+                if self._round is rnd:  # not a round given up on (a later generation holds other state)
+                    for r, rep in got.items():
+                        self.kept.setdefault(r, {})[snap.step] = rep
         except Exception as exc:  # noqa: BLE001 - a peer lost mid-round: the main thread hears of it
-            self._failed = exc
+            rnd.failed = exc
+
+    def abandon(self) -> None:
+        """Leave the round in flight behind (a loss: its peer may never answer). Waits a
+        moment for it; if it is still blocked, its thread and its process group are left
+        to fail on their own (destroying a gloo group under a blocked op could hang)."""
+        rnd = self._round
+        if rnd is None:
+            return
+        rnd.thread.join(ABANDON_S)
+        with self._lock:  # from here on the thread's replicas, if it ends, are dropped
+            self._round = None
+        if rnd.thread.is_alive() and self.groups is not None and self.groups.backup_group is rnd.group:
+            self.groups.backup_group = None
 
     def settle(self, timeout_s: float | None = None) -> None:
         """Wait for the round in flight to be done on every rank, then drop the older
         copies (each rank calls it at the same boundary, before the next round)."""
         if self._round is None:
             return
-        t, step, world = self._round
+        rnd = self._round
+        t, step, world = rnd.thread, rnd.step, rnd.world
         limit = self.timeout_s if timeout_s is None else timeout_s
         end = time.monotonic() + limit
         # A RuntimeError, as gloo's, when a peer is lost (the launcher opened a generation:
         # ``moved``) or the round is not done in time: the rank then regroups (``runtime.train``).
         while t.is_alive() and not self.moved.is_set() and time.monotonic() < end:
             t.join(0.05)
-        self._round = None
-        if t.is_alive() or self._failed is not None:
-            why, self._failed = self._failed or ("a peer was lost" if self.moved.is_set() else
-                                                 f"not done within {limit:g} s"), None
+        if t.is_alive() or rnd.failed is not None:
+            why = rnd.failed or ("a peer was lost" if self.moved.is_set() else f"not done within {limit:g} s")
             raise RuntimeError(f"backing up the state of step {step} failed: {why}")
+        self._round = None
         done = key(self.gen, f"backups/{step}")  # counted here: the sending thread keeps off the store
         self.store.add(done, 1)
         while int(self.store.add(done, 0)) < world:
@@ -330,7 +358,7 @@ class Regroup:
 
     def forget(self) -> None:
         """Drop every snapshot and replica (a new generation's plan starts its own)."""
-        self._round, self._failed = None, None
+        self._round = None
         with self._lock:
             self.own, self.kept = {}, {}
 
@@ -341,8 +369,7 @@ class Regroup:
         from edgepool.runtime.groups import leave_world, regroup_world
 
         g = self._target = gen if gen is not None else self._target
-        if self._round is not None:  # a round in flight: done, or cut off with the old groups
-            self._round[0].join(self.timeout_s)
+        self.abandon()  # a round in flight: done, or left behind with the old groups
         self.store.set(key(g, f"held/{old_rank}"), json.dumps({"device": device, **self.held()}))
         answer = self._answer(g)
         if answer.get("again"):  # a device was lost while others were taken in: that generation follows
