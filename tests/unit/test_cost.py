@@ -10,6 +10,7 @@ from _plan_helpers import bert_base, make_pool, tiny
 from edgepool.cost import (ModelDims, ModelProfile, Network, analytic_profile, device_speed, estimate,
                            memory_cap_bytes, shape_for)
 from edgepool.cost.model import boundary_flows, device_work, group_comm
+from edgepool import modes
 from edgepool.cost.network import PAYLOAD_FRACTION
 from edgepool.errors import PlanError, SpecError
 from edgepool.specs import Plan, StagePlan
@@ -307,3 +308,43 @@ def test_auto_backups_stay_under_a_tenth_of_the_step(mbps):
     assert auto.backup_s <= BACKUP_SHARE * step_s * (1 + 1e-9)
     if mbps == 20.0:
         assert auto.backup_every > 1
+
+
+@pytest.mark.parametrize("mode", ["dp", "tp", "sp"])
+def test_recomputation_trades_activations_for_a_second_forward(mode):
+    """A stage that recomputes (``StagePlan.recompute``) keeps each block's input only
+    (tokens x hidden x 4 bytes a block) and rebuilds one block's activations at a time in
+    the backward, which runs the blocks' forward again, with their collectives where the
+    mode has them in the blocks (tp, sp); the cost model and the simulator agree on the
+    memory it saves."""
+    from edgepool.sim import simulate
+    from edgepool.specs.plan import Shape
+
+    pool = make_pool(["host-cpu"] * 3, medium="switched", bandwidth_mbps=100.0)
+    prof = tiny(num_layers=4, hidden=128)
+    shape = Shape(global_batch=8, seq_len=64, num_heads=4, ffn=512)
+
+    def plan(on: bool) -> Plan:
+        return Plan(num_layers=4, num_microbatches=2, schedule="1f1b",
+                    stages=[StagePlan(layers=(0, 1), devices=("d0",)),
+                            StagePlan(layers=(1, 4), mode=mode, devices=("d1", "d2"), recompute=on)])
+
+    off, on = plan(False), plan(True)
+    w_off, w_on = device_work(off, pool, prof, shape)["d1"], device_work(on, pool, prof, shape)["d1"]
+    tokens, _, _ = modes.get(mode).block_part(Layout.of(on, shape).splits[1], 0, Layout.of(on, shape).microbatch, shape)
+    assert w_on.act_bytes == pytest.approx(3 * tokens * 128 * 4) and w_on.act_bytes < w_off.act_bytes
+    assert w_on.blocks_bwd_s == pytest.approx(w_off.blocks_bwd_s + w_off.blocks_fwd_s)
+    assert 0 < w_on.recompute_bytes < w_off.act_bytes and w_off.recompute_bytes == 0
+    g_off, g_on = (group_comm(p, 1, prof, shape, Network.of(pool)) for p in (off, on))
+    if mode == "dp":
+        assert g_on == g_off
+    else:
+        assert g_on.coll_bwd_s == pytest.approx(g_off.coll_bwd_s + g_off.coll_fwd_s) and g_off.coll_fwd_s > 0
+        assert g_on.coll_steps_bwd == g_off.coll_steps_bwd + g_off.coll_steps
+    c_off, c_on = estimate(off, pool, prof, shape), estimate(on, pool, prof, shape)
+    assert c_on.step_time_s > c_off.step_time_s
+    assert c_on.devices["d1"].memory_parts["transient"] == pytest.approx(w_on.recompute_bytes)
+    assert c_on.devices["d1"].memory_bytes < c_off.devices["d1"].memory_bytes
+    s_off, s_on = simulate(off, pool, prof, shape), simulate(on, pool, prof, shape)
+    assert s_on.step_time_s > s_off.step_time_s
+    assert s_on.peak_memory_bytes["d1"] < s_off.peak_memory_bytes["d1"]

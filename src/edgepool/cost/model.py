@@ -273,6 +273,9 @@ class DeviceWork:
     act_bytes: float  # kept per micro-batch in flight
     transient_bytes: float  # the head's logits and their gradient
     state_bytes: dict[str, float] = field(default_factory=dict)  # params, grads, optimizer as the mode holds them
+    # a stage that recomputes (``StagePlan.recompute``): the largest block's activations,
+    # rebuilt one block at a time in the backward (``act_bytes`` then holds the blocks' inputs only)
+    recompute_bytes: float = 0.0
 
     @property
     def static_bytes(self) -> float:
@@ -343,6 +346,10 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
             tokens, hf, ff = mode.block_part(lay.splits[s], i, lay.microbatch, shape)
             fs, bs, acts = block_costs(blocks, tokens, T_seq, hf, ff)
             f, bw, act = sum(fs), sum(bs), sum(acts)
+            redo = 0.0
+            if st.recompute:  # keep each block's input; its forward runs again in the backward
+                bw, redo = bw + f, max(acts)
+                act = len(blocks) * tokens * profile.dims.hidden * profile.dtype_bytes
             params = sum(lp.params_at(hf, ff) for lp in blocks)
             ef = hd = eb = transient = 0.0
             if s == 0:
@@ -356,14 +363,26 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
                 blocks_fwd_s=f * slow, blocks_bwd_s=bw * slow, embed_fwd_s=ef * slow, head_s=hd * slow,
                 embed_bwd_s=eb * slow, optim_s=slow * profile.optim_s_per_param_byte * optim_params,
                 params_bytes=params, act_bytes=act, transient_bytes=transient,
-                state_bytes=mode.memory(sw, i, params))
+                state_bytes=mode.memory(sw, i, params), recompute_bytes=redo)
     return out
 
 
 def group_comm(plan: Plan, s: int, profile: ModelProfile, shape: Shape, net: Network) -> GroupComm:
     """Stage s's collectives per micro-batch and its gradient sync, as the runtime runs
-    them: its mode's ``comm`` (``edgepool.modes``)."""
-    return modes.get(plan.stages[s].mode).comm(stage_work(plan, s, profile, shape), net)
+    them: its mode's ``comm`` (``edgepool.modes``); a stage that recomputes runs its
+    forward collectives again in the backward where its mode's are in its blocks."""
+    from dataclasses import replace
+
+    mode = modes.get(plan.stages[s].mode)
+    gc = mode.comm(stage_work(plan, s, profile, shape), net)
+    if not (plan.stages[s].recompute and mode.recompute_repeats_collectives):
+        return gc
+    bwd = dict(gc.coll_send_bytes_bwd)
+    for n, b in gc.coll_send_bytes.items():
+        bwd[n] = bwd.get(n, 0.0) + b
+    return replace(gc, coll_bwd_s=gc.coll_bwd_s + gc.coll_fwd_s,
+                   coll_airtime_s=gc.coll_airtime_s + gc.coll_airtime_fwd_s,
+                   coll_send_bytes_bwd=bwd, coll_steps_bwd=gc.coll_steps_bwd + gc.coll_steps)
 
 
 def boundary_flows(plan: Plan, shape: Shape, profile: ModelProfile, k: int, backward: bool) -> list[tuple[str, str, float]]:
@@ -522,10 +541,12 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             w = work[name]
             busy = M * (w.fwd_s + w.bwd_s) + w.optim_s
             act = w.act_bytes * stage_costs[s].inflight
+            # the head's logits and a recomputed block's activations are never live at once
+            transient = max(w.transient_bytes, w.recompute_bytes)
             mem_parts = {"runtime": profile.runtime_bytes, **w.state_bytes, "activations": act,
-                         "transient": w.transient_bytes}
+                         "transient": transient}
             if backup.steady_bytes:
-                mem_parts["backups"] = backup.memory_part(name, act + w.transient_bytes)
+                mem_parts["backups"] = backup.memory_part(name, act + transient)
             out[name] = DeviceCost(
                 name=name, kind=dev.kind, power_mode=pm.name, stage=s, speed=device_speed(dev, pm.name),
                 fwd_s=w.fwd_s, bwd_s=w.bwd_s, busy_s=busy,

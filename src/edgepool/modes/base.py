@@ -131,6 +131,10 @@ class Mode:
     # every device of a group holds the stage's whole state, the same bits (parameters and
     # optimizer state): a group member is a free replica of another (``specs.layout.backups``)
     replicated_state: ClassVar[bool] = False
+    # the blocks' own forward collectives run again when a stage recomputes its
+    # activations in the backward (``StagePlan.recompute``: tp, sp; fsdp's all-gathers are
+    # its hooks', already there for the backward)
+    recompute_repeats_collectives: ClassVar[bool] = False
 
     # -- split ------------------------------------------------------------------------
     def num_items(self, microbatch: int, shape: Shape) -> int:

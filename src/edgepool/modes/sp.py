@@ -18,6 +18,7 @@ from edgepool.specs.plan import Region, Shape, StageSplit, offsets, split_counts
 class SequenceParallel(Mode):
     name = "sp"
     group_ops = True
+    recompute_repeats_collectives = True
     syncs_grads = True
 
     def num_items(self, microbatch: int, shape: Shape) -> int:

@@ -19,6 +19,7 @@ class TensorParallel(Mode):
     name = "tp"
     replicated_io = True
     group_ops = True
+    recompute_repeats_collectives = True
 
     def num_items(self, microbatch: int, shape: Shape) -> int:
         return shape.num_kv_heads or shape.num_heads

@@ -293,6 +293,8 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
                 if op.kind == "fwd":
                     m.inflight += 1
                     bump_mem(m)
+                else:
+                    bump_mem(m, work[m.device].recompute_bytes)
                 if dur[m.device] > 0:
                     segments.append(Segment(m.device, now, now + dur[m.device], str(op), "compute"))
                     m.busy_s += dur[m.device]
@@ -364,6 +366,7 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             if not has_all(s + 1, True, mb, rk.device):
                 return False
         elif op.kind == "bwd":
+            bump_mem(rk, w.recompute_bytes)  # a recomputing stage rebuilds one block's activations at a time
             compute(rk, w.blocks_bwd_s, str(op))
             rk.inflight -= 1
         elif op.kind == "send_grad":
