@@ -63,7 +63,14 @@ class TestbedError(EdgepoolError, RuntimeError):
 # helpers
 
 
-def _run(argv: Sequence[str], check: bool = True, timeout_s: float = 10.0) -> subprocess.CompletedProcess:
+# ``ip`` and ``tc`` wait on the kernel's rtnl lock, which the asynchronous teardown of an
+# earlier testbed's namespaces can hold for seconds (an ``ip link add`` took over 10 s
+# once in a full suite here, right after the recovery root tests): a hang is still
+# reported, later.
+RUN_TIMEOUT_S = 30.0
+
+
+def _run(argv: Sequence[str], check: bool = True, timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
     try:
         p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as exc:
