@@ -325,17 +325,21 @@ class RemoteRanks:
         self.coord, self.out = coord, Path(spec.out_dir)
         self.plan_id, self.next_step, self.from_step = spec.plan.plan_id, 0, 0
         self.ranks = {n: RemoteRank(self, n) for n in spec.plan.devices}
-        self.logs = {r: self.out / "logs" / f"{n}.log" for r, n in enumerate(spec.plan.devices)}
+        self.logs = {r: self.log_of(n) for r, n in enumerate(spec.plan.devices)}
         self.trace: dict | None = None
         self.back: set[str] = set()  # devices whose agent joined while the run goes on, not yet taken in
         self.on_back: Callable[[str], None] = lambda device: None
+
+    def log_of(self, device: str) -> Path:
+        """Where a device's failure is written (``launch.local`` reads the reason there)."""
+        return self.out / "logs" / f"{device}.log"
 
     def start(self, rank: int, device: str, extra: dict[str, str], name: str, run) -> tuple[RemoteRank, Path]:
         """``launch.local``'s ``start`` for a device whose agent is back: its rank of ``run``."""
         self.coord.send_run(self.coord.members[device], run, rank, True, extra)
         self.back.discard(device)
         self.ranks[device] = rank_ = RemoteRank(self, device)
-        return rank_, self.out / "logs" / f"{device}.log"
+        return rank_, self.log_of(device)
 
     def follow(self, run, start: int) -> None:
         """From now on keep the records of ``run``'s plan, which goes on from step ``start``
@@ -375,8 +379,7 @@ class RemoteRanks:
                     self.trace = msg["trace"]
                 if rank.code:
                     why = msg.get("reason", "failed") if kind == "exit" else f"lost its connection ({msg['reason']})"
-                    log = self.out / "logs" / f"{name}.log"
-                    log.write_text(f"{msg.get('message', why)}\nEDGEPOOL-ERROR {name}: {why}\n")
+                    self.log_of(name).write_text(f"{msg.get('message', why)}\nEDGEPOOL-ERROR {name}: {why}\n")
 
 
 def _follow_regrouping(coord: Coordinator, spec, on_step: Callable, on_event: Callable | None,
@@ -386,7 +389,7 @@ def _follow_regrouping(coord: Coordinator, spec, on_step: Callable, on_event: Ca
     from edgepool.launch.local import Heartbeats, Placement, _watch
     from edgepool.launch.recover import InMemory, _Events
     from edgepool.runtime.train import RunSpec
-    from edgepool.specs.metrics import Summary, Trace, read_metrics, summarize, write_json
+    from edgepool.specs.metrics import Trace, read_metrics, summarize, write_json
 
     out = Path(spec.out_dir)
     remote = RemoteRanks(coord, spec)
@@ -428,7 +431,7 @@ def _follow_regrouping(coord: Coordinator, spec, on_step: Callable, on_event: Ca
     if remote.trace:
         write_json(out / "trace.json", Trace.model_validate(remote.trace))
     coord._broadcast({"done": True})
-    return Summary.model_validate_json((out / "summary.json").read_text())
+    return summary
 
 
 def _describe(facts: dict) -> str:
@@ -462,7 +465,7 @@ def run_spec(coord: Coordinator, spec, *, on_step: Callable | None = None, progr
 
         coord.launch(spec, regroup=recover)
         if recover:
-            return _follow_regrouping(coord, spec, step, getattr(bar, "event", None), deadline_s, log)
+            return _follow_regrouping(coord, spec, step, bar.event, deadline_s, log)
         final = coord.follow(spec, on_step=step, deadline_s=deadline_s)
     if not final.get("summary"):
         raise EdgepoolError("rank 0's agent ended without a summary")
