@@ -38,10 +38,10 @@ process joins with its state streamed from its peers (``runtime.regroup``: ``Joi
 ``device_standby``.
 
 Under ``edgepool serve`` the same handler follows ranks on other hosts
-(``cluster.coordinator.RemoteRanks``); there a lost device's checkpoint files are on its
-own host, so its state must come from a peer's memory. Not built: joining under
-``serve``; a survivor left out of a new plan hands nothing over (its state and the
-replicas it keeps come from elsewhere).
+(``cluster.coordinator.RemoteRanks``) and takes devices back in when their agent joins
+again; there a lost device's checkpoint files are on its own host, so its state must
+come from a peer's memory. A survivor left out of a new plan hands nothing over (its
+state comes from a twin, a replica or the files; held nowhere else, it stays in the plan).
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ class _Events:
         event = {"event": "device_lost", "device": exc.device, "reason": exc.reason,
                  "detected_at": detected_at or time.time(),
                  # the records of the steps before may still be on their way (a launcher elsewhere)
-                 "lost_at_step": max(self.last_step + 1, from_step), "from_step": from_step, "old_plan_id": run.plan.plan_id,
+                 "lost_at_step": max(self.last_step + 1, from_step), "from_step": from_step,
+                 "old_plan_id": run.plan.plan_id,
                  "plan_id": plan.plan_id, "parallelism": plan.parallelism, "devices": plan.devices,
                  "standby": [d for d in left if d not in plan.devices], "samples_lost": _data_lost(run, exc.device),
                  "recovery": how}
