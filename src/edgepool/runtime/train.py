@@ -66,7 +66,20 @@ class RunSpec(BaseModel):
         model = json.dumps(job_model_config(self.job).to_dict(), sort_keys=True)
         return {"model": hashlib.sha256(model.encode()).hexdigest()[:10], "seed": t.seed,
                 "global_batch": t.global_batch, "seq_len": t.seq_len, "optimizer": t.optimizer, "lr": t.lr,
-                "weight_decay": t.weight_decay}
+                "weight_decay": t.weight_decay, **self._fine_tuning()}
+
+    def _fine_tuning(self) -> dict:
+        """LoRA, freezing and precision shape the trajectory too; each is named only
+        when set, so checkpoints written before they existed still resume."""
+        t = self.job.train
+        out: dict = {}
+        if t.lora is not None:
+            out["lora"] = t.lora.model_dump(mode="json")
+        if t.freeze:
+            out["freeze"] = list(t.freeze)
+        if t.precision != "fp32":
+            out["precision"] = t.precision
+        return out
 
     @classmethod
     def read(cls, path: Path) -> "RunSpec":

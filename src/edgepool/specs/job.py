@@ -10,7 +10,7 @@ again, whatever their source, by ``models.config.LIMITS``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -80,6 +80,38 @@ MAX_GLOBAL_BATCH = 1 << 16
 MAX_STEPS = 10**7
 
 
+# The linears a LoRA adapter can wrap, by their name inside a block (``models.layers``):
+# attention's projections and the MLP's (``gate`` only in LLaMA's SwiGLU).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up", "gate", "down")
+
+
+class LoraSpec(_Strict):
+    """Low-rank adapters (``peft``) on the blocks' linears named in ``targets``: a linear
+    ``W`` becomes ``W + (alpha / rank) * B @ A`` with ``A`` [rank, in] and ``B`` [out,
+    rank] (``B`` starts at zero), and only the adapters train. In full-model names the
+    adapters of ``blocks.3.attn.q_proj`` are ``blocks.3.attn.q_proj.lora_A.weight`` and
+    ``...lora_B.weight``."""
+
+    rank: Count(ge=1, le=4096) = 8
+    alpha: Real(gt=0.0, le=1e6) = 16.0
+    dropout: Real(ge=0.0, le=0.9) = 0.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    @field_validator("targets")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError(f"name at least one linear to adapt, of {', '.join(LORA_TARGETS)}")
+        bad = [t for t in v if t not in LORA_TARGETS]
+        if bad:
+            raise ValueError(f"unknown LoRA target(s) {bad}; a block's linears are {', '.join(LORA_TARGETS)}")
+        return tuple(dict.fromkeys(v))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
 class TrainSpec(_Strict):
     global_batch: Count(ge=1, le=MAX_GLOBAL_BATCH) = 8
     seq_len: Count(ge=2, le=LIMITS["max_seq_len"]) = 32
@@ -106,6 +138,14 @@ class TrainSpec(_Strict):
     # was lost (0: never); it is taken in at a step boundary when the planner predicts
     # a faster step with it, else kept as a standby.
     rejoin_s: Real(ge=0.0, le=86_400.0) = 0.0
+    # LoRA adapters on the blocks' linears; the rest of the model is frozen.
+    lora: LoraSpec | None = None
+    # Parameters to freeze, by full-model name pattern (``fnmatch``: ``embed.*``,
+    # ``blocks.[0-3].*``): no gradients, no collectives, no optimizer state.
+    freeze: tuple[Annotated[str, Field(min_length=1, max_length=256)], ...] = ()
+    # Compute precision: autocast to bf16 or fp16 (with loss scaling) over fp32 master
+    # weights; fp32 computes in fp32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 class ParallelismSpec(_Strict):
