@@ -116,3 +116,32 @@ def test_kill_and_resume_gives_the_same_trajectory(tmp_path, single, monkeypatch
     assert len(read("cut")) == 8
     assert read("cut") == read("full")
     assert read("full")[:STEPS] == pytest.approx(single, rel=1e-4)
+
+
+def test_a_pool_that_fits_the_model_only_with_recomputation_trains(tmp_path):
+    """The planner turns recomputation on where nothing fits without it, and the run
+    (launched by ``train --parallelism auto``, as a user runs it) trains with it."""
+    import math
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_planner import _recompute_pool
+
+    job, _prof, _shape, pool = _recompute_pool({"steps": STEPS})
+    gb = pool.devices[0].memory_gb
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text(yaml.safe_dump({"network": {"medium": "shared", "bandwidth_mbps": 100}, "devices": [
+        {"name": "small", "kind": "host-cpu", "host": "local", "memory_gb": gb}]}))
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump({"model": {"family": "gpt", "size": "tiny"},
+                                        "data": {"path": str(EXAMPLES.parent / "src/edgepool/data/corpus.txt")},
+                                        "train": {"global_batch": 2, "seq_len": 512, "steps": STEPS},
+                                        "parallelism": "auto"}))
+    out = tmp_path / "run"
+    assert main(["train", "--pool", str(pool_file), "--job", str(job_file), "--out", str(out), "--no-progress"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert [st.get("recompute") for st in run["plan"]["stages"]] == [True]
+    losses = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)

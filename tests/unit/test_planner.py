@@ -162,9 +162,12 @@ def test_a_sharded_group_inside_a_hybrid_trains_what_nothing_else_fits():
                                       ffn=3072))
     pool = make_pool(["jetson-nano"] * 3, medium="switched", bandwidth_mbps=1000, extra={"memory_gb": [1.6] * 3})
     shape = shape_for(prof, 4, 128)
-    for fam in ("dp", "pp", "fsdp"):
+    for fam in ("dp", "pp"):
         with pytest.raises(InfeasibleError):
             plan(pool, None, prof, shape=shape, family=fam)
+    # fsdp over all three fits only with its activations recomputed
+    alone = plan(pool, None, prof, shape=shape, family="fsdp").plan
+    assert alone.parallelism == "fsdp" and alone.stages[0].recompute
     res = plan(pool, None, prof, shape=shape)
     assert res.plan.parallelism == "hybrid" and res.cost.feasible
     assert res.plan.stages[0].mode == "fsdp" and len(res.plan.stages[0].devices) == 2
@@ -409,3 +412,61 @@ def test_merged_classes_are_reported_as_not_exact():
     assert exact.exact and not merged.exact
     assert any("merged" in n for n in merged.stats["notes"]) and not exact.stats["notes"]
     assert merged.model_best.cost.step_time_s >= exact.model_best.cost.step_time_s * (1 - 1e-9)
+
+
+def _recompute_pool(job_over: dict, kinds=("host-cpu",)):
+    """A job with long sequences, and a pool whose memory lies halfway between what the
+    lightest single-device plan needs with and without activation recomputation."""
+    from edgepool.planner.search import job_profile
+    from edgepool.specs.job import JobSpec
+    from edgepool.specs.plan import Plan, StagePlan
+
+    job = JobSpec.model_validate({"model": {"family": "gpt", "size": "tiny"}, "data": {"path": "x"},
+                                  "train": {"global_batch": 2, "seq_len": 512, **job_over}})
+    prof = job_profile(job)
+    shape = shape_for(prof, 2, 512)
+    probe = make_pool(["host-cpu"], extra={"memory_gb": [64.0]})
+    need = {}
+    for rc in (False, True):
+        need[rc] = min(estimate(Plan(num_layers=prof.num_layers, num_microbatches=M, schedule=sch, stages=(
+            StagePlan(layers=(0, prof.num_layers), devices=("d0",), recompute=rc),)), probe, prof,
+            shape).devices["d0"].memory_bytes for M in (1, 2) for sch in ("gpipe", "1f1b"))
+    assert need[True] < need[False] - 10e6
+    gb = (need[True] + need[False]) / 2 / 1e9
+    return job, prof, shape, make_pool(list(kinds), extra={"memory_gb": [gb] * len(kinds)})
+
+
+def test_the_planner_recomputes_where_nothing_fits_without_it():
+    job, prof, shape, pool = _recompute_pool({})
+    res = plan(pool, job, prof)
+    assert res.cost.feasible and all(st.recompute for st in res.plan.stages)
+    assert any("recomputation on in stage(s) 0" in n for n in res.stats["notes"])
+    plain = res.plan.model_copy(update={"stages": tuple(st.model_copy(update={"recompute": False})
+                                                         for st in res.plan.stages)})
+    assert not estimate(plain, pool, prof, shape).feasible
+    # the same pool with room to spare keeps every activation (recomputing costs time)
+    roomy = make_pool(["host-cpu"], extra={"memory_gb": [64.0]})
+    assert not any(st.recompute for st in plan(roomy, job, prof).plan.stages)
+
+
+def test_recomputing_tables_equal_the_cost_model():
+    """The search's closed forms with recomputation on every stage equal ``cost.model``
+    on every plan of small spaces (as without it: ``test_search_equals_...``)."""
+    for seed, (kinds, layers) in enumerate([(["jetson-nano", "jetson-orin-nano"], 3), (["rpi5", "host-cpu", "rpi5"], 2)]):
+        pool = make_pool(kinds, extra={"memory_gb": [1.0 + 0.3 * i for i in range(len(kinds))]})
+        prof = tiny(num_layers=layers, hidden=256)
+        shape = shape_for(prof, 4, 64)
+        space = Space.build(pool, prof, shape, recompute=True)
+        best = None
+        for p in enumerate_plans(space):
+            assert all(st.recompute for st in p.stages)
+            c = estimate(p, pool, prof, shape)
+            if c.feasible and (best is None or c.step_time_s < best.step_time_s):
+                best = c
+        from edgepool.planner.search import _Search, _time_search
+
+        got, _ = _time_search(_Search(pool, prof, shape, max_microbatches=None, network=None, family=None,
+                                      recompute=True), None)
+        assert (got is None) == (best is None)
+        if best is not None:
+            assert got.step_time_s == pytest.approx(best.step_time_s, rel=1e-6)

@@ -56,7 +56,8 @@ def device_table(plan, cost, title: str):
             mem = f"{_gb(d.memory_bytes)} ({_gb(d.memory_cap_bytes)})"
             if not d.fits:
                 mem = f"[red]{mem}[/red]"
-            t.add_row(escape(name), escape(d.kind), str(s), f"[{st.layers[0]}, {st.layers[1]})", st.mode, share, mem,
+            mode = f"{st.mode}, recompute" if st.recompute else st.mode  # the notes below say why
+            t.add_row(escape(name), escape(d.kind), str(s), f"[{st.layers[0]}, {st.layers[1]})", mode, share, mem,
                       escape(d.power_mode), f"{100 * d.busy_s / T:.0f}", f"{d.energy_j:.3g}")
     return t
 

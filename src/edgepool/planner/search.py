@@ -159,7 +159,7 @@ _TOO_BIG = ("plan with fewer micro-batch counts (edgepool plan --max-microbatche
 
 class _Search:
     def __init__(self, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, max_microbatches: int | None,
-                 network: Network | None, family: str | None):
+                 network: Network | None, family: str | None, recompute: bool = False):
         n, L = len(pool.devices), profile.num_layers
         if n * n * (L + 1) ** 2 > MAX_TABLE_CELLS:
             raise PlanError(f"{n} devices x {L} layers is past the planner's limit of N^2 (L+1)^2 <= {MAX_TABLE_CELLS} "
@@ -168,7 +168,7 @@ class _Search:
         self.pool, self.profile, self.shape = pool, profile, shape
         self.net = network or Network.of(pool)
         self.space = Space.build(pool, profile, shape, schedule="1f1b", objective="time", family=family,
-                                 max_microbatches=max_microbatches)
+                                 max_microbatches=max_microbatches, recompute=recompute)
         self.tables = Tables(self.space, self.net)
         self.max_modes = {d.name: mode_options(d, "time")[0] for d in pool.devices}
         self.full_params = sum(lp.params_at() for lp in profile.blocks) + profile.embed.params_at() + \
@@ -347,7 +347,7 @@ class _Search:
         N, L, T = len(order), prof.num_layers, shape.seq_len
         best: dict[str, Candidate | None] = {m: None for m in ("single",) + modes_allowed}
         best_t: dict[str, tuple[float, int, int, int] | None] = {m: None for m in ("single",) + PIPELINE_MODES}
-        bound_in = bound_inputs(prof, T)
+        bound_in = bound_inputs(prof, T, sp.recompute)
         # What the model may use: the cap less the framework's own resident memory.
         caps = {d.name: memory_cap_bytes(d) - prof.runtime_bytes for d in order}
         speed = {d.name: sp.speed(d, self.max_modes[d.name]) for d in order}
@@ -432,19 +432,25 @@ class _Search:
         return best
 
 
-def bound_inputs(prof: ModelProfile, seq_len: int) -> BoundInputs:
-    """The whole-model aggregates of the modes' single-stage bounds (``modes.base``)."""
+def bound_inputs(prof: ModelProfile, seq_len: int, recompute: bool = False) -> BoundInputs:
+    """The whole-model aggregates of the modes' single-stage bounds (``modes.base``).
+    With ``recompute`` a block keeps its input only and runs its forward twice (the
+    block rebuilt in the backward is left out: still a lower bound)."""
     T, blocks = seq_len, prof.blocks
     emb, head = prof.embed, prof.head
+    r = int(recompute)
+    kept = {"a_rep": prof.num_layers * prof.act_elem_bytes, "a_split": 0.0} if recompute else {
+        "a_rep": sum(lp.act_bytes.rep for lp in blocks),
+        "a_split": sum(lp.act_bytes.head + lp.act_bytes.ffn + lp.act_bytes.quad * T for lp in blocks)}
     return BoundInputs(
-        seq_len=T, num_layers=prof.num_layers, fix=sum(lp.fixed_fwd_s + lp.fixed_bwd_s for lp in blocks),
-        comp={k: sum(getattr(lp.fwd_s, k) + getattr(lp.bwd_s, k) for lp in blocks) for k in ("rep", "head", "ffn", "quad")},
+        seq_len=T, num_layers=prof.num_layers,
+        fix=sum((1 + r) * lp.fixed_fwd_s + lp.fixed_bwd_s for lp in blocks),
+        comp={k: sum((1 + r) * getattr(lp.fwd_s, k) + getattr(lp.bwd_s, k) for lp in blocks)
+              for k in ("rep", "head", "ffn", "quad")},
         own_fix=emb.fixed_fwd_s + emb.fixed_bwd_s + head.fixed_fwd_s + head.fixed_bwd_s,
         own_tok=emb.fwd_s.total(T) + emb.bwd_s.total(T) + head.fwd_s.total(T) + head.bwd_s.total(T),
         p_rep=sum(lp.params_bytes.rep for lp in blocks),
-        p_split=sum(lp.params_bytes.head + lp.params_bytes.ffn for lp in blocks),
-        a_rep=sum(lp.act_bytes.rep for lp in blocks),
-        a_split=sum(lp.act_bytes.head + lp.act_bytes.ffn + lp.act_bytes.quad * T for lp in blocks),
+        p_split=sum(lp.params_bytes.head + lp.params_bytes.ffn for lp in blocks), **kept,
         max_block_params=max(lp.params_at() for lp in blocks),
         owner_params=emb.params_at() + head.params_at(), owner_unit_params=max(emb.params_at(), head.params_at()),
         opt_f=2 + prof.opt_state_factor, act_elem_bytes=prof.act_elem_bytes,
@@ -545,28 +551,22 @@ def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", de
         raise PlanError(f"--max-microbatches {max_microbatches} must be at least 1")
     if shape is None:
         shape = shape_for(profile, job.train.global_batch, job.train.seq_len)
-    search = _Search(pool, profile, shape, max_microbatches=max_microbatches, network=network, family=family)
-    sp = search.space
     notes: list[str] = []
     if job is not None and getattr(job.train, "optimizer", profile.optimizer) != profile.optimizer:
         notes.append(f"profile assumes optimizer {profile.optimizer}, the job uses {job.train.optimizer}")
 
-    # 1. Time search.
-    best: Candidate | None = None
-    if family in (None, "pp"):
-        for M in sorted(sp.microbatches, reverse=True):  # deep pipelines first: a good incumbent early
-            c = search.best_for_m(M, best.step_time_s if best else INF, pp_only=family == "pp",
-                                  min_stages=2 if family == "pp" else 1)
-            if c is not None and c.cost.feasible and (best is None or c.step_time_s < best.step_time_s):
-                best = c
-    single_modes = modes_mod.NAMES if family is None else ((family,) if family in modes_mod.NAMES else ())
-    singles = search.single_stage(single_modes) if single_modes else {}
-    if family is not None:
-        singles.pop("single", None)
-    for c in singles.values():
-        if c is not None and (best is None or c.step_time_s < best.step_time_s):
-            best = c
-    fastest = best
+    # 1. Time search; when nothing fits, again with every stage recomputing its
+    # activations (``Space.recompute``), and the rest of the planning in that space.
+    search = _Search(pool, profile, shape, max_microbatches=max_microbatches, network=network, family=family)
+    fastest, singles = _time_search(search, family)
+    recomputed = False
+    if fastest is None:
+        again = _Search(pool, profile, shape, max_microbatches=max_microbatches, network=network, family=family,
+                        recompute=True)
+        fastest, singles = _time_search(again, family)
+        if fastest is not None:
+            search, recomputed = again, True
+    sp = search.space
 
     # 2. Baselines.
     baselines: dict[str, Baseline] = {}
@@ -580,7 +580,8 @@ def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", de
         _probe_memory(search)
         raise InfeasibleError(
             f"no plan fits this pool for {profile.model} at global batch {shape.global_batch}, seq {shape.seq_len}"
-            f"{f' (family {family})' if family else ''}; add memory or devices, or lower the batch or sequence.",
+            f"{f' (family {family})' if family else ''}, even with activation recomputation; add memory or "
+            "devices, or lower the batch or sequence.",
             _closest_infeasible(search, None, []))
 
     # 3. Energy objectives (and the frontier): power modes over candidate structures.
@@ -591,6 +592,8 @@ def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", de
                      "but may not be the cost model's optimum")
     cands: list[Candidate] = [c for c in search.explored if c.cost.feasible] + [fastest]
     cands += [b.candidate for b in baselines.values() if b.candidate is not None]
+    if recomputed:  # a stage that fits without recomputing does not (each its own choice)
+        cands = [_relax(search, c) for c in cands]
     time_cands = _dedupe(cands)  # what the time objective ranks (below: its finalists run for every objective)
     if explore_modes if explore_modes is not None else objective != "time" or deadline_s is not None:
         cands += _energy_candidates(search, fastest, family, objective, deadline_s)
@@ -625,6 +628,10 @@ def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", de
         else:
             baselines[fam] = Baseline(fam, c, explain(c, pick, objective))
     final = pick.plan.with_estimate((pick.sim or pick.cost).to_estimate(objective))
+    if recomputed:
+        on = [str(i) for i, st in enumerate(final.stages) if st.recompute]
+        notes.append(f"activation recomputation on in stage(s) {', '.join(on)}: no plan fits this pool's memory "
+                     "without it; stages that fit without it keep their activations (faster)")
     if pick.sim is None:
         notes.append(f"the plan is past the simulator's limit of {MAX_SIM_OPS} devices x micro-batches; "
                      "its estimate is the cost model's")
@@ -634,6 +641,41 @@ def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", de
              "notes": notes}
     return PlanResult(plan=final, cost=pick.cost, objective=objective, deadline_s=deadline_s, frontier=tuple(front),
                       baselines=baselines, exact=exact, model_best=model_best, stats=stats)
+
+
+def _time_search(search: _Search, family: str | None) -> tuple[Candidate | None, dict[str, Candidate | None]]:
+    """The fastest plan of the search's space by the cost model (pipelines of dp/fsdp
+    groups for every M, then single stages of every mode), and the best of each family."""
+    sp = search.space
+    best: Candidate | None = None
+    if family in (None, "pp"):
+        for M in sorted(sp.microbatches, reverse=True):  # deep pipelines first: a good incumbent early
+            c = search.best_for_m(M, best.step_time_s if best else INF, pp_only=family == "pp",
+                                  min_stages=2 if family == "pp" else 1)
+            if c is not None and c.cost.feasible and (best is None or c.step_time_s < best.step_time_s):
+                best = c
+    single_modes = modes_mod.NAMES if family is None else ((family,) if family in modes_mod.NAMES else ())
+    singles = search.single_stage(single_modes) if single_modes else {}
+    if family is not None:
+        singles.pop("single", None)
+    for c in singles.values():
+        if c is not None and (best is None or c.step_time_s < best.step_time_s):
+            best = c
+    return best, singles
+
+
+def _relax(search: _Search, c: Candidate) -> Candidate:
+    """``c`` with recomputation turned off, stage by stage, wherever the plan still fits
+    and the cost model's step gets no slower."""
+    for s, st in enumerate(c.plan.stages):
+        if not st.recompute:
+            continue
+        stages = list(c.plan.stages)
+        stages[s] = st.model_copy(update={"recompute": False})
+        t = search.evaluate(c.plan.model_copy(update={"stages": tuple(stages)}))
+        if t.cost.feasible and t.step_time_s <= c.step_time_s:
+            c = t
+    return c
 
 
 def _best(objective: str, cands: list[Candidate], deadline_s: float | None) -> Candidate | None:

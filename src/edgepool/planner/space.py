@@ -126,17 +126,20 @@ class Space:
     schedule: str
     objective: str
     family: str | None = None  # None: all; dp/sp/tp: single stage; pp: single-device stages
+    # every stage recomputes its activations in the backward (``StagePlan.recompute``):
+    # the space the planner searches when nothing fits without it (``planner.search``)
+    recompute: bool = False
     _speeds: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, schedule: str = "1f1b",
               objective: str = "time", family: str | None = None, max_microbatches: int | None = None,
-              microbatches: tuple[int, ...] | None = None) -> "Space":
+              microbatches: tuple[int, ...] | None = None, recompute: bool = False) -> "Space":
         B = shape.global_batch
         top = min(max_microbatches or MAX_MICROBATCHES, MAX_MICROBATCHES, B)
         ms = microbatches or tuple(m for m in range(1, top + 1) if B % m == 0)
         return cls(pool=pool, profile=profile, shape=shape, order=tuple(canonical_order(pool)), microbatches=ms,
-                   schedule=schedule, objective=objective, family=family)
+                   schedule=schedule, objective=objective, family=family, recompute=recompute)
 
     @property
     def num_layers(self) -> int:
@@ -155,12 +158,12 @@ class Space:
     def stage(self, layers: tuple[int, int], mode: str, devices: list[DeviceSpec], modes: dict[str, str],
               M: int) -> StagePlan | None:
         if len(devices) == 1:
-            return StagePlan(layers=layers, mode=PIPELINE_MODE, devices=(devices[0].name,))
+            return StagePlan(layers=layers, mode=PIPELINE_MODE, devices=(devices[0].name,), recompute=self.recompute)
         counts = self.shares(mode, devices, modes, M)
         if counts is None:
             return None
         return StagePlan(layers=layers, mode=mode, devices=tuple(d.name for d in devices),
-                         shares=tuple(float(c) for c in counts))
+                         shares=tuple(float(c) for c in counts), recompute=self.recompute)
 
     def make_plan(self, stages: list[StagePlan], M: int, modes: dict[str, str]) -> Plan:
         # Only modes that differ from the device's default (its pin, else the maximum).

@@ -28,7 +28,12 @@ mode comes from the mode's own functions (``edgepool.modes``):
 - memory of device i: the mode's ``state_bytes`` of the range's parameters (dp:
   ``(2 + opt_state) * params``; fsdp: a 1/n shard of that plus the largest unit whole
   twice) ``+ act_i * inflight (+ transient on stage 0)``; ``kmax`` is the largest
-  in-flight count that fits every device; the optimizer steps on the mode's share.
+  in-flight count that fits every device; the optimizer steps on the mode's share;
+- in a space that recomputes (``Space.recompute``, every stage's ``StagePlan.recompute``)
+  a block keeps only its input (``hidden`` values a token), its backward adds its
+  forward, and the largest block of the range is rebuilt at a time beside the kept
+  activations (on stage 0 instead of the head's logits when larger), as ``cost.model``
+  counts it.
 
 ``tests/unit/test_planner.py`` checks that these closed forms equal ``cost.model`` on
 every plan of small spaces.
@@ -90,6 +95,9 @@ class GroupTable:
     coll_lat_s: float = 0.0  # per unit gathered, per micro-batch (fwd + bwd): the mode's unit collectives
     coll_per_byte: float = 0.0  # per parameter byte gathered, per micro-batch
     optim_frac: float = 1.0  # share of its parameters a device's optimizer steps on
+    # (r, L+1, L+1) with recomputation: the largest block's activations over [l0, l),
+    # rebuilt one block at a time in the backward (None without)
+    redo: np.ndarray | None = None
 
 
 class Tables:
@@ -166,13 +174,17 @@ class Tables:
             if costs is None:  # the reference device's; devices of every speed share them
                 costs = self._block_cache[part] = tuple(np.array(c) for c in block_costs(prof.blocks, part[0], T, *part[1:]))
             fs, bs, acts = costs
+            redo = None
+            if self.space.recompute:  # keep each block's input, run its forward again in the backward
+                bs, redo = bs + fs, acts
+                acts = np.full(len(acts), part[0] * prof.dims.hidden * prof.dtype_bytes)
             zero = np.zeros(1)
             fwd = np.concatenate([zero, np.cumsum(fs * slow)])
             bwd = np.concatenate([zero, np.cumsum(bs * slow)])
             act = np.concatenate([zero, np.cumsum(acts)])
             # Stage 0's devices own their samples (the pipeline modes own data).
             e_f, head_s, e_b, transient = owner_costs(prof, x * T, T)
-            hit = (fwd, bwd, act, e_f * slow, (e_b + head_s) * slow, transient)
+            hit = (fwd, bwd, act, e_f * slow, (e_b + head_s) * slow, transient, redo)
             self._row_cache[key] = hit
         return hit
 
@@ -223,6 +235,7 @@ class Tables:
             a_s=a_s, lam_s=lam, sync_lat_s=sync_lat, kappa=kappa, idle_w=idle,
             busy_minus_idle=np.array([k[3] for k in keys]), mult=np.array([rows[k] for k in keys]),
             radio_j_per_byte=np.array([k[4] / 1e6 for k in keys]), rows_x=np.array([k[1] for k in keys]),
+            redo=None if parts[0][6] is None else np.stack([self._running_max(p[6]) for p in parts]),
         )
         self._cache[key] = gt
         return gt
@@ -269,12 +282,26 @@ class Tables:
         p = (self.param_pre + self.first_params) * g.optim_frac
         return (g.optim_rate[:, None] * p[None, :]).max(axis=0)
 
+    def _running_max(self, v: np.ndarray) -> np.ndarray:
+        """(L+1, L+1): the largest of ``v[l0:l]`` (0 where l0 >= l)."""
+        L = self.L
+        out = np.zeros((L + 1, L + 1))
+        for l0 in range(L):
+            out[l0, l0 + 1:] = np.maximum.accumulate(v[l0:])
+        return out
+
+    def transient(self, g: GroupTable) -> np.ndarray:
+        """(r, L+1, L+1): bytes live beside the kept activations: stage 0's head logits,
+        and with recomputation one rebuilt block (never live at once: the larger)."""
+        t = np.zeros((len(g.cap), self.L + 1, self.L + 1)) if g.redo is None else g.redo.copy()
+        t[:, 0, :] = np.maximum(t[:, 0, :], g.transient[:, None])
+        return t
+
     def kmax(self, g: GroupTable, M: int) -> np.ndarray:
         """Largest number of micro-batches in flight that fits every device (int, capped at M)."""
         static = self.static_bytes(g)  # (L+1, L+1)
         act = g.act_pre[:, None, :] - g.act_pre[:, :, None]  # (r, L+1, L+1)
-        room = g.cap[:, None, None] - static[None]
-        room[:, 0, :] -= g.transient[:, None]
+        room = g.cap[:, None, None] - static[None] - self.transient(g)
         with np.errstate(divide="ignore", invalid="ignore"):
             k = np.where(act > 0, np.floor(room / np.where(act > 0, act, 1.0)), np.where(room >= 0, M, -1))
         k = np.where(room < 0, -1, k)
@@ -336,7 +363,7 @@ class Tables:
         params = float(self.param_mat[0, L])
         sync = g.sync_lat_s + g.kappa * params if g.kappa else 0.0
         optim = float((g.optim_rate * params * g.optim_frac).max())
-        mem = float(self.static_bytes(g)[0, L]) + g.act_pre[:, L] + g.transient
+        mem = float(self.static_bytes(g)[0, L]) + g.act_pre[:, L] + self.transient(g)[:, 0, L]
         return M * W + sync + optim, W, bool(np.all(mem <= g.cap))
 
     def link(self, gp: GroupTable, gq: GroupTable, base: float) -> float:
