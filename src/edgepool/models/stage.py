@@ -8,13 +8,29 @@ from torch.utils.checkpoint import checkpoint
 
 from edgepool.models.config import ModelConfig
 from edgepool.models.layers import Block, Embedding, Head, init_weights
+from edgepool.models.lora import Tuning, is_adapter
 
-def _seeded(seed: int, part: int, build):
+def _seeded(seed: int, part: int, build, adapt=None):
+    """Build a unit and initialise it from its own seed; ``adapt`` (a ``Tuning``'s
+    ``apply``) then adds its adapters from the same RNG stream and marks what trains."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 100003 + part)
         module = build()
         init_weights(module)
+        if adapt is not None:
+            adapt(module)
     return module
+
+
+def load_given(module: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Load ``module``'s tensors from ``state`` (full-model names, ``prefix`` + the
+    module's own). Every tensor must be there but LoRA adapters, which keep their seeded
+    start when a state (pretrained weights) has none."""
+    current = module.state_dict()
+    missing = [prefix + k for k in current if prefix + k not in state and not is_adapter(k)]
+    if missing:
+        raise KeyError(f"state is missing {len(missing)} tensors, e.g. {missing[:3]}")
+    module.load_state_dict({k: state.get(prefix + k, v) for k, v in current.items()})
 
 
 class Blocks(nn.ModuleDict):
@@ -48,9 +64,9 @@ class StageModel(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, layers: tuple[int, int], *, embed: bool, head: bool, seed: int = 0,
-                 deferred: bool = False):
+                 deferred: bool = False, tuning: Tuning | None = None):
         super().__init__()
-        self.cfg, self.layers, self.seed = cfg, tuple(layers), seed
+        self.cfg, self.layers, self.seed, self.tuning = cfg, tuple(layers), seed, tuning
         self._parts: dict[str, tuple[int, object]] = {}
         if embed:
             self._parts["embed"] = (0, lambda: Embedding(cfg))
@@ -63,12 +79,18 @@ class StageModel(nn.Module):
             part, build = self._parts[name]
             if deferred:
                 with torch.device("meta"):
-                    return build()
-            return _seeded(seed, part, build)
+                    module = build()
+                    if tuning is not None:
+                        tuning.apply(name, module)
+                    return module
+            return _seeded(seed, part, build, self._adapt(name))
 
         self.embed = make("embed") if embed else None
         self.blocks = Blocks({str(i): make(f"blocks.{i}") for i in range(*layers)})
         self.head = make("head") if head else None
+
+    def _adapt(self, name: str):
+        return None if self.tuning is None else (lambda module: self.tuning.apply(name, module))
 
     def units(self) -> list[str]:
         """The units' names in build order: ``embed``, ``blocks.<i>``, ``head``."""
@@ -79,14 +101,9 @@ class StageModel(nn.Module):
         """Build unit ``name`` for real (seeded as in the eager build), load its tensors
         from ``state`` (full-model names) when given, and put it in place."""
         part, build = self._parts[name]
-        module = _seeded(self.seed, part, build).to(device, dtype)
+        module = _seeded(self.seed, part, build, self._adapt(name)).to(device, dtype)
         if state is not None:
-            prefix = name + "."
-            own = module.state_dict()
-            missing = [prefix + k for k in own if prefix + k not in state]
-            if missing:
-                raise KeyError(f"state is missing {len(missing)} tensors, e.g. {missing[:3]}")
-            module.load_state_dict({k: state[prefix + k] for k in own})
+            load_given(module, state, name + ".")
         if name.startswith("blocks."):
             self.blocks[name.split(".", 1)[1]] = module
         else:
@@ -102,7 +119,7 @@ class StageModel(nn.Module):
         return self.head(self.run_blocks(self.embed(ids)))
 
 
-def build_model(cfg: ModelConfig, seed: int = 0) -> StageModel:
+def build_model(cfg: ModelConfig, seed: int = 0, tuning: Tuning | None = None) -> StageModel:
     """The whole model on one device."""
-    return StageModel(cfg, (0, cfg.num_layers), embed=True, head=True, seed=seed)
+    return StageModel(cfg, (0, cfg.num_layers), embed=True, head=True, seed=seed, tuning=tuning)
 

@@ -113,12 +113,17 @@ def block_slice(key: str, full_shape: tuple[int, ...], heads: tuple[int, int], f
                 kv_heads: int) -> tuple[int, int, int] | None:
     """The slice ``(dim, start, stop)`` of block tensor ``key`` (``attn.q_proj.weight``...)
     that keeps query heads ``heads`` (whole KV groups) and FFN columns ``ffn``; None when
-    the tensor stays whole (norms, and the biases of row-parallel layers)."""
+    the tensor stays whole (norms, the biases of row-parallel layers, and the LoRA factor
+    that the linear's slicing leaves whole: ``A`` of a column-parallel one, ``B`` of a
+    row-parallel one)."""
     linear, _, what = key.rpartition(".")
+    factor = None
+    if linear.endswith((".lora_A", ".lora_B")):
+        linear, _, factor = linear.rpartition(".")
     if linear not in _SLICED:
         return None
     dim, unit = _SLICED[linear]
-    if what == "bias" and dim == 1:
+    if what == "bias" and dim == 1 or factor == ("lora_A" if dim == 0 else "lora_B"):
         return None
     if unit == "ffn":
         return (dim, *ffn)

@@ -34,7 +34,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from edgepool import modes
 from edgepool.data import IGNORE, Sampler
-from edgepool.models.stage import StageModel
+from edgepool.models.lora import Tuning, canonical, tp_whole_factors
+from edgepool.models.stage import StageModel, load_given
 from edgepool.models.config import ModelConfig
 from edgepool.models.parallel import ParallelCtx
 from edgepool.runtime.device import CPU, TorchDevice
@@ -70,7 +71,7 @@ class Engine:
     def __init__(self, plan: Plan, cfg: ModelConfig, *, rank: int, sampler: Sampler | None, global_batch: int,
                  seq_len: int, groups: StageGroups, lr: float, optimizer: str = "adamw", weight_decay: float = 0.0,
                  seed: int = 0, timeout_s: float = 60.0, state_dict: dict[str, torch.Tensor] | None = None,
-                 device: TorchDevice = CPU, heartbeat: Heartbeat | None = None):
+                 device: TorchDevice = CPU, heartbeat: Heartbeat | None = None, tuning: Tuning | None = None):
         self.plan, self.cfg, self.rank, self.device = plan, cfg, rank, device
         self.heartbeat, self.timeout_s = heartbeat, timeout_s
         self.role = role_of(plan, rank)
@@ -95,15 +96,12 @@ class Engine:
         st = plan.stages[s]
         self.mode = modes.get(st.mode)
         deferred = self.group is not None and self.mode.builds_per_unit
-        model = StageModel(cfg, st.layers, embed=self.owner, head=self.owner, seed=seed, deferred=deferred)
+        model = StageModel(cfg, st.layers, embed=self.owner, head=self.owner, seed=seed, deferred=deferred,
+                           tuning=tuning)
         if not deferred:
             model = model.to(device.device, device.dtype)
             if state_dict is not None:
-                own = model.state_dict()
-                missing = [k for k in own if k not in state_dict]
-                if missing:
-                    raise KeyError(f"state is missing {len(missing)} tensors, e.g. {missing[:3]}")
-                model.load_state_dict({k: state_dict[k] for k in own})
+                load_given(model, state_dict)
         # 2. the stage's mode makes it this device's part (``edgepool.modes``): tp slices
         #    every block to its heads and FFN columns, sp gives every block its token
         #    slice, fsdp builds and shards unit by unit over the group (FSDP2); dp
@@ -117,10 +115,16 @@ class Engine:
             block.set_ctx(ctx)
         model.blocks.recompute = st.recompute
         self.model = model
-        # 3. replicated parameters synchronised once per step (dp, sp)
-        self.sync_params = self.mode.sync_params(model, owner=self.owner) if self.group is not None else []
-        # 4. optimizer
-        params = list(model.parameters())
+        # 3. replicated parameters synchronised once per step (dp, sp); only what trains
+        #    (``models.lora``: LoRA adapters, or all but the frozen); tp's whole adapter
+        #    factors hold partial gradients, summed over the group before the optimizer
+        self.sync_params = [p for p in self.mode.sync_params(model, owner=self.owner) if p.requires_grad] \
+            if self.group is not None else []
+        self.partial_params = tp_whole_factors(model) if self.group is not None and st.mode == "tp" else []
+        self.trainable = {canonical(n) for n, p in model.named_parameters() if p.requires_grad}
+        self.tuning = tuning
+        # 4. optimizer, over what trains
+        params = [p for p in model.parameters() if p.requires_grad]
         if optimizer == "sgd":
             self.optim = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
         else:
@@ -228,11 +232,17 @@ class Engine:
 
     def _op_embed_bwd(self, mb: int) -> None:
         g = self._recv(self.owner_region, self._bwd[0], mb, 0, True)
-        self._pop("embed", mb).backward(g)
+        e = self._pop("embed", mb)
+        if e.requires_grad:  # a frozen embed (LoRA, ``train.freeze``) has nothing to learn
+            e.backward(g)
 
     def _op_sync_grads(self, mb: int) -> None:
+        self._all_reduce_grads(self.sync_params)
+
+    def _all_reduce_grads(self, params: list) -> None:
+        """Sum the gradients of ``params`` over the stage group (one flat all-reduce)."""
         grads = []
-        for p in self.sync_params:
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
@@ -243,6 +253,8 @@ class Engine:
             g.copy_(synced)
 
     def _op_optim(self, mb: int) -> None:
+        if self.partial_params:
+            self._all_reduce_grads(self.partial_params)
         self.optim.step()
         self.optim.zero_grad(set_to_none=True)
 
@@ -281,6 +293,11 @@ class Engine:
         )
 
     # -- state in full-model coordinates ----------------------------------------------
+    def _kept(self, name: str) -> bool:
+        """Whether a tensor is part of the training state (``pieces``): all of them, or
+        with ``tuning`` only those that train (the frozen rest never changes)."""
+        return self.tuning is None or name in self.trainable
+
     def local_state(self) -> dict[str, torch.Tensor]:
         """This rank's tensors in full-model names (shards where its mode shards;
         ``shard_spec`` says where each shard sits in the full tensor)."""
@@ -294,8 +311,8 @@ class Engine:
         ``model/<name>`` and ``optim/<name>/<key>`` tensors (its shards where the mode
         shards; DTensor optimizer state as its local shard), and the optimizer's
         non-tensor state by parameter name."""
-        out = {f"model/{k}": v.contiguous() for k, v in self.local_state().items()}
-        names = [n for n, _ in self.model.named_parameters()]
+        out = {f"model/{k}": v.contiguous() for k, v in self.local_state().items() if self._kept(k)}
+        names = [canonical(n) for n, p in self.model.named_parameters() if p.requires_grad]
         scalars: dict[str, dict] = {}
         for idx, state in self.optim.state_dict()["state"].items():
             for key, val in state.items():
@@ -308,12 +325,16 @@ class Engine:
 
     def load_pieces(self, tensors: dict[str, torch.Tensor], scalars: dict[str, dict]) -> None:
         """Restore the state ``pieces`` returned, cut for this rank (``runtime.reshard.assemble``)."""
-        own = list(self.model.state_dict())
+        own = [k for k in self.model.state_dict() if self._kept(k)]
         missing = [k for k in own if f"model/{k}" not in tensors]
         if missing:
             raise KeyError(f"the state is missing {len(missing)} of rank {self.rank}'s tensors, e.g. {missing[:3]}")
-        self.load_local_state({k: tensors[f"model/{k}"] for k in own})
-        params = dict(self.model.named_parameters())
+        if self.tuning is None:
+            self.load_local_state({k: tensors[f"model/{k}"] for k in own})
+        else:  # only what trains; the frozen rest is the run's initial state, already in place
+            current = self.mode.local_state(self.model)
+            self.load_local_state({k: tensors[f"model/{k}"] if k in own else v for k, v in current.items()})
+        params = {canonical(n): p for n, p in self.model.named_parameters() if p.requires_grad}
         index = {n: i for i, n in enumerate(params)}
         state: dict[int, dict] = {index[n]: dict(v) for n, v in scalars.items() if n in index}
         for key, t in tensors.items():

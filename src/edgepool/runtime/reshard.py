@@ -167,12 +167,14 @@ def _route(name: str, target: Box, pieces, near) -> list[Move] | None:
     return None
 
 
-def full_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    """Every parameter's full shape, from a model built on ``meta`` (no memory)."""
+def full_shapes(cfg, tuning=None) -> dict[str, tuple[int, ...]]:
+    """The full shape of every tensor of the training state, from a model built on
+    ``meta`` (no memory): every parameter, or with a ``models.lora.Tuning`` only those
+    that train (LoRA adapters; the frozen rest is never moved or checkpointed)."""
     from edgepool.models.stage import StageModel
 
-    m = StageModel(cfg, (0, cfg.num_layers), embed=True, head=True, deferred=True)
-    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    m = StageModel(cfg, (0, cfg.num_layers), embed=True, head=True, deferred=True, tuning=tuning)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items() if tuning is None or tuning.trainable(k)}
 
 
 class Source:

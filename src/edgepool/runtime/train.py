@@ -27,6 +27,7 @@ from edgepool.models.config import ModelConfig, job_model_config
 from edgepool.runtime import checkpoint
 from edgepool.runtime.device import CPU
 from edgepool.runtime.engine import Engine
+from edgepool.models.lora import Tuning
 from edgepool.runtime.reshard import full_shapes
 from edgepool.runtime.groups import StageGroups, connect_store, init_world, shutdown, world_store
 from edgepool.runtime.health import Comm, Heartbeat
@@ -224,18 +225,20 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
     replicate = backup_every(run) if regroup is not None and plan.world_size > 1 else 0
     groups = StageGroups.build(plan, rank, job.train.timeout_s, device=tensors, backups=bool(replicate))
     sampler = sampler_for(run, device, cfg) if is_data_owner(plan, rank) else None
+    tuning = Tuning.of(job.train)
     engine = Engine(
         plan, cfg, rank=rank, sampler=sampler, global_batch=job.train.global_batch, seq_len=job.train.seq_len,
         groups=groups, lr=job.train.lr, optimizer=job.train.optimizer, weight_decay=job.train.weight_decay,
-        seed=job.train.seed, timeout_s=job.train.timeout_s,
-        state_dict=initial_state(job, cfg) if assignment is None else None, device=tensors, heartbeat=heartbeat,
+        seed=job.train.seed, timeout_s=job.train.timeout_s, tuning=tuning, device=tensors, heartbeat=heartbeat,
+        # the frozen part of a fine-tuning run is never in a checkpoint or a peer's backup
+        state_dict=initial_state(job, cfg) if assignment is None or tuning is not None else None,
     )
     ckpt_root = out / "checkpoints"
     start = 0
     if regroup is not None:
         regroup.groups = groups  # torn down when the run regroups
     if assignment is not None and assignment.source == "memory":
-        restore(engine, assignment, regroup, ckpt_root, identity, full_shapes(cfg), comm, log=log)
+        restore(engine, assignment, regroup, ckpt_root, identity, full_shapes(cfg, tuning), comm, log=log)
         start = assignment.step
     elif run.resume or assignment is not None:
         start = _resume(run, rank, engine, ckpt_root, identity, comm, cfg, log)
@@ -335,7 +338,7 @@ def backup_every(run: RunSpec) -> int:
 def _resume(run: RunSpec, rank: int, engine, ckpt_root: Path, identity: dict, comm, cfg, log) -> int:
     """Collective: load the newest checkpoint every rank can, resharded to this plan; the step it holds."""
     plan = run.plan
-    shapes = full_shapes(cfg)
+    shapes = full_shapes(cfg, Tuning.of(run.job.train))
     found = checkpoint.find_resumable(ckpt_root, rank, identity, comm, plan=plan, shapes=shapes, shape=engine.shape,
                                       log=log)
     if found is not None:
