@@ -234,6 +234,12 @@ class Mode:
         """Parameters whose gradients the group all-reduces once per step."""
         return []
 
+    def partial_grad_params(self, model: Any) -> list:
+        """Parameters every device holds whole but whose gradients are each device's
+        partial sums, to be summed over the group before the optimizer steps (tp: the
+        LoRA factors its slicing leaves whole, ``models.lora``)."""
+        return []
+
     def local_state(self, model: Any) -> dict:
         """This device's tensors (its shards where the mode shards), detached copies."""
         return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -102,6 +102,11 @@ class TensorParallel(Mode):
             spec.update({f"blocks.{name}.{k}": v for k, v in part.items()})
         return spec
 
+    def partial_grad_params(self, model):
+        from edgepool.models.lora import tp_whole_factors
+
+        return tp_whole_factors(model)
+
 
 # A block's sliced linears: (dim sliced, what the slice counts). q/k/v and the MLP's
 # up/gate are column-parallel (output rows), o_proj and down row-parallel (input columns).

@@ -34,7 +34,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from edgepool import modes
 from edgepool.data import IGNORE, Sampler
-from edgepool.models.lora import Tuning, canonical, tp_whole_factors
+from edgepool.models.lora import Tuning, canonical
 from edgepool.models.stage import StageModel, load_given
 from edgepool.models.config import ModelConfig
 from edgepool.models.parallel import ParallelCtx
@@ -120,7 +120,7 @@ class Engine:
         #    factors hold partial gradients, summed over the group before the optimizer
         self.sync_params = [p for p in self.mode.sync_params(model, owner=self.owner) if p.requires_grad] \
             if self.group is not None else []
-        self.partial_params = tp_whole_factors(model) if self.group is not None and st.mode == "tp" else []
+        self.partial_params = self.mode.partial_grad_params(model) if self.group is not None else []
         self.trainable = {canonical(n) for n, p in model.named_parameters() if p.requires_grad}
         self.tuning = tuning
         # 4. optimizer, over what trains
