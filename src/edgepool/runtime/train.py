@@ -229,6 +229,7 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
         groups=groups, lr=job.train.lr, optimizer=job.train.optimizer, weight_decay=job.train.weight_decay,
         seed=job.train.seed, timeout_s=job.train.timeout_s,
         state_dict=initial_state(job, cfg) if assignment is None else None, device=tensors, heartbeat=heartbeat,
+        precision=job.train.precision,
     )
     ckpt_root = out / "checkpoints"
     start = 0
