@@ -348,3 +348,47 @@ def test_recomputation_trades_activations_for_a_second_forward(mode):
     s_off, s_on = simulate(off, pool, prof, shape), simulate(on, pool, prof, shape)
     assert s_on.step_time_s > s_off.step_time_s
     assert s_on.peak_memory_bytes["d1"] < s_off.peak_memory_bytes["d1"]
+
+
+def test_lower_precision_keeps_fewer_activation_bytes(tmp_path):
+    """bf16/fp16 autocast (``train.precision``): a block keeps 0.5-0.75 of its fp32
+    activation bytes per token (``cost.profile.AUTOCAST_ACT``) plus a half-size copy of
+    its matmul weights per micro-batch; parameters, boundary rows and times are fp32's.
+    At BERT-base's 128-token sequences the activations a device holds fall, and so does
+    its peak memory; a profile of another precision than the job's is refused."""
+    from dataclasses import replace
+
+    from edgepool.cost.profile import AUTOCAST_ACT, for_job
+    from edgepool.specs.job import JobSpec
+    from edgepool.specs.plan import Shape
+
+    fp32, bf16 = bert_base(), analytic_profile(bert_base().dims, precision="bf16")
+    b32, b16 = fp32.blocks[0], bf16.blocks[0]
+    assert b16.act_bytes == b32.act_bytes.times(AUTOCAST_ACT)
+    assert 0.5 < b16.act_bytes.total(128) / b32.act_bytes.total(128) < 0.75
+    assert b32.cast_at() == 0 and b16.cast_at() == pytest.approx(b16.params_at() / 2, rel=0.01)
+    assert (b16.params_bytes, b16.fwd_s, b16.bwd_s) == (b32.params_bytes, b32.fwd_s, b32.bwd_s)
+    assert bf16.act_elem_bytes == fp32.act_elem_bytes and bf16.precision == "bf16"
+    path = tmp_path / "p.json"
+    path.write_text(bf16.dumps())
+    assert ModelProfile.load(path) == bf16
+
+    pool = make_pool(["jetson-agx-orin"] * 2, medium="switched")
+    shape = Shape(global_batch=16, seq_len=128, num_heads=12, ffn=3072)
+    pp = Plan(num_layers=12, num_microbatches=2, stages=[StagePlan(layers=(0, 6), devices=("d0",)),
+                                                         StagePlan(layers=(6, 12), devices=("d1",))])
+    w32, w16 = device_work(pp, pool, fp32, shape), device_work(pp, pool, bf16, shape)
+    for d in ("d0", "d1"):
+        # 0.78 here: 0.58 per token, plus the weight copies (a fifth of it at 1024 tokens)
+        assert w16[d].act_bytes < 0.8 * w32[d].act_bytes
+        assert w16[d].params_bytes == w32[d].params_bytes
+    m32, m16 = estimate(pp, pool, fp32, shape), estimate(pp, pool, bf16, shape)
+    assert all(m16.devices[d].memory_bytes < m32.devices[d].memory_bytes for d in ("d0", "d1"))
+
+    job = {"model": {"family": "bert", "size": "tiny"}, "data": {"path": "x.txt"}}
+    with pytest.raises(SpecError, match="prices fp32 but the job trains in bf16"):
+        for_job(fp32, JobSpec.model_validate({**job, "train": {"precision": "bf16"}}))
+    assert for_job(bf16, JobSpec.model_validate({**job, "train": {"precision": "bf16"}})).precision == "bf16"
+    with pytest.raises(SpecError, match="unknown precision"):
+        analytic_profile(fp32.dims, precision="fp8")
+    assert replace(fp32, precision="fp16") != fp32

@@ -41,3 +41,19 @@ def test_link_fit_gives_latency_and_bandwidth():
     link = fit_link(points)
     assert link["latency_ms"] == pytest.approx(2.0, rel=1e-6)
     assert link["bandwidth_mbps"] == pytest.approx(100.0, rel=1e-6)
+
+
+def test_a_bf16_profile_is_measured_under_autocast(tmp_path, monkeypatch):
+    """``precision`` runs every part under autocast, as the engine does: the block keeps
+    fewer bytes per token than in fp32, and the profile has its own cache key (an fp32
+    profile's key is unchanged)."""
+    monkeypatch.setattr(layers, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(layers, "WARM_UP_CPU_S", 0.0)
+    cfg = preset("gpt", "tiny", vocab_size=260, num_layers=1)
+    fp32 = layers.measure_profile(cfg, seq_len=32, repeats=1)
+    bf16 = layers.measure_profile(cfg, seq_len=32, repeats=1, precision="bf16")
+    assert bf16.precision == "bf16" and fp32.precision == "fp32" and "bf16 autocast" in bf16.notes[0]
+    assert bf16.blocks[0].act_bytes.total(32) < 0.8 * fp32.blocks[0].act_bytes.total(32)
+    assert bf16.blocks[0].cast_at() > 0 == fp32.blocks[0].cast_at()
+    assert layers.cache_key(cfg, 32, "adamw", 1, "bf16") != layers.cache_key(cfg, 32, "adamw", 1)
+    assert layers.cache_key(cfg, 32, "adamw", 1, "fp32") == layers.cache_key(cfg, 32, "adamw", 1)

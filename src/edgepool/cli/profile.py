@@ -32,7 +32,7 @@ def run(args) -> int:
     job = load_job(args.job)
     cfg = job_model_config(job)
     prof, path, cached = cached_profile(cfg, seq_len=job.train.seq_len, optimizer=job.train.optimizer,
-                                        refresh=args.refresh, progress=lambda m: console.print(f"  measuring {m}"))
+                                        precision=job.train.precision, refresh=args.refresh, progress=lambda m: console.print(f"  measuring {m}"))
     console.print(f"profile of {prof.model} ({prof.source}, {'from cache' if cached else 'measured now'}): {path}")
     t = Table(title=f"per token at sequence {job.train.seq_len}; {prof.notes[0] if prof.notes else prof.source}")
     for h in ("part", "fwd us/token", "bwd us/token", "fixed fwd ms", "params MB", "saved act KB/token"):

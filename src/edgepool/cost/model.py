@@ -297,10 +297,11 @@ def block_costs(blocks, tokens: float, ctx: float, head_frac: float = 1.0,
     activation bytes kept for backward, for ``tokens`` query tokens against ``ctx``
     context tokens with a fraction of the heads and FFN columns (``cost.profile``). The
     one source of a block's compute: ``device_work`` sums it, ``planner.tables`` takes
-    its prefix sums."""
+    its prefix sums. Under bf16/fp16 the kept bytes include the weight copies autocast
+    keeps per micro-batch (``LayerProfile.cast_bytes``; zero in fp32)."""
     return ([lp.fixed_fwd_s + lp.fwd_s.at(tokens, ctx, head_frac, ffn_frac) for lp in blocks],
             [lp.fixed_bwd_s + lp.bwd_s.at(tokens, ctx, head_frac, ffn_frac) for lp in blocks],
-            [lp.act_bytes.at(tokens, ctx, head_frac, ffn_frac) for lp in blocks])
+            [lp.act_bytes.at(tokens, ctx, head_frac, ffn_frac) + lp.cast_at(head_frac, ffn_frac) for lp in blocks])
 
 
 def owner_costs(profile: ModelProfile, tokens: float, ctx: float) -> tuple[float, float, float, float]:

@@ -32,6 +32,27 @@ follows the per-layer count of Korthikanti et al. 2022 ("Reducing Activation
 Recomputation in Large Transformer Models", arXiv 2205.05198), adapted to fp32 and no
 dropout. Fixed per-call overheads are an estimate (kernel launches), documented on the
 parameters.
+
+**Precision** (``ModelProfile.precision``, the job's ``train.precision``). Under bf16 or
+fp16 autocast the parameters, gradients, optimizer state and the boundary rows stay
+fp32 (``dtype_bytes`` is still 4); what changes is what autocast keeps for backward. By
+part of the count above (``AUTOCAST_ACT``): ``head``, ``ffn`` and ``quad`` tensors are
+matmul inputs and outputs, kept at half size (0.5); of ``rep``'s four h-vectors, the
+norms' inputs stay fp32 (norms run in fp32) and their outputs are kept as the half-size
+copies the next matmul casts (0.75). Autocast also keeps, for every micro-batch in
+flight until its backward, a half-size copy of each weight it casts
+(``LayerProfile.cast_bytes``: 2 bytes per matmul parameter of the block, per call):
+for GPT-2 124M that is about 0.17 GB per micro-batch, as much as its kept activations
+at 512 tokens. Measured on tiny GPT, LLaMA and BERT blocks (``_saved_bytes`` of the
+profiler, bf16): 0.55-0.63 of the fp32 bytes per token, against 0.58-0.6 here. The
+head's transient (logits and their gradient) is left at its fp32 size: the loss is
+computed in fp32 on an fp32 copy of the half-size logits, so its peak hardly falls.
+APPROXIMATIONS: the analytic *times* are not changed by precision (the catalog's fp16
+peaks are GPU tensor-core figures, while the runtime computes on the CPU, where bf16
+autocast can be slower than fp32); a measured profile (``edgepool profile``) times the
+parts under autocast. Collectives inside tp and sp groups carry autocast's half-size
+partial sums and K/V, but are priced at ``dtype_bytes`` (an overestimate, by 2x, of
+those bytes).
 """
 
 from __future__ import annotations
@@ -45,6 +66,8 @@ from edgepool import catalog
 from edgepool.errors import SpecError
 
 PROFILE_SCHEMA_VERSION = 1
+PRECISIONS = ("fp32", "bf16", "fp16")
+HALF_BYTES = 2  # bytes of a bf16 or fp16 element
 OPT_STATE_FACTOR = {"adamw": 2.0, "sgd": 0.0}  # optimizer state bytes per parameter byte
 # Bytes of memory traffic per parameter byte in one optimizer step: AdamW reads p, g, m,
 # v and writes p, m, v (7 fp32 tensors); SGD reads p, g and writes p (3).
@@ -70,6 +93,15 @@ class Parts:
     def scaled(self, k: float) -> "Parts":
         return Parts(self.rep * k, self.head * k, self.ffn * k, self.quad * k)
 
+    def times(self, k: "Parts") -> "Parts":
+        """Part by part product."""
+        return Parts(self.rep * k.rep, self.head * k.head, self.ffn * k.ffn, self.quad * k.quad)
+
+
+# The fraction of each part's kept activation bytes that remains under bf16/fp16
+# autocast (see the module docstring; fp32: all of it).
+AUTOCAST_ACT = Parts(rep=0.75, head=0.5, ffn=0.5, quad=0.5)
+
 
 @dataclass(frozen=True)
 class LayerProfile:
@@ -78,7 +110,9 @@ class LayerProfile:
     ``fwd_s``/``bwd_s``: seconds per token (quad: per token per context token);
     ``fixed_fwd_s``/``fixed_bwd_s``: seconds per call, whatever the size;
     ``params_bytes``: parameter bytes by part (quad unused);
-    ``act_bytes``: activation bytes per token kept from forward to backward.
+    ``act_bytes``: activation bytes per token kept from forward to backward;
+    ``cast_bytes``: bytes kept per call (per micro-batch in flight), whatever the
+    tokens: the half-size weight copies autocast makes (zero in fp32).
     """
 
     name: str
@@ -88,6 +122,11 @@ class LayerProfile:
     act_bytes: Parts
     fixed_fwd_s: float = 0.0
     fixed_bwd_s: float = 0.0
+    cast_bytes: Parts = Parts()
+
+    def cast_at(self, head_frac: float = 1.0, ffn_frac: float = 1.0) -> float:
+        c = self.cast_bytes
+        return c.rep + c.head * head_frac + c.ffn * ffn_frac
 
     def params_at(self, head_frac: float = 1.0, ffn_frac: float = 1.0) -> float:
         p = self.params_bytes
@@ -138,6 +177,9 @@ class ModelProfile:
     reference_kind: str = catalog.REFERENCE_KIND
     reference_mode: str | None = None
     dtype_bytes: int = 4
+    # The compute precision the profile prices (``train.precision``; module docstring):
+    # kept activations and, in a measured profile, times.
+    precision: str = "fp32"
     optimizer: str = "adamw"
     opt_state_factor: float = 2.0
     optim_s_per_param_byte: float = 0.0
@@ -208,7 +250,8 @@ class ModelProfile:
             def lp(d: dict) -> LayerProfile:
                 return LayerProfile(name=d["name"], fwd_s=Parts(**d["fwd_s"]), bwd_s=Parts(**d["bwd_s"]),
                                     params_bytes=Parts(**d["params_bytes"]), act_bytes=Parts(**d["act_bytes"]),
-                                    fixed_fwd_s=d.get("fixed_fwd_s", 0.0), fixed_bwd_s=d.get("fixed_bwd_s", 0.0))
+                                    fixed_fwd_s=d.get("fixed_fwd_s", 0.0), fixed_bwd_s=d.get("fixed_bwd_s", 0.0),
+                                    cast_bytes=Parts(**d.get("cast_bytes", {})))
 
             rest = {k: v for k, v in data.items()
                     if k not in ("dims", "blocks", "embed", "head", "notes", "mode_runtime_bytes")}
@@ -230,7 +273,12 @@ class ModelProfile:
 
 def for_job(profile: ModelProfile, job) -> ModelProfile:
     """``profile`` with ``job``'s in-memory backups (``backup_every``): what the runtime
-    will do for a ``train`` run that recovers from a lost device."""
+    will do for a ``train`` run that recovers from a lost device. A profile of another
+    precision than the job's is refused (its activations and times are not the run's)."""
+    want = job.train.precision
+    if profile.precision != want:
+        raise SpecError(f"the profile prices {profile.precision} but the job trains in {want} (train.precision); "
+                        f"measure one for {want} with `edgepool profile`, or leave --profile out for the analytic one")
     every = job.train.replicate_every if job.train.recover else 0
     return profile if profile.backup_every == every else replace(profile, backup_every=every)
 
@@ -262,8 +310,11 @@ def block_flops(dims: ModelDims) -> tuple[Parts, Parts]:
 
 def analytic_profile(dims: ModelDims | Any, *, optimizer: str = "adamw", reference_kind: str = catalog.REFERENCE_KIND,
                      reference_mode: str | None = None, dtype_bytes: int = 4, fixed_block_s: float = 3e-4,
-                     fixed_part_s: float = 1e-4) -> ModelProfile:
+                     fixed_part_s: float = 1e-4, precision: str = "fp32") -> ModelProfile:
     """A FLOPs-based profile on ``reference_kind`` (see the module docstring).
+
+    ``precision``: bf16 and fp16 keep fewer activation bytes (``AUTOCAST_ACT``) plus the
+    weight copies autocast makes (``cast_bytes``); times are the same as fp32's.
 
     ``fixed_block_s``: per-call overhead of one block's forward on the reference device
     (an ESTIMATE: about 15 kernel launches at about 20 us on a Jetson Nano); backward
@@ -273,6 +324,9 @@ def analytic_profile(dims: ModelDims | Any, *, optimizer: str = "adamw", referen
         dims = ModelDims.of(dims)
     if optimizer not in OPT_STATE_FACTOR:
         raise SpecError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPT_STATE_FACTOR)}")
+    if precision not in PRECISIONS:
+        raise SpecError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    half = precision != "fp32"
     kind = catalog.get(reference_kind)
     rate_flops = kind.effective_gflops(reference_mode) * 1e9
     e = float(dtype_bytes)
@@ -286,8 +340,12 @@ def analytic_profile(dims: ModelDims | Any, *, optimizer: str = "adamw", referen
         ffn=e * (3 if gated else 2) * f,  # up (and gate) outputs and the activation output
         quad=e * 2 * dims.num_heads,  # scores and softmax probabilities
     )
+    # under autocast: fewer bytes kept per token, and a half-size copy of every matmul
+    # weight (and bias) per call; the norms' weights are not cast
+    cast = Parts(head=HALF_BYTES * params.head, ffn=HALF_BYTES * params.ffn) if half else Parts()
     block = LayerProfile(name="block", fwd_s=fwd, bwd_s=fwd.scaled(2.0), params_bytes=params.scaled(e),
-                         act_bytes=act, fixed_fwd_s=fixed_block_s, fixed_bwd_s=2 * fixed_block_s)
+                         act_bytes=act.times(AUTOCAST_ACT) if half else act, fixed_fwd_s=fixed_block_s,
+                         fixed_bwd_s=2 * fixed_block_s, cast_bytes=cast)
     emb_params = v * h + (0 if gated else dims.max_seq_len * h) + (3 * h if dims.family == "bert" else 0)
     embed = LayerProfile(
         name="embed", fwd_s=Parts(rep=4.0 * h / rate_flops), bwd_s=Parts(rep=8.0 * h / rate_flops),
@@ -305,9 +363,12 @@ def analytic_profile(dims: ModelDims | Any, *, optimizer: str = "adamw", referen
     return ModelProfile(
         model=f"{dims.family}-h{h}-l{dims.num_layers}-a{dims.num_heads}-f{f}-v{v}",
         dims=dims, blocks=tuple(block for _ in range(dims.num_layers)), embed=embed, head=head,
-        reference_kind=reference_kind, reference_mode=reference_mode, dtype_bytes=dtype_bytes, optimizer=optimizer,
+        reference_kind=reference_kind, reference_mode=reference_mode, dtype_bytes=dtype_bytes, precision=precision,
+        optimizer=optimizer,
         opt_state_factor=OPT_STATE_FACTOR[optimizer],
         optim_s_per_param_byte=OPT_TRAFFIC_FACTOR[optimizer] / mem_rate,
         source="analytic",
-        notes=(f"FLOPs / ({kind.id} effective {kind.effective_gflops(reference_mode):.1f} GFLOPS, catalog estimate)",),
+        notes=(f"FLOPs / ({kind.id} effective {kind.effective_gflops(reference_mode):.1f} GFLOPS, catalog estimate)",)
+        + ((f"{precision} autocast: kept activations scaled by part (AUTOCAST_ACT) plus weight copies; times as "
+            "fp32 (not priced analytically)",) if half else ()),
     )

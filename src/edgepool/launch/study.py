@@ -95,12 +95,13 @@ def study_profile(pool: PoolSpec, job: JobSpec, cfg, placement: Placement, log=p
             from edgepool.profiler.layers import cached_profile
 
             cores_per_speed = placement.cores(name) / device_speed(pool.device(name))
-            prof, path, cached = cached_profile(cfg, seq_len=job.train.seq_len, optimizer=job.train.optimizer)
+            prof, path, cached = cached_profile(cfg, seq_len=job.train.seq_len, optimizer=job.train.optimizer,
+                                                precision=job.train.precision)
             log(f"profile: {prof.model} measured on this host ({'cached' if cached else 'now'}: {path})")
             return (replace(prof, reference_speed_value=1.0 / cores_per_speed),
                     f"simulator (memory: cost model), profile measured on this host, testbed CPU caps "
                     f"({cores_per_speed:.3f} cores per unit speed)")
-    return (analytic_profile(ModelDims.of(cfg), optimizer=job.train.optimizer),
+    return (analytic_profile(ModelDims.of(cfg), optimizer=job.train.optimizer, precision=job.train.precision),
             "simulator (memory: cost model), analytic profile (catalog reference-device seconds)")
 
 

@@ -881,11 +881,12 @@ def job_model_dims(job):
 
 
 def job_profile(job):
-    """The analytic profile ``train`` plans ``job`` with: its model and optimizer, and its
-    in-memory backups (``cost.profile.for_job``)."""
+    """The analytic profile ``train`` plans ``job`` with: its model, optimizer and
+    precision, and its in-memory backups (``cost.profile.for_job``)."""
     from edgepool.cost.profile import analytic_profile, for_job
 
-    return for_job(analytic_profile(job_model_dims(job), optimizer=job.train.optimizer), job)
+    return for_job(analytic_profile(job_model_dims(job), optimizer=job.train.optimizer,
+                                    precision=job.train.precision), job)
 
 
 def plan_for_run(pool: PoolSpec, job, family: str | None = None, objective: str = "time") -> Plan:

@@ -14,6 +14,12 @@ timer), not as (forward + backward) - forward, which doubled the noise of a smal
 difference. Ranks run one thread (``torch.set_num_threads(1)``), so CPU time is the
 compute time. ``PROFILE_METHOD`` is part of the cache key, so profiles measured the
 old way are measured again.
+
+``precision`` (``train.precision``): under bf16 or fp16 every part runs under
+``torch.autocast`` as the engine runs it (the head's loss in fp32 on
+``logits.float()``), so times and kept activation bytes are autocast's. The weight
+copies autocast keeps per call come from the analytic count (``cost.profile``), not
+from the fit's intercept. An fp32 profile's cache key is unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import hashlib
 import importlib
 import json
 import os
+import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -47,9 +54,12 @@ def host_id() -> str:
     return cpu_name()
 
 
-def cache_key(cfg: ModelConfig, seq_len: int, optimizer: str, threads: int) -> str:
-    body = json.dumps({"model": cfg.to_dict(), "seq_len": seq_len, "optimizer": optimizer, "threads": threads,
-                       "host": host_id(), "torch": torch.__version__, "method": PROFILE_METHOD}, sort_keys=True)
+def cache_key(cfg: ModelConfig, seq_len: int, optimizer: str, threads: int, precision: str = "fp32") -> str:
+    key = {"model": cfg.to_dict(), "seq_len": seq_len, "optimizer": optimizer, "threads": threads,
+           "host": host_id(), "torch": torch.__version__, "method": PROFILE_METHOD}
+    if precision != "fp32":  # named only when set: fp32 profiles keep their keys
+        key["precision"] = precision
+    body = json.dumps(key, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -121,9 +131,36 @@ def _warm_up(block, cfg: ModelConfig, seq_len: int) -> None:
         block(x).backward(g)
 
 
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(precision: str):
+    """The engine's compute context for ``precision`` (``runtime.engine``)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in _DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; known: fp32, {', '.join(_DTYPES)}")
+    return torch.autocast("cpu", dtype=_DTYPES[precision])
+
+
+def _under(module, precision: str):
+    """``module``'s forward under autocast (its output cast back to fp32, as the engine
+    casts what crosses a boundary)."""
+    if precision == "fp32":
+        return module
+
+    def run(x):
+        with _autocast(precision):
+            y = module(x)
+        return y.float()
+
+    return run
+
+
 def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw", repeats: int = 15,
-                    threads: int = 1, progress=None) -> ModelProfile:
-    """Measure a profile of ``cfg`` on this host (see the package docstring)."""
+                    threads: int = 1, progress=None, precision: str = "fp32") -> ModelProfile:
+    """Measure a profile of ``cfg`` on this host (see the package docstring), computing
+    in ``precision`` as the engine does (module docstring)."""
     torch.set_num_threads(threads)
     import resource
 
@@ -136,10 +173,10 @@ def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw",
 
     fsdp_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + GLOO_ALLOWANCE_BYTES - runtime_bytes
     dims = ModelDims.of(cfg)
-    base = analytic_profile(dims, optimizer=optimizer, reference_kind="host-cpu")
+    base = analytic_profile(dims, optimizer=optimizer, reference_kind="host-cpu", precision=precision)
     flops, _ = block_flops(dims)
     stage = StageModel(cfg, (0, 1), embed=True, head=True, seed=0)
-    block, embed, head = stage.blocks["0"], stage.embed, stage.head
+    block, embed, head = (_under(m, precision) for m in (stage.blocks["0"], stage.embed, stage.head))
     _warm_up(block, cfg, seq_len)
     rows, fwd, bwd, act = [], [], [], []
     for b, t in _shapes(seq_len, cfg.max_seq_len):
@@ -169,7 +206,7 @@ def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw",
         e_b.append(_best_time(lambda y: y.sum().backward(), repeats, setup=lambda: embed(ids)))
 
         def head_step():
-            logits = head(hx)
+            logits = head(hx)  # fp32 (``_under``), as the engine's loss takes ``logits.float()``
             torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels).backward()
 
         h_t.append(_best_time(head_step, repeats))
@@ -182,7 +219,7 @@ def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw",
     head_lp = replace(base.head, fwd_s=Parts(rep=ha / 3), bwd_s=Parts(rep=2 * ha / 3), fixed_fwd_s=h0 / 3,
                       fixed_bwd_s=2 * h0 / 3)
     # Optimizer step per parameter byte, on one block's parameters.
-    params = [p for p in block.parameters()]
+    params = [p for p in stage.blocks["0"].parameters()]
     for p in params:
         p.grad = torch.randn_like(p)
     opt = torch.optim.AdamW(params, lr=1e-4) if optimizer == "adamw" else torch.optim.SGD(params, lr=1e-4)
@@ -192,20 +229,22 @@ def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw",
         base, blocks=tuple(block_lp for _ in range(cfg.num_layers)), embed=embed_lp, head=head_lp,
         optim_s_per_param_byte=opt_s / param_bytes, source="measured", runtime_bytes=float(runtime_bytes),
         mode_runtime_bytes=(("fsdp", float(fsdp_bytes)),),
-        notes=(f"measured on {host_id()} with {threads} thread(s), torch {torch.__version__}; per-part split of the "
-               "linear time by analytic FLOPs",),
+        notes=(f"measured on {host_id()} with {threads} thread(s), torch {torch.__version__}"
+               + (f", under {precision} autocast" if precision != "fp32" else "")
+               + "; per-part split of the linear time by analytic FLOPs",),
     )
 
 
 def cached_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw", threads: int = 1,
-                   refresh: bool = False, progress=None) -> tuple[ModelProfile, Path, bool]:
+                   refresh: bool = False, progress=None, precision: str = "fp32") -> tuple[ModelProfile, Path, bool]:
     """A measured profile from the cache, measuring it first when missing.
 
     Returns (profile, cache path, whether it came from the cache)."""
-    path = CACHE_DIR / f"{cache_key(cfg, seq_len, optimizer, threads)}.json"
+    path = CACHE_DIR / f"{cache_key(cfg, seq_len, optimizer, threads, precision)}.json"
     if path.is_file() and not refresh:
         return ModelProfile.load(path), path, True
-    prof = measure_profile(cfg, seq_len=seq_len, optimizer=optimizer, threads=threads, progress=progress)
+    prof = measure_profile(cfg, seq_len=seq_len, optimizer=optimizer, threads=threads, progress=progress,
+                           precision=precision)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(prof.dumps())

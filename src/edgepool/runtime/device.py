@@ -6,6 +6,8 @@ The engine, the wire, the groups and the modes take it as an argument and never 
 device or a dtype themselves, so a CUDA path (NCCL, bf16) is a new ``TorchDevice``, not a
 change to the modes. Only the CPU (gloo, fp32) is built and tested today: NCCL would need
 every rank of a group to hold CUDA tensors (``docs/runtime.md``).
+``dtype`` is the storage dtype (master weights, boundaries); the compute precision of
+``train.precision`` is the engine's autocast over it, not a different ``TorchDevice``.
 """
 
 from __future__ import annotations

@@ -13,6 +13,16 @@ Composition order (fixed, as in torchtitan):
 4. the optimizer over the local parameters (an fsdp device's shards);
 5. the pipeline schedule: the ops of ``sim.lower.lower_rank``, executed in order.
 
+Precision (``precision``, the job's ``train.precision``): ``fp32`` computes in fp32 and
+changes nothing. ``bf16``/``fp16`` run the embed, the blocks and the head under
+``torch.autocast`` of the device type: parameters, gradients and optimizer state stay
+fp32 (master weights; autocast casts weights per op), the loss is computed in fp32 on
+``logits.float()``, and what crosses a stage boundary is cast back to the device dtype
+(fp32; the wire dtype is a separate setting). Collectives *inside* a tp or sp group run
+on what autocast produced (bf16/fp16 partial sums and K/V), so a split group rounds
+differently from one device. ``fp16`` adds dynamic loss scaling over the whole pipeline
+(``LossScaler``).
+
 Gradient weighting: every loss is a sum over a device's own target tokens divided by
 the number of target tokens in the whole global batch, so summing gradients over
 micro-batches and over a group's replicas gives exactly the full-batch gradient, for
@@ -23,6 +33,7 @@ owner.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from dataclasses import dataclass, field
@@ -48,6 +59,89 @@ from edgepool.specs.layout import Layout
 from edgepool.specs.plan import EMPTY, Plan, Region, Shape, role_of
 
 
+# The compute dtype of each ``train.precision``: None computes in the device dtype.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 across a pipeline of ranks.
+
+    torch's ``GradScaler`` assumes one process holds the loss and every parameter: it
+    scales the loss, and its ``step`` unscales, checks and skips for the parameters
+    *that process* holds. Here the loss lives on the data owners and the parameters on
+    every stage, so each rank would decide on its own whether to skip, and one rank's
+    overflow would let the others step (and the ranks' scales drift apart). This scaler
+    splits the job instead:
+
+    - the data owners multiply each micro-batch's loss by ``scale`` before its backward,
+      so every gradient downstream (across boundaries, in every stage) is scaled by the
+      same factor;
+    - before the optimizer every rank unscales its own (already synchronised) gradients,
+      checks them finite, and all-reduces an inf flag (MAX) over the WORLD, so every rank
+      skips the same steps;
+    - on an inf the scale halves (and the step is skipped); after ``growth_interval``
+      good steps in a row it doubles (torch's defaults: 2**16, 2000).
+
+    ``scale`` is a power of two, so scaling and unscaling are exact in fp32 unless a
+    value overflows or underflows. Its state (``state``/``load``) travels with the
+    optimizer scalars of ``Engine.pieces``, so checkpoints, resharding and in-memory
+    recovery keep it (a rank that received no copy of it, as a new rank in a regrouped run
+    may, learns it from ``sync``: an all-reduce at every engine's first step, on every
+    rank).
+    """
+
+    KEY = "<loss-scale>"  # its entry among the optimizer scalars (no parameter has that name)
+
+    def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 2000):
+        self.scale, self.growth_interval = float(init_scale), growth_interval
+        self.good_steps = 0
+        self.skipped: list[int] = []  # the steps skipped for an inf or NaN gradient
+        self._known = True  # this rank knows the run's scale (not so for a rank given state without it)
+        self.synced = False
+
+    def state(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load(self, state: dict | None) -> None:
+        self._known = state is not None
+        if state is not None:
+            self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+    def sync(self) -> None:
+        """Collective over the world: every rank takes the scale the ranks that know it hold."""
+        t = torch.tensor([self.scale, float(self.good_steps)] if self._known else [0.0, 0.0], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if t[0] > 0:
+            self.scale, self.good_steps = float(t[0]), int(t[1])
+        self._known = self.synced = True
+
+    def unscale_and_check(self, params) -> bool:
+        """Collective over the world: unscale this rank's gradients; whether every
+        rank's are finite (False: every rank skips this step)."""
+        inv = 1.0 / self.scale
+        bad = False
+        for p in params:
+            if p.grad is None:
+                continue
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # an fsdp shard
+            g.mul_(inv)
+            bad = bad or not bool(torch.isfinite(g).all())
+        flag = torch.tensor([float(bad)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not bool(flag.item())
+
+    def update(self, ok: bool, step: int) -> None:
+        if not ok:
+            self.scale /= 2.0
+            self.good_steps = 0
+            self.skipped.append(step)
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale *= 2.0
+            self.good_steps = 0
+
+
 @dataclass
 class StepResult:
     loss: float  # the global loss of the step (same on every rank)
@@ -56,6 +150,7 @@ class StepResult:
     peak_memory_bytes: int  # peak resident memory of this rank's process so far
     cpu_s: float  # CPU time of this rank's process during the step (all its threads)
     trace: list[tuple[str, float, float]] = field(default_factory=list)  # (op, start_s, end_s)
+    skipped: bool = False  # fp16: the optimizer step was skipped (an inf or NaN gradient on some rank)
 
 
 def _is_comm_failure(exc: RuntimeError) -> bool:
@@ -71,8 +166,13 @@ class Engine:
     def __init__(self, plan: Plan, cfg: ModelConfig, *, rank: int, sampler: Sampler | None, global_batch: int,
                  seq_len: int, groups: StageGroups, lr: float, optimizer: str = "adamw", weight_decay: float = 0.0,
                  seed: int = 0, timeout_s: float = 60.0, state_dict: dict[str, torch.Tensor] | None = None,
-                 device: TorchDevice = CPU, heartbeat: Heartbeat | None = None, tuning: Tuning | None = None):
+                 device: TorchDevice = CPU, heartbeat: Heartbeat | None = None, tuning: Tuning | None = None,
+                 precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
         self.plan, self.cfg, self.rank, self.device = plan, cfg, rank, device
+        self.precision, self.compute_dtype = precision, PRECISIONS[precision]
+        self.scaler = LossScaler() if precision == "fp16" else None
         self.heartbeat, self.timeout_s = heartbeat, timeout_s
         self.role = role_of(plan, rank)
         self.shape = Shape(global_batch=global_batch, seq_len=seq_len, num_heads=cfg.num_heads, ffn=cfg.ffn,
@@ -137,6 +237,12 @@ class Engine:
         self._state: dict[str, dict[int, object]] = {}
 
     # -- helpers -----------------------------------------------------------------------
+    def _autocast(self):
+        """Compute under autocast to the precision's dtype (nothing for fp32)."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
     def _tag(self, mb: int, k: int, grad: bool) -> int:
         return mb * self._tags + 2 * k + int(grad)
 
@@ -188,7 +294,9 @@ class Engine:
         b0, b1 = self.owner_region[0], self.owner_region[1]
         start = mb * self.mb_size
         ids, labels = self.sampler.batch(self._step, range(start + b0, start + b1))
-        e = self.model.embed(torch.from_numpy(ids))
+        with self._autocast():
+            e = self.model.embed(torch.from_numpy(ids))
+        e = e.to(self.device.dtype)  # boundaries carry the device dtype (a no-op in fp32)
         self._put("embed", mb, e)
         self._put("labels", mb, torch.from_numpy(labels))
         self._send(e, self.owner_region, self._fwd[0], mb, 0, False)
@@ -200,7 +308,9 @@ class Engine:
 
     def _op_fwd(self, mb: int) -> None:
         x = self._state["x"][mb]
-        self._put("y", mb, self.model.run_blocks(x))
+        with self._autocast():
+            y = self.model.run_blocks(x)
+        self._put("y", mb, y.to(self.device.dtype))
 
     def _op_send_act(self, mb: int) -> None:
         k = self.role.stage + 1
@@ -209,11 +319,13 @@ class Engine:
     def _op_head(self, mb: int) -> None:
         k = len(self.plan.stages)
         h = self._recv(self.owner_region, self._fwd[k], mb, k, False).requires_grad_(True)
-        logits = self.model.head(h)
+        with self._autocast():
+            logits = self.model.head(h)
         labels = self._pop("labels", mb)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+        # the loss in fp32 whatever the precision (``.float()`` is a no-op in fp32)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                                reduction="sum") / self.num_targets
-        loss.backward()
+        (loss * self.scaler.scale if self.scaler is not None else loss).backward()
         self._loss += loss.detach()
         self._send(h.grad, self.owner_region, self._bwd[k], mb, k, True)
 
@@ -255,6 +367,13 @@ class Engine:
     def _op_optim(self, mb: int) -> None:
         if self.partial_params:
             self._all_reduce_grads(self.partial_params)
+        if self.scaler is not None:
+            ok = self.scaler.unscale_and_check(self.model.parameters())
+            self.scaler.update(ok, self._step)
+            if not ok:  # every rank skips this step (the flag was all-reduced)
+                self._skipped = True
+                self.optim.zero_grad(set_to_none=True)
+                return
         self.optim.step()
         self.optim.zero_grad(set_to_none=True)
 
@@ -262,6 +381,9 @@ class Engine:
     def step(self, step: int, *, trace: bool = False) -> StepResult:
         self._step = step
         self._loss = self.device.zeros(())
+        self._skipped = False
+        if self.scaler is not None and not self.scaler.synced:  # an engine's first step, on every rank
+            self.scaler.sync()
         sent0 = self.wire.bytes_sent
         events: list[tuple[str, float, float]] = []
         t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -290,6 +412,7 @@ class Engine:
         return StepResult(
             loss=float(loss), step_time_s=time.perf_counter() - t_start, bytes_sent=self.wire.bytes_sent - sent0,
             peak_memory_bytes=peak_rss_bytes(), cpu_s=time.process_time() - cpu_start, trace=events,
+            skipped=self._skipped,
         )
 
     # -- state in full-model coordinates ----------------------------------------------
@@ -321,6 +444,8 @@ class Engine:
                     out[f"optim/{names[idx]}/{key}"] = local.detach().clone().contiguous()
                 else:
                     scalars.setdefault(names[idx], {})[key] = val
+        if self.scaler is not None:
+            scalars[LossScaler.KEY] = self.scaler.state()
         return out, scalars
 
     def load_pieces(self, tensors: dict[str, torch.Tensor], scalars: dict[str, dict]) -> None:
@@ -334,6 +459,8 @@ class Engine:
         else:  # only what trains; the frozen rest is the run's initial state, already in place
             current = self.mode.local_state(self.model)
             self.load_local_state({k: tensors[f"model/{k}"] if k in own else v for k, v in current.items()})
+        if self.scaler is not None:  # without it (state from a run in another precision) the first step syncs it
+            self.scaler.load(scalars.get(LossScaler.KEY))
         params = {canonical(n): p for n, p in self.model.named_parameters() if p.requires_grad}
         index = {n: i for i, n in enumerate(params)}
         state: dict[int, dict] = {index[n]: dict(v) for n, v in scalars.items() if n in index}

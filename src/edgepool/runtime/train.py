@@ -232,6 +232,7 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
         seed=job.train.seed, timeout_s=job.train.timeout_s, tuning=tuning, device=tensors, heartbeat=heartbeat,
         # the frozen part of a fine-tuning run is never in a checkpoint or a peer's backup
         state_dict=initial_state(job, cfg) if assignment is None or tuning is not None else None,
+        precision=job.train.precision,
     )
     ckpt_root = out / "checkpoints"
     start = 0
