@@ -214,6 +214,10 @@ def write_hf_folder(cfg: ModelConfig, state: dict[str, torch.Tensor], out: str |
                     shutil.copyfile(src, tmp / name)
                     written.tokenizer.append(name)
         written.files += written.tokenizer
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():  # safetensors creates its files 0600; an export is for sharing
+            os.chmod(f, 0o666 & ~umask)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

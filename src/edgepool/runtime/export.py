@@ -173,8 +173,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ste
     cfg = job_model_config(run.job)
     s, d, manifest = pick_checkpoint(run_dir, run.identity(), step=step, log=log)
     if s < run.steps:
-        log(f"exporting checkpoint {d.name}: the run has {run.steps} steps, so the last {run.steps - s} are not in it "
-            "(train.checkpoint_every does not divide train.steps, or the run stopped early)")
+        log(f"exporting checkpoint {d.name}: the run has {run.steps} steps, so the last {run.steps - s} step(s) are not "
+            "in it (train.checkpoint_every does not divide the steps, or the run stopped early)")
     state, filled = complete(run, cfg, read_model(d, manifest), label=f"checkpoint {d.name}")
     lora = run.job.train.lora
     written = write_hf_folder(cfg, state, out, merge=merge, pretrained=run.job.model.pretrained,
