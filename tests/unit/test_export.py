@@ -185,7 +185,7 @@ def test_lora_run_exports_merged_and_as_peft_adapters(tf, peft, pretrained, tmp_
     merged = tmp_path / "merged"
     assert not (merged / "adapter_config.json").exists() and (merged / "vocab.txt").is_file()
     hf_cfg = json.loads((merged / "config.json").read_text())
-    assert hf_cfg["torch_dtype"] == "float32" and hf_cfg["tie_word_embeddings"] == (kind == "gpt2")
+    assert hf_cfg["torch_dtype"] == hf_cfg["dtype"] == "float32" and hf_cfg["tie_word_embeddings"] == (kind == "gpt2")
     err = (_logits(auto.from_pretrained(str(merged)).eval(), IDS) - want).abs().max().item()
     assert err <= ATOL, f"{kind} merged: max abs difference {err:.2e}"
 
@@ -291,3 +291,13 @@ def test_hf_config_is_the_inverse_of_reading_it(family):
                  rope_theta=500.0 if family == "llama" else 10000.0)
     again = _from_raw(to_hf_config(cfg), Path("config.json"))
     assert again == cfg
+
+
+def test_hf_config_keeps_the_pretrained_fields_it_does_not_own():
+    cfg = preset("llama", "tiny", vocab_size=50, num_layers=2)
+    base = {"model_type": "llama", "dtype": "bfloat16", "torch_dtype": "bfloat16", "bos_token_id": 5,
+            "auto_map": {"AutoModel": "remote.Code"}, "rope_scaling": {"rope_type": "yarn"}, "hidden_size": 8}
+    out = to_hf_config(cfg, base)
+    assert (out["dtype"], out["torch_dtype"], out["bos_token_id"], out["hidden_size"]) == ("float32", "float32", 5, 64)
+    assert "auto_map" not in out and "rope_scaling" not in out  # no remote code; our rotary is the default one
+    assert to_hf_config(cfg)["bos_token_id"] is None  # the byte vocabulary has no special tokens

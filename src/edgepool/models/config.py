@@ -199,7 +199,8 @@ def to_hf_config(cfg: ModelConfig, base: dict | None = None) -> dict:
                    rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=p)
     if base is None:  # no tokenizer of the model's own (the byte vocabulary): no special token ids
         out.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    out.update(torch_dtype="float32", tie_word_embeddings=False)
+    # transformers >= 4.56 writes and reads ``dtype`` (it wins over ``torch_dtype``), older ones ``torch_dtype``
+    out.update(torch_dtype="float32", dtype="float32", tie_word_embeddings=False)
     return out
 
 
