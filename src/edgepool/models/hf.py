@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+
 import torch
 
 from edgepool.errors import SpecError
