@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "devices": ("edgepool.cli.devices", "list the device catalog: compute, memory, power modes, sources"),
     "plan": ("edgepool.cli.plan", "find the best plan of a pool for a job (time, energy or edp)"),
     "simulate": ("edgepool.cli.simulate", "simulate one step of a plan: timeline, energy, peak memory, Gantt chart"),
+    "export": ("edgepool.cli.export", "write a run's trained model (and LoRA adapters) as a Hugging Face folder"),
 }
 
 

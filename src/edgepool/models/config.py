@@ -166,6 +166,44 @@ def _from_raw(raw: dict, path: Path) -> ModelConfig:
     raise SpecError(f"{path}: model_type {kind!r} is not supported; supported: bert, gpt2, llama")
 
 
+def to_hf_config(cfg: ModelConfig, base: dict | None = None) -> dict:
+    """The Hugging Face ``config.json`` of ``cfg``: the inverse of ``_from_raw`` (a unit
+    test keeps ``_from_raw(to_hf_config(cfg))`` equal to ``cfg``), for the family's
+    task-head class (BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM), float32.
+
+    ``base``: the pretrained folder's own config.json, whose other fields (token ids,
+    ``transformers_version``, ...) are kept; every field edgepool's model depends on is
+    written from ``cfg``. ``tie_word_embeddings`` is false here (our head is a parameter of
+    its own); the export sets it true when the head equals the embedding."""
+    out = {k: v for k, v in (base or {}).items() if k not in ("auto_map", "quantization_config", "_name_or_path")}
+    p = cfg.dropout
+    if cfg.family == "bert":
+        out.update(model_type="bert", architectures=["BertForMaskedLM"], vocab_size=cfg.vocab_size,
+                   hidden_size=cfg.hidden, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                   intermediate_size=cfg.ffn, max_position_embeddings=cfg.max_seq_len, layer_norm_eps=cfg.norm_eps,
+                   type_vocab_size=cfg.type_vocab_size, hidden_act="gelu", position_embedding_type="absolute",
+                   hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+    elif cfg.family == "gpt":
+        out.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
+                   n_embd=cfg.hidden, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn,
+                   n_positions=cfg.max_seq_len, n_ctx=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
+                   activation_function="gelu_new", scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                   reorder_and_upcast_attn=False, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
+    else:
+        out.pop("rope_scaling", None)
+        out.update(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=cfg.vocab_size,
+                   hidden_size=cfg.hidden, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                   num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.ffn,
+                   max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                   # transformers >= 5 reads rope_parameters, older ones rope_theta
+                   rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=p)
+    if base is None:  # no tokenizer of the model's own (the byte vocabulary): no special token ids
+        out.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    # transformers >= 4.56 writes and reads ``dtype`` (it wins over ``torch_dtype``), older ones ``torch_dtype``
+    out.update(torch_dtype="float32", dtype="float32", tie_word_embeddings=False)
+    return out
+
+
 def _check_llama(raw: dict, path: Path) -> None:
     """Refuse LLaMA variants our block does not compute (they would load but not match)."""
     h, a = raw["hidden_size"], raw["num_attention_heads"]

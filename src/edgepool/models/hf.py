@@ -1,4 +1,5 @@
-"""Pretrained weights from a local Hugging Face-format folder (bert, gpt2, llama).
+"""Pretrained weights from a local Hugging Face-format folder (bert, gpt2, llama), and
+the same name tables run backwards for the export (``models.export``).
 
 A folder holds ``config.json`` and one or more ``*.safetensors`` files (sharded ones
 listed in ``model.safetensors.index.json``). ``load_pretrained`` reads them with
@@ -29,6 +30,10 @@ Layout conversions:
   that ``layers.rope`` computes, so q and k are copied as they are.
 - BERT's separate output biases (``attention.output.dense.bias``, ``output.dense.bias``)
   become our ``attn.o_bias`` and ``mlp.down_bias``.
+
+One table per family (``_bert``, ``_gpt2``, ``_llama``: our name -> stored names and
+layout) serves both directions: ``load_pretrained`` reads through it, ``hf_state`` and
+``hf_linear`` write through it, so a name fixed in one direction is fixed in both.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -47,34 +51,26 @@ from edgepool.models.config import ModelConfig, from_hf_config
 # Prefixes of the task-head classes (BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM).
 _PREFIX = {"bert": "bert.", "gpt": "transformer.", "llama": "model."}
 
-Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _t(t: torch.Tensor) -> torch.Tensor:
-    return t.t()
-
-
-def _part(index: int, count: int, transpose: bool) -> Transform:
-    """Part ``index`` of ``count`` equal slices along the output dimension (c_attn -> q, k, v)."""
-
-    def fn(t: torch.Tensor) -> torch.Tensor:
-        t = t.t() if transpose else t
-        return t.chunk(count, dim=0)[index]
-
-    return fn
-
-
 class _Source:
-    """Where one of our tensors comes from: the first present of ``names``, then ``fn``."""
+    """Where one of our tensors comes from: the first present of ``names`` (stored names:
+    ``lm_head.*`` and ``cls.*`` at the top level, the rest under the family's prefix),
+    transposed when ``transpose`` (GPT-2's ``Conv1D``), then part ``part = (index, count)``
+    of equal slices along the output dimension (GPT-2's ``c_attn`` -> q, k, v).
 
-    __slots__ = ("names", "fn")
+    The layout is data, not a function, so the same table also runs backwards
+    (``hf_state``, ``hf_linear``: the export to Hugging Face names). The first name is
+    the tensor's own; later ones are aliases the load falls back to (a tied embedding, a
+    second copy of BERT's decoder bias)."""
 
-    def __init__(self, *names: str, fn: Transform = _same):
-        self.names, self.fn = names, fn
+    __slots__ = ("names", "transpose", "part")
+
+    def __init__(self, *names: str, transpose: bool = False, part: tuple[int, int] | None = None):
+        self.names, self.transpose, self.part = names, transpose, part
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        """Our tensor from the stored one."""
+        t = t.t() if self.transpose else t
+        return t.chunk(self.part[1], dim=0)[self.part[0]] if self.part is not None else t
 
 
 class _Checkpoint:
@@ -175,18 +171,18 @@ def _gpt2(cfg: ModelConfig, tie: bool) -> dict[str, _Source]:
     for i in range(cfg.num_layers):
         o, hf = f"blocks.{i}.", f"h.{i}."
         for k, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-            m[f"{o}attn.{proj}.weight"] = _Source(f"{hf}attn.c_attn.weight", fn=_part(k, 3, transpose=True))
-            m[f"{o}attn.{proj}.bias"] = _Source(f"{hf}attn.c_attn.bias", fn=_part(k, 3, transpose=False))
+            m[f"{o}attn.{proj}.weight"] = _Source(f"{hf}attn.c_attn.weight", transpose=True, part=(k, 3))
+            m[f"{o}attn.{proj}.bias"] = _Source(f"{hf}attn.c_attn.bias", part=(k, 3))
         m.update({
-            f"{o}attn.o_proj.weight": _Source(f"{hf}attn.c_proj.weight", fn=_t),
+            f"{o}attn.o_proj.weight": _Source(f"{hf}attn.c_proj.weight", transpose=True),
             f"{o}attn.o_bias": _Source(f"{hf}attn.c_proj.bias"),
             f"{o}norm1.weight": _Source(f"{hf}ln_1.weight"),
             f"{o}norm1.bias": _Source(f"{hf}ln_1.bias"),
             f"{o}norm2.weight": _Source(f"{hf}ln_2.weight"),
             f"{o}norm2.bias": _Source(f"{hf}ln_2.bias"),
-            f"{o}mlp.up.weight": _Source(f"{hf}mlp.c_fc.weight", fn=_t),
+            f"{o}mlp.up.weight": _Source(f"{hf}mlp.c_fc.weight", transpose=True),
             f"{o}mlp.up.bias": _Source(f"{hf}mlp.c_fc.bias"),
-            f"{o}mlp.down.weight": _Source(f"{hf}mlp.c_proj.weight", fn=_t),
+            f"{o}mlp.down.weight": _Source(f"{hf}mlp.c_proj.weight", transpose=True),
             f"{o}mlp.down_bias": _Source(f"{hf}mlp.c_proj.bias"),
         })
     return m
@@ -294,7 +290,7 @@ def load_pretrained(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
                 )
             missing.append(name)
             continue
-        tensor = src.fn(ckpt.get(stored)).to(torch.float32).contiguous().clone()
+        tensor = src.apply(ckpt.get(stored)).to(torch.float32).contiguous().clone()
         if tuple(tensor.shape) != shape:
             raise SpecError(
                 f"pretrained folder {folder}: tensor {stored!r} gives shape {tuple(tensor.shape)} for our {name}, "
@@ -302,6 +298,53 @@ def load_pretrained(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
             )
         state[name] = tensor
     return cfg, state, missing
+
+
+# Stored names of the task heads' own modules; everything else sits under ``_PREFIX``.
+_TOP_LEVEL = ("lm_head.", "cls.")
+# The architecture an export writes (the task-head class ``_PREFIX`` names).
+ARCHITECTURE = {"bert": "BertForMaskedLM", "gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+
+def _qualified(family: str, stored: str) -> str:
+    return stored if stored.startswith(_TOP_LEVEL) else _PREFIX[family] + stored
+
+
+def hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor], *, tie: bool) -> dict[str, torch.Tensor]:
+    """Our full-model tensors in the names and layouts of the family's task-head class
+    (``ARCHITECTURE``): the load's table run backwards. Slices of one stored tensor
+    (GPT-2's q, k, v) are concatenated in order, then transposed back; an alias gets a
+    copy too (BERT's ``cls.predictions.bias`` beside the decoder's own). With ``tie``
+    the output matrix is left out: transformers ties it to the token embedding."""
+    mapping = _MAPPINGS[cfg.family](cfg, False)
+    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    layout: dict[str, _Source] = {}
+    for name in expected_shapes(cfg):
+        src = mapping[name]
+        for stored in src.names:
+            parts.setdefault(stored, []).append((src.part[0] if src.part else 0, state[name]))
+            layout[stored] = src
+    out: dict[str, torch.Tensor] = {}
+    for stored, pieces in parts.items():
+        src = layout[stored]
+        count = src.part[1] if src.part else 1
+        assert sorted(i for i, _ in pieces) == list(range(count)), f"{stored}: parts {[i for i, _ in pieces]}"
+        t = torch.cat([t for _, t in sorted(pieces, key=lambda p: p[0])], dim=0) if count > 1 else pieces[0][1]
+        out[_qualified(cfg.family, stored)] = (t.t() if src.transpose else t).to(torch.float32).contiguous().clone()
+    if tie:
+        out.pop(_qualified(cfg.family, mapping["head.decoder.weight"].names[0]))
+    return out
+
+
+def hf_linear(cfg: ModelConfig, linear: str) -> tuple[str, tuple[int, int] | None, bool]:
+    """Where our linear ``linear`` (``blocks.3.attn.q_proj``) lives in the task-head class:
+    (its module path, ``(index, count)`` when it is a slice of that module's output, as
+    q is of GPT-2's ``c_attn``, or None; whether the module stores its weight
+    transposed, as ``Conv1D`` does)."""
+    src = _MAPPINGS[cfg.family](cfg, False).get(linear + ".weight")
+    if src is None or not src.names[0].endswith(".weight"):
+        raise SpecError(f"{linear} is not a linear of a {cfg.family} model")
+    return _qualified(cfg.family, src.names[0][: -len(".weight")]), src.part, src.transpose
 
 
 def with_seeded_init(cfg: ModelConfig, state: dict[str, torch.Tensor], *, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -320,4 +363,4 @@ def with_seeded_init(cfg: ModelConfig, state: dict[str, torch.Tensor], *, seed: 
     return {**state, **{n: part[n].detach().clone() for n in need}}
 
 
-__all__ = ["expected_shapes", "load_pretrained", "with_seeded_init"]
+__all__ = ["ARCHITECTURE", "expected_shapes", "hf_linear", "hf_state", "load_pretrained", "with_seeded_init"]
