@@ -299,7 +299,7 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
                                      for r, (d, _, _, _, t, _, _) in enumerate(per_rank)])
                 write_json(out / "trace.json", trace)
         every = job.train.checkpoint_every
-        if every and (step + 1) % every == 0:
+        if every and ((step + 1) % every == 0 or step + 1 == run.steps):  # the last step too: the model to export
             checkpoint.save(ckpt_root, step + 1, engine, rank, identity, comm)
             if regroup is not None and step + 1 not in regroup.own:  # a lost state then comes from these files
                 regroup.keep_state(engine, step + 1)

@@ -120,6 +120,7 @@ class TrainSpec(_Strict):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: Real(ge=0.0, le=10.0) = 0.0
     seed: Count(ge=0, le=2**32 - 1) = 0
+    # a checkpoint every this many steps, and at the last step (0: none)
     checkpoint_every: Count(ge=0, le=MAX_STEPS) = 0
     timeout_s: Real(ge=1.0, le=86_400.0) = 60.0
     # A rank whose heartbeat stops for this long is lost (the launcher stops it and names it).
