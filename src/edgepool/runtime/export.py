@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import json
 from contextlib import ExitStack
-from fnmatch import fnmatch
 from pathlib import Path
 
 from edgepool.errors import SpecError
+from edgepool.models.lora import Tuning
 from edgepool.runtime import checkpoint as ckpt
 from edgepool.runtime.checkpoint import CheckpointError
 
@@ -102,20 +102,13 @@ def read_model(d: Path, manifest: dict) -> dict:
 
 
 def _full_shapes(cfg, lora) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the model, and under ``lora`` (a ``LoraSpec``) of its adapters:
-    one on each of its targets in every block."""
-    from edgepool.models.export import LORA_A, LORA_B
+    """Every tensor of the model, and under ``lora`` (a ``LoraSpec``) of its adapters."""
     from edgepool.models.hf import expected_shapes
+    from edgepool.models.lora import adapter_shapes
 
     shapes = expected_shapes(cfg)
     if lora is not None:
-        for i in range(cfg.num_layers):
-            for target in lora.targets:
-                linear = f"blocks.{i}.{'attn' if target.endswith('_proj') else 'mlp'}.{target}"
-                w = shapes.get(linear + ".weight")
-                if w is not None:  # no gate outside LLaMA
-                    shapes[linear + LORA_A] = (lora.rank, w[1])
-                    shapes[linear + LORA_B] = (w[0], lora.rank)
+        shapes.update(adapter_shapes(shapes, lora.rank, lora.targets))
     return shapes
 
 
@@ -141,7 +134,8 @@ def complete(run, cfg, state: dict, *, label: str) -> tuple[dict, list[str]]:
         raise CheckpointError(f"{label} holds no LoRA adapters (*.lora_A.weight, *.lora_B.weight) although the run "
                               "sets train.lora; it was not written by a LoRA run")
     # under LoRA only the adapters train; train.freeze names what else never changes
-    trained = adapters + [k for k in missing if lora is None and not any(fnmatch(k, p) for p in job.train.freeze)]
+    tuning = Tuning.of(job.train)
+    trained = [k for k in missing if tuning is None or tuning.trainable(k)]
     if trained:
         raise CheckpointError(f"{label} lacks {len(trained)} tensors the run trains, e.g. {trained[0]}; "
                               "the checkpoint is incomplete")
@@ -154,11 +148,11 @@ def complete(run, cfg, state: dict, *, label: str) -> tuple[dict, list[str]]:
     return {**state, **{k: init[k].detach().to("cpu").float().contiguous() for k in missing}}, missing
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, step: int | None = None, log=print):
-    """Export the run in ``run_dir`` to the Hugging Face folder ``out``; returns
-    (``models.export.Written``, the step exported, the names taken from the initial state)."""
+def run_state(run_dir: str | Path, *, step: int | None = None, log=print):
+    """A run's trained model from its newest good checkpoint (or step ``step``): (the
+    ``RunSpec``, its model config, the full state in full-model names, adapters apart
+    and unmerged; the step; the names taken from the initial state)."""
     from edgepool.models.config import job_model_config
-    from edgepool.models.export import Lora, write_hf_folder
     from edgepool.runtime.train import RunSpec
 
     run_dir = Path(run_dir)
@@ -174,12 +168,32 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ste
     s, d, manifest = pick_checkpoint(run_dir, run.identity(), step=step, log=log)
     if s < run.steps:
         log(f"exporting checkpoint {d.name}: the run has {run.steps} steps, so the last {run.steps - s} step(s) are not "
-            "in it (train.checkpoint_every does not divide the steps, or the run stopped early)")
+            "in it (the run stopped early)")
     state, filled = complete(run, cfg, read_model(d, manifest), label=f"checkpoint {d.name}")
+    return run, cfg, state, s, filled
+
+
+def run_model(run_dir: str | Path, *, step: int | None = None, log=print):
+    """The run's trained model as edgepool runs it (LoRA adapters as the runtime's
+    ``models.lora`` wraps them, not merged), on one device, in eval mode."""
+    from edgepool.models import build_model
+
+    run, cfg, state, _, _ = run_state(run_dir, step=step, log=log)
+    model = build_model(cfg, seed=run.job.train.seed, tuning=Tuning.of(run.job.train))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, step: int | None = None, log=print):
+    """Export the run in ``run_dir`` to the Hugging Face folder ``out``; returns
+    (``models.export.Written``, the step exported, the names taken from the initial state)."""
+    from edgepool.models.export import Lora, write_hf_folder
+
+    run, cfg, state, s, filled = run_state(run_dir, step=step, log=log)
     lora = run.job.train.lora
     written = write_hf_folder(cfg, state, out, merge=merge, pretrained=run.job.model.pretrained,
                               lora=Lora(lora.rank, lora.alpha, lora.dropout) if lora is not None else None)
     return written, s, filled
 
 
-__all__ = ["complete", "export_run", "pick_checkpoint", "read_model"]
+__all__ = ["complete", "export_run", "pick_checkpoint", "read_model", "run_model", "run_state"]
