@@ -62,6 +62,28 @@ def device_table(plan, cost, title: str):
     return t
 
 
+def training_line(job, profile, plan) -> str:
+    """What the plan trains and how, as the planner priced it: the precision, what trains
+    (LoRA, frozen patterns) and the stages that recompute their activations."""
+    t = job.train
+    parts = [f"precision {t.precision}"]
+    if t.lora is not None:
+        parts.append(f"LoRA rank {t.lora.rank} on {', '.join(t.lora.targets)} (the rest frozen)")
+    elif t.freeze:
+        parts.append(f"frozen: {', '.join(t.freeze)}")
+    else:
+        parts.append("every parameter trains")
+    units = [profile.embed, *profile.blocks, profile.head]
+    frac = [getattr(u, "trainable_frac", 1.0) for u in units]
+    total = sum(u.params_at() for u in units)
+    trained = sum(u.params_at() * f for u, f in zip(units, frac))
+    if trained < total:
+        parts.append(f"{trained / 1e6:.3g} MB of {total / 1e6:.3g} MB of parameters train")
+    on = [str(i) for i, st in enumerate(plan.stages) if st.recompute]
+    parts.append(f"activation recomputation in stage(s) {', '.join(on)}" if on else "every activation kept")
+    return "training: " + "; ".join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
@@ -85,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             f"(cost model): {c.bottleneck}; {res.stats['plans_simulated']} finalist plans simulated")
     console.print(device_table(p, c, f"{args.objective} objective" + (f", deadline {args.deadline:g} s" if args.deadline else "")))
     console.print(escape(head), highlight=False)
+    console.print(escape(training_line(job, profile, p)), highlight=False)
     if res.baselines:
         t = Table(title="best plan of each plain parallelism")
         for col in ("family", "devices", "M", "step s", "energy J", "why it lost"):
