@@ -73,13 +73,29 @@ shared channel they share it; on a switched network this is conservative.
 **Memory** of device i (bytes): the framework's own resident memory
 (``profile.runtime_bytes``: interpreter, torch, gloo) + parameters + gradients + optimizer state
 as the mode holds them (the mode's ``memory``: ``(2 + opt_state_factor) * params_i`` for
-replicas and tp slices; fsdp shards them and keeps one unit whole, and adds its
+replicas and tp slices in full training, gradients and optimizer state of the trainable
+bytes only when fine-tuning; fsdp shards them and keeps one unit whole, and adds its
 libraries' measured resident bytes) + activations of the micro-batches in flight
 (``act_i * n_inflight``, ``specs.plan.inflight_limit``: M for gpipe, one per stage to the
 end plus the owners' head for 1f1b) + the owners' transient head activations (logits and
 their gradient). On the owners this assumes the head runs while the most micro-batches
 are in flight, which the schedule does not always do: an upper bound by at most the
 smaller of one micro-batch's activations and the transient (the simulator is exact).
+
+**Fine-tuning** (``train.lora``, ``train.freeze``; ``cost.profile.with_tuning``, which
+``for_job`` applies). Each unit carries the fraction of its parameter bytes that train
+(``LayerProfile.trainable_frac``; LoRA's adapters are added to its bytes). Modelled:
+gradients and optimizer state are held for the trainable bytes only (a replica:
+``params + (1 + opt_state_factor) * trainable``; fsdp shards the trainable state and still
+counts its gathered unit whole), the optimizer step is priced per trainable byte, dp and
+sp all-reduce the trainable gradients only, the backups carry the trainable parameters and
+their optimizer state (``DeviceWork.backup_bytes``: the frozen base comes from the run's
+initial state), and the backward of a frozen matmul skips its weight gradient, a frozen
+embed's backward is 0 (the profile's times). Approximated: the backward as
+``(1 + trainable share) / 2`` of a part's matmul work, the adapters' forward at the base
+weights' rate per parameter, one trainable fraction for every tp slice of a unit, and
+fsdp's reduce-scatter at the whole unit's bytes; the adapters' own kept activations are
+left out (``with_tuning`` says each).
 
 **Energy** of device i over the step: ``busy_w * busy_i + idle_w * (T - busy_i) +
 radio_j_per_mb * MB_i``, with ``busy_i = M * (compute F_i + B_i) + optim_i`` (waiting

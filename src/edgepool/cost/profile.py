@@ -53,6 +53,11 @@ autocast can be slower than fp32); a measured profile (``edgepool profile``) tim
 parts under autocast. Collectives inside tp and sp groups carry autocast's half-size
 partial sums and K/V, but are priced at ``dtype_bytes`` (an overestimate, by 2x, of
 those bytes).
+
+**Fine-tuning** (``train.lora``, ``train.freeze``): ``with_tuning`` (applied by
+``for_job``) adds LoRA's adapter bytes to the blocks, sets each unit's trainable
+fraction (``LayerProfile.trainable_frac``) and takes the frozen weights' gradients out of
+the backward times; its docstring says what is modelled and what is approximated.
 """
 
 from __future__ import annotations
