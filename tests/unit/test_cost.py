@@ -392,3 +392,122 @@ def test_lower_precision_keeps_fewer_activation_bytes(tmp_path):
     with pytest.raises(SpecError, match="unknown precision"):
         analytic_profile(fp32.dims, precision="fp8")
     assert replace(fp32, precision="fp16") != fp32
+
+
+# -- fine-tuning (``cost.profile.with_tuning``) ---------------------------------------------
+def _gpt2_small():
+    return analytic_profile(ModelDims(family="gpt", vocab_size=50257, hidden=768, num_layers=12, num_heads=12,
+                                      ffn=3072, max_seq_len=1024))
+
+
+def test_lora_prices_adapters_and_freezes_the_rest():
+    """Adapter bytes rank * (in + out) per adapted linear, by part; embed and head
+    frozen; the blocks' trainable fraction is the adapters' share; frozen weights skip
+    their weight gradient in the backward, a frozen embed has none."""
+    from edgepool.cost.profile import with_tuning
+    from edgepool.specs.job import LoraSpec
+
+    prof = _gpt2_small()
+    lora = with_tuning(prof, lora=LoraSpec(rank=8, targets=("q_proj", "v_proj", "up")))
+    b0, b1 = prof.blocks[0], lora.blocks[0]
+    h, f, e = 768, 3072, 4
+    assert b1.params_bytes.head - b0.params_bytes.head == pytest.approx(2 * 8 * (h + h) * e)  # q, v
+    assert b1.params_bytes.ffn - b0.params_bytes.ffn == pytest.approx(8 * (h + f) * e)  # up
+    assert b1.params_bytes.rep == b0.params_bytes.rep
+    assert b1.trainable_frac == pytest.approx(8 * (4 * h + h + f) * e / b1.params_at())
+    assert b1.trainable_at() == pytest.approx(8 * (4 * h + h + f) * e)
+    assert lora.embed.trainable_frac == lora.head.trainable_frac == 0.0
+    assert lora.embed.bwd_s.total(64) == 0 and lora.embed.fixed_bwd_s == 0
+    assert lora.head.bwd_s.rep == pytest.approx(prof.head.bwd_s.rep / 2)
+    # a block's matmul backward: about its forward (input gradients) plus the adapters' weight gradients
+    assert b1.bwd_s.ffn == pytest.approx(b1.fwd_s.ffn * (1 + 8 * (h + f) * e / b1.params_bytes.ffn))
+    assert b0.bwd_s.ffn / 2 < b1.bwd_s.ffn < 0.51 * b0.bwd_s.ffn
+    assert b1.bwd_s.quad == b0.bwd_s.quad and b1.bwd_s.rep == b0.bwd_s.rep
+    assert lora.tuning and with_tuning(lora, lora=LoraSpec(rank=8, targets=("q_proj", "v_proj", "up"))) is lora
+    with pytest.raises(SpecError, match="already prices"):
+        with_tuning(lora, lora=LoraSpec(rank=4))
+
+
+def test_freeze_patterns_give_each_unit_its_unmatched_share():
+    from edgepool.cost.profile import with_tuning
+
+    prof = tiny(num_layers=4, family="llama", hidden=64)
+    fr = with_tuning(prof, freeze=("embed.*", "blocks.[0-1].*", "blocks.3.mlp.*"))
+    assert [lp.trainable_frac for lp in fr.blocks[:3]] == [0.0, 0.0, 1.0]
+    b = prof.blocks[3]
+    assert fr.blocks[3].trainable_frac == pytest.approx((b.params_bytes.rep + b.params_bytes.head) / b.params_at())
+    assert fr.blocks[3].bwd_s.ffn == pytest.approx(b.bwd_s.ffn / 2) and fr.blocks[3].bwd_s.head == b.bwd_s.head
+    assert fr.blocks[0].params_bytes == b.params_bytes and fr.embed.trainable_frac == 0 and fr.head.trainable_frac == 1
+    assert fr.embed.bwd_s.total(16) == 0 and fr.blocks[2] == prof.blocks[2]
+
+
+def test_old_profile_json_without_tuning_loads_as_full_training():
+    from edgepool.cost.profile import with_tuning
+    from edgepool.specs.job import LoraSpec
+
+    prof = tiny()
+    data = json.loads(prof.dumps())
+    for lp in [*data["blocks"], data["embed"], data["head"]]:
+        del lp["trainable_frac"]
+    del data["tuning"]
+    old = ModelProfile.from_json(data)
+    assert old == prof and all(lp.trainable_frac == 1.0 for lp in old.blocks) and old.tuning == ""
+    tuned = with_tuning(prof, lora=LoraSpec())
+    assert ModelProfile.from_json(json.loads(tuned.dumps())) == tuned
+
+
+def test_for_job_applies_the_jobs_tuning():
+    from edgepool.cost.profile import for_job
+    from edgepool.specs.job import JobSpec
+
+    job = {"model": {"family": "gpt", "size": "tiny"}, "data": {"path": "x.txt"}}
+    prof = tiny()
+    assert for_job(prof, JobSpec.model_validate(job)).tuning == ""
+    lora = for_job(prof, JobSpec.model_validate({**job, "train": {"lora": {"rank": 4}}}))
+    assert lora.tuning.startswith("lora rank 4") and lora.head.trainable_frac == 0
+    fr = for_job(prof, JobSpec.model_validate({**job, "train": {"freeze": ["embed.*"]}}))
+    assert fr.embed.trainable_frac == 0 and fr.blocks[0].trainable_frac == 1
+
+
+@pytest.mark.parametrize("mode", ["dp", "fsdp", "tp", "sp"])
+def test_lora_memory_optimizer_and_sync_fall(mode):
+    """AdamW: about 4x the parameter bytes per replica in full training, about 1x plus
+    the adapters' state under LoRA; the optimizer steps and dp/sp sync only the adapters."""
+    from edgepool.cost.profile import with_tuning
+    from edgepool.specs.job import LoraSpec
+
+    prof = _gpt2_small()
+    lora = with_tuning(prof, lora=LoraSpec(rank=8))
+    pool = make_pool(["host-cpu"] * 2, medium="switched", bandwidth_mbps=1000.0)
+    shape = shape_for(prof, 4, 128)
+    plan = Plan(num_layers=12, stages=[StagePlan(layers=(0, 12), mode=mode, devices=("d0", "d1"))])
+    full, tuned = estimate(plan, pool, prof, shape), estimate(plan, pool, lora, shape)
+    wf, wt = device_work(plan, pool, prof, shape)["d0"], device_work(plan, pool, lora, shape)["d0"]
+    if mode == "dp":
+        assert wf.static_bytes == pytest.approx(4 * wf.params_bytes)
+        adapters = wt.params_bytes - wf.params_bytes
+        assert wt.static_bytes == pytest.approx(wt.params_bytes + 3 * adapters)
+    assert wt.static_bytes < 0.5 * wf.static_bytes if mode != "fsdp" else wt.static_bytes < 0.7 * wf.static_bytes
+    assert tuned.optim_s < 0.02 * full.optim_s
+    assert tuned.devices["d0"].memory_bytes < full.devices["d0"].memory_bytes
+    if mode in ("dp", "sp"):
+        gf, gt = (group_comm(plan, 0, p, shape, Network.of(pool)) for p in (prof, lora))
+        assert 0 < gt.sync_bytes < 0.02 * gf.sync_bytes and gt.sync_s < gf.sync_s
+    assert tuned.stages[0].bwd_s < full.stages[0].bwd_s
+
+
+def test_lora_backups_carry_only_the_trainable_state():
+    from dataclasses import replace
+
+    from edgepool.cost.profile import with_tuning
+    from edgepool.specs.job import LoraSpec
+
+    pool = make_pool(["host-cpu"] * 3, medium="switched", bandwidth_mbps=10.0)
+    prof = replace(tiny(num_layers=3, hidden=256), backup_every=1)
+    lora = with_tuning(prof, lora=LoraSpec(rank=4))
+    shape = shape_for(prof, 4, 16)
+    pp = _pp3()
+    full, tuned = estimate(pp, pool, prof, shape), estimate(pp, pool, lora, shape)
+    w = device_work(pp, pool, lora, shape)["d1"]
+    assert w.backup_bytes == pytest.approx(w.trainable_bytes * (1 + lora.opt_state_factor))
+    assert tuned.devices["d1"].memory_parts["backups"] < 0.1 * full.devices["d1"].memory_parts["backups"]

@@ -470,3 +470,74 @@ def test_recomputing_tables_equal_the_cost_model():
         assert (got is None) == (best is None)
         if best is not None:
             assert got.step_time_s == pytest.approx(best.step_time_s, rel=1e-6)
+
+
+# -- fine-tuning: the closed forms price trainable bytes as the cost model does -----------------
+def _tunings():
+    from edgepool.specs.job import LoraSpec
+
+    return [{"lora": LoraSpec(rank=4)}, {"lora": LoraSpec(rank=8, targets=("q_proj", "up", "gate", "down"))},
+            {"freeze": ("embed.*", "blocks.0.*")}, {"freeze": ("blocks.*.mlp.*", "head.*")}]
+
+
+def test_tuned_search_equals_exhaustive_enumeration():
+    """With LoRA and with freeze patterns (gradients, optimizer state and step, syncs
+    of the trainable bytes only), the search's closed forms (``Tables``) still equal
+    ``cost.model`` on every plan of small seeded spaces, with memory caps that bind."""
+    import random
+
+    from edgepool.cost.profile import with_tuning
+
+    rng = random.Random(3)
+    for i in range(12):
+        n = rng.randint(2, 3)
+        kinds = [rng.choice(["jetson-nano", "jetson-orin-nano", "rpi5", "host-cpu"]) for _ in range(n)]
+        pool = make_pool(kinds, medium=rng.choice(["shared", "switched"]), bandwidth_mbps=rng.choice([100.0, 1000.0]),
+                         extra={"memory_gb": [rng.choice([None, 0.35, 0.4, 0.45, 0.6]) for _ in range(n)]})
+        base = tiny(num_layers=rng.randint(2, 4), family=rng.choice(["gpt", "bert", "llama"]), hidden=512, vocab=5000,
+                    optimizer=rng.choice(["adamw", "sgd"]))
+        prof = with_tuning(base, **_tunings()[i % 4])
+        shape = shape_for(prof, rng.choice([2, 4]), 64)
+        best = brute_force(pool, prof, shape)
+        got = search_time(pool, prof, shape)
+        assert (got is None) == (best is None)
+        if best is not None:
+            assert got == pytest.approx(best.step_time_s, rel=1e-6)
+
+
+def test_tuned_recomputing_tables_equal_the_cost_model():
+    from edgepool.cost.profile import with_tuning
+    from edgepool.planner.search import _Search, _time_search
+
+    pool = make_pool(["jetson-nano", "jetson-orin-nano"], extra={"memory_gb": [0.45, 0.5]})
+    for tuning in _tunings()[:3:2]:
+        prof = with_tuning(tiny(num_layers=3, hidden=512, vocab=5000), **tuning)
+        shape = shape_for(prof, 4, 64)
+        best = None
+        for p in enumerate_plans(Space.build(pool, prof, shape, recompute=True)):
+            c = estimate(p, pool, prof, shape)
+            if c.feasible and (best is None or c.step_time_s < best.step_time_s):
+                best = c
+        got, _ = _time_search(_Search(pool, prof, shape, max_microbatches=None, network=None, family=None,
+                                      recompute=True), None)
+        assert (got is None) == (best is None)
+        if best is not None:
+            assert got.step_time_s == pytest.approx(best.step_time_s, rel=1e-6)
+
+
+def test_a_pool_where_only_lora_fits_gets_a_plan():
+    """GPT-2 small on two 1 GB devices: full AdamW training fits no plan (about 4x the
+    parameter bytes), LoRA (about 1x plus the adapters) does."""
+    from edgepool.cost import ModelDims, analytic_profile
+    from edgepool.cost.profile import with_tuning
+    from edgepool.specs.job import LoraSpec
+
+    prof = analytic_profile(ModelDims(family="gpt", vocab_size=50257, hidden=768, num_layers=12, num_heads=12,
+                                      ffn=3072, max_seq_len=1024))
+    pool = make_pool(["jetson-nano", "jetson-nano"], medium="switched", bandwidth_mbps=1000.0,
+                     extra={"memory_gb": [1.0, 1.0]})
+    shape = shape_for(prof, 2, 64)
+    with pytest.raises(InfeasibleError):
+        plan(pool, None, prof, shape=shape)
+    res = plan(pool, None, with_tuning(prof, lora=LoraSpec(rank=8)), shape=shape)
+    assert res.cost.feasible and max(res.plan.estimate.peak_memory_bytes.values()) <= 1.0e9

@@ -73,13 +73,29 @@ shared channel they share it; on a switched network this is conservative.
 **Memory** of device i (bytes): the framework's own resident memory
 (``profile.runtime_bytes``: interpreter, torch, gloo) + parameters + gradients + optimizer state
 as the mode holds them (the mode's ``memory``: ``(2 + opt_state_factor) * params_i`` for
-replicas and tp slices; fsdp shards them and keeps one unit whole, and adds its
+replicas and tp slices in full training, gradients and optimizer state of the trainable
+bytes only when fine-tuning; fsdp shards them and keeps one unit whole, and adds its
 libraries' measured resident bytes) + activations of the micro-batches in flight
 (``act_i * n_inflight``, ``specs.plan.inflight_limit``: M for gpipe, one per stage to the
 end plus the owners' head for 1f1b) + the owners' transient head activations (logits and
 their gradient). On the owners this assumes the head runs while the most micro-batches
 are in flight, which the schedule does not always do: an upper bound by at most the
 smaller of one micro-batch's activations and the transient (the simulator is exact).
+
+**Fine-tuning** (``train.lora``, ``train.freeze``; ``cost.profile.with_tuning``, which
+``for_job`` applies). Each unit carries the fraction of its parameter bytes that train
+(``LayerProfile.trainable_frac``; LoRA's adapters are added to its bytes). Modelled:
+gradients and optimizer state are held for the trainable bytes only (a replica:
+``params + (1 + opt_state_factor) * trainable``; fsdp shards the trainable state and still
+counts its gathered unit whole), the optimizer step is priced per trainable byte, dp and
+sp all-reduce the trainable gradients only, the backups carry the trainable parameters and
+their optimizer state (``DeviceWork.backup_bytes``: the frozen base comes from the run's
+initial state), and the backward of a frozen matmul skips its weight gradient, a frozen
+embed's backward is 0 (the profile's times). Approximated: the backward as
+``(1 + trainable share) / 2`` of a part's matmul work, the adapters' forward at the base
+weights' rate per parameter, one trainable fraction for every tp slice of a unit, and
+fsdp's reduce-scatter at the whole unit's bytes; the adapters' own kept activations are
+left out (``with_tuning`` says each).
 
 **Energy** of device i over the step: ``busy_w * busy_i + idle_w * (T - busy_i) +
 radio_j_per_mb * MB_i``, with ``busy_i = M * (compute F_i + B_i) + optim_i`` (waiting
@@ -276,6 +292,19 @@ class DeviceWork:
     # a stage that recomputes (``StagePlan.recompute``): the largest block's activations,
     # rebuilt one block at a time in the backward (``act_bytes`` then holds the blocks' inputs only)
     recompute_bytes: float = 0.0
+    # the trainable part of ``params_bytes`` (``cost.profile.with_tuning``; -1: all of it)
+    trainable_bytes: float = -1.0
+
+    @property
+    def backup_bytes(self) -> float:
+        """What a backup of this device carries: its trainable parameters as its mode
+        holds them, and their optimizer state. The frozen base is never backed up (it
+        comes from the run's initial state); for a mode that shards (fsdp), the held
+        parameters are taken to be trainable in the device's overall proportion."""
+        held = self.state_bytes.get("params", 0.0)
+        if 0 <= self.trainable_bytes < self.params_bytes:
+            held *= self.trainable_bytes / self.params_bytes
+        return held + self.state_bytes.get("optimizer", 0.0)
 
     @property
     def static_bytes(self) -> float:
@@ -352,6 +381,7 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
                 bw, redo = bw + f, max(acts)
                 act = len(blocks) * tokens * profile.dims.hidden * profile.dtype_bytes
             params = sum(lp.params_at(hf, ff) for lp in blocks)
+            trainable = sum(lp.trainable_at(hf, ff) for lp in blocks)
             ef = hd = eb = transient = 0.0
             if s == 0:
                 b0, b1, t0, t1 = owners[i]
@@ -359,12 +389,14 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
                 if own > 0:
                     ef, hd, eb, transient = owner_costs(profile, own, T_seq)
                     params += profile.embed.params_at() + profile.head.params_at()
-            optim_params = params * mode.optim_fraction(len(st.devices))
+                    trainable += profile.embed.trainable_at() + profile.head.trainable_at()
+            # the optimizer steps on the trainable parameters only (``cost.profile.with_tuning``)
+            optim_params = trainable * mode.optim_fraction(len(st.devices))
             out[name] = DeviceWork(
                 blocks_fwd_s=f * slow, blocks_bwd_s=bw * slow, embed_fwd_s=ef * slow, head_s=hd * slow,
                 embed_bwd_s=eb * slow, optim_s=slow * profile.optim_s_per_param_byte * optim_params,
                 params_bytes=params, act_bytes=act, transient_bytes=transient,
-                state_bytes=mode.memory(sw, i, params), recompute_bytes=redo)
+                state_bytes=mode.memory(sw, i, params, trainable), recompute_bytes=redo, trainable_bytes=trainable)
     return out
 
 
@@ -405,8 +437,9 @@ class BackupCost:
     """What the in-memory backups (``runtime.regroup``, every ``every`` steps) add to a
     step of a plan.
 
-    Every rank copies its state (parameters and optimizer state as its mode holds them,
-    ``state_bytes`` less gradients) and sends it to the rank that backs it up
+    Every rank copies its state (its trainable parameters and their optimizer state as
+    its mode holds them, ``DeviceWork.backup_bytes``: ``state_bytes`` less gradients in
+    full training; the frozen base of a fine-tuning is never backed up) and sends it to the rank that backs it up
     (``specs.layout.backups``; a dp twin needs none); the sends of a round take their
     ``Network.transfer_time`` and run in the background while the next ``every`` steps
     go on, in the time the network is idle (each step's own transfers keep it busy
@@ -439,7 +472,7 @@ def backup_cost(plan: Plan, work: dict[str, DeviceWork], net: Network, every: in
 
     if not every or plan.world_size < 2:
         return BackupCost(0.0, {}, {})
-    state = {n: w.state_bytes.get("params", 0.0) + w.state_bytes.get("optimizer", 0.0) for n, w in work.items()}
+    state = {n: w.backup_bytes for n, w in work.items()}
     flows = [(plan.devices[r], plan.devices[b], state[plan.devices[r]]) for r, b in backups(plan).items()]
     round_s = net.transfer_time(flows)
     idle_s = max(0.0, step_s - busy_s)

@@ -53,11 +53,17 @@ autocast can be slower than fp32); a measured profile (``edgepool profile``) tim
 parts under autocast. Collectives inside tp and sp groups carry autocast's half-size
 partial sums and K/V, but are priced at ``dtype_bytes`` (an overestimate, by 2x, of
 those bytes).
+
+**Fine-tuning** (``train.lora``, ``train.freeze``): ``with_tuning`` (applied by
+``for_job``) adds LoRA's adapter bytes to the blocks, sets each unit's trainable
+fraction (``LayerProfile.trainable_frac``) and takes the frozen weights' gradients out of
+the backward times; its docstring says what is modelled and what is approximated.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -112,7 +118,10 @@ class LayerProfile:
     ``params_bytes``: parameter bytes by part (quad unused);
     ``act_bytes``: activation bytes per token kept from forward to backward;
     ``cast_bytes``: bytes kept per call (per micro-batch in flight), whatever the
-    tokens: the half-size weight copies autocast makes (zero in fp32).
+    tokens: the half-size weight copies autocast makes (zero in fp32);
+    ``trainable_frac``: the fraction of ``params_bytes`` that trains (gets gradients and
+    optimizer state; ``with_tuning``): 1 in full training, the adapters' share under
+    LoRA, 0 for a frozen unit.
     """
 
     name: str
@@ -123,6 +132,7 @@ class LayerProfile:
     fixed_fwd_s: float = 0.0
     fixed_bwd_s: float = 0.0
     cast_bytes: Parts = Parts()
+    trainable_frac: float = 1.0
 
     def cast_at(self, head_frac: float = 1.0, ffn_frac: float = 1.0) -> float:
         c = self.cast_bytes
@@ -131,6 +141,11 @@ class LayerProfile:
     def params_at(self, head_frac: float = 1.0, ffn_frac: float = 1.0) -> float:
         p = self.params_bytes
         return p.rep + p.head * head_frac + p.ffn * ffn_frac
+
+    def trainable_at(self, head_frac: float = 1.0, ffn_frac: float = 1.0) -> float:
+        """The trainable bytes of ``params_at``: the unit's ``trainable_frac`` of them
+        (under tp every slice is taken to hold the same fraction: see ``with_tuning``)."""
+        return self.trainable_frac * self.params_at(head_frac, ffn_frac)
 
 
 @dataclass(frozen=True)
@@ -201,6 +216,9 @@ class ModelProfile:
     # recovers: a count or "auto"; 0: never). ``for_job`` sets it; the cost model charges
     # the backups (``cost.model.BackupCost``).
     backup_every: int | str = 0
+    # The fine-tuning the profile prices (``with_tuning``: LoRA adapters, frozen
+    # parameters), as a one-line key; "" for full training.
+    tuning: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
     schema_version: int = PROFILE_SCHEMA_VERSION
 
@@ -251,7 +269,8 @@ class ModelProfile:
                 return LayerProfile(name=d["name"], fwd_s=Parts(**d["fwd_s"]), bwd_s=Parts(**d["bwd_s"]),
                                     params_bytes=Parts(**d["params_bytes"]), act_bytes=Parts(**d["act_bytes"]),
                                     fixed_fwd_s=d.get("fixed_fwd_s", 0.0), fixed_bwd_s=d.get("fixed_bwd_s", 0.0),
-                                    cast_bytes=Parts(**d.get("cast_bytes", {})))
+                                    cast_bytes=Parts(**d.get("cast_bytes", {})),
+                                    trainable_frac=d.get("trainable_frac", 1.0))
 
             rest = {k: v for k, v in data.items()
                     if k not in ("dims", "blocks", "embed", "head", "notes", "mode_runtime_bytes")}
@@ -272,15 +291,150 @@ class ModelProfile:
 
 
 def for_job(profile: ModelProfile, job) -> ModelProfile:
-    """``profile`` with ``job``'s in-memory backups (``backup_every``): what the runtime
+    """``profile`` as ``job`` trains: its fine-tuning (``train.lora``, ``train.freeze``:
+    ``with_tuning``) and its in-memory backups (``backup_every``): what the runtime
     will do for a ``train`` run that recovers from a lost device. A profile of another
     precision than the job's is refused (its activations and times are not the run's)."""
     want = job.train.precision
     if profile.precision != want:
         raise SpecError(f"the profile prices {profile.precision} but the job trains in {want} (train.precision); "
                         f"measure one for {want} with `edgepool profile`, or leave --profile out for the analytic one")
+    profile = with_tuning(profile, lora=job.train.lora, freeze=job.train.freeze)
     every = job.train.replicate_every if job.train.recover else 0
     return profile if profile.backup_every == every else replace(profile, backup_every=every)
+
+
+def tuning_key(lora=None, freeze: tuple[str, ...] = ()) -> str:
+    """A one-line name of a fine-tuning (``ModelProfile.tuning``); "" for full training."""
+    if lora is not None:
+        return f"lora rank {lora.rank} on {','.join(lora.targets)}"
+    return f"freeze {','.join(freeze)}" if freeze else ""
+
+
+_PARTS = ("rep", "head", "ffn")
+
+
+def _part_of(unit: str, inner: str) -> str:
+    """The ``Parts`` field a parameter's bytes belong to (``block_flops``'s split):
+    attention linears (and their biases but o's) by heads, the MLP's by FFN columns,
+    norms and o's bias repeated; all of embed and head is ``rep``."""
+    if not unit.startswith("blocks."):
+        return "rep"
+    if inner.startswith("attn.") and not inner.startswith("attn.o_bias"):
+        return "head"
+    return "ffn" if inner.startswith("mlp.") else "rep"
+
+
+def _unit_of(name: str) -> tuple[str, str]:
+    top, _, rest = name.partition(".")
+    if top == "blocks":
+        i, _, inner = rest.partition(".")
+        return f"blocks.{i}", inner
+    return top, rest
+
+
+def with_tuning(profile: ModelProfile, lora=None, freeze: tuple[str, ...] = ()) -> ModelProfile:
+    """``profile`` for fine-tuning a part of the model (``models.lora.Tuning``): LoRA
+    adapters (``lora``, a ``specs.job.LoraSpec``; everything else frozen) or frozen
+    parameters (``freeze``, fnmatch patterns on full-model names). Unchanged for full
+    training; a profile already tuned the same way is returned as it is.
+
+    What is modelled, per unit (``embed``, ``blocks.<i>``, ``head``), from the model's
+    parameter names and shapes (``models.config.expected_shapes``, no torch):
+
+    - **bytes**: LoRA adds ``A`` [rank, in] and ``B`` [out, rank] per adapted linear,
+      ``rank * (in + out) * dtype_bytes``, to the part its linear belongs to
+      (attention: ``head``, MLP: ``ffn``); ``trainable_frac`` is the unit's trainable
+      bytes over all its bytes (LoRA: the adapters'; embed and head frozen: 0; freeze:
+      the bytes no pattern matches). The cost model and the planner give gradients,
+      optimizer state and its step time, gradient syncs and backups only to trainable
+      bytes (``cost.model``, ``modes.base.Mode.state_bytes``);
+    - **forward**: an adapter's two matmuls cost 2 FLOPs per adapter parameter per
+      token, as the base weights do per weight: a block part's forward seconds grow by
+      its bytes' growth (APPROXIMATION: small rank-r matmuls run below the rate of big
+      ones, so this is optimistic for them);
+    - **backward**: the backward of a matmul is its input gradient plus its weight
+      gradient, each about its forward's work; a frozen weight skips the second. So a
+      block's ``head`` and ``ffn`` backward seconds are scaled by ``(1 + f) / 2`` with
+      ``f`` that part's trainable share of its bytes, the head's (its decoder matmul
+      dominates) and every unit's fixed backward seconds by ``(1 + trainable_frac) / 2``
+      (APPROXIMATION: ``rep`` (norms, residuals) and ``quad`` (attention scores) are
+      weight-free and unchanged, the head's softmax and loss are scaled with its
+      matmul, and the kernel launches are taken to fall like the work). The embed's
+      backward is its weight gradient only: scaled by ``trainable_frac``, 0 when frozen
+      (the runtime skips it).
+
+    APPROXIMATIONS: under tp, every slice of a block is taken to hold its unit's
+    trainable fraction (the adapters' whole factors are not priced apart); the
+    adapters' kept activations (``A x``: ``rank`` values per token) and autocast's
+    copies of them are left out; a frozen block before the first trainable one still
+    pays its input gradient's backward, which autograd skips on stage 0 when the embed
+    is frozen too (an overestimate there); fsdp's backward reduce-scatter is priced at
+    the whole unit's bytes, though it carries only trainable gradients.
+    """
+    freeze = tuple(freeze or ())
+    key = tuning_key(lora, freeze)
+    if not key:
+        return profile
+    if profile.tuning:
+        if profile.tuning == key:
+            return profile
+        raise SpecError(f"the profile already prices {profile.tuning!r}, not {key!r}; start from an untuned profile")
+    from edgepool.models.config import expected_shapes
+    from edgepool.models.lora import Tuning, adapter_shapes
+
+    tuning = Tuning(lora=lora, freeze=freeze)
+    shapes = expected_shapes(profile.dims)
+    adapters = adapter_shapes(shapes, lora.rank, tuple(lora.targets)) if lora is not None else {}
+    zero = lambda: dict.fromkeys(_PARTS, 0.0)  # noqa: E731
+    base: dict[str, dict[str, float]] = {}  # unit -> part -> elements, by name
+    train: dict[str, dict[str, float]] = {}
+    added: dict[str, dict[str, float]] = {}  # the adapters' elements
+    for name, shp in shapes.items():
+        unit, inner = _unit_of(name)
+        part, n = _part_of(unit, inner), math.prod(shp)
+        base.setdefault(unit, zero())[part] += n
+        if tuning.trainable(name):
+            train.setdefault(unit, zero())[part] += n
+    for name, shp in adapters.items():
+        unit, inner = _unit_of(name)
+        added.setdefault(unit, zero())[_part_of(unit, inner)] += math.prod(shp)
+    e = profile.dtype_bytes
+    half = profile.precision != "fp32"
+
+    def tune(unit: str, lp: LayerProfile) -> LayerProfile:
+        p = asdict(lp.params_bytes)
+        b, t, a = base.get(unit, zero()), train.get(unit, zero()), added.get(unit, zero())
+        # the profile's bytes of each part (measured or analytic), split as the names split them
+        tot = {k: p[k] + e * a[k] for k in _PARTS}
+        tr = {k: (p[k] * t[k] / b[k] if b[k] else 0.0) + e * a[k] for k in _PARTS}
+        frac = sum(tr.values()) / sum(tot.values()) if sum(tot.values()) > 0 else 0.0
+        fwd, bwd = asdict(lp.fwd_s), asdict(lp.bwd_s)
+        if unit.startswith("blocks."):
+            for k in ("head", "ffn"):
+                grow = tot[k] / p[k] if p[k] > 0 else 1.0
+                f = tr[k] / tot[k] if tot[k] > 0 else 0.0
+                fwd[k] *= grow
+                bwd[k] *= grow * (1 + f) / 2
+            fixed_bwd = lp.fixed_bwd_s * (1 + frac) / 2
+        elif unit == "embed":  # its backward is its weight gradient only
+            bwd = {k: v * frac for k, v in bwd.items()}
+            fixed_bwd = lp.fixed_bwd_s if frac > 0 else 0.0
+        else:
+            bwd = {k: v * (1 + frac) / 2 for k, v in bwd.items()}
+            fixed_bwd = lp.fixed_bwd_s * (1 + frac) / 2
+        cast = lp.cast_bytes
+        if half and unit.startswith("blocks."):  # autocast's copies of the adapters too
+            cast = Parts(cast.rep, cast.head + HALF_BYTES * a["head"], cast.ffn + HALF_BYTES * a["ffn"], cast.quad)
+        return replace(lp, fwd_s=Parts(**fwd), bwd_s=Parts(**bwd), fixed_bwd_s=fixed_bwd, cast_bytes=cast,
+                       params_bytes=Parts(tot["rep"], tot["head"], tot["ffn"], lp.params_bytes.quad),
+                       trainable_frac=frac)
+
+    out = replace(profile, blocks=tuple(tune(f"blocks.{i}", lp) for i, lp in enumerate(profile.blocks)),
+                  embed=tune("embed", profile.embed), head=tune("head", profile.head), tuning=key)
+    share = sum(lp.trainable_at() for lp in (out.embed, out.head, *out.blocks)) / \
+        max(1.0, sum(lp.params_at() for lp in (out.embed, out.head, *out.blocks)))
+    return replace(out, notes=out.notes + (f"{key}: {100 * share:.2g}% of the parameter bytes train (with_tuning)",))
 
 
 def block_flops(dims: ModelDims) -> tuple[Parts, Parts]:

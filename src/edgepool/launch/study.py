@@ -84,8 +84,10 @@ def study_profile(pool: PoolSpec, job: JobSpec, cfg, placement: Placement, log=p
     In the testbed: the model measured on this host (one core; cached), with its
     reference speed set from the testbed's CPU caps, so predictions are in this host's
     seconds like the measurements. Otherwise: the analytic profile (catalog seconds).
+    Either as the job trains (``cost.profile.for_job``: its fine-tuning and backups).
     """
     from edgepool.cost import ModelDims, analytic_profile, device_speed
+    from edgepool.cost.profile import for_job
 
     if placement.emulated:
         name = next((d.name for d in pool.devices if placement.cores(d.name)), None)
@@ -98,10 +100,11 @@ def study_profile(pool: PoolSpec, job: JobSpec, cfg, placement: Placement, log=p
             prof, path, cached = cached_profile(cfg, seq_len=job.train.seq_len, optimizer=job.train.optimizer,
                                                 precision=job.train.precision)
             log(f"profile: {prof.model} measured on this host ({'cached' if cached else 'now'}: {path})")
-            return (replace(prof, reference_speed_value=1.0 / cores_per_speed),
+            return (for_job(replace(prof, reference_speed_value=1.0 / cores_per_speed), job),
                     f"simulator (memory: cost model), profile measured on this host, testbed CPU caps "
                     f"({cores_per_speed:.3f} cores per unit speed)")
-    return (analytic_profile(ModelDims.of(cfg), optimizer=job.train.optimizer, precision=job.train.precision),
+    return (for_job(analytic_profile(ModelDims.of(cfg), optimizer=job.train.optimizer, precision=job.train.precision),
+                    job),
             "simulator (memory: cost model), analytic profile (catalog reference-device seconds)")
 
 

@@ -237,3 +237,50 @@ def job_model_config(job) -> ModelConfig:
     if tok.vocab_size > cfg.vocab_size:
         raise SpecError(f"the tokenizer has {tok.vocab_size} tokens but model vocab_size is {cfg.vocab_size}; raise model.vocab_size")
     return cfg
+
+
+def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Our full model's tensor names and shapes, from the config alone (a ``ModelConfig``,
+    or anything with its dimensions: ``cost.profile.ModelDims``; BERT's
+    ``type_vocab_size`` defaults to 2 where it is absent).
+
+    Computed, not built, and without torch (the cost model prices frozen parameters by
+    name through it): even a ``meta`` build costs about 1.5 s on the first call of a
+    process (torch's meta kernels load lazily). A unit test keeps this equal to
+    ``build_model(cfg).state_dict()`` for every family.
+    """
+    h, v, f = cfg.hidden, cfg.vocab_size, cfg.ffn
+    head_dim = h // cfg.num_heads
+    q, kv = cfg.num_heads * head_dim, (cfg.num_kv_heads or cfg.num_heads) * head_dim
+    biased = cfg.family != "llama"  # llama: RMSNorm without bias, bias-free linears
+
+    def norm(name: str) -> dict[str, tuple[int, ...]]:
+        return {f"{name}.weight": (h,), **({f"{name}.bias": (h,)} if biased else {})}
+
+    def linear(name: str, out: int, inp: int, bias: bool) -> dict[str, tuple[int, ...]]:
+        return {f"{name}.weight": (out, inp), **({f"{name}.bias": (out,)} if bias else {})}
+
+    shapes: dict[str, tuple[int, ...]] = {"embed.tokens.weight": (v, h)}
+    if cfg.family != "llama":
+        shapes["embed.positions.weight"] = (cfg.max_seq_len, h)
+    if cfg.family == "bert":
+        shapes["embed.token_types.weight"] = (getattr(cfg, "type_vocab_size", 2), h)
+        shapes.update(norm("embed.norm"))
+    for i in range(cfg.num_layers):
+        b = f"blocks.{i}."
+        shapes.update({**norm(b + "norm1"), **norm(b + "norm2")})
+        shapes.update(linear(b + "attn.q_proj", q, h, biased))
+        shapes.update(linear(b + "attn.k_proj", kv, h, biased))
+        shapes.update(linear(b + "attn.v_proj", kv, h, biased))
+        shapes.update(linear(b + "attn.o_proj", h, q, False))
+        shapes.update(linear(b + "mlp.up", f, h, biased))
+        if cfg.family == "llama":
+            shapes.update(linear(b + "mlp.gate", f, h, False))
+        shapes.update(linear(b + "mlp.down", h, f, False))
+        if biased:
+            shapes.update({b + "attn.o_bias": (h,), b + "mlp.down_bias": (h,)})
+    if cfg.family == "bert":
+        shapes.update(linear("head.transform", h, h, True))
+    shapes.update(norm("head.norm"))
+    shapes.update(linear("head.decoder", v, h, cfg.family == "bert"))
+    return shapes

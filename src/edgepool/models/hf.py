@@ -46,7 +46,7 @@ import torch
 
 from edgepool.errors import SpecError
 from edgepool.models.stage import StageModel
-from edgepool.models.config import ModelConfig, from_hf_config
+from edgepool.models.config import ModelConfig, expected_shapes, from_hf_config
 
 # Prefixes of the task-head classes (BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM).
 _PREFIX = {"bert": "bert.", "gpt": "transformer.", "llama": "model."}
@@ -218,49 +218,6 @@ def _mask_token_id(folder: Path, cfg: ModelConfig) -> int:
     from edgepool.data import HFTokenizer
 
     return HFTokenizer(folder / "tokenizer.json").mask_token_id
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our full model's tensor names and shapes, from the config alone.
-
-    Computed, not built: even a ``meta`` build costs about 1.5 s on the first call of a
-    process (torch's meta kernels load lazily). A unit test keeps this equal to
-    ``build_model(cfg).state_dict()`` for every family.
-    """
-    h, v, f = cfg.hidden, cfg.vocab_size, cfg.ffn
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    biased = cfg.family != "llama"  # llama: RMSNorm without bias, bias-free linears
-
-    def norm(name: str) -> dict[str, tuple[int, ...]]:
-        return {f"{name}.weight": (h,), **({f"{name}.bias": (h,)} if biased else {})}
-
-    def linear(name: str, out: int, inp: int, bias: bool) -> dict[str, tuple[int, ...]]:
-        return {f"{name}.weight": (out, inp), **({f"{name}.bias": (out,)} if bias else {})}
-
-    shapes: dict[str, tuple[int, ...]] = {"embed.tokens.weight": (v, h)}
-    if cfg.family != "llama":
-        shapes["embed.positions.weight"] = (cfg.max_seq_len, h)
-    if cfg.family == "bert":
-        shapes["embed.token_types.weight"] = (cfg.type_vocab_size, h)
-        shapes.update(norm("embed.norm"))
-    for i in range(cfg.num_layers):
-        b = f"blocks.{i}."
-        shapes.update({**norm(b + "norm1"), **norm(b + "norm2")})
-        shapes.update(linear(b + "attn.q_proj", q, h, biased))
-        shapes.update(linear(b + "attn.k_proj", kv, h, biased))
-        shapes.update(linear(b + "attn.v_proj", kv, h, biased))
-        shapes.update(linear(b + "attn.o_proj", h, q, False))
-        shapes.update(linear(b + "mlp.up", f, h, biased))
-        if cfg.family == "llama":
-            shapes.update(linear(b + "mlp.gate", f, h, False))
-        shapes.update(linear(b + "mlp.down", h, f, False))
-        if biased:
-            shapes.update({b + "attn.o_bias": (h,), b + "mlp.down_bias": (h,)})
-    if cfg.family == "bert":
-        shapes.update(linear("head.transform", h, h, True))
-    shapes.update(norm("head.norm"))
-    shapes.update(linear("head.decoder", v, h, cfg.family == "bert"))
-    return shapes
 
 
 def load_pretrained(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], list[str]]:

@@ -93,7 +93,10 @@ class BoundInputs:
     ``comp``: the blocks' forward plus backward seconds per token, by part; ``fix``: their
     fixed seconds per call; ``p_rep``/``p_split`` parameter bytes (repeated, split by
     tp); ``a_rep``/``a_split`` activation bytes per token (kept per micro-batch);
-    ``opt_f``: bytes per parameter byte for parameters, gradients and optimizer state.
+    ``opt_f``: bytes per parameter byte for parameters, gradients and optimizer state
+    (``1 + (1 + opt_state_factor) * f`` with ``f`` the least trainable fraction of any
+    unit, so that it stays a lower bound under fine-tuning); ``p_train``: the blocks'
+    trainable bytes (what dp and sp sync).
     """
 
     seq_len: int
@@ -112,6 +115,11 @@ class BoundInputs:
     opt_f: float
     act_elem_bytes: int
     kv_row_bytes: float
+    p_train: float = -1.0  # -1: all of p_rep + p_split
+
+    @property
+    def blocks_trainable(self) -> float:
+        return self.blocks_params if self.p_train < 0 else self.p_train
 
     @property
     def blocks_params(self) -> float:
@@ -156,18 +164,25 @@ class Mode:
         """(query tokens, head fraction, FFN fraction) of every block this device computes."""
         return (split.batch[index] * shape.seq_len, 1.0, 1.0)
 
-    def state_bytes(self, num_devices: int, params: Any, whole: Any, opt_state_factor: float) -> dict[str, Any]:
+    def state_bytes(self, num_devices: int, params: Any, whole: Any, opt_state_factor: float,
+                    trainable: Any = None) -> dict[str, Any]:
         """Parameter, gradient and optimizer bytes of a device of a group of
-        ``num_devices`` whose part of the stage holds ``params`` bytes at full size, the
-        largest unit of it ``whole`` bytes. Plain arithmetic: floats (the cost model) and
-        numpy matrices over layer ranges (``planner.tables``) alike."""
-        return {"params": params, "grads": params, "optimizer": opt_state_factor * params}
+        ``num_devices`` whose part of the stage holds ``params`` bytes at full size, of
+        which ``trainable`` bytes train (default: all; ``cost.profile.with_tuning``),
+        the largest unit of it ``whole`` bytes. Only trainable bytes have gradients and
+        optimizer state. Plain arithmetic: floats (the cost model) and numpy matrices
+        over layer ranges (``planner.tables``) alike."""
+        trainable = params if trainable is None else trainable
+        return {"params": params, "grads": trainable, "optimizer": opt_state_factor * trainable}
 
-    def memory(self, w: StageWork, index: int, params_bytes: float) -> dict[str, float]:
+    def memory(self, w: StageWork, index: int, params_bytes: float,
+               trainable_bytes: float | None = None) -> dict[str, float]:
         """``state_bytes`` of device ``index`` holding ``params_bytes`` of parameters at
-        full size (its blocks' part, plus embed and head on a data owner), and what the
-        mode's own libraries add (``libraries_bytes``) where they do."""
-        parts = self.state_bytes(w.num_devices, params_bytes, self.largest_unit(w, index), w.profile.opt_state_factor)
+        full size (its blocks' part, plus embed and head on a data owner), of which
+        ``trainable_bytes`` train (default: all), and what the mode's own libraries add
+        (``libraries_bytes``) where they do."""
+        parts = self.state_bytes(w.num_devices, params_bytes, self.largest_unit(w, index), w.profile.opt_state_factor,
+                                 trainable_bytes)
         extra = self.libraries_bytes(w.profile, w.num_devices)
         return {**parts, "libraries": extra} if extra else parts
 

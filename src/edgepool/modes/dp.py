@@ -27,9 +27,10 @@ class DataParallel(Mode):
         if w.num_devices < 2:
             return GroupComm(coll_send_bytes=zero, coll_send_bytes_bwd=dict(zero))
         a, b = w.layers
-        sync_bytes = sum(lp.params_at() for lp in w.profile.blocks[a:b])
+        # only trainable parameters have gradients to sync (``cost.profile.with_tuning``)
+        sync_bytes = sum(lp.trainable_at() for lp in w.profile.blocks[a:b])
         if w.stage == 0:  # every dp owner holds an embed/head replica
-            sync_bytes += w.profile.embed.params_at() + w.profile.head.params_at()
+            sync_bytes += w.profile.embed.trainable_at() + w.profile.head.trainable_at()
         return GroupComm(coll_send_bytes=zero, coll_send_bytes_bwd=dict(zero), sync_bytes=sync_bytes,
                          sync_s=net.allreduce_time(list(w.names), sync_bytes))
 

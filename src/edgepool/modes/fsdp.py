@@ -36,8 +36,9 @@ all-gather does), one collective call per unit (its latency-bound steps). The em
 and head's collectives run inside the owners' embed and head ops; the cost model and the
 simulator charge them with the stage's forward and backward, which adds up the same.
 
-**Memory.** ``(P / n) * (2 + opt_state)`` for the shards of parameters, gradients and
-optimizer state, plus the largest unit whole twice (its gathered parameters and their
+**Memory.** ``P / n + (P_t / n) * (1 + opt_state)`` for the shards of parameters,
+gradients and optimizer state (``P_t``: the trainable bytes; ``P`` in full training),
+plus the largest unit whole twice (its gathered parameters and their
 unsharded gradient before the reduce-scatter), plus what FSDP2's and DTensor's modules
 add to the rank's resident memory (``libraries``: measured by the profiler,
 ``ModelProfile.mode_runtime_bytes``; for a small model more than sharding saves, see
@@ -66,11 +67,14 @@ class ShardedDataParallel(Mode):
     in_pipelines = True
     builds_per_unit = True
 
-    def state_bytes(self, num_devices, params, whole, opt_state_factor):
+    def state_bytes(self, num_devices, params, whole, opt_state_factor, trainable=None):
         if num_devices < 2:
-            return super().state_bytes(num_devices, params, whole, opt_state_factor)
-        shard = params / num_devices
-        return {"params": shard + whole, "grads": shard + whole, "optimizer": opt_state_factor * shard}
+            return super().state_bytes(num_devices, params, whole, opt_state_factor, trainable)
+        trainable = params if trainable is None else trainable
+        shard, tshard = params / num_devices, trainable / num_devices
+        # the whole unit's gradient is counted at the unit's full bytes (an upper bound
+        # when part of it is frozen)
+        return {"params": shard + whole, "grads": tshard + whole, "optimizer": opt_state_factor * tshard}
 
     def largest_unit(self, w: StageWork, index: int) -> float:
         return max(_units(w, index)) if w.num_devices >= 2 else 0.0

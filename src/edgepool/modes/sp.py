@@ -48,7 +48,7 @@ class SequenceParallel(Mode):
         air_f = 2 * nblk * net.allgather_airtime(names, [part] * n)
         air_b = 2 * nblk * net.allreduce_airtime(names, full)
         a, b = w.layers
-        sync_bytes = sum(lp.params_at() for lp in prof.blocks[a:b])
+        sync_bytes = sum(lp.trainable_at() for lp in prof.blocks[a:b])  # trainable gradients only
         return GroupComm(
             coll_fwd_s=2 * nblk * net.allgather_time(names, [part] * n), coll_bwd_s=2 * nblk * net.allreduce_time(names, full),
             coll_airtime_s=air_f + air_b,
@@ -71,7 +71,7 @@ class SequenceParallel(Mode):
         L = b.num_layers
         sizes = [2.0 * mb * cnt * b.kv_row_bytes for cnt in counts]
         coll = 2 * L * net.allgather_time(names, sizes)
-        sync = net.allreduce_time(names, b.blocks_params)
+        sync = net.allreduce_time(names, b.blocks_trainable)
         part = [(names[0], x, mb * cnt * b.act_elem_bytes) for x, cnt in zip(names[1:], counts[1:])]
         edge = 4 * net.transfer_time(part)
         return per, coll + edge, sync, None

@@ -70,7 +70,7 @@ def _options(tables: Tables, a: int, b: int, l0: int, l1: int, M: int, S: int, s
             f = f + g.first_fwd
             bw = bw + g.first_bwd
         W = float(f.max() + bw.max())
-        params = float(tables.param_mat[l0, l1])
+        params = float(tables.train_mat[l0, l1])  # trainable bytes: synced and stepped
         n = b - a
         sync = g.sync_lat_s + g.kappa * params if n >= 2 else 0.0
         optim_dev = g.optim_rate * params

@@ -453,8 +453,11 @@ def bound_inputs(prof: ModelProfile, seq_len: int, recompute: bool = False) -> B
         p_split=sum(lp.params_bytes.head + lp.params_bytes.ffn for lp in blocks), **kept,
         max_block_params=max(lp.params_at() for lp in blocks),
         owner_params=emb.params_at() + head.params_at(), owner_unit_params=max(emb.params_at(), head.params_at()),
-        opt_f=2 + prof.opt_state_factor, act_elem_bytes=prof.act_elem_bytes,
-        kv_row_bytes=prof.dims.kv_dim * prof.dtype_bytes)
+        # parameters, and gradients and optimizer state of the trainable share: with the
+        # least trainable fraction of any unit, a lower bound on every device's state
+        opt_f=1 + (1 + prof.opt_state_factor) * min(lp.trainable_frac for lp in (emb, head, *blocks)),
+        act_elem_bytes=prof.act_elem_bytes, kv_row_bytes=prof.dims.kv_dim * prof.dtype_bytes,
+        p_train=sum(lp.trainable_at() for lp in blocks))
 
 
 def _flow_shop_s(c: PlanCost) -> float:

@@ -15,7 +15,9 @@ time. It picks the plan that ends the run soonest, by the cost model:
 
 among plans that fit every device's memory.
 
-The moves are counted per Transformer block: a device needs all of a block's state when
+The moves are counted per Transformer block (its trainable parameters and their
+optimizer state: under LoRA or freezing the frozen base is read from the run's initial
+state, not moved): a device needs all of a block's state when
 its new stage keeps whole replicas (dp), else its share; it holds what its old rank held
 of the block, what it gives of other old ranks (a replica, ``holders``), and whatever
 the checkpoint files of the step give (``files``: read where they lie, one host's disk in
@@ -115,7 +117,10 @@ def settle(plan: Plan, old_plan: Plan, holders: dict[int, list[int]], files: lis
 
     net = Network.of(pool)
     mem, disk = holdings(old_plan, holders, files)
-    block_bytes = [lp.params_at() * (1 + profile.opt_state_factor) for lp in profile.blocks]
+    # what moves of a block: its trainable parameters and their optimizer state (all of
+    # them in full training); a fine-tuning's frozen base comes from the run's initial
+    # state on every device (``models.lora``), never over the network
+    block_bytes = [lp.trainable_at() * (1 + profile.opt_state_factor) for lp in profile.blocks]
     k, n = len(plan.stages), plan.num_layers
     start = (tuple(range(k)), tuple(st.layers[0] for st in plan.stages[1:]))
     seen: dict[tuple, tuple | None] = {}

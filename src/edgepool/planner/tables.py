@@ -23,12 +23,14 @@ mode comes from the mode's own functions (``edgepool.modes``):
   ``cost.network.transfer_time`` reduces to this when every device of P sends to some
   device of Q and every device of Q receives;
 - the gradient all-reduce of a group of n >= 2 devices whose mode syncs (dp) is
-  ``2 (n-1) lam_g + kappa_g * param_bytes``, read off ``cost.network.allreduce_time``
+  ``2 (n-1) lam_g + kappa_g * trainable_bytes``, read off ``cost.network.allreduce_time``
   (affine in the bytes) at two sizes;
-- memory of device i: the mode's ``state_bytes`` of the range's parameters (dp:
-  ``(2 + opt_state) * params``; fsdp: a 1/n shard of that plus the largest unit whole
-  twice) ``+ act_i * inflight (+ transient on stage 0)``; ``kmax`` is the largest
-  in-flight count that fits every device; the optimizer steps on the mode's share;
+- memory of device i: the mode's ``state_bytes`` of the range's parameters and their
+  trainable part (``train_mat``; ``cost.profile.with_tuning``, all of them in full
+  training) (dp: ``params + (1 + opt_state) * trainable``; fsdp: a 1/n shard of that
+  plus the largest unit whole twice) ``+ act_i * inflight (+ transient on stage 0)``;
+  ``kmax`` is the largest in-flight count that fits every device; the optimizer steps
+  on the mode's share of the trainable bytes;
 - in a space that recomputes (``Space.recompute``, every stage's ``StagePlan.recompute``)
   a block keeps only its input (``hidden`` values a token), its backward adds its
   forward, and the largest block of the range is rebuilt at a time beside the kept
@@ -120,6 +122,14 @@ class Tables:
         pm = self.param_pre[None, :] - self.param_pre[:, None]
         pm[0, :] += self.first_params
         self.param_mat = pm
+        # The same for the trainable bytes (``cost.profile.with_tuning``; equal to
+        # ``param_mat`` in full training): gradients, optimizer state and its step, syncs.
+        train = np.array([lp.trainable_at() for lp in blocks])
+        self.train_pre = np.concatenate([[0.0], np.cumsum(train)])
+        self.first_train = prof.embed.trainable_at() + prof.head.trainable_at()
+        tm = self.train_pre[None, :] - self.train_pre[:, None]
+        tm[0, :] += self.first_train
+        self.train_mat = tm
         # Units a gathering mode (fsdp) gathers over [l0, l): every block, plus embed and
         # head on stage 0; and the largest of them.
         lo, hi = np.meshgrid(np.arange(L + 1), np.arange(L + 1), indexing="ij")
@@ -140,6 +150,7 @@ class Tables:
         self._row_cache: dict[tuple, tuple] = {}
         self._block_cache: dict[tuple, tuple] = {}
         self.min_block_params = float(params.min()) if len(params) else 0.0
+        self.min_block_train = float(train.min()) if len(train) else 0.0
         self._mat_bytes = 0
 
     def _device(self, d, mode: str) -> tuple:
@@ -263,7 +274,7 @@ class Tables:
     def static_bytes(self, g: GroupTable) -> np.ndarray:
         """Parameters, gradients and optimizer state over [l0, l), the mode's ``state_bytes``."""
         mode = modes_mod.get(g.mode)
-        parts = mode.state_bytes(g.b - g.a, self.param_mat, self.whole_mat, self.opt_f)
+        parts = mode.state_bytes(g.b - g.a, self.param_mat, self.whole_mat, self.opt_f, self.train_mat)
         return sum(parts.values()) + mode.libraries_bytes(self.space.profile, g.b - g.a)
 
     def machine(self, g: GroupTable) -> np.ndarray:
@@ -275,11 +286,11 @@ class Tables:
     def sync(self, g: GroupTable) -> np.ndarray:
         if g.kappa == 0:
             return np.zeros((self.L + 1, self.L + 1))
-        return g.sync_lat_s + g.kappa * self.param_mat
+        return g.sync_lat_s + g.kappa * self.train_mat
 
     def optim_first(self, g: GroupTable) -> np.ndarray:
-        """(L+1,): optimizer time of the group as stage 0 covering [0, l)."""
-        p = (self.param_pre + self.first_params) * g.optim_frac
+        """(L+1,): optimizer time of the group as stage 0 covering [0, l) (per trainable byte)."""
+        p = (self.train_pre + self.first_train) * g.optim_frac
         return (g.optim_rate[:, None] * p[None, :]).max(axis=0)
 
     def _running_max(self, v: np.ndarray) -> np.ndarray:
@@ -312,7 +323,7 @@ class Tables:
         M times its fastest one-block machine time, plus its smallest sync."""
         one = (g.fwd_pre[:, 1:] - g.fwd_pre[:, :-1]) + (g.bwd_pre[:, 1:] - g.bwd_pre[:, :-1])
         w = float(one.max(axis=0).min())
-        return M * w + (g.sync_lat_s + g.kappa * self.min_block_params if g.kappa else 0.0)
+        return M * w + (g.sync_lat_s + g.kappa * self.min_block_train if g.kappa else 0.0)
 
     def groups_for(self, M: int, modes: dict[str, str], pp_only: bool = False) -> list[GroupTable]:
         """Every valid group of the canonical order for M, in every pipeline mode (one
@@ -360,9 +371,9 @@ class Tables:
         f = (g.fwd_pre[:, L] + g.first_fwd).max()
         b = (g.bwd_pre[:, L] + g.first_bwd).max()
         W = float(f + b + self.coll(g)[0, L])
-        params = float(self.param_mat[0, L])
-        sync = g.sync_lat_s + g.kappa * params if g.kappa else 0.0
-        optim = float((g.optim_rate * params * g.optim_frac).max())
+        trained = float(self.train_mat[0, L])
+        sync = g.sync_lat_s + g.kappa * trained if g.kappa else 0.0
+        optim = float((g.optim_rate * trained * g.optim_frac).max())
         mem = float(self.static_bytes(g)[0, L]) + g.act_pre[:, L] + self.transient(g)[:, 0, L]
         return M * W + sync + optim, W, bool(np.all(mem <= g.cap))
 
