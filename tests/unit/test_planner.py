@@ -168,6 +168,10 @@ def test_a_sharded_group_inside_a_hybrid_trains_what_nothing_else_fits():
     # fsdp over all three fits only with its activations recomputed
     alone = plan(pool, None, prof, shape=shape, family="fsdp").plan
     assert alone.parallelism == "fsdp" and alone.stages[0].recompute
+    with pytest.raises(InfeasibleError, match="even with activation recomputation"):  # nothing fits without fsdp
+        plan(pool, None, prof, shape=shape, without=("fsdp",))
+    with pytest.raises(InfeasibleError):
+        plan(pool, None, prof, shape=shape, family="fsdp", recompute=False)
     res = plan(pool, None, prof, shape=shape)
     assert res.plan.parallelism == "hybrid" and res.cost.feasible
     assert res.plan.stages[0].mode == "fsdp" and len(res.plan.stages[0].devices) == 2

@@ -74,9 +74,8 @@ def training_line(job, profile, plan) -> str:
     else:
         parts.append("every parameter trains")
     units = [profile.embed, *profile.blocks, profile.head]
-    frac = [getattr(u, "trainable_frac", 1.0) for u in units]
     total = sum(u.params_at() for u in units)
-    trained = sum(u.params_at() * f for u, f in zip(units, frac))
+    trained = sum(u.trainable_at() for u in units)
     if trained < total:
         parts.append(f"{trained / 1e6:.3g} MB of {total / 1e6:.3g} MB of parameters train")
     on = [str(i) for i, st in enumerate(plan.stages) if st.recompute]

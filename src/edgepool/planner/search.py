@@ -159,7 +159,7 @@ _TOO_BIG = ("plan with fewer micro-batch counts (edgepool plan --max-microbatche
 
 class _Search:
     def __init__(self, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, max_microbatches: int | None,
-                 network: Network | None, family: str | None, recompute: bool = False):
+                 network: Network | None, family: str | None, recompute: bool = False, without: tuple[str, ...] = ()):
         n, L = len(pool.devices), profile.num_layers
         if n * n * (L + 1) ** 2 > MAX_TABLE_CELLS:
             raise PlanError(f"{n} devices x {L} layers is past the planner's limit of N^2 (L+1)^2 <= {MAX_TABLE_CELLS} "
@@ -168,7 +168,7 @@ class _Search:
         self.pool, self.profile, self.shape = pool, profile, shape
         self.net = network or Network.of(pool)
         self.space = Space.build(pool, profile, shape, schedule="1f1b", objective="time", family=family,
-                                 max_microbatches=max_microbatches, recompute=recompute)
+                                 max_microbatches=max_microbatches, recompute=recompute, without=without)
         self.tables = Tables(self.space, self.net)
         self.max_modes = {d.name: mode_options(d, "time")[0] for d in pool.devices}
         self.full_params = sum(lp.params_at() for lp in profile.blocks) + profile.embed.params_at() + \
@@ -535,8 +535,12 @@ def _probe_memory(search: _Search) -> None:
 # -- the entry point -----------------------------------------------------------------------------
 def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", deadline_s: float | None = None,
          family: str | None = None, *, max_microbatches: int | None = None, network: Network | None = None,
-         shape: Shape | None = None, explore_modes: bool | None = None) -> PlanResult:
+         shape: Shape | None = None, explore_modes: bool | None = None, recompute: bool = True,
+         without: tuple[str, ...] = ()) -> PlanResult:
     """The best plan for ``objective`` (see the module docstring).
+
+    ``recompute``: the search may turn activation recomputation on where no plan fits
+    without it; ``without``: modes to leave out of the search (``("fsdp",)``).
 
     ``job``: a ``JobSpec`` (global batch and sequence length come from ``job.train``);
     ``shape`` overrides it. ``family``: restrict to one plain family (dp, sp, tp, pp).
@@ -560,12 +564,15 @@ def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", de
 
     # 1. Time search; when nothing fits, again with every stage recomputing its
     # activations (``Space.recompute``), and the rest of the planning in that space.
-    search = _Search(pool, profile, shape, max_microbatches=max_microbatches, network=network, family=family)
+    if family is not None and family in without:
+        raise PlanError(f"family {family!r} is left out of the search (without={list(without)})")
+    search = _Search(pool, profile, shape, max_microbatches=max_microbatches, network=network, family=family,
+                     without=without)
     fastest, singles = _time_search(search, family)
     recomputed = False
-    if fastest is None:
+    if fastest is None and recompute:
         again = _Search(pool, profile, shape, max_microbatches=max_microbatches, network=network, family=family,
-                        recompute=True)
+                        recompute=True, without=without)
         fastest, singles = _time_search(again, family)
         if fastest is not None:
             search, recomputed = again, True
@@ -583,8 +590,8 @@ def plan(pool: PoolSpec, job, profile: ModelProfile, objective: str = "time", de
         _probe_memory(search)
         raise InfeasibleError(
             f"no plan fits this pool for {profile.model} at global batch {shape.global_batch}, seq {shape.seq_len}"
-            f"{f' (family {family})' if family else ''}, even with activation recomputation; add memory or "
-            "devices, or lower the batch or sequence.",
+            f"{f' (family {family})' if family else ''}{', even with activation recomputation' if recompute else ''}; "
+            "add memory or devices, or lower the batch or sequence.",
             _closest_infeasible(search, None, []))
 
     # 3. Energy objectives (and the frontier): power modes over candidate structures.
@@ -658,6 +665,7 @@ def _time_search(search: _Search, family: str | None) -> tuple[Candidate | None,
             if c is not None and c.cost.feasible and (best is None or c.step_time_s < best.step_time_s):
                 best = c
     single_modes = modes_mod.NAMES if family is None else ((family,) if family in modes_mod.NAMES else ())
+    single_modes = tuple(m for m in single_modes if m not in sp.without)
     singles = search.single_stage(single_modes) if single_modes else {}
     if family is not None:
         singles.pop("single", None)

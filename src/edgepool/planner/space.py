@@ -129,17 +129,19 @@ class Space:
     # every stage recomputes its activations in the backward (``StagePlan.recompute``):
     # the space the planner searches when nothing fits without it (``planner.search``)
     recompute: bool = False
+    without: tuple[str, ...] = ()  # modes the search leaves out (``plan(without=...)``)
     _speeds: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, schedule: str = "1f1b",
               objective: str = "time", family: str | None = None, max_microbatches: int | None = None,
-              microbatches: tuple[int, ...] | None = None, recompute: bool = False) -> "Space":
+              microbatches: tuple[int, ...] | None = None, recompute: bool = False,
+              without: tuple[str, ...] = ()) -> "Space":
         B = shape.global_batch
         top = min(max_microbatches or MAX_MICROBATCHES, MAX_MICROBATCHES, B)
         ms = microbatches or tuple(m for m in range(1, top + 1) if B % m == 0)
         return cls(pool=pool, profile=profile, shape=shape, order=tuple(canonical_order(pool)), microbatches=ms,
-                   schedule=schedule, objective=objective, family=family, recompute=recompute)
+                   schedule=schedule, objective=objective, family=family, recompute=recompute, without=without)
 
     @property
     def num_layers(self) -> int:

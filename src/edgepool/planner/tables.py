@@ -338,6 +338,8 @@ class Tables:
                     if pp_only and b - a != 1:
                         continue
                     for mode in (PIPELINE_MODES if b - a > 1 else (PIPELINE_MODE,)):
+                        if mode in self.space.without:
+                            continue
                         g = self.group(a, b, M, modes, mode)
                         if g is not None:
                             out.append(g)
