@@ -46,7 +46,7 @@ SETTINGS = [
     ("all together", {"lora": LORA, "precision": "bf16"}, True, False),
     ("all + fsdp", {"lora": LORA, "precision": "bf16"}, True, True),
 ]
-SIZES = (4, 8, 16, 24, 32, 48, 64, 96, 128)
+SIZES = (4, 8, 16, 24, 32, 40, 48, 64, 80, 96, 128)
 
 
 def job_for(layers: int, train: dict, steps: int):
@@ -56,7 +56,7 @@ def job_for(layers: int, train: dict, steps: int):
     return JobSpec.model_validate({
         "model": {"family": "gpt", "size": "small", "hidden": 512, "num_layers": layers, "num_heads": 8, "ffn": 2048},
         "data": {"path": str(CORPUS)},
-        "train": {"global_batch": 4, "seq_len": 32, "steps": steps, "lr": 1e-3, "recover": False,
+        "train": {"global_batch": 4, "seq_len": 128, "steps": steps, "lr": 1e-3, "recover": False,
                   "replicate_every": 0, "timeout_s": 600, **train},
         "parallelism": "auto"})
 
@@ -173,7 +173,7 @@ def write(rows: list[dict], machine: str, took: float, args) -> None:
         f"Written by `benchmarks/big_models.py`; {machine}; {took / 60:.0f} min in all; {args.steps} steps a run.", "",
         "Pool: the demo's four emulated devices (laptop 1.2 GB, Orin Nano 0.8 GB, two Jetson Nanos 0.6 GB for "
         "training: real cgroup memory caps; CPU caps scaled to this host; shared 70 Mbit/s). Model: GPT, hidden 512, "
-        "8 heads, FFN 2048, byte vocabulary, the block count grown; global batch 4, sequence 32, AdamW; no recovery "
+        "8 heads, FFN 2048, byte vocabulary, the block count grown; global batch 4, sequence 128, AdamW; no recovery "
         "backups. *Predicted*: the planner's plan fits its memory model; *measured*: that plan (or, when the planner "
         "finds none, a pipeline over all four devices in proportion to their memory) trained its steps in the "
         "testbed, or a device ran out of memory. Step times are the testbed's (the planner does not apply the "

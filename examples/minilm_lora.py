@@ -9,7 +9,8 @@
    tokenizer), LoRA adapters of rank 8 on the attention's query and value projections;
 2. ``edgepool train`` on the pool (by default the demo's four emulated devices: inside
    the testbed's namespaces and caps when run as root with tc, else plain processes),
-   the planner choosing the plan;
+   the planner choosing the plan (``--parallelism``: a family, or ``hybrid`` for a plan
+   over every device in proportion to its speed);
 3. shows the loss falling (the console, and ``OUT/loss.png``);
 4. ``edgepool export`` twice: the adapters merged into the weights, and as peft
    adapters beside the base (tokenizer files copied);
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--pool", default=str(DEMO_POOL), help="pool file (default: the demo's 4 emulated devices)")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--parallelism", default="auto",
+                    help="auto (the planner's plan; default), a family (dp, pp, ...), or hybrid (every device)")
     ap.add_argument("--out", default="runs/minilm-lora", help="run folder (exports go beside it)")
     args = ap.parse_args(argv)
 
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     job = write_job(out, args.steps)
     print(f"job: {job}")
-    rc = edgepool(["train", "--pool", args.pool, "--job", str(job), "--out", str(out), "--fresh"])
+    rc = edgepool(["train", "--pool", args.pool, "--job", str(job), "--out", str(out), "--fresh",
+                   "--parallelism", args.parallelism])
     if rc:
         return rc
     first, last = show_loss(out)
