@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgepool.errors import SpecError
 from edgepool.models import build_model, load_pretrained, with_seeded_init
 from edgepool.models.config import _from_raw, preset, to_hf_config
 from edgepool.runtime import checkpoint
