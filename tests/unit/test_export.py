@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgepool.errors import SpecError
 from edgepool.models import build_model, load_pretrained, with_seeded_init
 from edgepool.models.config import _from_raw, preset, to_hf_config
 from edgepool.runtime import checkpoint
@@ -301,3 +302,42 @@ def test_hf_config_keeps_the_pretrained_fields_it_does_not_own():
     assert (out["dtype"], out["torch_dtype"], out["bos_token_id"], out["hidden_size"]) == ("float32", "float32", 5, 64)
     assert "auto_map" not in out and "rope_scaling" not in out  # no remote code; our rotary is the default one
     assert to_hf_config(cfg)["bos_token_id"] is None  # the byte vocabulary has no special tokens
+
+
+def test_a_fine_tuning_run_names_its_frozen_base(tmp_path):
+    """A LoRA (or freeze) run from pretrained weights carries their digest in its identity,
+    so its checkpoints (which hold only what trains) resume only on the same base."""
+    from safetensors.torch import save_file
+
+    from edgepool.models.hf import weights_digest
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file({"w": torch.ones(3)}, str(folder / "model.safetensors"))
+    first = weights_digest(folder)
+    assert first == weights_digest(folder) and len(first) == 16
+    save_file({"w": torch.tensor([1.0, 1.0, 1.5])}, str(folder / "model.safetensors"))
+    assert weights_digest(folder) != first
+    with pytest.raises(SpecError, match="no \\*.safetensors"):
+        weights_digest(tmp_path)
+
+
+def test_the_run_identity_names_the_base_of_a_lora_run(pretrained, tmp_path):
+    """``prepare_run`` digests the pretrained weights of a LoRA run (not of a full
+    fine-tuning, whose checkpoints hold every weight), and the identity carries it."""
+    import yaml
+
+    from edgepool.launch.prepare import prepare_run
+    from edgepool.models.hf import weights_digest
+
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("devices:\n  - {name: a, kind: host-cpu, host: local}\n")
+    runs = {}
+    for name, train in (("full", {}), ("lora", {"lora": {"rank": 2}})):
+        job = tmp_path / f"{name}.yaml"
+        job.write_text(yaml.safe_dump({"model": {"pretrained": str(pretrained["llama"])},
+                                       "data": {"path": str(CORPUS)}, "train": {"seq_len": 16, **train},
+                                       "parallelism": "single"}))
+        runs[name] = prepare_run(pool, job, out_dir=tmp_path / name, log=lambda m: None)
+    assert runs["full"].base == "" and "base" not in runs["full"].identity()
+    assert runs["lora"].identity()["base"] == runs["lora"].base == weights_digest(pretrained["llama"])

@@ -104,6 +104,7 @@ def prepare_run(pool_path: str | Path | PoolSpec, job_path: str | Path | JobSpec
     The pool and job are files, or specs already loaded (``serve`` plans for the devices that joined)."""
     from edgepool.data import check_file
     from edgepool.models.config import job_model_config
+    from edgepool.models.lora import Tuning
     from edgepool.runtime.train import RunSpec
 
     pool = pool_path if isinstance(pool_path, PoolSpec) else load_pool(pool_path)
@@ -144,4 +145,10 @@ def prepare_run(pool_path: str | Path | PoolSpec, job_path: str | Path | JobSpec
     n_steps = steps if steps is not None else job.train.steps
     if not 0 < n_steps <= MAX_STEPS:
         raise SpecError(f"--steps must be 1..{MAX_STEPS}, got {n_steps}")
-    return RunSpec(pool=pool, job=job, plan=plan, out_dir=str(Path(out_dir).resolve()), steps=n_steps, resume=resume)
+    base = ""
+    if job.model.pretrained is not None and Tuning.of(job.train) is not None:
+        from edgepool.models.hf import weights_digest
+
+        base = weights_digest(job.model.pretrained)
+    return RunSpec(pool=pool, job=job, plan=plan, out_dir=str(Path(out_dir).resolve()), steps=n_steps, resume=resume,
+                   base=base)

@@ -321,3 +321,21 @@ def with_seeded_init(cfg: ModelConfig, state: dict[str, torch.Tensor], *, seed: 
 
 
 __all__ = ["ARCHITECTURE", "expected_shapes", "hf_linear", "hf_state", "load_pretrained", "with_seeded_init"]
+
+
+def weights_digest(folder: str | Path) -> str:
+    """A SHA-256 over a Hugging Face folder's safetensors files (names and bytes, in name
+    order): what names the frozen base of a fine-tuning run in its checkpoints
+    (``RunSpec.identity``). Reads every weight byte once."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise SpecError(f"{folder} holds no *.safetensors weights")
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]

@@ -50,6 +50,9 @@ class RunSpec(BaseModel):
     steps: int
     resume: bool = False
     threads: int = 1
+    # a fine-tuning run (LoRA, freeze) from pretrained weights: the digest of those weights
+    # (``models.hf.weights_digest``), which stay frozen and are never checkpointed
+    base: str = ""
 
     def dump(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2))
@@ -70,8 +73,9 @@ class RunSpec(BaseModel):
                 "weight_decay": t.weight_decay, **self._fine_tuning()}
 
     def _fine_tuning(self) -> dict:
-        """LoRA, freezing and precision shape the trajectory too; each is named only
-        when set, so checkpoints written before they existed still resume."""
+        """LoRA, freezing and precision shape the trajectory too, and a fine-tuning run's
+        frozen pretrained base (its digest: the checkpoints hold only what trains); each
+        is named only when set, so checkpoints written before they existed still resume."""
         t = self.job.train
         out: dict = {}
         if t.lora is not None:
@@ -80,6 +84,8 @@ class RunSpec(BaseModel):
             out["freeze"] = list(t.freeze)
         if t.precision != "fp32":
             out["precision"] = t.precision
+        if self.base:
+            out["base"] = self.base
         return out
 
     @classmethod
