@@ -333,6 +333,14 @@ def _unit_of(name: str) -> tuple[str, str]:
     return top, rest
 
 
+# What importing peft (and the transformers and accelerate it imports) adds to a rank's
+# resident memory: MEASURED on an x86 host (peft 0.21.2, transformers 5.25, torch 2.13
+# CPU: 183 MB over a rank that has imported torch). A LoRA run's ranks all pay it;
+# ``benchmarks/big_models.py`` found the demo pool's laptop out of memory where the
+# memory model without it said the plan fit.
+LORA_LIBRARIES_BYTES = 0.183e9
+
+
 def with_tuning(profile: ModelProfile, lora=None, freeze: tuple[str, ...] = ()) -> ModelProfile:
     """``profile`` for fine-tuning a part of the model (``models.lora.Tuning``): LoRA
     adapters (``lora``, a ``specs.job.LoraSpec``; everything else frozen) or frozen
@@ -342,6 +350,8 @@ def with_tuning(profile: ModelProfile, lora=None, freeze: tuple[str, ...] = ()) 
     What is modelled, per unit (``embed``, ``blocks.<i>``, ``head``), from the model's
     parameter names and shapes (``models.config.expected_shapes``, no torch):
 
+    - **libraries**: a LoRA run's ranks import peft: ``LORA_LIBRARIES_BYTES`` more
+      resident memory (``runtime_bytes``);
     - **bytes**: LoRA adds ``A`` [rank, in] and ``B`` [out, rank] per adapted linear,
       ``rank * (in + out) * dtype_bytes``, to the part its linear belongs to
       (attention: ``head``, MLP: ``ffn``); ``trainable_frac`` is the unit's trainable
@@ -431,7 +441,8 @@ def with_tuning(profile: ModelProfile, lora=None, freeze: tuple[str, ...] = ()) 
                        trainable_frac=frac)
 
     out = replace(profile, blocks=tuple(tune(f"blocks.{i}", lp) for i, lp in enumerate(profile.blocks)),
-                  embed=tune("embed", profile.embed), head=tune("head", profile.head), tuning=key)
+                  embed=tune("embed", profile.embed), head=tune("head", profile.head), tuning=key,
+                  runtime_bytes=profile.runtime_bytes + (LORA_LIBRARIES_BYTES if lora is not None else 0.0))
     share = sum(lp.trainable_at() for lp in (out.embed, out.head, *out.blocks)) / \
         max(1.0, sum(lp.params_at() for lp in (out.embed, out.head, *out.blocks)))
     return replace(out, notes=out.notes + (f"{key}: {100 * share:.2g}% of the parameter bytes train (with_tuning)",))
