@@ -142,3 +142,22 @@ def test_the_study_keeps_its_numbers_on_the_shared_scale(host):
     assert note.endswith("testbed CPU caps (0.188 cores per unit speed)")
     prof, note = study_profile(pool, job, None, Placement(), log=lambda m: None)  # fell back: plain processes
     assert prof == job_profile(job) and "analytic profile" in note
+
+
+def test_a_testbed_that_is_up_gives_its_own_caps(host, monkeypatch):
+    """``serve`` plans for the devices that joined (a sub-pool): the scale is the caps of
+    the testbed that is up for the whole pool, with the options it was brought up with."""
+    from edgepool.testbed import core
+
+    job, _ = host
+    pool = _pool("emulated")
+    caps = plan_caps(pool.devices, host_cpus=1.0, host_memory_bytes=10**10, cpu_fit="fastest")
+    state = core.TestbedState(tag="ab1", pool_name=pool.name, emulated=True, caps=caps)
+    monkeypatch.setattr(Testbed, "attach", classmethod(lambda cls, pool=None, *, tag=None: state))
+    joined = pool.model_copy(update={"devices": pool.devices[2:]})  # the two Nanos
+    got = speeds.run_profile(joined, job)
+    assert got.scale.cores_per_speed == caps.cores_per_speed == pytest.approx(0.25)
+    assert got.profile.reference_speed_value == pytest.approx(4.0) and "testbed ab1, which is up" in got.line
+    state = core.TestbedState(tag="ab1", pool_name=pool.name, emulated=True, caps=None)  # up without CPU caps
+    got = speeds.run_profile(joined, job)
+    assert got.scale is None and got.profile == job_profile(job) and "no CPU caps" in got.line

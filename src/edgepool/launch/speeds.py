@@ -102,16 +102,18 @@ def run_profile(pool: PoolSpec, job, path: str | None = None, *, scale=_FROM_HOS
     elif scale is not None:
         prof = measured_profile(job, log=log)
     else:
-        return Speeds(job_profile(job), None, "speeds: catalog relative speeds; the testbed would give these "
-                      "devices no CPU caps" if emulated else None)
+        prof = job_profile(job)
     if scale is not None and on_this_host(prof):
         prof = replace(prof, reference_speed_value=scale.reference_speed())
         line = (f"speeds: {scale.describe()}; the profile is one core of this host, so a device of relative speed "
                 f"s computes on s x {scale.cores_per_speed:.3f} cores, in this host's seconds")
         return Speeds(for_job(prof, job), scale, line)
     line = None
-    if emulated:
+    if emulated and scale is None:
+        line = ("speeds: catalog relative speeds: no CPU caps apply to these devices (the testbed that is up for "
+                "this pool has none, or the run falls back to plain processes)")
+    elif emulated:
         line = (f"speeds: catalog relative speeds, not the testbed's CPU scale: the profile ({prof.source}, reference "
                 f"{prof.reference_kind}) was not measured on this host, so predictions are in its reference "
                 f"device's seconds, not the testbed's")
-    return Speeds(for_job(prof, job), None, line)
+    return Speeds(prof if path is None else for_job(prof, job), None, line)
