@@ -2,8 +2,9 @@
 best plan of each plain parallelism beside it and why each lost.
 
 The profile is ``--profile FILE`` (a ``ModelProfile`` JSON, e.g. from ``edgepool
-profile``) or, without one, the analytic FLOPs-based profile of the job's model.
-Resolving the job's model config goes through the runtime package (it reads the
+profile``) or, without one, the analytic FLOPs-based profile of the job's model; on an
+emulated pool, the model measured on this host at the testbed's CPU scale, and a
+``speeds:`` line says which scale it used (``launch.speeds.run_profile``). Resolving the job's model config goes through the runtime package (it reads the
 tokenizer), which imports torch; the planner itself does not.
 """
 
@@ -27,13 +28,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", help="write the plan as JSON here")
 
 
-def resolve_profile(job, path: str | None):
-    """The profile to plan ``job`` with (``path``, else the analytic one), with the job's
-    in-memory backups (``cost.profile.for_job``), as ``train`` will run them."""
-    from edgepool.cost.profile import ModelProfile, for_job
-    from edgepool.planner.search import job_profile
+def resolve_profile(pool, job, path: str | None, log=print):
+    """The profile to plan ``job`` on ``pool`` with (``path``, else the analytic one, or
+    on an emulated pool the measured one), as ``train`` will run it (``cost.profile.for_job``)
+    and at the speeds it will get: ``launch.speeds.run_profile``'s ``Speeds``."""
+    from edgepool.launch.speeds import run_profile
 
-    return for_job(ModelProfile.load(path), job) if path else job_profile(job)
+    return run_profile(pool, job, path, log=log)
 
 
 def _gb(x: float) -> str:
@@ -94,12 +95,13 @@ def run(args: argparse.Namespace) -> int:
 
     pool = load_pool(args.pool)
     job = load_job(args.job)
-    profile = resolve_profile(job, args.profile)
+    console = Console()
+    speeds = resolve_profile(pool, job, args.profile, log=lambda m: console.print(escape(m), highlight=False))
+    profile = speeds.profile
     res = make_plan(pool, job, profile, objective=args.objective, deadline_s=args.deadline, family=args.parallelism,
                     max_microbatches=args.max_microbatches, explore_modes=True if args.frontier else None)
     p, c = res.plan, res.cost
     est = p.estimate
-    console = Console()
     head = (f"plan {p.plan_id}: {p.parallelism}, {len(p.stages)} stage(s), {p.num_microbatches} micro-batches, "
             f"{p.schedule}; predicted {est.step_time_s:.3g} s and {est.energy_j:.4g} J per step (the simulator's; "
             f"the cost model says {c.step_time_s:.3g} s; energy modelled from catalog power figures); bottleneck "
@@ -107,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(device_table(p, c, f"{args.objective} objective" + (f", deadline {args.deadline:g} s" if args.deadline else "")))
     console.print(escape(head), highlight=False)
     console.print(escape(training_line(job, profile, p)), highlight=False)
+    if speeds.line:
+        console.print(escape(speeds.line), highlight=False)
     if res.baselines:
         t = Table(title="best plan of each plain parallelism")
         for col in ("family", "devices", "M", "step s", "energy J", "why it lost"):

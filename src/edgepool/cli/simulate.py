@@ -2,6 +2,8 @@
 
 Prints the simulated step time beside the cost model's estimate, each device's busy
 and idle time, energy (modelled) and peak memory, and optionally draws a Gantt chart.
+The profile is ``edgepool plan``'s (``cli.plan.resolve_profile``): on an emulated pool,
+at the testbed's CPU scale, with a ``speeds:`` line that says so.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ def run(args: argparse.Namespace) -> int:
     pool = load_pool(args.pool)
     job = load_job(args.job)
     plan = load_plan(args.plan)
-    profile = resolve_profile(job, args.profile)
+    console = Console()
+    speeds = resolve_profile(pool, job, args.profile, log=lambda m: console.print(escape(m), highlight=False))
+    profile = speeds.profile
     shape = _shape(profile, job)
     check_plan(plan, shape, pool=pool, num_layers=profile.num_layers)
     res = simulate(plan, pool, profile, shape)
     est = estimate(plan, pool, profile, shape)
-    console = Console()
     t = Table(title=f"plan {plan.plan_id} ({plan.parallelism}, M={plan.num_microbatches}, {plan.schedule})")
     for col in ("device", "power mode", "busy s", "idle s", "busy %", "energy J", "peak memory GB", "MB moved"):
         t.add_column(col, justify="left" if col in ("device", "power mode") else "right")
@@ -51,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"simulated step {res.step_time_s:.4g} s, {res.energy_j:.4g} J (modelled); cost model "
                   f"{est.step_time_s:.4g} s, {est.energy_j:.4g} J ({gap:+.1%}); {res.num_flows} network flows",
                   highlight=False)
+    if speeds.line:
+        console.print(escape(speeds.line), highlight=False)
     if args.gantt:
         from edgepool.sim.gantt import draw_gantt
 

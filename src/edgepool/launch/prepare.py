@@ -83,14 +83,22 @@ def family_plan(pool: PoolSpec, job: JobSpec, num_layers: int, family: str, log=
     family; when none fits, the proportional plan of that family over every device,
     with a warning (the user asked for it; it may run out of memory). ``single`` and
     ``hybrid``: the proportional plan.
+
+    The planner prices the plans at the speeds the run will get (``launch.speeds``: on
+    an emulated pool, the testbed's CPU scale), and says which when it applies.
     """
+    from edgepool.launch.speeds import run_profile
     from edgepool.planner import plan_for_run
 
+    if family == "auto" or family in modes.NAMES + ("pp",):
+        speeds = run_profile(pool, job, log=log)
+        if speeds.line:
+            log(speeds.line)
     if family == "auto":
-        return plan_for_run(pool, job)
+        return plan_for_run(pool, job, profile=speeds.profile)
     if family in modes.NAMES + ("pp",):
         try:
-            return plan_for_run(pool, job, family=family)
+            return plan_for_run(pool, job, family=family, profile=speeds.profile)
         except InfeasibleError as exc:
             log(f"warning: the planner finds no {family} plan that fits ({str(exc)[:300]}); "
                 f"running the proportional {family} plan over every device instead")

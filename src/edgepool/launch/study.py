@@ -81,31 +81,23 @@ def device_figures(pool: PoolSpec, plan: Plan, summary: Summary, placement: Plac
 def study_profile(pool: PoolSpec, job: JobSpec, cfg, placement: Placement, log=print):
     """The profile the study plans and predicts with, and a note saying what it is.
 
-    In the testbed: the model measured on this host (one core; cached), with its
-    reference speed set from the testbed's CPU caps, so predictions are in this host's
-    seconds like the measurements. Otherwise: the analytic profile (catalog seconds).
-    Either as the job trains (``cost.profile.for_job``: its fine-tuning and backups).
+    ``launch.speeds.run_profile``, as plan, simulate and train use it. In the testbed
+    with CPU caps: the model measured on this host (one core; cached), with its reference
+    speed set from the testbed's CPU caps, so predictions are in this host's seconds like
+    the measurements. Otherwise (no emulated device, or the testbed fell back to plain
+    processes): the analytic profile (catalog seconds). Either as the job trains
+    (``cost.profile.for_job``: its fine-tuning and backups).
     """
-    from edgepool.cost import ModelDims, analytic_profile, device_speed
-    from edgepool.cost.profile import for_job
+    from edgepool.launch.speeds import run_profile
 
-    if placement.emulated:
-        name = next((d.name for d in pool.devices if placement.cores(d.name)), None)
-        if name is not None:
-            from dataclasses import replace
-
-            from edgepool.profiler.layers import cached_profile
-
-            cores_per_speed = placement.cores(name) / device_speed(pool.device(name))
-            prof, path, cached = cached_profile(cfg, seq_len=job.train.seq_len, optimizer=job.train.optimizer,
-                                                precision=job.train.precision)
-            log(f"profile: {prof.model} measured on this host ({'cached' if cached else 'now'}: {path})")
-            return (for_job(replace(prof, reference_speed_value=1.0 / cores_per_speed), job),
-                    f"simulator (memory: cost model), profile measured on this host, testbed CPU caps "
-                    f"({cores_per_speed:.3f} cores per unit speed)")
-    return (for_job(analytic_profile(ModelDims.of(cfg), optimizer=job.train.optimizer, precision=job.train.precision),
-                    job),
-            "simulator (memory: cost model), analytic profile (catalog reference-device seconds)")
+    capped = placement.emulated and any(placement.cores(d.name) for d in pool.devices)
+    # ``cfg`` is the job's (``job_model_config``); run_profile resolves it again itself.
+    speeds = run_profile(pool, job, log=log) if capped else run_profile(pool, job, scale=None, log=log)
+    if speeds.scale is not None:
+        return (speeds.profile,
+                f"simulator (memory: cost model), profile measured on this host, testbed CPU caps "
+                f"({speeds.scale.cores_per_speed:.3f} cores per unit speed)")
+    return speeds.profile, "simulator (memory: cost model), analytic profile (catalog reference-device seconds)"
 
 
 def study_plans(pool: PoolSpec, job: JobSpec, num_layers: int, families, profile) -> list[tuple[str, Plan | str]]:

@@ -900,6 +900,9 @@ def job_profile(job):
                                     precision=job.train.precision), job)
 
 
-def plan_for_run(pool: PoolSpec, job, family: str | None = None, objective: str = "time") -> Plan:
-    """The planner's best plan for a run (used by ``launch.prepare`` for ``--parallelism auto``)."""
-    return plan(pool, job, job_profile(job), objective=objective, family=family).plan
+def plan_for_run(pool: PoolSpec, job, family: str | None = None, objective: str = "time",
+                 profile: ModelProfile | None = None) -> Plan:
+    """The planner's best plan for a run (used by ``launch.prepare`` for ``--parallelism auto``),
+    priced with ``profile`` (``launch.speeds.run_profile``; default the analytic ``job_profile``)."""
+    return plan(pool, job, profile if profile is not None else job_profile(job), objective=objective,
+                family=family).plan

@@ -21,7 +21,7 @@ Importing this package is cheap: standard library and the pool spec only, no tor
 
 from __future__ import annotations
 
-from edgepool.testbed.caps import CapsPlan, DeviceCaps, plan_caps
+from edgepool.testbed.caps import CapsPlan, CpuScale, DeviceCaps, cpu_scale, plan_caps
 from edgepool.testbed.core import DownReport, Testbed, TestbedError, TestbedState, TestbedStatus
 from edgepool.testbed.presets import NETWORK_PRESETS, network_preset
 from edgepool.testbed.probe import Availability, Features, is_available, probe
@@ -29,6 +29,7 @@ from edgepool.testbed.probe import Availability, Features, is_available, probe
 __all__ = [
     "Availability",
     "CapsPlan",
+    "CpuScale",
     "DeviceCaps",
     "DownReport",
     "Features",
@@ -37,6 +38,7 @@ __all__ = [
     "TestbedError",
     "TestbedState",
     "TestbedStatus",
+    "cpu_scale",
     "is_available",
     "measure_throughput",
     "network_preset",

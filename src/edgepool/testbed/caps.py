@@ -15,6 +15,11 @@ The testbed keeps the *ratios* between devices and chooses one scale factor,
 ``cap_cores = speed * cores_per_speed``, never below ``min_cores``. Absolute times on
 the testbed are this host's; only the ratios are the pool's.
 
+``cores_per_speed`` is the one place that arithmetic lives: ``plan_caps`` uses it to
+set the caps, and ``cpu_scale`` uses it to say, without bringing a testbed up, what
+scale the testbed will give a pool (``launch.speeds``: what plan, simulate, train and
+the study predict with on an emulated pool).
+
 Memory. ``DeviceSpec.resolved_memory_gb()`` (the pool's ``memory_gb``, else the
 catalog's memory less its OS reserve) is what the device gives to training; the cap is
 that many bytes (1 GB = 10^9 bytes). ``memory_fit="exact"`` (default) keeps every cap exact, which
@@ -35,6 +40,54 @@ from edgepool.testbed.cgroups import CFS_PERIOD_US, MIN_QUOTA_US
 
 CpuFit = Literal["sum", "fastest"]
 MemoryFit = Literal["exact", "fit"]
+
+MIN_CORES = 0.05  # the smallest cap plan_caps gives a device
+
+
+def cores_per_speed(speeds: Sequence[float], *, host_cpus: float, cpu_fit: CpuFit = "sum") -> float:
+    """Host CPU cores per unit of relative speed for devices of ``speeds`` sharing
+    ``host_cpus`` cores (the module docstring: ``sum`` or ``fastest``); 0 for none."""
+    if cpu_fit not in ("sum", "fastest"):
+        raise ValueError(f"cpu_fit must be 'sum' or 'fastest', got {cpu_fit!r}")
+    if host_cpus <= 0:
+        raise ValueError(f"host_cpus must be > 0, got {host_cpus}")
+    if not speeds:
+        return 0.0
+    return host_cpus / (sum(speeds) if cpu_fit == "sum" else max(speeds))
+
+
+@dataclass(frozen=True)
+class CpuScale:
+    """The CPU scale a testbed gives a pool: a device of relative speed ``s`` computes
+    on ``s * cores_per_speed`` host cores (``plan_caps``; never below its floor).
+
+    ``host_cpus``: the cores the caps share; ``source``: where the figures come from
+    (computed from the pool and this host, or the caps of a testbed that is up)."""
+
+    cores_per_speed: float
+    host_cpus: float
+    cpu_fit: CpuFit
+    source: str
+
+    def reference_speed(self, threads: int = 1) -> float:
+        """The relative speed of ``threads`` host cores: the reference speed of a profile
+        measured on this host with that many threads (``ModelProfile.reference_speed_value``)."""
+        return threads / self.cores_per_speed
+
+    def describe(self) -> str:
+        return (f"the testbed's CPU scale, 1.0 relative speed = {self.cores_per_speed:.3f} host cores "
+                f"(the caps share {self.host_cpus:g} host cores, fit={self.cpu_fit}; {self.source})")
+
+
+def cpu_scale(devices: Sequence[DeviceSpec], *, host_cpus: float, cpu_fit: CpuFit = "sum",
+              source: str = "computed from the pool") -> CpuScale | None:
+    """The scale ``plan_caps`` gives ``devices`` (the ``host: emulated`` ones are taken;
+    None when there are none): pure, no testbed needed."""
+    emulated = [d for d in devices if d.host == "emulated"]
+    if not emulated:
+        return None
+    cps = cores_per_speed([d.speed() for d in emulated], host_cpus=host_cpus, cpu_fit=cpu_fit)
+    return CpuScale(cores_per_speed=cps, host_cpus=host_cpus, cpu_fit=cpu_fit, source=source)
 
 
 @dataclass(frozen=True)
@@ -74,6 +127,11 @@ class CapsPlan:
     def total_cores(self) -> float:
         return sum(c.cpu_cores for c in self.devices)
 
+    def scale(self, source: str) -> CpuScale:
+        """These caps' CPU scale (``cpu_scale``'s type)."""
+        return CpuScale(cores_per_speed=self.cores_per_speed, host_cpus=self.host_cpus, cpu_fit=self.cpu_fit,
+                        source=source)
+
     def describe(self) -> str:
         pinned = "; ".join(f"{c.device} on CPU {','.join(map(str, c.cpus))}" for c in self.devices if c.cpus)
         return (
@@ -90,26 +148,19 @@ def plan_caps(
     host_memory_bytes: int,
     cpu_fit: CpuFit = "sum",
     memory_fit: MemoryFit = "exact",
-    min_cores: float = 0.05,
+    min_cores: float = MIN_CORES,
     memory_headroom: float = 0.8,
     period_us: int = CFS_PERIOD_US,
     cpu_ids: Sequence[int] = (),
 ) -> CapsPlan:
     """Caps for ``devices`` (the emulated ones) on a host with ``host_cpus`` CPUs."""
-    if cpu_fit not in ("sum", "fastest"):
-        raise ValueError(f"cpu_fit must be 'sum' or 'fastest', got {cpu_fit!r}")
     if memory_fit not in ("exact", "fit"):
         raise ValueError(f"memory_fit must be 'exact' or 'fit', got {memory_fit!r}")
-    if host_cpus <= 0:
-        raise ValueError(f"host_cpus must be > 0, got {host_cpus}")
+    speeds = [d.speed() for d in devices]
+    cps = cores_per_speed(speeds, host_cpus=host_cpus, cpu_fit=cpu_fit)  # checks cpu_fit and host_cpus
     warnings: list[str] = []
     if not devices:
         return CapsPlan((), host_cpus, host_memory_bytes, 0.0, 1.0, cpu_fit, memory_fit, ())
-    speeds = [d.speed() for d in devices]
-    if cpu_fit == "sum":
-        cores_per_speed = host_cpus / sum(speeds)
-    else:
-        cores_per_speed = host_cpus / max(speeds)
     mems = [int(round(d.resolved_memory_gb() * 1e9)) for d in devices]
     memory_scale = 1.0
     total_mem = sum(mems)
@@ -117,7 +168,7 @@ def plan_caps(
         memory_scale = memory_headroom * host_memory_bytes / total_mem
     caps = []
     for d, s, m in zip(devices, speeds, mems):
-        raw = s * cores_per_speed
+        raw = s * cps
         cores = max(min_cores, raw)
         # A short period keeps the cap a rate, not a burst budget (see cgroups.CFS_PERIOD_US);
         # a small cap gets a longer period, because the kernel refuses quotas under 1 ms.
@@ -155,7 +206,7 @@ def plan_caps(
         devices=tuple(caps),
         host_cpus=host_cpus,
         host_memory_bytes=host_memory_bytes,
-        cores_per_speed=cores_per_speed,
+        cores_per_speed=cps,
         memory_scale=memory_scale,
         cpu_fit=cpu_fit,
         memory_fit=memory_fit,
