@@ -47,6 +47,7 @@ SETTINGS = [
     ("all + fsdp", {"lora": LORA, "precision": "bf16"}, True, True),
 ]
 SIZES = (4, 8, 16, 24, 32, 40, 48, 64, 80, 96, 128)
+SPEEDS: list[str] = []  # the planner's speeds line of each prediction (``launch.speeds``)
 
 
 def job_for(layers: int, train: dict, steps: int):
@@ -64,11 +65,13 @@ def job_for(layers: int, train: dict, steps: int):
 def predict(pool, job, recompute: bool, fsdp: bool):
     """The planner's plan and its predicted step and peak memory, or (None, why)."""
     from edgepool.errors import InfeasibleError
+    from edgepool.launch.speeds import run_profile
     from edgepool.planner import plan
-    from edgepool.planner.search import job_profile
 
+    speeds = run_profile(pool, job, log=lambda m: None)  # as `train --parallelism auto` prices it
+    SPEEDS.append(speeds.line)
     try:
-        res = plan(pool, job, job_profile(job), recompute=recompute, without=() if fsdp else ("fsdp",))
+        res = plan(pool, job, speeds.profile, recompute=recompute, without=() if fsdp else ("fsdp",))
     except InfeasibleError as exc:
         return None, str(exc).split(";")[0]
     return res, None
@@ -176,8 +179,10 @@ def write(rows: list[dict], machine: str, took: float, args) -> None:
         "8 heads, FFN 2048, byte vocabulary, the block count grown; global batch 4, sequence 128, AdamW; no recovery "
         "backups. *Predicted*: the planner's plan fits its memory model; *measured*: that plan (or, when the planner "
         "finds none, a pipeline over all four devices in proportion to their memory) trained its steps in the "
-        "testbed, or a device ran out of memory. Step times are the testbed's (the planner does not apply the "
-        "testbed's CPU scale yet: issue 14), so predicted and measured steps are not expected to agree.", "",
+        "testbed, or a device ran out of memory. The planner prices the testbed's speeds as `train --parallelism "
+        f"auto` does (`launch.speeds`): {SPEEDS[-1] if SPEEDS else '-'}. Its profile is measured on this host "
+        "without the testbed's caps; the measured peaks are each rank's resident set (getrusage), while the caps "
+        "are cgroup limits.", "",
         "| setting | blocks | params (M) | predicted fit | plan | recomputing stages | predicted step (s) | "
         "predicted peak (GB) | measured | measured step (s) | measured peak (GB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
