@@ -25,7 +25,6 @@ from the fit's intercept. An fp32 profile's cache key is unchanged.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import contextlib
@@ -46,7 +45,7 @@ from edgepool.machine import cpu_name
 # the profiler's own imports. An estimate, measured once on this kind of machine.
 GLOO_ALLOWANCE_BYTES = 100e6
 # Bump when the measurement changes, so cached profiles are measured again.
-PROFILE_METHOD = 4
+PROFILE_METHOD = 5  # 5: the rank baseline measured in a fresh interpreter (rank_baseline_bytes)
 CACHE_DIR = Path(os.environ.get("EDGEPOOL_CACHE", Path.home() / ".cache" / "edgepool")) / "profiles"
 
 
@@ -157,21 +156,35 @@ def _under(module, precision: str):
     return run
 
 
+_BASELINE = """
+import importlib, resource
+import torch, torch.distributed
+a = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+for lib in ("torch.distributed.device_mesh", "torch.distributed.fsdp", "torch.distributed.tensor"):
+    importlib.import_module(lib)
+print(a, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def rank_baseline_bytes() -> tuple[float, float]:
+    """(a rank's resident memory before any model: the interpreter, torch and
+    torch.distributed, plus ``GLOO_ALLOWANCE_BYTES``; what fsdp's libraries add), measured
+    in a fresh interpreter: this process's own peak holds whatever it did before (a
+    study or a benchmark that built models), which no rank carries."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _BASELINE], capture_output=True, text=True, timeout=120, check=True)
+    before, after = (float(v) for v in out.stdout.split())
+    return before + GLOO_ALLOWANCE_BYTES, after - before
+
+
 def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw", repeats: int = 15,
                     threads: int = 1, progress=None, precision: str = "fp32") -> ModelProfile:
     """Measure a profile of ``cfg`` on this host (see the package docstring), computing
     in ``precision`` as the engine does (module docstring)."""
     torch.set_num_threads(threads)
-    import resource
-
-    import torch.distributed as _dist  # noqa: F401 - part of a rank's resident memory
-
-    runtime_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + GLOO_ALLOWANCE_BYTES
-    # What fsdp's libraries add (``modes.fsdp`` imports them when it shards a stage).
-    for lib in ("torch.distributed.device_mesh", "torch.distributed.fsdp", "torch.distributed.tensor"):
-        importlib.import_module(lib)
-
-    fsdp_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + GLOO_ALLOWANCE_BYTES - runtime_bytes
+    runtime_bytes, fsdp_bytes = rank_baseline_bytes()
     dims = ModelDims.of(cfg)
     base = analytic_profile(dims, optimizer=optimizer, reference_kind="host-cpu", precision=precision)
     flops, _ = block_flops(dims)
