@@ -45,7 +45,10 @@ directions. So the plans the search produced are ranked by the cost model, and i
 best (``FINALISTS`` of them meeting the deadline in the simulator, at most
 ``MAX_SIMULATED`` runs; ``_finalists``), the GPipe twin of each 1F1B pipeline among them
 (where its M micro-batches fit), and up to ``FRONTIER_SIMS`` points of the cost model's
-frontier run in the simulator, whose step time and energy decide. The time objective's
+frontier run in the simulator, whose step time and energy decide. A 1F1B pipeline is
+simulated in two pass orders, laid out with unit durations or with its own costs
+(``sim.engine.best_order``), and keeps the shorter (then its ``pass_times``, which the
+runtime's order follows). The time objective's
 finalists run for every objective, so the energy objective under a deadline set from
 the fastest plan's predicted step always has that plan to fall back on. The chosen plan's
 estimate is the simulator's (``source="simulator"``); ``PlanResult.model_best`` is the
