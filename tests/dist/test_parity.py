@@ -16,7 +16,8 @@ from edgepool.models import build_model
 from edgepool.models.config import preset
 from edgepool.runtime.engine import Engine, gather_full_state
 from edgepool.runtime.groups import StageGroups
-from edgepool.specs.plan import Plan, StagePlan
+from edgepool.sim.lower import lower
+from edgepool.specs.plan import PassTimes, Plan, StagePlan
 from edgepool.testing import CORPUS
 from edgepool.testing.dist import run_distributed
 
@@ -132,6 +133,30 @@ def test_fsdp_stage_after_a_single_device_stage_with_adamw():
                 num_microbatches=2, schedule="1f1b")
     got = run_distributed(_train, 3, plan, "gpt", "adamw", _LR["adamw"])[0]
     assert_parity(reference("gpt", "adamw"), got, param_atol=1e-4, outliers=1e-3, outlier_atol=STEPS * _LR["adamw"])
+
+
+def _pp_1f1b(num_stages: int, pass_times: PassTimes | None = None) -> Plan:
+    cuts = [round(LAYERS * k / num_stages) for k in range(num_stages + 1)]
+    return Plan(num_layers=LAYERS, stages=[_stage((cuts[k], cuts[k + 1]), (f"r{k}",)) for k in range(num_stages)],
+                num_microbatches=4, schedule="1f1b", pass_times=pass_times)
+
+
+# A slow head and slow links: the owners then run three forwards before their first
+# head (2 stages) or all four (3 stages); an order unit durations never give.
+_SLOW_HEAD = {2: PassTimes(fwd_s=(1.0, 1.0), bwd_s=(2.0, 2.0), head_s=8.0, link_s=(0.0, 0.5, 0.5)),
+              3: PassTimes(fwd_s=(1.0,) * 3, bwd_s=(2.0,) * 3, head_s=8.0, link_s=(0.0, 0.5, 0.5, 0.5))}
+
+
+@pytest.mark.parametrize("num_stages,timed", [(3, False), (4, False), (2, True), (3, True)])
+def test_pp_1f1b_parity_on_more_stages_and_costed_orders(num_stages, timed):
+    """1F1B with the owners' heads as priority passes (``sim.lower.timeline``) on 3 and 4
+    single-device stages, and in orders laid out with ``pass_times``: the same losses and
+    parameters as one device, and no deadlock (blocking receives, asynchronous sends)."""
+    plan = _pp_1f1b(num_stages, _SLOW_HEAD[num_stages] if timed else None)
+    if timed:
+        assert lower(plan) != lower(_pp_1f1b(num_stages))
+    got = run_distributed(_train, num_stages, plan, "gpt", "sgd", _LR["sgd"])[0]
+    assert_parity(reference("gpt", "sgd"), got)
 
 
 def _recomputing(plan: Plan) -> Plan:

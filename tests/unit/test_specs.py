@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from edgepool.cli.main import main
 from edgepool.errors import PlanError, SpecError
-from edgepool.sim.lower import compute_order, lower
+from edgepool.sim.lower import compute_order, lower, stage_orders, timeline
 from edgepool.specs.plan import inflight_limit
 from edgepool.specs import Plan, StagePlan, load_job, load_plan, load_pool
 from edgepool.specs.layout import Layout, check_plan
@@ -208,6 +208,51 @@ def test_heads_run_as_soon_as_their_microbatch_arrives():
     assert order.index(("H", 1)) < order.index(("B", 0))
     for i in range(8):
         assert order.index(("H", i)) < order.index(("B", i))
+
+
+@pytest.mark.parametrize("stages,m,times", [
+    (2, 4, None), (3, 6, None), (4, 8, None), (2, 8, ((0.05, 0.05), (0.1, 0.1), 0.4, (0.0, 0.01, 0.01))),
+    (3, 6, ((1.0, 1.5, 1.0), (2.0, 3.0, 2.0), 0.1, (0.0, 0.3, 0.3, 0.3)))])
+def test_1f1b_heads_run_as_soon_as_their_activation_can_be_back(stages, m, times):
+    """In the laid-out step (``timeline``), the head of micro-batch i starts when its
+    activation can be back from the last stage, or when stage 0 finishes the pass it was
+    in then: no forward or backward of stage 0 starts between the two."""
+    tl = timeline(stages, m, "1f1b", times)
+    link_back = times[3][stages] if times else 0.0
+    last_fwd = {i: end for k, i, _, end in tl[stages - 1] if k == "F"}
+    for k, i, start, _ in tl[0]:
+        if k != "H":
+            continue
+        arrives = last_fwd[i] + link_back
+        assert start >= arrives - 1e-9
+        assert not [p for p in tl[0] if p[0] != "H" and arrives - 1e-9 <= p[2] < start - 1e-9], (i, tl[0])
+
+
+def test_1f1b_orders_of_two_stages():
+    """The last stage alternates (its forward of i + 1 covers the round trip of i through
+    the owners' head); stage 0 runs each head before its next pass."""
+    s0, s1 = stage_orders(2, 4, "1f1b")
+    assert " ".join(f"{k}{i}" for k, i in s0) == "F0 F1 H0 H1 F2 B0 H2 F3 B1 H3 B2 B3"
+    assert " ".join(f"{k}{i}" for k, i in s1) == "F0 F1 B0 F2 B1 F3 B2 B3"
+    ops = [str(o) for o in lower(Plan(num_layers=2, num_microbatches=4, schedule="1f1b", stages=[
+        StagePlan(layers=(0, 1), devices=("a",)), StagePlan(layers=(1, 2), devices=("b",))]))[0]]
+    # the owner's head of micro-batch 2 comes before its backward of micro-batch 1, which arrives later
+    assert ops.index("head[2]") < ops.index("bwd[1]") and ops.index("head[2]") > ops.index("bwd[0]")
+
+
+def test_pass_times_change_the_order_and_the_id_only_when_set():
+    base = Plan(num_layers=2, num_microbatches=4, schedule="1f1b", stages=[
+        StagePlan(layers=(0, 1), devices=("a",)), StagePlan(layers=(1, 2), devices=("b",))])
+    timed = Plan.model_validate({**base.model_dump(mode="json"), "pass_times": {
+        "fwd_s": [1, 1], "bwd_s": [2, 2], "head_s": 8, "link_s": [0, 0.5, 0.5]}})
+    assert "pass_times" not in base.dumps() and timed.plan_id != base.plan_id
+    assert Plan.model_validate_json(timed.dumps()) == timed
+    assert [str(o) for o in lower(timed)[0]][:9] == ["embed[0]", "recv_act[0]", "fwd[0]", "send_act[0]", "embed[1]",
+                                                      "recv_act[1]", "fwd[1]", "send_act[1]", "embed[2]"]
+    assert lower(timed) != lower(base)
+    with pytest.raises(ValueError, match="pass_times has 1 forward"):
+        Plan.model_validate({**base.model_dump(mode="json"), "pass_times": {
+            "fwd_s": [1], "bwd_s": [2, 2], "head_s": 8, "link_s": [0, 0.5, 0.5]}})
 
 
 def test_lower_gives_owners_embed_and_head():

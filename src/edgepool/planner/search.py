@@ -45,7 +45,10 @@ directions. So the plans the search produced are ranked by the cost model, and i
 best (``FINALISTS`` of them meeting the deadline in the simulator, at most
 ``MAX_SIMULATED`` runs; ``_finalists``), the GPipe twin of each 1F1B pipeline among them
 (where its M micro-batches fit), and up to ``FRONTIER_SIMS`` points of the cost model's
-frontier run in the simulator, whose step time and energy decide. The time objective's
+frontier run in the simulator, whose step time and energy decide. A 1F1B pipeline is
+simulated in two pass orders, laid out with unit durations or with its own costs
+(``sim.engine.best_order``), and keeps the shorter (then its ``pass_times``, which the
+runtime's order follows). The time objective's
 finalists run for every objective, so the energy objective under a deadline set from
 the fastest plan's predicted step always has that plan to fall back on. The chosen plan's
 estimate is the simulator's (``source="simulator"``); ``PlanResult.model_best`` is the
@@ -77,7 +80,7 @@ from edgepool.planner import dp as dpmod
 from edgepool.planner.modes import frontier, mode_choices
 from edgepool.planner.space import PIPELINE_MODE, PIPELINE_MODES, Space, group_mode_assignments, mode_options
 from edgepool.planner.tables import INF, Tables
-from edgepool.sim.engine import MAX_SIM_OPS, SimResult, sim_size, simulate
+from edgepool.sim.engine import MAX_SIM_OPS, SimResult, best_order, sim_size
 from edgepool.specs.plan import Plan, Shape, StagePlan, split_counts
 from edgepool.specs.pool import PoolSpec
 
@@ -180,7 +183,7 @@ class _Search:
         self.infeasible: list[Candidate] = []
         self._prefix_tables: dict[int, Tables] = {}
         self.family_short: dict[str, tuple[float, str]] = {}  # closest memory miss per family
-        self._sims: dict[str, SimResult] = {}
+        self._sims: dict[str, tuple[Plan, SimResult]] = {}
         self.sim_s = 0.0
 
     # -- evaluation ----------------------------------------------------------------------
@@ -189,16 +192,18 @@ class _Search:
         return Candidate(plan, estimate(plan, self.pool, self.profile, self.shape, network=self.net))
 
     def simulated(self, c: Candidate) -> Candidate:
-        """``c`` with the simulator's step (cached by plan id); as it is when the plan is
-        past the simulator's size limit (``sim.engine.MAX_SIM_OPS``)."""
+        """``c`` with the simulator's step (cached by plan id), its plan with the shorter
+        pass order (``sim.engine.best_order``: a 1F1B plan may come back with
+        ``pass_times``); as it is when the plan is past the simulator's size limit
+        (``sim.engine.MAX_SIM_OPS``)."""
         if c.sim is None and sim_size(c.plan) <= MAX_SIM_OPS:
-            sim = self._sims.get(c.plan.plan_id)
-            if sim is None:
+            got = self._sims.get(c.plan.plan_id)
+            if got is None:
                 t0 = time.perf_counter()
-                sim = self._sims[c.plan.plan_id] = simulate(c.plan, self.pool, self.profile, self.shape,
-                                                            network=self.net)
+                got = self._sims[c.plan.plan_id] = best_order(c.plan, self.pool, self.profile, self.shape,
+                                                              network=self.net)
                 self.sim_s += time.perf_counter() - t0
-            c = replace(c, sim=sim)
+            c = replace(c, plan=got[0], sim=got[1])
         return c
 
     def from_dp(self, res: dpmod.DPResult, M: int, modes: dict[str, str]) -> Plan:

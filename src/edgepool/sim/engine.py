@@ -28,6 +28,11 @@ from catalog figures) and peak memory (static state plus the activations of the
 micro-batches whose forward has started and backward not yet finished, plus the
 head's transient logits while it runs).
 
+**Op order.** ``best_order`` picks the 1F1B pass order of a plan: laid out with unit
+durations (the default) or with the plan's own costs (``PassTimes``: the cost model's
+per-stage passes, head and transfers), whichever this simulator finds shorter, and
+writes the choice into the plan, so the runtime runs the same order.
+
 **Size.** A step has about ``world_size x num_microbatches`` ops, and on a shared
 medium every flow in the air is re-rated at each event, so the work grows faster than
 the ops. ``simulate`` refuses a plan past ``MAX_SIM_OPS`` ops with a one-line
@@ -43,12 +48,13 @@ import heapq
 from dataclasses import dataclass
 
 from edgepool import catalog, modes
-from edgepool.cost.model import EnergyParts, backup_cost, boundary_flows, device_work, group_comm, power_mode_of
+from edgepool.cost.model import (EnergyParts, backup_cost, boundary_flows, device_work, estimate, group_comm,
+                                  power_mode_of)
 from edgepool.cost.network import Network
 from edgepool.cost.profile import ModelProfile
 from edgepool.errors import PlanError
 from edgepool.sim.lower import Op, lower
-from edgepool.specs.plan import Estimate, Plan, Shape, role_of
+from edgepool.specs.plan import Estimate, PassTimes, Plan, Shape, role_of
 from edgepool.specs.pool import PoolSpec
 
 # Times are seconds from the step's start; a step can last hours, where 1e-12 is below a
@@ -431,3 +437,47 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
     segments.sort(key=lambda sg: (sg.device, sg.start_s))
     return SimResult(plan_id=plan.plan_id, step_time_s=step, devices=traces, segments=tuple(segments),
                      num_flows=netsim.count, network_busy_s=netsim.busy_s)
+
+
+def _sig(x: float) -> float:
+    """``x`` to 4 significant digits: a readable plan, and the same order for costs that
+    differ in float noise."""
+    return float(f"{x:.4g}")
+
+
+def costed_times(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
+                 network: Network | None = None) -> PassTimes:
+    """The plan's own per-micro-batch durations (``cost.model.estimate``): each stage's
+    forward and backward with its group's collectives (stage 0's without the head), the
+    owners' head, and each pipelined boundary's transfer (0 where it runs inside stage
+    0's own work)."""
+    c = estimate(plan, pool, profile, shape, network=network)
+    work = device_work(plan, pool, profile, shape)
+    head = max(work[n].head_s for n in plan.stages[0].devices)
+    S = len(plan.stages)
+    link = [0.0] * (S + 1)
+    for lk in c.links:
+        if not lk.in_stage:
+            link[lk.k] = max(lk.fwd_s, lk.bwd_s)
+    return PassTimes(fwd_s=tuple(_sig(sc.fwd_s) for sc in c.stages),
+                     bwd_s=tuple(_sig(sc.bwd_s - (head if s == 0 else 0.0)) for s, sc in enumerate(c.stages)),
+                     head_s=_sig(head), link_s=tuple(_sig(x) for x in link))
+
+
+def best_order(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
+               network: Network | None = None) -> tuple[Plan, SimResult]:
+    """``plan`` with the shorter of its two 1F1B pass orders (``sim.lower.timeline``),
+    and its simulation: laid out with unit durations (no ``pass_times``) or with the
+    plan's costs (``costed_times``). A tie keeps unit durations (and the plan's id).
+    GPipe plans and single stages have one order and come back as they are."""
+    plan = plan.model_copy(update={"pass_times": None}) if plan.pass_times is not None else plan
+    res = simulate(plan, pool, profile, shape, network=network)
+    if plan.schedule != "1f1b" or len(plan.stages) < 2 or plan.num_microbatches < 2:
+        return plan, res
+    timed = plan.model_copy(update={"pass_times": costed_times(plan, pool, profile, shape, network=network)})
+    if lower(timed) == lower(plan):
+        return plan, res
+    res_t = simulate(timed, pool, profile, shape, network=network)
+    if res_t.step_time_s < res.step_time_s * (1 - 1e-9):
+        return timed, res_t
+    return plan, res

@@ -97,6 +97,27 @@ class Estimate(_Strict):
     energy_source: str = "modelled"
 
 
+Seconds = Real(ge=0.0, le=1e7)
+
+
+class PassTimes(_Strict):
+    """The per-micro-batch durations (seconds) a 1F1B pipeline's pass order is laid out
+    with (``sim.lower.stage_orders``): each stage's forward and backward, the data
+    owners' head (forward, loss and backward), and each boundary's one-way transfer
+    (``link_s[k]``: into stage k; ``link_s[S]``: back to the owners). Only the order is
+    read off them; the plan runs the same ops with any durations.
+    ``sim.engine.best_order`` fills them from the plan's costs when they give a shorter
+    step than unit durations."""
+
+    fwd_s: tuple[Seconds, ...]
+    bwd_s: tuple[Seconds, ...]
+    head_s: Seconds
+    link_s: tuple[Seconds, ...]
+
+    def as_key(self) -> tuple:
+        return (self.fwd_s, self.bwd_s, self.head_s, self.link_s)
+
+
 class Plan(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     num_layers: Count(ge=1, le=LIMITS["num_layers"])
@@ -104,7 +125,17 @@ class Plan(_Strict):
     num_microbatches: Count(ge=1, le=MAX_MICROBATCHES) = 1
     schedule: Literal["gpipe", "1f1b"] = "gpipe"
     power_modes: dict[Name, str] = {}
+    # The durations the 1F1B pass order is laid out with (``PassTimes``); None: unit
+    # durations. Written only when set, so a plan without it keeps its ``plan_id``.
+    pass_times: PassTimes | None = None
     estimate: Estimate | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler):
+        data = handler(self)
+        if self.pass_times is None and isinstance(data, dict):
+            data.pop("pass_times", None)
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -131,6 +162,10 @@ class Plan(_Strict):
             raise ValueError(f"the plan uses {len(seen)} devices, more than edgepool's limit of {MAX_DEVICES}")
         if expect != self.num_layers:
             raise ValueError(f"stages cover layers [0, {expect}) but the model has {self.num_layers}; the last stage must end at {self.num_layers}")
+        pt, S = self.pass_times, len(self.stages)
+        if pt is not None and (len(pt.fwd_s), len(pt.bwd_s), len(pt.link_s)) != (S, S, S + 1):
+            raise ValueError(f"pass_times has {len(pt.fwd_s)} forward, {len(pt.bwd_s)} backward and {len(pt.link_s)} "
+                             f"link durations for {S} stages; give {S}, {S} and {S + 1}, or leave pass_times out")
         return self
 
     # -- derived -----------------------------------------------------------------
