@@ -181,7 +181,7 @@ def write(rows: list[dict], machine: str, took: float, args) -> None:
         "finds none, a pipeline over all four devices in proportion to their memory) trained its steps in the "
         "testbed, or a device ran out of memory. The planner prices the testbed's speeds as `train --parallelism "
         f"auto` does (`launch.speeds`): {SPEEDS[-1] if SPEEDS else '-'}. Its profile is measured on this host "
-        "without the testbed's caps; the measured peaks are each rank's resident set (getrusage), while the caps "
+        "without the testbed's caps; the measured peaks are each rank's own resident high-water mark (VmHWM), while the caps "
         "are cgroup limits.", "",
         "| setting | blocks | params (M) | predicted fit | plan | recomputing stages | predicted step (s) | "
         "predicted peak (GB) | measured | measured step (s) | measured peak (GB) |",

@@ -10,6 +10,23 @@ import socket
 from datetime import datetime, timezone
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's ``VmHWM`` (its own address space's
+    high-water mark), else ``getrusage``'s ``ru_maxrss``, which on Linux carries the
+    parent's peak across fork and exec (a rank started by a big launcher would report
+    the launcher's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def cpu_name() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -157,12 +157,13 @@ def _under(module, precision: str):
 
 
 _BASELINE = """
-import importlib, resource
+import importlib
 import torch, torch.distributed
-a = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from edgepool.machine import peak_rss_bytes
+a = peak_rss_bytes()
 for lib in ("torch.distributed.device_mesh", "torch.distributed.fsdp", "torch.distributed.tensor"):
     importlib.import_module(lib)
-print(a, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(a, peak_rss_bytes())
 """
 
 

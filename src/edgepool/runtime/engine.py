@@ -34,7 +34,6 @@ owner.
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from dataclasses import dataclass, field
 
@@ -52,6 +51,7 @@ from edgepool.models.parallel import ParallelCtx
 from edgepool.runtime.device import CPU, TorchDevice
 from edgepool.runtime.groups import StageGroups
 from edgepool.errors import PeerError
+from edgepool.machine import peak_rss_bytes
 from edgepool.runtime.health import Heartbeat, blame
 from edgepool.runtime.wire import Wire
 from edgepool.sim.lower import is_data_owner, lower_rank
@@ -156,10 +156,6 @@ class StepResult:
 def _is_comm_failure(exc: RuntimeError) -> bool:
     text = str(exc).lower()
     return any(k in text for k in ("connection closed", "timed out", "timeout", "connection reset", "gloo"))
-
-
-def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class Engine:

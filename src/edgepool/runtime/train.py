@@ -6,7 +6,7 @@ writes ``DIR/metrics.jsonl`` (one ``StepRecord`` per step), ``DIR/trace.json`` (
 timed ops of the last step on every rank) and ``DIR/summary.json`` (``specs.metrics``).
 
 Memory: ``peak_memory_bytes`` is the peak resident set of the rank's process (CPU
-tensors and the Python/torch runtime together), from ``getrusage``. ``cpu_s`` is the
+tensors and the Python/torch runtime together), its own high-water mark (``machine.peak_rss_bytes``). ``cpu_s`` is the
 CPU time the rank's process used in the step: the busy time the modelled energy meter
 needs.
 """

@@ -35,7 +35,7 @@ class _Record(BaseModel):
 
 
 class DeviceStep(_Record):
-    peak_memory_bytes: int  # peak resident set of the rank's process so far (getrusage)
+    peak_memory_bytes: int  # peak resident set of the rank's process so far (VmHWM, machine.peak_rss_bytes)
     bytes_sent: int  # point-to-point exact; collectives as a ring algorithm sends them
     cpu_s: float  # CPU time of the rank's process in the step
     energy_j: float | None = None  # the rank's meter over the step (None: no figure)
@@ -83,7 +83,7 @@ class Summary(_Record):
     step_time_s: float | None = None  # STEP_TIME_STAT
     samples_per_s: float | None = None
     step_time_stat: str = STEP_TIME_STAT
-    memory_source: str = "peak resident set of each rank's process (getrusage)"
+    memory_source: str = "peak resident set of each rank's process (VmHWM)"
     bytes_source: str = "point-to-point exact; collectives as ring-algorithm bytes"
     devices: dict[str, DeviceSummary] = {}
     # Devices lost during the run and how it went on (``launch.recover``): one dict each.
