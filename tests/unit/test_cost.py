@@ -103,7 +103,14 @@ def test_dp_sync_and_boundaries_use_the_plan_functions():
     dp = Plan(num_layers=4, stages=[StagePlan(layers=(0, 4), mode="dp", devices=("d0", "d1"))])
     c = estimate(dp, pool, prof, shape)
     params = sum(b.params_at() for b in prof.blocks) + prof.embed.params_at() + prof.head.params_at()
-    assert c.sync_s == pytest.approx(Network.of(pool).allreduce_time(["d0", "d1"], params))
+    net = Network.of(pool)
+    assert c.stages[0].sync_s == pytest.approx(net.allreduce_time(["d0", "d1"], params))
+    # overlapped with the backward: the rest of the backward hides the lead's all-reduce
+    tail = prof.blocks[0].params_at() + prof.embed.params_at()
+    hide = max(w.sync_hide_s for w in device_work(dp, pool, prof, shape).values())
+    exposed = max(net.allreduce_time(["d0", "d1"], params - tail) - hide, 0.0) + net.allreduce_time(["d0", "d1"], tail)
+    assert c.sync_s == pytest.approx(exposed) and c.stages[0].sync_exposed_s == c.sync_s
+    assert hide > 0 and c.sync_s < c.stages[0].sync_s
     pp = Plan(num_layers=4, num_microbatches=2, schedule="1f1b",
               stages=[StagePlan(layers=(0, 2), devices=("d0", "d1")), StagePlan(layers=(2, 4), devices=("d2",))])
     c = estimate(pp, pool, prof, shape)
@@ -227,8 +234,8 @@ def _round_s(plan: Plan, pool, prof, shape) -> tuple[float, dict[str, float]]:
 
 def _busy_s(c) -> float:
     """The cost model's network time in a step: the pipeline's airtime and the syncs."""
-    pipe = c.step_time_s - c.backup_s - c.sync_s - c.optim_s
-    return min(pipe, c.num_microbatches * c.chan_s) + c.sync_s
+    pipe = c.step_time_s - c.backup_s - c.sync_s - c.optim_s  # PlanCost.sync_s: the exposed syncs
+    return min(pipe, c.num_microbatches * c.chan_s) + sum(sc.sync_s for sc in c.stages)  # all of their airtime
 
 
 @pytest.mark.parametrize("every,mbps", [(1, 1.0), (3, 1.0), (1, 1000.0)])
@@ -511,3 +518,36 @@ def test_lora_backups_carry_only_the_trainable_state():
     w = device_work(pp, pool, lora, shape)["d1"]
     assert w.backup_bytes == pytest.approx(w.trainable_bytes * (1 + lora.opt_state_factor))
     assert tuned.devices["d1"].memory_parts["backups"] < 0.1 * full.devices["d1"].memory_parts["backups"]
+
+
+@pytest.mark.parametrize("mode", ["dp", "sp"])
+def test_the_sync_hides_behind_the_backward(mode):
+    """``GroupComm.exposed_sync_s``: on a fast link the backward hides all but the tail
+    (the first block's gradients, and a dp owner's embed); on a slow one the lead's
+    all-reduce outlasts the backward by the rest. The simulator runs the lead beside the
+    last backward and agrees."""
+    from edgepool.sim.engine import simulate
+
+    prof = tiny(num_layers=4, hidden=256)
+    shape = shape_for(prof, 32, 128)
+    plan = Plan(num_layers=4, stages=[StagePlan(layers=(0, 4), mode=mode, devices=("d0", "d1"))])
+    for mbps in (100_000.0, 10.0):
+        pool = make_pool(["jetson-orin-nano", "jetson-orin-nano"], medium="switched", bandwidth_mbps=mbps)
+        net, names = Network.of(pool), ["d0", "d1"]
+        c = estimate(plan, pool, prof, shape)
+        work = device_work(plan, pool, prof, shape)
+        tail = prof.blocks[0].params_at() + (prof.embed.params_at() if mode == "dp" else 0.0)
+        total = sum(b.params_at() for b in prof.blocks) + (
+            prof.embed.params_at() + prof.head.params_at() if mode == "dp" else 0.0)
+        hide = max(w.sync_hide_s for w in work.values())
+        lead_s = net.allreduce_time(names, total - tail)
+        assert c.sync_s == pytest.approx(max(lead_s - hide, 0.0) + net.allreduce_time(names, tail))
+        if mbps > 1000:
+            assert lead_s < hide and c.sync_s == pytest.approx(net.allreduce_time(names, tail))
+        else:
+            assert lead_s > hide
+        r = simulate(plan, pool, prof, shape)
+        assert r.step_time_s == pytest.approx(c.step_time_s, rel=0.02)
+        lead = [sg for sg in r.segments if sg.label == "sync_grads:lead"]
+        last_bwd = max(sg.end_s for sg in r.segments if sg.label.startswith("bwd"))
+        assert lead and min(sg.start_s for sg in lead) < last_bwd

@@ -72,10 +72,18 @@ the simulator (``planner.search``, finalists). With one stage
 the channel is used only inside stage 0's synchronous work, already in ``W_0``.
 
 Then the gradient all-reduces of dp/sp groups (ring, ``cost.network``) and the
-optimizer step: ``T = T_pipe + sum_s sync_s + max_{i in stage 0} optim_i``. Stage 0
+optimizer step: ``T = T_pipe + sum_s exposed_s + max_{i in stage 0} optim_i``. A
+group's sync overlaps its last micro-batch's backward (``runtime.overlap``: buckets
+launched as gradients become final), so only ``exposed_s = max(lead_s - hide_s, 0) +
+tail_s`` is on the path (``GroupComm.exposed_sync_s``): the all-reduce of everything
+but the gradients final only at the end (``lead_s``) runs beside the backward left
+after the stage's last block's (``hide_s``, its slowest device's,
+``DeviceWork.sync_hide_s``), and the all-reduce of the first block's (and a dp owner's
+embed's) gradients (``tail_s``) follows the backward. Stage 0
 finishes its backward last, so its optimizer step is on the critical path; later
-stages' optimizer steps overlap the pipeline drain. The syncs are added up: on a
-shared channel they share it; on a switched network this is conservative.
+stages' optimizer steps overlap the pipeline drain. The exposed syncs are added up: on a
+shared channel they share it; on a switched network this is conservative (a later
+stage's sync also overlaps the drain of the stages before it).
 
 **Memory** of device i (bytes): the framework's own resident memory
 (``profile.runtime_bytes``: interpreter, torch, gloo) + parameters + gradients + optimizer state
@@ -213,8 +221,9 @@ class StageCost:
     coll_fwd_s: float
     coll_bwd_s: float
     coll_airtime_s: float  # per micro-batch, fwd + bwd
-    sync_s: float
+    sync_s: float  # the gradient all-reduces' own time (0: no sync)
     inflight: int
+    sync_exposed_s: float = 0.0  # what of it the backward does not hide: on the step's path
 
 
 @dataclass(frozen=True)
@@ -240,7 +249,7 @@ class PlanCost:
     fill_s: float  # sum of machine work: one micro-batch through the whole pipeline
     period_s: float  # the slowest machine per micro-batch (the channel is not a machine; see chan_s)
     chan_s: float  # shared-channel airtime per micro-batch (0 when switched)
-    sync_s: float
+    sync_s: float  # the gradient syncs' exposed seconds (``StageCost.sync_exposed_s``), summed over stages
     optim_s: float
     backup_s: float  # the in-memory backups per step (``BackupCost``)
     backup_every: int  # steps between two rounds of backups (0: none)
@@ -301,6 +310,9 @@ class DeviceWork:
     recompute_bytes: float = 0.0
     # the trainable part of ``params_bytes`` (``cost.profile.with_tuning``; -1: all of it)
     trainable_bytes: float = -1.0
+    # the blocks' backward per micro-batch after the stage's last block's (the first one
+    # run): what a gradient sync started then can hide behind (``GroupComm.exposed_sync_s``)
+    sync_hide_s: float = 0.0
 
     @property
     def backup_bytes(self) -> float:
@@ -383,9 +395,11 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
             tokens, hf, ff = mode.block_part(lay.splits[s], i, lay.microbatch, shape)
             fs, bs, acts = block_costs(blocks, tokens, T_seq, hf, ff)
             f, bw, act = sum(fs), sum(bs), sum(acts)
+            hide = sum(bs[:-1])
             redo = 0.0
             if st.recompute:  # keep each block's input; its forward runs again in the backward
                 bw, redo = bw + f, max(acts)
+                hide += sum(fs[:-1])
                 act = len(blocks) * tokens * profile.dims.hidden * profile.dtype_bytes
             params = sum(lp.params_at(hf, ff) for lp in blocks)
             trainable = sum(lp.trainable_at(hf, ff) for lp in blocks)
@@ -403,7 +417,8 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
                 blocks_fwd_s=f * slow, blocks_bwd_s=bw * slow, embed_fwd_s=ef * slow, head_s=hd * slow,
                 embed_bwd_s=eb * slow, optim_s=slow * profile.optim_s_per_param_byte * optim_params,
                 params_bytes=params, act_bytes=act, transient_bytes=transient,
-                state_bytes=mode.memory(sw, i, params, trainable), recompute_bytes=redo, trainable_bytes=trainable)
+                state_bytes=mode.memory(sw, i, params, trainable), recompute_bytes=redo, trainable_bytes=trainable,
+                sync_hide_s=hide * slow)
     return out
 
 
@@ -521,7 +536,7 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             fwd_s=max(work[x].fwd_s for x in names) + gc.coll_fwd_s,
             bwd_s=max(work[x].bwd_s for x in names) + gc.coll_bwd_s,
             coll_fwd_s=gc.coll_fwd_s, coll_bwd_s=gc.coll_bwd_s, coll_airtime_s=gc.coll_airtime_s, sync_s=gc.sync_s,
-            inflight=inflight))
+            inflight=inflight, sync_exposed_s=gc.exposed_sync_s(max(work[x].sync_hide_s for x in names))))
 
     links: list[LinkCost] = []
     for k in range(S + 1):
@@ -563,11 +578,11 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
         channel_bound = machines[0][1] + machines[0][2] - chan_0 + M * chan
         if channel_bound > pipe:
             pipe, bottleneck = channel_bound, "shared channel"
-    sync_total = sum(sc.sync_s for sc in stage_costs)
+    sync_total = sum(sc.sync_exposed_s for sc in stage_costs)
     optim_first = max(work[n].optim_s for n in plan.stages[0].devices)
     # the network's busy time in a step: every micro-batch's boundary and collective airtime, and the syncs
     backup = backup_cost(plan, work, net, profile.backup_every, step_s=pipe + sync_total + optim_first,
-                         busy_s=min(pipe, M * chan) + sync_total)
+                         busy_s=min(pipe, M * chan) + sum(sc.sync_s for sc in stage_costs))
     step = pipe + sync_total + optim_first + backup.time_s
     for n, b in backup.bytes_moved.items():
         dev_bytes[n] += b

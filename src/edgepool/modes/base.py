@@ -57,6 +57,35 @@ class GroupComm:
     coll_send_bytes_bwd: dict[str, float] = field(default_factory=dict)  # per micro-batch, backward
     coll_steps_bwd: int = 0
     coll_airtime_fwd_s: float = 0.0  # the forward's part of coll_airtime_s
+    # The sync overlapped with the backward (``runtime.overlap``): its gradients are summed
+    # in buckets as they become final during the last micro-batch's backward. What is
+    # final only at the backward's end (the stage's first block, and a dp owner's embed:
+    # ``sync_tail_bytes``) is all-reduced after it (``sync_tail_s``); the rest
+    # (``sync_lead_s``, its own all-reduce) starts once the stage's last block's backward
+    # is done, beside the remaining backward (see ``exposed_sync_s``).
+    sync_lead_s: float = 0.0
+    sync_tail_s: float = 0.0
+    sync_tail_bytes: float = 0.0
+
+    def exposed_sync_s(self, hide_s: float) -> float:
+        """The sync's seconds on the step's critical path when ``hide_s`` seconds of
+        backward compute remain after the lead bytes are ready (``DeviceWork.sync_hide_s``,
+        the slowest device's): ``max(lead - hide, 0) + tail``.
+
+        Derivation: gradients become final layer by layer in the backward; the lead
+        all-reduce can run from the end of the stage's last block's backward, so it ends
+        ``max(lead - hide, 0)`` after the backward does; the tail's gradients are final
+        only at the end, and its all-reduce follows. With identical blocks this is the
+        exact finish of a fluid model of small buckets (the finish is a maximum over
+        layers of an expression linear in the layer, so it is reached at one of the
+        two ends: all bytes against all remaining compute, or the tail alone), up to
+        one ring latency; with unequal blocks it can be optimistic by the largest
+        intermediate term. DDP-sized buckets larger than a block delay the launches
+        further; the model does not see the bucket size.
+        """
+        if self.sync_bytes <= 0:
+            return 0.0
+        return max(self.sync_lead_s - hide_s, 0.0) + self.sync_tail_s
 
 
 

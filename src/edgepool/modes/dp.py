@@ -3,8 +3,12 @@
 Every device holds a replica of the stage's parameters and computes its share of
 each micro-batch's samples (``split.batch``). On the first stage every device owns its
 samples: it embeds them and computes head and loss with its own labels, so embed and
-head are replicas too. The group all-reduces the replicas' gradients once per step
-(``sync_grads``, a ring all-reduce: ``cost.network.allreduce_time``).
+head are replicas too. The group sums the replicas' gradients once per step (ring
+all-reduces: ``cost.network.allreduce_time``), in buckets launched as the last
+micro-batch's backward makes them final and waited for in ``sync_grads``
+(``runtime.overlap``): only what the remaining backward cannot hide is on the step's
+path (``GroupComm.exposed_sync_s``; the first block's and the embed's gradients are
+final last, the ``sync_tail``).
 
 This is the mode the planner's pipeline search composes (``planner.tables`` is its
 closed form over layer ranges).
@@ -29,10 +33,20 @@ class DataParallel(Mode):
         a, b = w.layers
         # only trainable parameters have gradients to sync (``cost.profile.with_tuning``)
         sync_bytes = sum(lp.trainable_at() for lp in w.profile.blocks[a:b])
+        # final only at the backward's end: the first block's gradients, and the embed's;
+        # the rest (lead) summed on its own, not by difference, so that it is exactly 0
+        # when empty
+        tail = w.profile.blocks[a].trainable_at()
+        lead = sum(lp.trainable_at() for lp in w.profile.blocks[a + 1:b])
         if w.stage == 0:  # every dp owner holds an embed/head replica
             sync_bytes += w.profile.embed.trainable_at() + w.profile.head.trainable_at()
+            tail += w.profile.embed.trainable_at()
+            lead += w.profile.head.trainable_at()
+        names = list(w.names)
         return GroupComm(coll_send_bytes=zero, coll_send_bytes_bwd=dict(zero), sync_bytes=sync_bytes,
-                         sync_s=net.allreduce_time(list(w.names), sync_bytes))
+                         sync_s=net.allreduce_time(names, sync_bytes), sync_tail_bytes=tail,
+                         sync_lead_s=net.allreduce_time(names, lead),
+                         sync_tail_s=net.allreduce_time(names, tail))
 
     def sync_params(self, model, *, owner: bool) -> list:
         params = list(model.blocks.parameters())

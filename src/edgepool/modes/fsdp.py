@@ -28,6 +28,12 @@ shards every parameter on dim 0 (``torch.chunk``: the first devices take
 
 Each micro-batch's backward reduce-scatters its gradients into the sharded gradient,
 which accumulates over micro-batches; nothing is synced at the end of the step.
+**Overlap:** FSDP2 issues each unit's reduce-scatter in the unit's post-backward hook
+with ``async_op=False``; on an accelerator it runs on a separate stream and overlaps
+the next unit's backward, but on CPU with gloo (no streams) it is synchronous, so the
+backward waits for every unit's reduce-scatter: no overlap here, and the cost model
+charges the collectives serially with the backward, as they run (unlike dp's and sp's
+bucketed sync, ``runtime.overlap``).
 
 **Cost.** Per micro-batch and unit of ``u`` bytes: one ring all-gather in the forward,
 an all-gather and a reduce-scatter in the backward, each moving ``(n-1)/n * u`` per

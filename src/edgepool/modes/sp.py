@@ -5,8 +5,9 @@ tokens (``split.seq``). Per block, K and V are all-gathered separately, each dev
 slice padded to the longest (gloo's all-gather takes equal parts); the backward
 all-reduces the whole gathered K and V gradients (gloo has no uneven reduce-scatter)
 and each device keeps its slice (``models.parallel.sp_gather``). The replicas'
-gradients are all-reduced once per step. Only the group's first device owns data on a
-first stage.
+gradients are summed once per step, in buckets overlapped with the last micro-batch's
+backward as in ``dp`` (``runtime.overlap``; the first block's gradients are the
+``sync_tail``). Only the group's first device owns data on a first stage.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class SequenceParallel(Mode):
             # Ring all-gather: every device forwards the n - 1 slices that are not its own.
             coll_send_bytes={x: 2 * nblk * (n - 1) * part for x in names}, coll_steps=2 * nblk * (n - 1),
             sync_bytes=sync_bytes, sync_s=net.allreduce_time(names, sync_bytes),
+            sync_lead_s=net.allreduce_time(names, sum(lp.trainable_at() for lp in prof.blocks[a + 1:b])),
+            sync_tail_s=net.allreduce_time(names, prof.blocks[a].trainable_at()),
+            sync_tail_bytes=prof.blocks[a].trainable_at(),
             coll_send_bytes_bwd={x: 2 * nblk * 2.0 * (n - 1) / n * full for x in names},
             coll_steps_bwd=2 * nblk * 2 * (n - 1), coll_airtime_fwd_s=air_f)
 
@@ -71,7 +75,9 @@ class SequenceParallel(Mode):
         L = b.num_layers
         sizes = [2.0 * mb * cnt * b.kv_row_bytes for cnt in counts]
         coll = 2 * L * net.allgather_time(names, sizes)
-        sync = net.allreduce_time(names, b.blocks_trainable)
+        # the sync overlaps the backward (``GroupComm.exposed_sync_s``); what it hides is
+        # at most a device's whole compute per micro-batch, so this stays a lower bound
+        sync = max(0.0, net.allreduce_time(names, b.blocks_trainable) - max(per))
         part = [(names[0], x, mb * cnt * b.act_elem_bytes) for x, cnt in zip(names[1:], counts[1:])]
         edge = 4 * net.transfer_time(part)
         return per, coll + edge, sync, None

@@ -72,7 +72,7 @@ def _options(tables: Tables, a: int, b: int, l0: int, l1: int, M: int, S: int, s
         W = float(f.max() + bw.max())
         params = float(tables.train_mat[l0, l1])  # trainable bytes: synced and stepped
         n = b - a
-        sync = g.sync_lat_s + g.kappa * params if n >= 2 else 0.0
+        sync = float(tables.sync(g)[l0, l1]) if n >= 2 else 0.0  # exposed: overlapped with the backward
         optim_dev = g.optim_rate * params
         busy = M * (f + bw) + optim_dev
         nbytes = (M * 4 * g.rows_x * tables.row_bytes if S >= 2 else 0.0) + (

@@ -23,8 +23,12 @@ mode comes from the mode's own functions (``edgepool.modes``):
   ``cost.network.transfer_time`` reduces to this when every device of P sends to some
   device of Q and every device of Q receives;
 - the gradient all-reduce of a group of n >= 2 devices whose mode syncs (dp) is
-  ``2 (n-1) lam_g + kappa_g * trainable_bytes``, read off ``cost.network.allreduce_time``
-  (affine in the bytes) at two sizes;
+  ``ar(bytes) = 2 (n-1) lam_g + kappa_g * bytes`` (0 for no bytes), read off
+  ``cost.network.allreduce_time`` (affine in the bytes) at two sizes; it overlaps the
+  last micro-batch's backward, so the step pays ``max(ar(lead) - hide, 0) + ar(tail)``
+  (``GroupComm.exposed_sync_s``): ``tail`` the trainable bytes of block ``l0`` (plus the
+  embed's on stage 0), ``lead`` those of blocks ``[l0+1, l)`` (plus the head's on stage
+  0), ``hide`` the largest row's backward over blocks ``[l0, l-1)``;
 - memory of device i: the mode's ``state_bytes`` of the range's parameters and their
   trainable part (``train_mat``; ``cost.profile.with_tuning``, all of them in full
   training) (dp: ``params + (1 + opt_state) * trainable``; fsdp: a 1/n shard of that
@@ -130,6 +134,18 @@ class Tables:
         tm = self.train_pre[None, :] - self.train_pre[:, None]
         tm[0, :] += self.first_train
         self.train_mat = tm
+        # The overlapped sync's two parts over [l0, l) (``GroupComm.exposed_sync_s``): the
+        # tail (block l0, and the embed on stage 0) is final at the backward's end, the
+        # lead (the blocks after it, and the head on stage 0) before.
+        n1 = len(train)
+        tail = np.zeros((L + 1, L + 1))
+        tail[:n1, :] = train[:, None]
+        tail[0, :] += prof.embed.trainable_at()
+        lead = self.train_pre[None, :] - self.train_pre[np.minimum(np.arange(L + 1) + 1, L)][:, None]
+        lead[0, :] += prof.head.trainable_at()
+        valid = np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1)
+        self.sync_tail_mat = np.where(valid, tail, 0.0)
+        self.sync_lead_mat = np.where(valid, np.maximum(lead, 0.0), 0.0)
         # Units a gathering mode (fsdp) gathers over [l0, l): every block, plus embed and
         # head on stage 0; and the largest of them.
         lo, hi = np.meshgrid(np.arange(L + 1), np.arange(L + 1), indexing="ij")
@@ -283,10 +299,24 @@ class Tables:
         f, b = self.fwd_bwd(g)
         return np.where(self.valid, f + b + self.coll(g), INF)
 
+    def _allreduce(self, g: GroupTable, nbytes: np.ndarray) -> np.ndarray:
+        """``cost.network.allreduce_time`` of the group, elementwise (0 for no bytes)."""
+        return np.where(nbytes > 0, g.sync_lat_s + g.kappa * nbytes, 0.0)
+
+    def hide(self, g: GroupTable) -> np.ndarray:
+        """(L+1, L+1): the largest row's backward over blocks [l0, l-1) (0 where l0 >= l):
+        what the sync's lead hides behind (``DeviceWork.sync_hide_s``)."""
+        L = self.L
+        last = np.maximum(np.arange(L + 1) - 1, 0)  # column l -> l - 1
+        h = (g.bwd_pre[:, last][:, None, :] - g.bwd_pre[:, :, None]).max(axis=0)
+        return np.where(self.valid, np.maximum(h, 0.0), 0.0)
+
     def sync(self, g: GroupTable) -> np.ndarray:
+        """The sync's exposed seconds over [l0, l) (``GroupComm.exposed_sync_s``)."""
         if g.kappa == 0:
             return np.zeros((self.L + 1, self.L + 1))
-        return g.sync_lat_s + g.kappa * self.train_mat
+        lead = self._allreduce(g, self.sync_lead_mat)
+        return np.maximum(lead - self.hide(g), 0.0) + self._allreduce(g, self.sync_tail_mat)
 
     def optim_first(self, g: GroupTable) -> np.ndarray:
         """(L+1,): optimizer time of the group as stage 0 covering [0, l) (per trainable byte)."""
@@ -323,7 +353,8 @@ class Tables:
         M times its fastest one-block machine time, plus its smallest sync."""
         one = (g.fwd_pre[:, 1:] - g.fwd_pre[:, :-1]) + (g.bwd_pre[:, 1:] - g.bwd_pre[:, :-1])
         w = float(one.max(axis=0).min())
-        return M * w + (g.sync_lat_s + g.kappa * self.min_block_train if g.kappa else 0.0)
+        # the exposed sync is at least the tail's all-reduce: one block's trainable bytes
+        return M * w + (g.sync_lat_s + g.kappa * self.min_block_train if g.kappa and self.min_block_train > 0 else 0.0)
 
     def groups_for(self, M: int, modes: dict[str, str], pp_only: bool = False) -> list[GroupTable]:
         """Every valid group of the canonical order for M, in every pipeline mode (one
@@ -374,7 +405,7 @@ class Tables:
         b = (g.bwd_pre[:, L] + g.first_bwd).max()
         W = float(f + b + self.coll(g)[0, L])
         trained = float(self.train_mat[0, L])
-        sync = g.sync_lat_s + g.kappa * trained if g.kappa else 0.0
+        sync = float(self.sync(g)[0, L])
         optim = float((g.optim_rate * trained * g.optim_frac).max())
         mem = float(self.static_bytes(g)[0, L]) + g.act_pre[:, L] + self.transient(g)[:, 0, L]
         return M * W + sync + optim, W, bool(np.all(mem <= g.cap))

@@ -9,7 +9,9 @@ Composition order (fixed, as in torchtitan):
    ``edgepool.modes``): tp slices each block to its heads and FFN columns
    (``models.tp``), sp gives each block its token slice of the sequence, fsdp shards
    every unit's parameters over the group (FSDP2 ``fully_shard``), dp keeps replicas;
-3. replicas (dp, sp): their gradients are all-reduced in the stage group once per step;
+3. replicas (dp, sp): their gradients are summed in the stage group once per step, in
+   buckets launched during the last micro-batch's backward and waited for in the
+   ``sync_grads`` op (``runtime.overlap.GradSync``, as DDP overlaps them);
 4. the optimizer over the local parameters (an fsdp device's shards);
 5. the pipeline schedule: the ops of ``sim.lower.lower_rank``, executed in order.
 
@@ -53,6 +55,7 @@ from edgepool.runtime.groups import StageGroups
 from edgepool.errors import PeerError
 from edgepool.machine import peak_rss_bytes
 from edgepool.runtime.health import Heartbeat, blame
+from edgepool.runtime.overlap import DEFAULT_BUCKET_BYTES, GradSync
 from edgepool.runtime.wire import Wire
 from edgepool.sim.lower import is_data_owner, lower_rank
 from edgepool.specs.layout import Layout
@@ -163,7 +166,7 @@ class Engine:
                  seq_len: int, groups: StageGroups, lr: float, optimizer: str = "adamw", weight_decay: float = 0.0,
                  seed: int = 0, timeout_s: float = 60.0, state_dict: dict[str, torch.Tensor] | None = None,
                  device: TorchDevice = CPU, heartbeat: Heartbeat | None = None, tuning: Tuning | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
         self.plan, self.cfg, self.rank, self.device = plan, cfg, rank, device
@@ -216,6 +219,12 @@ class Engine:
         #    factors hold partial gradients, summed over the group before the optimizer
         self.sync_params = [p for p in self.mode.sync_params(model, owner=self.owner) if p.requires_grad] \
             if self.group is not None else []
+        # summed in buckets while the last micro-batch's backward runs (``runtime.overlap``);
+        # registration order (embed, blocks, head), which the buckets take in reverse
+        synced = {id(p) for p in self.sync_params}
+        self.sync_params = [p for p in model.parameters() if id(p) in synced]
+        self.grad_sync = GradSync(self.sync_params, group=self.group, wire=self.wire, bucket_bytes=bucket_bytes) \
+            if self.sync_params else None
         self.partial_params = self.mode.partial_grad_params(model) if self.group is not None else []
         self.trainable = {canonical(n) for n, p in model.named_parameters() if p.requires_grad}
         self.tuning = tuning
@@ -279,6 +288,12 @@ class Engine:
             buf[b0 - nb0 : b1 - nb0, t0 - nt0 : t1 - nt0] = piece
         return buf
 
+    def _last_backward(self, kind: str, mb: int):
+        """Around a backward op: the last micro-batch's arms the gradient sync's hooks."""
+        if self.grad_sync is None or mb != self.plan.num_microbatches - 1:
+            return contextlib.nullcontext()
+        return self.grad_sync.armed(f"{kind}[{mb}]")
+
     def _put(self, key: str, mb: int, value) -> None:
         self._state.setdefault(key, {})[mb] = value
 
@@ -321,7 +336,8 @@ class Engine:
         # the loss in fp32 whatever the precision (``.float()`` is a no-op in fp32)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                                reduction="sum") / self.num_targets
-        (loss * self.scaler.scale if self.scaler is not None else loss).backward()
+        with self._last_backward("head", mb):
+            (loss * self.scaler.scale if self.scaler is not None else loss).backward()
         self._loss += loss.detach()
         self._send(h.grad, self.owner_region, self._bwd[k], mb, k, True)
 
@@ -331,7 +347,8 @@ class Engine:
 
     def _op_bwd(self, mb: int) -> None:
         y, gy = self._pop("y", mb), self._pop("gy", mb)
-        torch.autograd.backward(y, gy)
+        with self._last_backward("bwd", mb):
+            torch.autograd.backward(y, gy)
 
     def _op_send_grad(self, mb: int) -> None:
         k = self.role.stage
@@ -342,10 +359,12 @@ class Engine:
         g = self._recv(self.owner_region, self._bwd[0], mb, 0, True)
         e = self._pop("embed", mb)
         if e.requires_grad:  # a frozen embed (LoRA, ``train.freeze``) has nothing to learn
-            e.backward(g)
+            with self._last_backward("embed_bwd", mb):
+                e.backward(g)
 
     def _op_sync_grads(self, mb: int) -> None:
-        self._all_reduce_grads(self.sync_params)
+        # the buckets launched in the backward, then the rest; waits for all of them
+        self.grad_sync.finish()
 
     def _all_reduce_grads(self, params: list) -> None:
         """Sum the gradients of ``params`` over the stage group (one flat all-reduce)."""

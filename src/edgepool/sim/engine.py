@@ -12,7 +12,13 @@ It executes ``lower(plan)``, each rank's op list, exactly as the runtime orders 
 - ``fwd``/``bwd`` of a mode with collectives inside (tp, sp, fsdp: ``Mode.group_ops``)
   and ``sync_grads`` are group operations: every member
   waits for the others, computes its share, then the group runs its ring collective as
-  flows (one flow per ring edge, after the ring's latency-bound steps).
+  flows (one flow per ring edge, after the ring's latency-bound steps);
+- the gradient sync overlaps the last micro-batch's backward, as the runtime's buckets
+  do (``runtime.overlap``, ``GroupComm.exposed_sync_s``): once every member has done
+  the backward of the stage's last block in its last ``bwd`` (``blocks_bwd_s -
+  sync_hide_s`` into it), the group starts a ring all-reduce of the lead bytes (all but
+  the ``sync_tail_bytes``) beside the compute; ``sync_grads`` then waits for it and
+  runs the tail's ring all-reduce.
 
 **Network.** Flows start after the pair's latency and then share bandwidth max-min
 fairly (progressive filling) under these capacities: every device's uplink and
@@ -275,6 +281,63 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
         w = work[rk.device]
         rk.mem_peak = max(rk.mem_peak, static[rk.device] + rk.inflight * w.act_bytes + extra)
 
+    M = plan.num_microbatches
+
+    def ring(names: list[str], nbytes: float, then) -> None:
+        """A ring all-reduce of ``nbytes`` over ``names`` from now, as flows; ``then`` when done."""
+        n = len(names)
+        if n < 2 or nbytes <= 0:
+            then()
+            return
+        pending = [n]
+        per_dev = 2.0 * (n - 1) / n * nbytes
+
+        def edge_done() -> None:
+            pending[0] -= 1
+            if pending[0] == 0:
+                then()
+
+        for i, x in enumerate(names):
+            netsim.add(x, names[(i + 1) % n], per_dev, now, edge_done, delay_s=2 * (n - 1) * net.lat(names))
+
+    # The sync's lead (overlapped with the last backward): per stage, the members ready
+    # for it, and when it is done (None while it runs or has not started).
+    def syncs(s: int) -> bool:
+        return len(plan.stages[s].devices) > 1 and modes.get(plan.stages[s].mode).syncs_grads \
+            and comms[s].sync_bytes > 0
+
+    def lead_bytes(s: int) -> float:
+        gc = comms[s]
+        b = gc.sync_bytes - gc.sync_tail_bytes
+        return b if b > 1e-9 * gc.sync_bytes else 0.0
+
+    lead_ready: dict[int, int] = {}
+    lead_done: dict[int, float | None] = {}
+    lead_waiters: dict[int, list] = {}
+
+    def lead_arrive(s: int) -> None:
+        lead_ready[s] = lead_ready.get(s, 0) + 1
+        if lead_ready[s] < len(plan.stages[s].devices):
+            return
+        names = list(plan.stages[s].devices)
+        t0 = now
+
+        def done() -> None:
+            if lead_bytes(s) > 0:
+                for x in names:
+                    segments.append(Segment(x, t0, now, "sync_grads:lead", "comm"))
+            lead_done[s] = now
+            for fn in lead_waiters.pop(s, []):
+                fn()
+
+        lead_done[s] = None
+        ring(names, lead_bytes(s), done)
+
+    def last_bwd(rk: _Rank, s: int, mb: int, dur: float) -> None:
+        """A member starts its last backward: the lead may go once its last block's is done."""
+        if mb == M - 1 and syncs(s):
+            at(now + max(0.0, dur - work[rk.device].sync_hide_s), lambda: lead_arrive(s))
+
     # Group operations (tp/sp fwd and bwd, sync_grads): members arrive, then run together.
     arrivals: dict[tuple[int, str, int], list[_Rank]] = {}
 
@@ -290,8 +353,30 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
         names = list(plan.stages[s].devices)
         n = len(names)
         if op.kind == "sync_grads":
-            per_dev = 2.0 * (n - 1) / n * gc.sync_bytes
-            start_comm, steps, sizes = now, 2 * (n - 1), {x: per_dev for x in names}
+            # the lead ran beside the backward; wait for it, then the tail's all-reduce
+            def tail() -> None:
+                t0 = now
+
+                def done() -> None:
+                    if gc.sync_tail_bytes > 0:
+                        for x in names:
+                            segments.append(Segment(x, t0, now, f"{op}:comm", "comm"))
+                    for m in members:
+                        m.blocked = False
+                        m.free_at = max(m.free_at, now)
+                        m.pc += 1
+                    del arrivals[key]
+
+                ring(names, gc.sync_tail_bytes if overlapped else gc.sync_bytes, done)
+
+            overlapped = s in lead_done and lead_bytes(s) > 0
+            if s not in lead_done:  # no last backward ran (an op list without one): all of it now
+                lead_done[s] = now
+            if lead_done[s] is None:
+                lead_waiters.setdefault(s, []).append(tail)
+            else:
+                tail()
+            return True
         else:
             dur = {m.device: (work[m.device].blocks_fwd_s if op.kind == "fwd" else work[m.device].blocks_bwd_s)
                    for m in members}
@@ -301,6 +386,7 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
                     bump_mem(m)
                 else:
                     bump_mem(m, work[m.device].recompute_bytes)
+                    last_bwd(m, s, op.mb, dur[m.device])
                 if dur[m.device] > 0:
                     segments.append(Segment(m.device, now, now + dur[m.device], str(op), "compute"))
                     m.busy_s += dur[m.device]
@@ -373,6 +459,7 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
                 return False
         elif op.kind == "bwd":
             bump_mem(rk, w.recompute_bytes)  # a recomputing stage rebuilds one block's activations at a time
+            last_bwd(rk, s, mb, w.blocks_bwd_s)
             compute(rk, w.blocks_bwd_s, str(op))
             rk.inflight -= 1
         elif op.kind == "send_grad":
