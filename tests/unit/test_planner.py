@@ -460,20 +460,25 @@ def test_recomputing_tables_equal_the_cost_model():
         pool = make_pool(kinds, extra={"memory_gb": [1.0 + 0.3 * i for i in range(len(kinds))]})
         prof = tiny(num_layers=layers, hidden=256)
         shape = shape_for(prof, 4, 64)
-        space = Space.build(pool, prof, shape, recompute=True)
-        best = None
-        for p in enumerate_plans(space):
-            assert all(st.recompute for st in p.stages)
-            c = estimate(p, pool, prof, shape)
-            if c.feasible and (best is None or c.step_time_s < best.step_time_s):
-                best = c
-        from edgepool.planner.search import _Search, _time_search
+        _recomputing_search_equals_enumeration(pool, prof, shape)
 
-        got, _ = _time_search(_Search(pool, prof, shape, max_microbatches=None, network=None, family=None,
-                                      recompute=True), None)
-        assert (got is None) == (best is None)
-        if best is not None:
-            assert got.step_time_s == pytest.approx(best.step_time_s, rel=1e-6)
+
+def _recomputing_search_equals_enumeration(pool, prof, shape):
+    """The recomputing space's best plan: by exhaustive enumeration (every stage
+    recomputes) and by the search's time pass, the same step time."""
+    from edgepool.planner.search import _Search, _time_search
+
+    best = None
+    for p in enumerate_plans(Space.build(pool, prof, shape, recompute=True)):
+        assert all(st.recompute for st in p.stages)
+        c = estimate(p, pool, prof, shape)
+        if c.feasible and (best is None or c.step_time_s < best.step_time_s):
+            best = c
+    got, _ = _time_search(_Search(pool, prof, shape, max_microbatches=None, network=None, family=None,
+                                  recompute=True), None)
+    assert (got is None) == (best is None)
+    if best is not None:
+        assert got.step_time_s == pytest.approx(best.step_time_s, rel=1e-6)
 
 
 # -- fine-tuning: the closed forms price trainable bytes as the cost model does -----------------
@@ -511,22 +516,11 @@ def test_tuned_search_equals_exhaustive_enumeration():
 
 def test_tuned_recomputing_tables_equal_the_cost_model():
     from edgepool.cost.profile import with_tuning
-    from edgepool.planner.search import _Search, _time_search
 
     pool = make_pool(["jetson-nano", "jetson-orin-nano"], extra={"memory_gb": [0.45, 0.5]})
     for tuning in _tunings()[:3:2]:
         prof = with_tuning(tiny(num_layers=3, hidden=512, vocab=5000), **tuning)
-        shape = shape_for(prof, 4, 64)
-        best = None
-        for p in enumerate_plans(Space.build(pool, prof, shape, recompute=True)):
-            c = estimate(p, pool, prof, shape)
-            if c.feasible and (best is None or c.step_time_s < best.step_time_s):
-                best = c
-        got, _ = _time_search(_Search(pool, prof, shape, max_microbatches=None, network=None, family=None,
-                                      recompute=True), None)
-        assert (got is None) == (best is None)
-        if best is not None:
-            assert got.step_time_s == pytest.approx(best.step_time_s, rel=1e-6)
+        _recomputing_search_equals_enumeration(pool, prof, shape_for(prof, 4, 64))
 
 
 def test_a_pool_where_only_lora_fits_gets_a_plan():
