@@ -38,6 +38,15 @@ def brute_force(pool, prof, shape, family=None, objective="time"):
     return best
 
 
+def assert_search_is_exact(pool, prof, shape):
+    """The search's best step time equals exhaustive enumeration's (both None: nothing fits)."""
+    best = brute_force(pool, prof, shape)
+    got = search_time(pool, prof, shape)
+    assert (got is None) == (best is None)
+    if best is not None:
+        assert got == pytest.approx(best.step_time_s, rel=1e-6)
+
+
 def search_time(pool, prof, shape, family=None):
     try:
         return plan(pool, None, prof, shape=shape, family=family).model_best.cost.step_time_s
@@ -48,13 +57,7 @@ def search_time(pool, prof, shape, family=None):
 @settings(max_examples=40, **SETTINGS)
 @given(cases(max_devices=4, max_layers=5))
 def test_search_equals_exhaustive_enumeration(case):
-    pool, prof, shape = case
-    best = brute_force(pool, prof, shape)
-    got = search_time(pool, prof, shape)
-    if best is None:
-        assert got is None
-    else:
-        assert got == pytest.approx(best.step_time_s, rel=1e-6)
+    assert_search_is_exact(*case)
 
 
 @settings(max_examples=30, **SETTINGS)
@@ -303,11 +306,7 @@ def test_search_equals_exhaustive_on_seeded_four_device_pools():
                          extra=extra)
         prof = tiny(num_layers=rng.randint(3, 5), family=rng.choice(["gpt", "bert", "llama"]), hidden=256, vocab=5000)
         shape = shape_for(prof, rng.choice([2, 4]), 64)
-        best = brute_force(pool, prof, shape)
-        got = search_time(pool, prof, shape)
-        assert (got is None) == (best is None)
-        if best is not None:
-            assert got == pytest.approx(best.step_time_s, rel=1e-6)
+        assert_search_is_exact(pool, prof, shape)
 
 
 def test_search_is_exact_when_the_shared_channel_decides():
@@ -507,11 +506,7 @@ def test_tuned_search_equals_exhaustive_enumeration():
                     optimizer=rng.choice(["adamw", "sgd"]))
         prof = with_tuning(base, **_tunings()[i % 4])
         shape = shape_for(prof, rng.choice([2, 4]), 64)
-        best = brute_force(pool, prof, shape)
-        got = search_time(pool, prof, shape)
-        assert (got is None) == (best is None)
-        if best is not None:
-            assert got == pytest.approx(best.step_time_s, rel=1e-6)
+        assert_search_is_exact(pool, prof, shape)
 
 
 def test_tuned_recomputing_tables_equal_the_cost_model():
