@@ -247,7 +247,7 @@ def measure(args) -> dict:
                         sys.exit("the testbed fell back to plain local processes; this benchmark needs it")
                     notes = placement.notes
                     profile, prediction_source = study_profile(
-                        pool, job_spec(), cfg, placement, log=profile_notes.append if args.reuse_profile else lambda m: None)
+                        pool, job_spec(), placement, log=profile_notes.append if args.reuse_profile else lambda m: None)
                     profile_json = profile.to_json()
                     for name in PLANS:
                         if args.plans and name not in args.plans:

@@ -29,8 +29,8 @@ agree within ``LOSS_RTOL``.
     python benchmarks/vs_torch.py [--steps 4] [--repeats 3] [--hidden 512] [--layers 6] [--seq 128] \
         [--batch 16] [--microbatches 4] [--pairs single,dp,pp-gpipe,pp-1f1b,fsdp]
 
-Writes docs/results/vs-torch.md (``--out`` for another folder). With the defaults a step takes about
-3.2 s on one rank and 1.8 s on two (dp) on a 2-core EPYC, so the whole benchmark runs about 7 minutes there.
+Writes docs/results/vs-torch.md (``--out`` for another folder), which gives the step times and the
+benchmark's whole wall time.
 """
 
 from __future__ import annotations

@@ -135,9 +135,8 @@ def test_a_pool_that_fits_the_model_only_with_recomputation_trains(tmp_path):
     pool_file.write_text(yaml.safe_dump({"network": {"medium": "shared", "bandwidth_mbps": 100}, "devices": [
         {"name": "small", "kind": "host-cpu", "host": "local", "memory_gb": gb}]}))
     job_file = tmp_path / "job.yaml"
-    job_file.write_text(yaml.safe_dump({"model": {"family": "gpt", "size": "tiny"},
+    job_file.write_text(yaml.safe_dump({**job.model_dump(mode="json", exclude_defaults=True),  # the job priced
                                         "data": {"path": str(EXAMPLES.parent / "src/edgepool/data/corpus.txt")},
-                                        "train": {"global_batch": 2, "seq_len": 512, "steps": STEPS},
                                         "parallelism": "auto"}))
     out = tmp_path / "run"
     assert main(["train", "--pool", str(pool_file), "--job", str(job_file), "--out", str(out), "--no-progress"]) == 0

@@ -137,10 +137,10 @@ def test_the_study_keeps_its_numbers_on_the_shared_scale(host):
     speed = {d.name: d.speed() for d in pool.devices}
     # In the testbed: the caps' cores, which the study used to divide by the speed.
     capped = Placement(emulated=True, cores=lambda d: speed[d] * HOST_CPUS / 8)
-    prof, note = study_profile(pool, job, None, capped, log=lambda m: None)
+    prof, note = study_profile(pool, job, capped, log=lambda m: None)
     assert prof.reference_speed_value == pytest.approx(1 / capped.cores("orin") * speed["orin"])
     assert note.endswith("testbed CPU caps (0.188 cores per unit speed)")
-    prof, note = study_profile(pool, job, None, Placement(), log=lambda m: None)  # fell back: plain processes
+    prof, note = study_profile(pool, job, Placement(), log=lambda m: None)  # fell back: plain processes
     assert prof == job_profile(job) and "analytic profile" in note
 
 

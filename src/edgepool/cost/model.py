@@ -122,7 +122,7 @@ modelled, never measured, and says so (``energy_source``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edgepool import catalog
 from edgepool.cost.network import Network
@@ -426,8 +426,6 @@ def group_comm(plan: Plan, s: int, profile: ModelProfile, shape: Shape, net: Net
     """Stage s's collectives per micro-batch and its gradient sync, as the runtime runs
     them: its mode's ``comm`` (``edgepool.modes``); a stage that recomputes runs its
     forward collectives again in the backward where its mode's are in its blocks."""
-    from dataclasses import replace
-
     mode = modes.get(plan.stages[s].mode)
     gc = mode.comm(stage_work(plan, s, profile, shape), net)
     if not (plan.stages[s].recompute and mode.recompute_repeats_collectives):

@@ -78,7 +78,7 @@ def device_figures(pool: PoolSpec, plan: Plan, summary: Summary, placement: Plac
     return out
 
 
-def study_profile(pool: PoolSpec, job: JobSpec, cfg, placement: Placement, log=print):
+def study_profile(pool: PoolSpec, job: JobSpec, placement: Placement, log=print):
     """The profile the study plans and predicts with, and a note saying what it is.
 
     ``launch.speeds.run_profile``, as plan, simulate and train use it. In the testbed
@@ -91,7 +91,6 @@ def study_profile(pool: PoolSpec, job: JobSpec, cfg, placement: Placement, log=p
     from edgepool.launch.speeds import run_profile
 
     capped = placement.emulated and any(placement.cores(d.name) for d in pool.devices)
-    # ``cfg`` is the job's (``job_model_config``); run_profile resolves it again itself.
     speeds = run_profile(pool, job, log=log) if capped else run_profile(pool, job, scale=None, log=log)
     if speeds.scale is not None:
         return (speeds.profile,
@@ -164,7 +163,7 @@ def _run_study(pool: PoolSpec, job: JobSpec, *, out_dir: Path, steps: int, conso
         if placement.emulated:
             notes.append("each run went through `edgepool serve`'s coordinator and one `edgepool join` agent per "
                          "device (pool token, TLS, the coordinator's store)")
-        profile, prediction_source = study_profile(pool, job, cfg, placement, log=log)
+        profile, prediction_source = study_profile(pool, job, placement, log=log)
         for name, plan in study_plans(pool, job, cfg.num_layers, families, profile):
             if isinstance(plan, str):
                 rows.append(StudyRow(name=name, status="infeasible", cause=plan))

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -326,16 +327,23 @@ __all__ = ["ARCHITECTURE", "expected_shapes", "hf_linear", "hf_state", "load_pre
 def weights_digest(folder: str | Path) -> str:
     """A SHA-256 over a Hugging Face folder's safetensors files (names and bytes, in name
     order): what names the frozen base of a fine-tuning run in its checkpoints
-    (``RunSpec.identity``). Reads every weight byte once."""
+    (``RunSpec.identity``). Reads every weight byte once per process while the files'
+    names, sizes and modification times stay the same (``serve`` plans again on every
+    regroup)."""
+    files = sorted(Path(folder).resolve().glob("*.safetensors"))
+    if not files:
+        raise SpecError(f"{folder} holds no *.safetensors weights")
+    return _digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@lru_cache(maxsize=16)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise SpecError(f"{folder} holds no *.safetensors weights")
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
+    for path, _, _ in files:
+        h.update(Path(path).name.encode() + b"\0")
+        with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]

@@ -284,9 +284,10 @@ class Mode:
         LoRA factors its slicing leaves whole, ``models.lora``)."""
         return []
 
-    def local_state(self, model: Any) -> dict:
-        """This device's tensors (its shards where the mode shards), detached copies."""
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    def local_state(self, model: Any, keep=None) -> dict:
+        """This device's tensors (its shards where the mode shards), detached copies;
+        ``keep(name)``: only those it accepts (the others are not copied)."""
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if keep is None or keep(k)}
 
     def load_local_state(self, model: Any, state: dict) -> None:
         model.load_state_dict(state)

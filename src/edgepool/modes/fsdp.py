@@ -159,8 +159,8 @@ class ShardedDataParallel(Mode):
             m.set_force_sum_reduction_for_comms(True)
         return spec
 
-    def local_state(self, model) -> dict:
-        return {k: _local(v).detach().clone() for k, v in model.state_dict().items()}
+    def local_state(self, model, keep=None) -> dict:
+        return {k: _local(v).detach().clone() for k, v in model.state_dict().items() if keep is None or keep(k)}
 
     def load_local_state(self, model, state: dict) -> None:
         import torch

@@ -217,12 +217,10 @@ class Engine:
         # 3. replicated parameters synchronised once per step (dp, sp); only what trains
         #    (``models.lora``: LoRA adapters, or all but the frozen); tp's whole adapter
         #    factors hold partial gradients, summed over the group before the optimizer
-        self.sync_params = [p for p in self.mode.sync_params(model, owner=self.owner) if p.requires_grad] \
-            if self.group is not None else []
-        # summed in buckets while the last micro-batch's backward runs (``runtime.overlap``);
-        # registration order (embed, blocks, head), which the buckets take in reverse
-        synced = {id(p) for p in self.sync_params}
-        self.sync_params = [p for p in model.parameters() if id(p) in synced]
+        #    summed in buckets while the last micro-batch's backward runs (``runtime.overlap``),
+        #    in registration order (embed, blocks, head), which the buckets take in reverse
+        synced = {id(p) for p in self.mode.sync_params(model, owner=self.owner)} if self.group is not None else set()
+        self.sync_params = [p for p in model.parameters() if id(p) in synced and p.requires_grad]
         self.grad_sync = GradSync(self.sync_params, group=self.group, wire=self.wire, bucket_bytes=bucket_bytes) \
             if self.sync_params else None
         self.partial_params = self.mode.partial_grad_params(model) if self.group is not None else []
@@ -449,7 +447,7 @@ class Engine:
         ``model/<name>`` and ``optim/<name>/<key>`` tensors (its shards where the mode
         shards; DTensor optimizer state as its local shard), and the optimizer's
         non-tensor state by parameter name."""
-        out = {f"model/{k}": v.contiguous() for k, v in self.local_state().items() if self._kept(k)}
+        out = {f"model/{k}": v.contiguous() for k, v in self.mode.local_state(self.model, keep=self._kept).items()}
         names = [canonical(n) for n, p in self.model.named_parameters() if p.requires_grad]
         scalars: dict[str, dict] = {}
         for idx, state in self.optim.state_dict()["state"].items():

@@ -345,7 +345,7 @@ def backup_every(run: RunSpec) -> int:
 def _resume(run: RunSpec, rank: int, engine, ckpt_root: Path, identity: dict, comm, cfg, log) -> int:
     """Collective: load the newest checkpoint every rank can, resharded to this plan; the step it holds."""
     plan = run.plan
-    shapes = full_shapes(cfg, Tuning.of(run.job.train))
+    shapes = full_shapes(cfg, engine.tuning)
     found = checkpoint.find_resumable(ckpt_root, rank, identity, comm, plan=plan, shapes=shapes, shape=engine.shape,
                                       log=log)
     if found is not None:

@@ -172,6 +172,7 @@ def timeline(num_stages: int, num_microbatches: int, schedule: str,
     return tuple(tuple(o) for o in out)
 
 
+@lru_cache(maxsize=256)
 def stage_orders(num_stages: int, num_microbatches: int, schedule: str,
                  times: Times | None = None) -> tuple[tuple[tuple[str, int], ...], ...]:
     """The order of forward ('F'), head ('H', stage 0's data owners) and backward ('B')
@@ -200,8 +201,9 @@ def is_data_owner(plan: Plan, rank: int) -> bool:
 
 
 def lower_rank(plan: Plan, rank: int, order: list[tuple[str, int]] | None = None) -> list[Op]:
-    """Rank ``rank``'s ops for one step; ``order``: its stage's passes, else
-    ``compute_order`` with the plan's ``pass_times`` (a what-if for the simulator)."""
+    """Rank ``rank``'s ops for one step; ``order``: its stage's passes (a what-if: the
+    simulator's tests compare an order), else ``compute_order`` with the plan's
+    ``pass_times``."""
     role = role_of(plan, rank)
     owner = is_data_owner(plan, rank)
     ops: list[Op] = []
