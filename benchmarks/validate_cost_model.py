@@ -1,23 +1,38 @@
-"""Hold the cost model's predictions against measured runs on the emulated testbed.
+"""Hold the planner's predictions against measured runs on the emulated testbed.
 
-Runs every parallelism (dp, sp, tp, pp with GPipe and with 1F1B, and a hybrid: a dp
-group of the two slowest devices plus the fastest device) on emulated pools of 2, 3
-and 4 devices with different ``compute_scale``, each on a shared channel at two link
-speeds, and writes the cost model's predicted step time and energy beside the measured
-ones to ``docs/results/cost-model.md`` (and ``.json``), with the machine it ran on and
-the median and maximum absolute step-time error. The discrete-event simulator's step
-time (``sim.engine.simulate``, same profile) is shown beside them.
+Cases are drawn at random from a seed (``--seed``, reported), so nobody tunes the model
+to them. Each case draws:
+
+- a GPT of hidden 64 to 768 (``HIDDENS``), 2 to 12 layers, FFN 4x hidden, and a
+  sequence of 32 to 256 tokens (``SEQS``);
+- a pool of 1 to 4 emulated devices of uneven speed (``SPEEDS``), each with a memory cap
+  of ``MEMORY_GB``, on links of 20 Mbit/s to 1 Gbit/s (``LINKS_MBPS``), one shared
+  channel or a switched link per device;
+- a plan: ``single`` on one device; on more, one of dp, sp, tp, fsdp, pp with GPipe,
+  pp with 1F1B, the Asteroid-style hybrid (3 or more devices) and the planner's own
+  choice. Modes are dealt round-robin from a shuffled list, so every mode is covered;
+- the largest global batch of ``BATCHES`` whose predicted step fits ``--step-budget-s``
+  (the smallest when none does), so that large models stay runnable here.
+
+and writes the planner's predicted step time and per-device peak memory beside the
+measured ones to ``docs/results/cost-model.md`` (and ``.json``), with the machine it ran
+on, the seed, and the median and maximum absolute errors.
 
 What is compared:
 
-- step time: predicted = ``cost.estimate(plan, pool, profile, shape).step_time_s`` with
-  the study's profile (``launch.study.study_profile``: the model measured on one core of
-  this host, its reference speed set from the testbed's CPU caps); measured = the
-  median step time of the timed steps (after one warm-up step) of a real run on the
-  testbed (``launch.local.launch_local`` inside ``launch.local.pool_placement``). A run
-  times between ``MIN_TIMED`` and ``MAX_TIMED`` steps, enough to cover ``--timed-s``
-  seconds of predicted step time: steps of a few hundred milliseconds vary by 10-30%
-  from one to the next here (CFS quota periods, other work on the host).
+- step time: predicted = the planner's figure for the plan: the discrete-event simulator
+  (``sim.engine.simulate``) with the profile ``plan``, ``simulate`` and ``train`` use
+  (``launch.speeds.run_profile`` through ``launch.study.study_profile``: the model
+  measured on one core of this host, at the testbed's CPU scale); the cost model's closed
+  form (``cost.estimate``) is shown beside it. Measured = the median step time of the
+  timed steps (after one warm-up step) of a real run on the testbed
+  (``launch.local.launch_local`` inside ``launch.local.pool_placement``). A run times
+  between ``MIN_TIMED`` and ``MAX_TIMED`` steps, enough to cover ``--timed-s`` seconds
+  of predicted step time: short steps vary by 10-30% from one to the next here (CFS
+  quota periods, other work on the host).
+- memory: predicted = the cost model's peak resident memory of each device
+  (``cost.estimate(...).peak_memory_bytes``); measured = the rank's peak resident set
+  (``VmHWM``, ``machine.peak_rss_bytes``). Every device of every run is one sample.
 - energy per step: predicted = the cost model's energy; measured side = the study's
   modelled energy from *measured* CPU time and bytes sent
   (each rank's modelled meter, ``runtime.train.step_meter``). Neither is a sensor reading (this machine
@@ -30,7 +45,8 @@ the launcher and keeps every device at or under one core (a rank runs one thread
 testbed gives the devices' cgroups the largest CPU weight, so other work on the host
 cannot take the CPU their caps promise (``testbed.cgroups.DeviceCgroup.set_cpu_priority``).
 
-Targets (issue 4): median absolute step-time error at most 10%, none over 25%.
+Targets (issues 4 and 14): median absolute error at most 10%, none over 25%, for step
+time and for memory.
 
 Causes found with this benchmark (numbers in the commit messages and the report):
 
@@ -72,7 +88,7 @@ Causes found with this benchmark (numbers in the commit messages and the report)
   point-to-point transfer arrived tens of milliseconds late (the run's per-op trace). The
   namespaces now run cubic, Linux's default (``testbed.net.TCP_CONGESTION``).
 
-    python benchmarks/validate_cost_model.py [--timed-s 2] [--host-cpus 1.5] [--only 3-50] [--plans pp-1f1b]
+    python benchmarks/validate_cost_model.py [--seed 14] [--cases 32] [--timed-s 2] [--only 3 --only 7]
     python benchmarks/validate_cost_model.py --repredict   # re-predict the stored runs
 
 ``--repredict`` runs nothing: it reads the stored measurements (and the profile they
@@ -86,6 +102,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 import tempfile
@@ -95,85 +112,119 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
 
-# (name, catalog kind, compute_scale) per pool size; speeds differ within every pool.
-POOLS: dict[int, list[tuple[str, str, float]]] = {
-    2: [("orin", "jetson-orin-nano", 2.0), ("nano", "jetson-nano", 1.0)],
-    3: [("orin", "jetson-orin-nano", 2.0), ("nano-1", "jetson-nano", 1.0), ("nano-2", "jetson-nano", 1.0)],
-    4: [("orin", "jetson-orin-nano", 2.0), ("tx2", "jetson-tx2", 1.5), ("nano", "jetson-nano", 1.0),
-        ("rpi", "rpi5", 1.0)],
-}
-LINKS_MBPS = (50, 200)
-PLANS = ("dp", "sp", "tp", "pp-gpipe", "pp-1f1b", "hybrid")
-MEMORY_GB = 1.0
-# A small GPT: every plan fits 1 GB, a step takes a fraction of a second to a few
-# seconds on the testbed, and the compute/communication balance differs by plan.
-MODEL = {"family": "gpt", "size": "small", "hidden": 128, "num_layers": 4, "num_heads": 8, "ffn": 512}
-TRAIN = {"global_batch": 8, "seq_len": 128, "lr": 1e-3, "optimizer": "adamw", "seed": 0, "timeout_s": 60}
-NUM_MICROBATCHES = 4
+SEQS = (32, 64, 128, 256)
+HIDDENS = (64, 128, 192, 256, 384, 512, 768)
+LAYERS = (2, 12)
+SPEEDS = {1.0: "jetson-nano", 1.5: "jetson-tx2", 2.0: "jetson-orin-nano", 3.0: "host-cpu"}
+LINKS_MBPS = (20, 50, 100, 200, 500, 1000)
+MEDIA = ("shared", "switched")
+BATCHES = (16, 8, 4, 2)
+PLANS = ("dp", "sp", "tp", "fsdp", "pp-gpipe", "pp-1f1b", "hybrid", "planner")
+MEMORY_GB = 3.0
 TARGET_MEDIAN_PCT, TARGET_MAX_PCT = 10.0, 25.0
 MIN_TIMED, MAX_TIMED = 2, 8  # timed steps per run, after one warm-up step
 
 
-def pool_spec(n: int, mbps: float, latency_ms: float):
+def draw_cases(seed: int, n: int) -> list[dict]:
+    """``n`` cases from ``seed`` (module docstring). A case is plain data (JSON)."""
+    rng = random.Random(seed)
+    modes: list[str] = []
+    cases = []
+    for i in range(n):
+        devices = rng.randint(1, 4)
+        if devices == 1:
+            plan = "single"
+        else:
+            if not modes:
+                modes = list(PLANS)
+                rng.shuffle(modes)
+            plan = next((m for m in modes if m != "hybrid" or devices >= 3), modes[0])
+            if plan == "hybrid" and devices < 3:
+                devices = 3
+            modes.remove(plan)
+        hidden = rng.choice(HIDDENS)
+        heads = rng.choice([h for h in (2, 4, 8, 12) if hidden % h == 0 and hidden // h >= 16])
+        speeds = sorted((rng.choice(list(SPEEDS)) for _ in range(devices)), reverse=True)
+        if devices > 1 and len(set(speeds)) == 1:  # uneven: the last device is the slowest kind
+            speeds[-1] = min(SPEEDS)
+            speeds[0] = max(speeds[0], 1.5)
+        cases.append({
+            "case": i, "plan": plan,
+            "model": {"family": "gpt", "size": "small", "hidden": hidden, "num_layers": rng.randint(*LAYERS),
+                      "num_heads": heads, "ffn": 4 * hidden},
+            "seq_len": rng.choice(SEQS),
+            "speeds": speeds, "medium": rng.choice(MEDIA), "link_mbps": rng.choice(LINKS_MBPS),
+        })
+    return cases
+
+
+def pool_spec(case: dict, latency_ms: float = 0.0):
     from edgepool.specs.pool import PoolSpec
 
     return PoolSpec.model_validate({
-        "name": f"vcm-{n}-{mbps:g}",
-        "network": {"medium": "shared", "bandwidth_mbps": mbps, "latency_ms": latency_ms, "jitter_ms": 0.0},
-        "devices": [{"name": name, "kind": kind, "host": "emulated", "compute_scale": scale, "memory_gb": MEMORY_GB}
-                    for name, kind, scale in POOLS[n]],
+        "name": f"vcm-{case['case']}",
+        "network": {"medium": case["medium"], "bandwidth_mbps": case["link_mbps"], "latency_ms": latency_ms,
+                    "jitter_ms": 0.0},
+        "devices": [{"name": f"d{i}-x{s:g}".replace(".", "_"), "kind": SPEEDS[s], "host": "emulated",
+                     "compute_scale": s, "memory_gb": MEMORY_GB} for i, s in enumerate(case["speeds"])],
     })
 
 
-def job_spec(schedule: str = "1f1b"):
+def job_spec(case: dict, global_batch: int, schedule: str = "1f1b", steps: int = 1):
     from edgepool.specs.job import JobSpec
     from edgepool.testing import CORPUS
 
     return JobSpec.model_validate({
-        "model": MODEL, "data": {"path": str(CORPUS)}, "train": {**TRAIN, "steps": 1},
-        "parallelism": {"mode": "dp", "num_microbatches": NUM_MICROBATCHES, "schedule": schedule},
+        "model": case["model"], "data": {"path": str(CORPUS)},
+        "train": {"global_batch": global_batch, "seq_len": case["seq_len"], "lr": 1e-3, "optimizer": "adamw",
+                  "seed": 0, "timeout_s": 120, "steps": steps},
+        "parallelism": {"mode": "auto", "schedule": schedule},
     })
 
 
-def make_plan(pool, name: str, num_layers: int):
-    """The plan of one entry: the study's proportional family plans, and the hybrid."""
+def make_plan(pool, job, name: str, profile):
+    """The plan of one case: the study's proportional family plans, the hybrid, or the
+    planner's choice (what ``train --parallelism auto`` runs)."""
     from edgepool.launch.prepare import proportional_plan
-    from edgepool.specs.plan import Plan, StagePlan, split_counts
+    from edgepool.models.config import job_model_config
+    from edgepool.planner import plan as search
+    from edgepool.specs.layout import check_plan
 
-    if name in ("dp", "sp", "tp"):
-        return proportional_plan(pool, job_spec(), num_layers, name)
-    if name.startswith("pp-"):
-        return proportional_plan(pool, job_spec(name[3:]), num_layers, "pp")
-    if name == "hybrid":
-        # A dp group of the two slowest devices serves the first layers, the fastest
-        # device the rest; layers in proportion to the groups' speeds.
-        devs = sorted(pool.devices, key=lambda d: -d.speed())
-        group, last = tuple(d.name for d in devs[-2:]), devs[0].name
-        speed = {d.name: d.speed() for d in devs}
-        counts = split_counts(num_layers, (sum(speed[g] for g in group), speed[last]))
-        return Plan(num_layers=num_layers, num_microbatches=NUM_MICROBATCHES, schedule="1f1b", stages=[
-            StagePlan(layers=(0, counts[0]), devices=group, mode="dp", shares=tuple(speed[g] for g in group)),
-            StagePlan(layers=(counts[0], num_layers), devices=(last,))])
-    raise ValueError(f"unknown plan {name!r}; known: {', '.join(PLANS)}")
+    num_layers = job_model_config(job).num_layers
+    if name == "planner":
+        plan = search(pool, job, profile, objective="time").plan
+    elif name.startswith("pp-"):
+        plan = proportional_plan(pool, job, num_layers, "pp")
+    else:
+        plan = proportional_plan(pool, job, num_layers, name)
+    check_plan(plan, shape_of(job), pool=pool, num_layers=num_layers)
+    return plan
+
+
+def shape_of(job):
+    from edgepool.models.config import job_model_config
+    from edgepool.specs.plan import Shape
+
+    cfg = job_model_config(job)
+    return Shape(global_batch=job.train.global_batch, seq_len=job.train.seq_len, num_heads=cfg.num_heads,
+                 ffn=cfg.ffn, num_kv_heads=cfg.num_kv_heads)
 
 
 def predict(row: dict, profile) -> dict:
     from edgepool.cost import estimate
-    from edgepool.models.config import job_model_config as model_config
     from edgepool.sim.engine import simulate
-    from edgepool.specs.plan import Plan, Shape
+    from edgepool.specs.job import JobSpec
+    from edgepool.specs.plan import Plan
     from edgepool.specs.pool import PoolSpec
 
     pool = PoolSpec.model_validate(row["pool"])
     plan = Plan.model_validate(row["plan"])
-    cfg = model_config(job_spec())
-    shape = Shape(global_batch=TRAIN["global_batch"], seq_len=TRAIN["seq_len"], num_heads=cfg.num_heads, ffn=cfg.ffn,
-                  num_kv_heads=cfg.num_kv_heads)
+    shape = shape_of(JobSpec.model_validate(row["job"]))
     c = estimate(plan, pool, profile, shape)
     sim = simulate(plan, pool, profile, shape)
     return {"step_time_s": sim.step_time_s, "energy_j": sim.energy_j, "source": "simulator",
-            "model_step_time_s": c.step_time_s, "model_energy_j": c.energy_j, "pipe_s": c.pipe_s, "sync_s": c.sync_s,
-            "optim_s": c.optim_s, "bottleneck": c.bottleneck, "fits": c.feasible}
+            "model_step_time_s": c.step_time_s, "model_energy_j": c.energy_j, "bottleneck": c.bottleneck,
+            "fits": c.feasible, "memory_bytes": c.peak_memory_bytes}
 
 
 def error_pct(pred: float | None, meas: float | None) -> float | None:
@@ -182,16 +233,16 @@ def error_pct(pred: float | None, meas: float | None) -> float | None:
     return 100.0 * (pred - meas) / meas
 
 
-def run_one(pool, plan, placement, out_dir: Path, steps: int) -> dict:
+def run_one(pool, job, plan, placement, out_dir: Path, steps: int) -> dict:
     from edgepool.launch.local import RankFailed, launch_local
     from edgepool.launch.study import device_figures
     from edgepool.runtime.train import RunSpec
     from edgepool.specs.metrics import read_metrics, timed_steps
 
-    spec = RunSpec(pool=pool, job=job_spec(plan.schedule), plan=plan, out_dir=str(out_dir), steps=steps)
+    spec = RunSpec(pool=pool, job=job, plan=plan, out_dir=str(out_dir), steps=steps)
     t0 = time.monotonic()
     try:
-        summary = launch_local(spec, placement=placement, deadline_s=180.0)
+        summary = launch_local(spec, placement=placement, deadline_s=600.0)
     except RankFailed as exc:
         return {"status": "failed", "cause": exc.reason, "wall_s": time.monotonic() - t0}
     metrics = read_metrics(out_dir / "metrics.jsonl")
@@ -210,209 +261,218 @@ def run_one(pool, plan, placement, out_dir: Path, steps: int) -> dict:
     }
 
 
+def choose_batch(case: dict, pool, profile, budget_s: float):
+    """The largest global batch of ``BATCHES`` whose plan is valid and predicted to step
+    within ``budget_s`` (else the smallest valid one), with its job and plan."""
+    from edgepool.errors import EdgepoolError
+
+    valid, why = None, "no global batch of %s fits the pool" % (BATCHES,)
+    from edgepool.sim.engine import simulate
+
+    for gb in BATCHES:
+        if gb < len(case["speeds"]):
+            continue
+        job = job_spec(case, gb, case["plan"][3:] if case["plan"].startswith("pp-") else "1f1b")
+        try:
+            plan = make_plan(pool, job, case["plan"], profile)
+        except EdgepoolError as exc:
+            why = str(exc)
+            continue
+        valid = (job, plan, "")
+        if simulate(plan, pool, profile, shape_of(job)).step_time_s <= budget_s:
+            break
+    return valid or (None, None, why)
+
+
 def measure(args) -> dict:
     from edgepool.launch.local import pool_placement
     from edgepool.launch.study import study_profile
-    from edgepool.models.config import job_model_config as model_config
     from edgepool.testbed import Testbed
 
     features = Testbed.features()
     if not features.network:
         sys.exit(f"the testbed is unavailable here ({features.network.reason}); this benchmark needs it")
-    latency_ms = 2.0 if features.netem else 0.0
-    cfg = model_config(job_spec())
-    if not args.reuse_profile:
-        # Measure the profile now (it is cached, and the runs below then use it), rather
-        # than trust one cached under unknown conditions.
-        from edgepool.profiler.layers import cached_profile
-
-        prof, path, _ = cached_profile(cfg, seq_len=TRAIN["seq_len"], optimizer=TRAIN["optimizer"], refresh=True)
+    cases = draw_cases(args.seed, args.cases)
     rows: list[dict] = []
     notes: list[str] = []
-    profile_json = None
-    profile_notes: list[str] = [] if args.reuse_profile else [f"{prof.model} measured at the start of this run ({path})"]
-    prediction_source = ""
     only = set(args.only or [])
     raw = Path(args.raw) if args.raw else Path(tempfile.mkdtemp(prefix="edgepool-vcm-"))
-    for n in sorted(POOLS):
-        for mbps in LINKS_MBPS:
-            key = f"{n}-{mbps:g}"
-            if only and key not in only:
-                continue
-            pool = pool_spec(n, mbps, latency_ms)
-            state = Testbed.up(pool, host_cpus=args.host_cpus, replace=True)
-            try:
-                with pool_placement(pool, log=lambda m: None) as placement:
-                    if not placement.emulated:
-                        sys.exit("the testbed fell back to plain local processes; this benchmark needs it")
-                    notes = placement.notes
-                    profile, prediction_source = study_profile(
-                        pool, job_spec(), placement, log=profile_notes.append if args.reuse_profile else lambda m: None)
-                    profile_json = profile.to_json()
-                    for name in PLANS:
-                        if args.plans and name not in args.plans:
-                            continue
-                        if name == "hybrid" and n < 3:
-                            continue
-                        plan = make_plan(pool, name, cfg.num_layers)
-                        row = {"pool_name": pool.name, "devices": n, "link_mbps": mbps, "name": name,
-                               "plan_id": plan.plan_id, "parallelism": plan.parallelism,
-                               "pool": json.loads(pool.model_dump_json()), "plan": json.loads(plan.dumps()),
-                               "reference_speed_value": profile.reference_speed_value}
-                        row["predicted"] = predict(row, profile)
-                        # Short steps are noisy here: time enough of them (after the warm-up step)
-                        # to cover about --timed-s seconds, between MIN_TIMED and MAX_TIMED steps.
-                        timed = min(MAX_TIMED, max(MIN_TIMED, math.ceil(args.timed_s / row["predicted"]["step_time_s"])))
-                        row["measured"] = run_one(pool, plan, placement, raw / key / name, 1 + timed)
-                        m, p = row["measured"], row["predicted"]
-                        print(f"{key} {name:9s} {m['status']:6s} measured {m.get('step_time_s', float('nan')):7.3f} s "
-                              f"predicted {p['step_time_s']:7.3f} s ({error_pct(p['step_time_s'], m.get('step_time_s')) or 0:+.1f}%)"
-                              f"  {1 + timed} steps, run {m['wall_s']:.1f} s", flush=True)
-                        rows.append(row)
-            finally:
-                Testbed.down(tag=state.tag)
-    return {"rows": rows, "profile": profile_json, "profile_notes": profile_notes[:1],
-            "prediction_source": prediction_source, "testbed": notes, "host_cpus": args.host_cpus,
-            "timed_s": args.timed_s, "latency_ms": latency_ms, "raw_dir": str(raw)}
+    for case in cases:
+        if only and case["case"] not in only:
+            continue
+        pool = pool_spec(case)
+        state = Testbed.up(pool, host_cpus=args.host_cpus, replace=True)
+        try:
+            with pool_placement(pool, log=lambda m: None) as placement:
+                if not placement.emulated:
+                    sys.exit("the testbed fell back to plain local processes; this benchmark needs it")
+                notes = placement.notes
+                profile_notes: list[str] = []
+                profile, _ = study_profile(pool, job_spec(case, BATCHES[-1]), placement, log=profile_notes.append)
+                job, plan, why = choose_batch(case, pool, profile, args.step_budget_s)
+                row = {**case, "pool_name": pool.name, "pool": json.loads(pool.model_dump_json()),
+                       "profile": profile.to_json(), "profile_notes": profile_notes,
+                       "caps": {d.name: placement.cores(d.name) for d in pool.devices}}
+                if plan is None:
+                    row["skipped"] = why
+                    print(f"case {case['case']:2d} {case['plan']:8s} skipped: {why}", flush=True)
+                    rows.append(row)
+                    continue
+                row.update(job=json.loads(job.model_dump_json()), global_batch=job.train.global_batch,
+                           plan=json.loads(plan.dumps()), plan_id=plan.plan_id, parallelism=plan.parallelism)
+                row["predicted"] = predict(row, profile)
+                timed = min(MAX_TIMED, max(MIN_TIMED, math.ceil(args.timed_s / row["predicted"]["step_time_s"])))
+                row["measured"] = run_one(pool, job, plan, placement, raw / f"case-{case['case']}", 1 + timed)
+                m, p = row["measured"], row["predicted"]
+                print(f"case {case['case']:2d} {case['plan']:8s} {describe(row)}: {m['status']:6s} measured "
+                      f"{m.get('step_time_s', float('nan')):7.3f} s predicted {p['step_time_s']:7.3f} s "
+                      f"({error_pct(p['step_time_s'], m.get('step_time_s')) or 0:+.1f}%), {1 + timed} steps, "
+                      f"run {m['wall_s']:.1f} s", flush=True)
+                rows.append(row)
+        finally:
+            Testbed.down(tag=state.tag)
+    return {"rows": rows, "seed": args.seed, "cases": args.cases, "testbed": notes, "host_cpus": args.host_cpus,
+            "timed_s": args.timed_s, "step_budget_s": args.step_budget_s, "raw_dir": str(raw)}
 
 
-def _caps(rows: list[dict]) -> dict[int, dict[str, float]]:
-    """CPU cores per device of each pool size, from the measured runs."""
-    out: dict[int, dict[str, float]] = {}
+def describe(row: dict) -> str:
+    m = row["model"]
+    return (f"h{m['hidden']} L{m['num_layers']} a{m['num_heads']} seq {row['seq_len']} batch "
+            f"{row.get('global_batch', '-')}; {len(row['speeds'])} dev x{'/'.join(f'{s:g}' for s in row['speeds'])}; "
+            f"{row['medium']} {row['link_mbps']:g} Mbit/s")
+
+
+def errors(rows: list[dict]) -> None:
+    """Fill each row's step, model and memory errors (percent of measured)."""
     for r in rows:
-        for d, v in r["measured"].get("devices", {}).items():
-            out.setdefault(r["devices"], {})[d] = v["cores"]
-    return out
+        if "measured" not in r:
+            continue
+        m, p = r["measured"], r["predicted"]
+        r["step_error_pct"] = error_pct(p["step_time_s"], m.get("step_time_s"))
+        r["model_error_pct"] = error_pct(p["model_step_time_s"], m.get("step_time_s"))
+        r["memory_error_pct"] = {d: error_pct(p["memory_bytes"][d], v["peak_memory_bytes"])
+                                 for d, v in m.get("devices", {}).items()}
+
+
+def _stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values) if values else None, "max": max(values) if values else None,
+            "n": len(values)}
 
 
 def write(result: dict, out: Path, wall_s: float | None) -> None:
     from edgepool.machine import machine_line
 
     rows = result["rows"]
-    errs: list[float] = []
-    model_errs: list[float] = []
-    for r in rows:
-        m, p = r["measured"], r["predicted"]
-        r.pop("sim_error_pct", None)  # older files: the simulator had its own column
-        r["step_error_pct"] = error_pct(p["step_time_s"], m.get("step_time_s"))
-        r["energy_error_pct"] = error_pct(p["energy_j"], m.get("energy_j"))
-        r["model_error_pct"] = error_pct(p["model_step_time_s"], m.get("step_time_s"))
-        if r["step_error_pct"] is not None:
-            errs.append(abs(r["step_error_pct"]))
-            model_errs.append(abs(r["model_error_pct"]))
-    summary = {
-        "runs": len(rows), "measured_runs": len(errs),
-        "median_abs_step_error_pct": statistics.median(errs) if errs else None,
-        "max_abs_step_error_pct": max(errs) if errs else None,
-        "median_abs_energy_error_pct": statistics.median(abs(r["energy_error_pct"]) for r in rows
-                                                         if r["energy_error_pct"] is not None) if errs else None,
-        "median_abs_model_error_pct": statistics.median(model_errs) if model_errs else None,
-        "max_abs_model_error_pct": max(model_errs) if model_errs else None,
-        "target_median_pct": TARGET_MEDIAN_PCT, "target_max_pct": TARGET_MAX_PCT,
-    }
-    summary["targets_met"] = bool(errs) and summary["median_abs_step_error_pct"] <= TARGET_MEDIAN_PCT and \
-        summary["max_abs_step_error_pct"] <= TARGET_MAX_PCT and len(errs) == len(rows)
+    errors(rows)
+    ran = [r for r in rows if "measured" in r]
+    ok = [r for r in ran if r["step_error_pct"] is not None]
+    step = _stats([abs(r["step_error_pct"]) for r in ok])
+    model = _stats([abs(r["model_error_pct"]) for r in ok])
+    mem = _stats([abs(e) for r in ok for e in r["memory_error_pct"].values()])
+    met = lambda s: s["n"] > 0 and s["median"] <= TARGET_MEDIAN_PCT and s["max"] <= TARGET_MAX_PCT  # noqa: E731
+    summary = {"cases": len(rows), "ran": len(ran), "measured": len(ok), "skipped": len(rows) - len(ran),
+               "step_error_pct": step, "model_error_pct": model, "memory_error_pct": mem,
+               "target_median_pct": TARGET_MEDIAN_PCT, "target_max_pct": TARGET_MAX_PCT,
+               "targets_met": met(step) and met(mem) and len(ok) == len(ran)}
     if wall_s is not None:
         result["benchmark_wall_s"] = wall_s
     result["summary"] = summary
     out.mkdir(parents=True, exist_ok=True)
     (out / "cost-model.json").write_text(json.dumps(result, indent=1))
 
-    info = result["machine"]
-    med, mx = summary["median_abs_step_error_pct"], summary["max_abs_step_error_pct"]
+    def pct(s: dict) -> str:
+        return f"median {s['median']:.1f}%, max {s['max']:.1f}%" if s["n"] else "no samples"
+
     lines = [
         "# Planner's predictions vs measured (testbed)", "",
-        f"Machine: {machine_line(info)}.", "",
+        f"Machine: {machine_line(result['machine'])}.", "",
         "Written by `benchmarks/validate_cost_model.py`; do not edit by hand.", "",
-        f"Model: GPT, hidden {MODEL['hidden']}, {MODEL['num_layers']} layers, {MODEL['num_heads']} heads, "
-        f"FFN {MODEL['ffn']}; global batch {TRAIN['global_batch']}, sequence {TRAIN['seq_len']}, AdamW; "
-        f"pipelines with {NUM_MICROBATCHES} micro-batches. Each run times {MIN_TIMED} to {MAX_TIMED} steps after one "
-        f"warm-up step (about {result['timed_s']:g} s of predicted step time); measured step time is their median.",
-        f"Pools: {', '.join(str(n) for n in sorted(POOLS))} emulated devices "
-        f"({'; '.join(', '.join(f'{d} x{s:g}' for d, _, s in POOLS[n]) for n in sorted(POOLS))}) on one shared "
-        f"channel of {' or '.join(f'{m:g}' for m in LINKS_MBPS)} Mbit/s, latency {result['latency_ms']:g} ms "
-        f"(what the testbed emulates), memory cap {MEMORY_GB:g} GB each; CPU caps add up to "
-        f"{result['host_cpus']:g} host cores.",
-        "Profile: measured on this host (`launch.study.study_profile`); each pool's CPU caps give its reference "
-        f"speed: {'; '.join(n.removeprefix('profile: ') for n in result.get('profile_notes', [])) or 'in the JSON file'}.",
-        "CPU caps (host cores): " + "; ".join(
-            f"{n} devices: " + ", ".join(f"{d} {c:.2f}" for d, c in caps.items()) for n, caps in _caps(rows).items()) + ".",
-        "Predicted = the planner's estimate of a plan: the discrete-event simulator (`sim.engine`) running the "
-        "plan's op order on the pool, which is what `planner.plan` reports for its choice and ranks its finalists "
-        "by. The cost model's closed form (`cost.estimate`), which the planner's search optimises, is shown beside "
-        "it.",
-        "Energy per step: predicted = the simulator's; measured = modelled from measured CPU time and bytes sent "
-        "(each rank's modelled meter, `runtime.train.step_meter`): both modelled, no sensor.", "",
-        f"**Step-time error of the prediction (|predicted - measured| / measured): median {med:.1f}% "
-        f"(target <= {TARGET_MEDIAN_PCT:g}%), max {mx:.1f}% (target <= {TARGET_MAX_PCT:g}%): "
-        f"{'targets met' if summary['targets_met'] else 'TARGETS MISSED'}.** "
-        f"Energy: median |error| {summary['median_abs_energy_error_pct']:.1f}%. The cost model's closed form: "
-        f"median {summary['median_abs_model_error_pct']:.1f}%, max {summary['max_abs_model_error_pct']:.1f}%."
-        if errs else "No run finished.",
-        "",
+        f"**Seed {result['seed']}: {result['cases']} cases drawn at random** (the script's docstring says from what): "
+        f"GPTs of hidden {min(HIDDENS)}-{max(HIDDENS)}, {LAYERS[0]}-{LAYERS[1]} layers, sequence "
+        f"{min(SEQS)}-{max(SEQS)}; pools of 1-4 emulated devices of speeds {', '.join(f'{s:g}' for s in SPEEDS)}, "
+        f"memory cap {MEMORY_GB:g} GB each, CPU caps adding up to {result['host_cpus']:g} host cores; links "
+        f"{min(LINKS_MBPS)}-{max(LINKS_MBPS)} Mbit/s, shared or switched, no latency (the kernel has no netem); "
+        f"plans {', '.join(PLANS)} (single on one device); global batch the largest of "
+        f"{', '.join(map(str, BATCHES))} predicted to step within {result['step_budget_s']:g} s.",
+        f"Each run times {MIN_TIMED} to {MAX_TIMED} steps after one warm-up step (about {result['timed_s']:g} s of "
+        "predicted step time); measured step time is their median.",
+        "Predicted step = the planner's figure (the simulator, `sim.engine`, with the profile `plan`/`train` use: "
+        "measured on one core of this host, at the testbed's CPU scale); the cost model's closed form "
+        "(`cost.estimate`) beside it. Predicted memory = the cost model's peak per device; measured = the rank's "
+        "peak resident set (VmHWM); every device of every run is one sample.", "",
+        f"**Step time: {pct(step)}; memory: {pct(mem)} (targets: median <= {TARGET_MEDIAN_PCT:g}%, max <= "
+        f"{TARGET_MAX_PCT:g}%): {'targets met' if summary['targets_met'] else 'TARGETS MISSED'}.** The cost "
+        f"model's closed form: step {pct(model)}. {len(ok)} of {len(rows)} cases measured"
+        + (f"; {summary['skipped']} had no valid plan (listed below)" if summary["skipped"] else "")
+        + (f"; {len(ran) - len(ok)} failed" if len(ran) > len(ok) else "") + ".", "",
     ]
     if wall_s is not None:
-        lines += [f"Benchmark wall time: {wall_s / 60:.1f} min.", ""]
+        lines += [f"Benchmark wall time: {wall_s / 60:.1f} min" + (
+            f" (cases {', '.join(map(str, result['rerun']))} run again on their own: `--only`)"
+            if result.get("rerun") else "") + ".", ""]
     lines += [
-        "| devices | link Mbit/s | plan | plan id | steps | step s measured | step s predicted | error | "
-        "step s cost model | error | J/step measured | J/step predicted | error | cost-model bottleneck |",
-        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| case | model | seq | batch | devices (speed: host cores) | link | plan | plan id | steps | step s measured | "
+        "step s predicted | error | cost model | error | memory error per device |",
+        "| ---: | --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    over = []
     for r in rows:
-        m, p = r["measured"], r["predicted"]
-        head = f"| {r['devices']} | {r['link_mbps']:g} | {r['name']} | {r['plan_id']} | {m.get('steps', '-')} |"
-        if m["status"] != "ok":
-            lines.append(f"{head} {m['status']}: {m.get('cause', '')} | {p['step_time_s']:.3f} | - | "
-                         f"{p['model_step_time_s']:.3f} | - | - | {p['energy_j']:.2f} | - | {p['bottleneck']} |")
+        m = r["model"]
+        devs = ", ".join(f"x{s:g}: {r['caps'][d]:.2f}" for s, d in zip(r["speeds"], r["caps"]))
+        head = (f"| {r['case']} | h{m['hidden']} L{m['num_layers']} a{m['num_heads']} | {r['seq_len']} | "
+                f"{r.get('global_batch', '-')} | {devs} | {r['medium']} {r['link_mbps']:g} | {r['plan']} |")
+        if "measured" not in r:
+            lines.append(f"{head} - | - | no valid plan: {r['skipped'][:120]} | | | | | | |")
             continue
-        if abs(r["step_error_pct"]) > TARGET_MAX_PCT:
-            over.append(f"{r['name']} on {r['devices']} devices at {r['link_mbps']:g} Mbit/s")
-        lines.append(
-            f"{head} {m['step_time_s']:.3f} | {p['step_time_s']:.3f} | {r['step_error_pct']:+.1f}% | "
-            f"{p['model_step_time_s']:.3f} | {r['model_error_pct']:+.1f}% | {m['energy_j']:.2f} | {p['energy_j']:.2f} | "
-            f"{r['energy_error_pct']:+.1f}% | {p['bottleneck']} |")
-    from edgepool.testbed.cgroups import CFS_PERIOD_US
-
-    pipe = [r["measured"]["step_time_s"] for r in rows
-            if r["measured"]["status"] == "ok" and (r["name"].startswith("pp") or r["name"] == "hybrid")]
-    pipe_lo = min(pipe) if pipe else 0.0
-    worst = sorted((r for r in rows if r["step_error_pct"] is not None), key=lambda r: -abs(r["step_error_pct"]))[:3]
+        meas, p = r["measured"], r["predicted"]
+        if meas["status"] != "ok":
+            lines.append(f"{head} {r['plan_id']} | {meas.get('steps', '-')} | {meas['status']}: "
+                         f"{meas.get('cause', '')[:120]} | {p['step_time_s']:.3f} | | {p['model_step_time_s']:.3f} | | |")
+            continue
+        memerr = ", ".join(f"{e:+.0f}%" for e in r["memory_error_pct"].values())
+        lines.append(f"{head} {r['plan_id']} | {meas['steps']} | {meas['step_time_s']:.3f} | {p['step_time_s']:.3f} | "
+                     f"{r['step_error_pct']:+.1f}% | {p['model_step_time_s']:.3f} | {r['model_error_pct']:+.1f}% | "
+                     f"{memerr} |")
+    worst = sorted(ok, key=lambda r: -abs(r["step_error_pct"]))[:3]
+    worst_mem = sorted(((abs(e), e, r, d) for r in ok for d, e in r["memory_error_pct"].items()),
+                       key=lambda t: -t[0])[:3]
     if worst:
-        lines += [
-            "", "Largest step-time errors: " + "; ".join(
-                f"{r['name']} on {r['devices']} devices at {r['link_mbps']:g} Mbit/s ({r['step_error_pct']:+.1f}%)"
-                for r in worst) + (f"; over the {TARGET_MAX_PCT:g}% target: {'; '.join(over)}" if over else "") + ".",
-            f"Short pipeline steps (from {pipe_lo:.2f} s here) last a few tens of the devices' CFS quota periods "
-            f"({CFS_PERIOD_US / 1e3:g} ms each), so they vary by some percent from one run to the next."
-        ]
-    lines += ["", f"Testbed (the last pool's; the others differ in devices and rate): {'; '.join(result['testbed'])}", ""]
+        lines += ["", "Largest step-time errors: " + "; ".join(
+            f"case {r['case']} {r['plan']} ({r['step_error_pct']:+.1f}%: {describe(r)})" for r in worst) + "."]
+    if worst_mem:
+        lines += ["Largest memory errors: " + "; ".join(
+            f"case {r['case']} {r['plan']} on {d} ({e:+.1f}%)" for _, e, r, d in worst_mem) + "."]
+    lines += ["", f"Testbed (the last case's): {'; '.join(result['testbed'])}", ""]
     (out / "cost-model.md").write_text("\n".join(lines))
-    print("\n".join(lines[10:14]))
+    print("\n".join(lines[6:14]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=14, help="the cases' seed (reported)")
+    ap.add_argument("--cases", type=int, default=32)
     ap.add_argument("--timed-s", type=float, default=2.0,
                     help="predicted seconds of timed steps per run (between %d and %d steps)" % (MIN_TIMED, MAX_TIMED))
+    ap.add_argument("--step-budget-s", type=float, default=2.0, help="the largest predicted step a case's batch may give")
     ap.add_argument("--host-cpus", type=float, default=1.5)
-    ap.add_argument("--only", action="append", help="run one pool and link only, e.g. 3-50 (repeatable)")
-    ap.add_argument("--plans", action="append", choices=PLANS, help="run this plan only (repeatable)")
-    ap.add_argument("--reuse-profile", action="store_true", help="use the cached profile instead of measuring it")
+    ap.add_argument("--only", action="append", type=int,
+                    help="run this case only (repeatable); its row replaces the stored run's of the same seed")
+    ap.add_argument("--list", action="store_true", help="print the drawn cases; run nothing")
     ap.add_argument("--raw", help="folder for the runs' own files (default: a new temporary folder)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--repredict", action="store_true", help="predict the stored runs again; run nothing")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.list:
+        for c in draw_cases(args.seed, args.cases):
+            print(c)
+        return
     if args.repredict:
         from edgepool.cost.profile import ModelProfile
 
         result = json.loads((out / "cost-model.json").read_text())
-        profile = ModelProfile.from_json(result["profile"])
-        from dataclasses import replace
-
         for r in result["rows"]:
-            r["predicted"] = predict(r, replace(profile, reference_speed_value=r["reference_speed_value"]))
+            if "measured" in r:
+                r["predicted"] = predict(r, ModelProfile.from_json(r["profile"]))
         write(result, out, result.get("benchmark_wall_s"))
         return
     from edgepool.machine import machine_info
@@ -420,7 +480,18 @@ def main() -> None:
     t0 = time.monotonic()
     result = measure(args)
     result["machine"] = machine_info()
-    write(result, out, time.monotonic() - t0)
+    wall_s = time.monotonic() - t0
+    stored = out / "cost-model.json"
+    if args.only and stored.is_file():
+        # Rerun cases replace their rows in the stored run of the same seed; the others stay.
+        old = json.loads(stored.read_text())
+        if old.get("seed") == args.seed and old.get("cases") == args.cases:
+            new = {r["case"]: r for r in result["rows"]}
+            result["rows"] = [new.pop(r["case"], r) for r in old["rows"]] + list(new.values())
+            result["rows"].sort(key=lambda r: r["case"])
+            result["rerun"] = sorted(set(old.get("rerun", [])) | set(args.only))
+            wall_s += old.get("benchmark_wall_s", 0.0)
+    write(result, out, wall_s)
 
 
 if __name__ == "__main__":
