@@ -17,7 +17,7 @@ from edgepool.data import ByteTokenizer, Sampler
 from edgepool.models.config import preset
 from edgepool.runtime.engine import Engine, gather_full_state
 from edgepool.runtime.groups import StageGroups
-from edgepool.runtime.overlap import buckets_of
+from edgepool.runtime.overlap import buckets_of, unit_of
 from edgepool.specs.plan import Plan, StagePlan
 from edgepool.testing import CORPUS
 from edgepool.testing.dist import run_distributed
@@ -101,3 +101,15 @@ def test_buckets_of_cuts_in_reverse_order():
     assert buckets_of([4, 4, 4, 10, 1], 8) == [[4], [3], [2, 1], [0]]  # a parameter over the cap: alone
     assert buckets_of([4, 4, 4, 10, 1], 12) == [[4, 3], [2, 1, 0]]
     assert buckets_of([], 8) == []
+
+
+def test_buckets_end_with_their_unit_once_big_enough():
+    units = ["embed", "blocks.0", "blocks.0", "blocks.1", "blocks.1", "head"]
+    # every unit ends a bucket once it holds 4 bytes: a block's gradients go out when its backward is done
+    assert buckets_of([4, 2, 2, 2, 2, 4], 100, units, min_bytes=4) == [[5], [4, 3], [2, 1], [0]]
+    # a unit smaller than min_bytes joins the next one (fewer, larger all-reduces)
+    assert buckets_of([4, 1, 1, 1, 1, 4], 100, units, min_bytes=4) == [[5], [4, 3, 2, 1], [0]]
+    # the cap still cuts inside a unit
+    assert buckets_of([4, 2, 2, 2, 2, 4], 3, units, min_bytes=1) == [[5], [4], [3], [2], [1], [0]]
+    assert [unit_of(n) for n in ("embed.tokens.weight", "blocks.11.attn.q_proj.base_layer.weight", "head.norm.bias")] \
+        == ["embed", "blocks.11", "head"]

@@ -32,6 +32,15 @@ def test_cpu_caps_keep_ratios_and_fit_the_host():
     assert "1.0 relative speed = 0.250 host cores" in plan.describe()
 
 
+def test_sum_fit_gives_no_device_more_than_one_core():
+    # A rank computes on one thread: 1.5 cores for the fast device would go unused, and it
+    # would compute slower than its share of the pool says. The ratios hold; the caps sum under the host.
+    plan = plan_caps([_dev("fast", compute_scale=3), _dev("slow", compute_scale=1)], host_cpus=2.0,
+                     host_memory_bytes=10**10)
+    assert plan.of("fast").cpu_cores == pytest.approx(1.0) and plan.of("slow").cpu_cores == pytest.approx(1 / 3)
+    assert plan.of("fast").num_threads == 1 and plan.warnings == ()
+
+
 def test_fastest_fit_warns_when_caps_exceed_the_host():
     devs = [_dev("fast", compute_scale=4), _dev("slow", compute_scale=1)]
     plan = plan_caps(devs, host_cpus=2.0, host_memory_bytes=10**10, cpu_fit="fastest")
@@ -63,7 +72,7 @@ def test_devices_are_pinned_to_cpus_with_room():
         "orin": (0,), "tx2": (1,), "nano": (1,), "rpi": (0,)}
     assert pin_cpus({"big": 2.0, "small": 0.5}, [0, 1, 2]) == {"big": (0, 1), "small": (2,)}
     plan = plan_caps([_dev("a", compute_scale=3), _dev("b", compute_scale=1)], host_cpus=2.0,
-                     host_memory_bytes=10**10, cpu_ids=[4, 5])
+                     host_memory_bytes=10**10, cpu_ids=[4, 5], cpu_fit="fastest")
     assert plan.of("a").cpus == (4, 5) and plan.of("b").cpus == (4,)
     assert "a on CPU 4,5; b on CPU 4" in plan.describe()
     assert plan_caps([_dev("a")], host_cpus=1.0, host_memory_bytes=10**10).of("a").cpus == ()
@@ -226,7 +235,7 @@ def _fake_state() -> core.TestbedState:
     info, _ = cgroups.detect(V1)
     devs = [_dev("a", compute_scale=1), _dev("b", compute_scale=3)]
     lay = _layout(NetworkSpec(), devs)
-    caps = plan_caps(devs, host_cpus=2, host_memory_bytes=10**10, cpu_ids=[0, 1])
+    caps = plan_caps(devs, host_cpus=2, host_memory_bytes=10**10, cpu_ids=[0, 1], cpu_fit="fastest")
     return core.TestbedState(tag="ab1", pool_name="p", emulated=True, layout=lay, caps=caps, cgroup_info=info, local_devices=["me"])
 
 

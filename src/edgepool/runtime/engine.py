@@ -55,7 +55,7 @@ from edgepool.runtime.groups import StageGroups
 from edgepool.errors import PeerError
 from edgepool.machine import peak_rss_bytes
 from edgepool.runtime.health import Heartbeat, blame
-from edgepool.runtime.overlap import DEFAULT_BUCKET_BYTES, GradSync
+from edgepool.runtime.overlap import DEFAULT_BUCKET_BYTES, GradSync, unit_of
 from edgepool.runtime.wire import Wire
 from edgepool.sim.lower import is_data_owner, lower_rank
 from edgepool.specs.layout import Layout
@@ -220,9 +220,10 @@ class Engine:
         #    summed in buckets while the last micro-batch's backward runs (``runtime.overlap``),
         #    in registration order (embed, blocks, head), which the buckets take in reverse
         synced = {id(p) for p in self.mode.sync_params(model, owner=self.owner)} if self.group is not None else set()
-        self.sync_params = [p for p in model.parameters() if id(p) in synced and p.requires_grad]
-        self.grad_sync = GradSync(self.sync_params, group=self.group, wire=self.wire, bucket_bytes=bucket_bytes) \
-            if self.sync_params else None
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in synced and p.requires_grad]
+        self.sync_params = [p for _, p in named]
+        self.grad_sync = GradSync(self.sync_params, group=self.group, wire=self.wire, bucket_bytes=bucket_bytes,
+                                  units=[unit_of(n) for n, _ in named]) if self.sync_params else None
         self.partial_params = self.mode.partial_grad_params(model) if self.group is not None else []
         self.trainable = {canonical(n) for n, p in model.named_parameters() if p.requires_grad}
         self.tuning = tuning

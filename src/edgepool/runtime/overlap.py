@@ -2,9 +2,12 @@
 
 A dp or sp group's replicas sum their gradients once per step (``Mode.syncs_grads``).
 Instead of one flat all-reduce after the whole backward, ``GradSync`` cuts the synced
-parameters into buckets of about ``bucket_bytes`` (DDP's 25 MiB by default), in reverse
+parameters into buckets of at most ``bucket_bytes`` (DDP's 25 MiB by default), in reverse
 registration order (the head, the last block, ..., the first block, the embed: roughly
-the order their gradients become final), and launches each bucket's all-reduce
+the order their gradients become final), a bucket ending with its unit (a block, the
+head, the embed) once it holds 1 MiB, so that each block's gradients leave as soon as
+its backward is done, which is what the cost model prices (``GroupComm.exposed_sync_s``:
+all but the first block's gradients overlap the backward), and launches each bucket's all-reduce
 (``async_op=True``; gloo runs it on its own threads) as soon as every gradient in it is
 final, while the backward goes on. The ``sync_grads`` op then launches what is left
 (parameters that got no gradient: zeros, as before), waits for every bucket and copies
@@ -51,16 +54,32 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's ``bucket_cap_mb`` default
+# A bucket ends with its unit once it holds this much (DDP's first bucket,
+# ``dist._DEFAULT_FIRST_BUCKET_BYTES``): fewer, larger all-reduces for tiny blocks.
+MIN_UNIT_BUCKET_BYTES = 2**20
 
 
-def buckets_of(sizes_bytes: list[int], cap_bytes: int) -> list[list[int]]:
+def unit_of(name: str) -> str:
+    """The unit a stage model's parameter belongs to, by its name: ``blocks.3`` for
+    ``blocks.3.attn.q_proj.weight``, else its first part (``embed``, ``head``)."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+
+
+def buckets_of(sizes_bytes: list[int], cap_bytes: int, units: list[object] | None = None,
+               min_bytes: int = 0) -> list[list[int]]:
     """Indices of ``sizes_bytes`` (parameters in registration order) cut into buckets of
-    at most ``cap_bytes`` (a larger parameter alone), in reverse registration order."""
+    at most ``cap_bytes`` (a larger parameter alone), in reverse registration order.
+
+    ``units``: each parameter's unit (the embed, a block, the head); a bucket then also
+    ends where a unit ends once it holds ``min_bytes``, so that a block's gradients go
+    out as soon as its backward is done rather than waiting for the next blocks'."""
     out: list[list[int]] = []
     cur: list[int] = []
     size = 0
     for i in reversed(range(len(sizes_bytes))):
-        if cur and size + sizes_bytes[i] > cap_bytes:
+        if cur and (size + sizes_bytes[i] > cap_bytes
+                    or (units is not None and units[i] != units[i + 1] and size >= min_bytes)):
             out.append(cur)
             cur, size = [], 0
         cur.append(i)
@@ -79,14 +98,16 @@ class GradSync:
     (a backward op) or ``"sync_grads"`` for a bucket launched by ``finish``.
     """
 
-    def __init__(self, params: list[torch.Tensor], *, group, wire=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    def __init__(self, params: list[torch.Tensor], *, group, wire=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 units: list[object] | None = None):
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be at least 1, got {bucket_bytes}")
         self.params = list(params)
         self.group, self.wire = group, wire
         self.world = dist.get_world_size(group)
         sizes = [p.numel() * p.element_size() for p in self.params]
-        self.buckets = [[self.params[i] for i in b] for b in buckets_of(sizes, bucket_bytes)]
+        self.buckets = [[self.params[i] for i in b]
+                        for b in buckets_of(sizes, bucket_bytes, units, min(MIN_UNIT_BUCKET_BYTES, bucket_bytes))]
         self._bucket_of = {id(p): k for k, b in enumerate(self.buckets) for p in b}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
         self._label: str | None = None

@@ -5,9 +5,12 @@ catalog's ``relative_speed`` for its kind and power mode (1.0 = a Jetson Nano at
 The testbed keeps the *ratios* between devices and chooses one scale factor,
 ``cores_per_speed`` (host CPU cores per unit of relative speed), so that
 
-- ``fit="sum"`` (default): the caps of all emulated devices add up to the host's CPUs.
-  No two devices ever compete for a core, so the ratios hold even when every device
-  computes at once (data, tensor and sequence parallelism).
+- ``fit="sum"`` (default): the caps of all emulated devices add up to the host's CPUs,
+  or less where that would give a device more than one core (``MAX_SUM_CORES``): a rank
+  computes on one thread (``RunSpec.threads``), so a cap over one core would go unused
+  and the device would compute slower than its share says. No two devices ever compete
+  for a core, so the ratios hold even when every device computes at once (data, tensor
+  and sequence parallelism).
 - ``fit="fastest"``: the fastest device gets the whole host. Faster absolute times, but
   the caps add up to more than the host has whenever two or more devices are busy at
   once; the plan then carries a warning, because the pool would lie.
@@ -42,18 +45,22 @@ CpuFit = Literal["sum", "fastest"]
 MemoryFit = Literal["exact", "fit"]
 
 MIN_CORES = 0.05  # the smallest cap plan_caps gives a device
+MAX_SUM_CORES = 1.0  # the largest cap fit="sum" gives a device: a rank computes on one thread
 
 
 def cores_per_speed(speeds: Sequence[float], *, host_cpus: float, cpu_fit: CpuFit = "sum") -> float:
     """Host CPU cores per unit of relative speed for devices of ``speeds`` sharing
-    ``host_cpus`` cores (the module docstring: ``sum`` or ``fastest``); 0 for none."""
+    ``host_cpus`` cores (the module docstring: ``sum``, at most one core a device, or
+    ``fastest``); 0 for none."""
     if cpu_fit not in ("sum", "fastest"):
         raise ValueError(f"cpu_fit must be 'sum' or 'fastest', got {cpu_fit!r}")
     if host_cpus <= 0:
         raise ValueError(f"host_cpus must be > 0, got {host_cpus}")
     if not speeds:
         return 0.0
-    return host_cpus / (sum(speeds) if cpu_fit == "sum" else max(speeds))
+    if cpu_fit == "fastest":
+        return host_cpus / max(speeds)
+    return min(host_cpus / sum(speeds), MAX_SUM_CORES / max(speeds))
 
 
 @dataclass(frozen=True)
