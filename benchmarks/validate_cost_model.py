@@ -33,15 +33,17 @@ What is compared:
 - memory: predicted = the cost model's peak resident memory of each device
   (``cost.estimate(...).peak_memory_bytes``); measured = the rank's peak resident set
   (``VmHWM``, ``machine.peak_rss_bytes``). Every device of every run is one sample.
-- energy per step: predicted = the cost model's energy; measured side = the study's
-  modelled energy from *measured* CPU time and bytes sent
-  (each rank's modelled meter, ``runtime.train.step_meter``). Neither is a sensor reading (this machine
-  has none); both are labelled ``modelled``.
+
+Cases whose smallest valid batch is predicted to step slower than ``--max-step-s`` are
+listed, not run (a 20 Mbit/s channel makes some plans take minutes a step), and so are
+cases for which the family's proportional plan is invalid (a device given no sample or
+no head).
 
 The pools describe what the testbed really emulates: where the kernel has no netem,
 links have rate only, so the pools' ``latency_ms`` and ``jitter_ms`` are 0. The CPU caps
-add up to ``--host-cpus`` (default 1.5 of this host's 2 cores), which leaves room for
-the launcher and keeps every device at or under one core (a rank runs one thread); the
+add up to ``--host-cpus`` (default 1.5 of this host's 2 cores) or less, which leaves room
+for the launcher and keeps every device at or under one core (a rank runs one thread;
+``testbed.caps.MAX_SUM_CORES``); the
 testbed gives the devices' cgroups the largest CPU weight, so other work on the host
 cannot take the CPU their caps promise (``testbed.cgroups.DeviceCgroup.set_cpu_priority``).
 
@@ -148,9 +150,16 @@ def draw_cases(seed: int, n: int) -> list[dict]:
         if devices > 1 and len(set(speeds)) == 1:  # uneven: the last device is the slowest kind
             speeds[-1] = min(SPEEDS)
             speeds[0] = max(speeds[0], 1.5)
+        layers = rng.randint(*LAYERS)
+        # What a family plan needs, set after the draws (the seed's later cases stay the
+        # same): a stage per device for pp, and for tp the most heads the width allows.
+        if plan.startswith("pp-") or plan == "hybrid":
+            layers = max(layers, devices)
+        if plan == "tp":
+            heads = max(h for h in (2, 4, 8, 12) if hidden % h == 0 and hidden // h >= 16)
         cases.append({
-            "case": i, "plan": plan,
-            "model": {"family": "gpt", "size": "small", "hidden": hidden, "num_layers": rng.randint(*LAYERS),
+            "case": i, "name": plan,
+            "model": {"family": "gpt", "size": "small", "hidden": hidden, "num_layers": layers,
                       "num_heads": heads, "ffn": 4 * hidden},
             "seq_len": rng.choice(SEQS),
             "speeds": speeds, "medium": rng.choice(MEDIA), "link_mbps": rng.choice(LINKS_MBPS),
@@ -272,9 +281,9 @@ def choose_batch(case: dict, pool, profile, budget_s: float):
     for gb in BATCHES:
         if gb < len(case["speeds"]):
             continue
-        job = job_spec(case, gb, case["plan"][3:] if case["plan"].startswith("pp-") else "1f1b")
+        job = job_spec(case, gb, case["name"][3:] if case["name"].startswith("pp-") else "1f1b")
         try:
-            plan = make_plan(pool, job, case["plan"], profile)
+            plan = make_plan(pool, job, case["name"], profile)
         except EdgepoolError as exc:
             why = str(exc)
             continue
@@ -315,16 +324,22 @@ def measure(args) -> dict:
                        "caps": {d.name: placement.cores(d.name) for d in pool.devices}}
                 if plan is None:
                     row["skipped"] = why
-                    print(f"case {case['case']:2d} {case['plan']:8s} skipped: {why}", flush=True)
+                    print(f"case {case['case']:2d} {case['name']:8s} skipped: {why}", flush=True)
                     rows.append(row)
                     continue
                 row.update(job=json.loads(job.model_dump_json()), global_batch=job.train.global_batch,
                            plan=json.loads(plan.dumps()), plan_id=plan.plan_id, parallelism=plan.parallelism)
                 row["predicted"] = predict(row, profile)
+                if row["predicted"]["step_time_s"] > args.max_step_s:
+                    row["skipped"] = (f"predicted {row['predicted']['step_time_s']:.0f} s per step at its smallest "
+                                      f"batch, over --max-step-s {args.max_step_s:g}: too slow to measure here")
+                    print(f"case {case['case']:2d} {case['name']:8s} skipped: {row['skipped']}", flush=True)
+                    rows.append(row)
+                    continue
                 timed = min(MAX_TIMED, max(MIN_TIMED, math.ceil(args.timed_s / row["predicted"]["step_time_s"])))
                 row["measured"] = run_one(pool, job, plan, placement, raw / f"case-{case['case']}", 1 + timed)
                 m, p = row["measured"], row["predicted"]
-                print(f"case {case['case']:2d} {case['plan']:8s} {describe(row)}: {m['status']:6s} measured "
+                print(f"case {case['case']:2d} {case['name']:8s} {describe(row)}: {m['status']:6s} measured "
                       f"{m.get('step_time_s', float('nan')):7.3f} s predicted {p['step_time_s']:7.3f} s "
                       f"({error_pct(p['step_time_s'], m.get('step_time_s')) or 0:+.1f}%), {1 + timed} steps, "
                       f"run {m['wall_s']:.1f} s", flush=True)
@@ -403,7 +418,8 @@ def write(result: dict, out: Path, wall_s: float | None) -> None:
         f"**Step time: {pct(step)}; memory: {pct(mem)} (targets: median <= {TARGET_MEDIAN_PCT:g}%, max <= "
         f"{TARGET_MAX_PCT:g}%): {'targets met' if summary['targets_met'] else 'TARGETS MISSED'}.** The cost "
         f"model's closed form: step {pct(model)}. {len(ok)} of {len(rows)} cases measured"
-        + (f"; {summary['skipped']} had no valid plan (listed below)" if summary["skipped"] else "")
+        + (f"; {summary['skipped']} not run (no valid plan, or too slow to measure here: listed below)"
+           if summary["skipped"] else "")
         + (f"; {len(ran) - len(ok)} failed" if len(ran) > len(ok) else "") + ".", "",
     ]
     if wall_s is not None:
@@ -419,9 +435,9 @@ def write(result: dict, out: Path, wall_s: float | None) -> None:
         m = r["model"]
         devs = ", ".join(f"x{s:g}: {r['caps'][d]:.2f}" for s, d in zip(r["speeds"], r["caps"]))
         head = (f"| {r['case']} | h{m['hidden']} L{m['num_layers']} a{m['num_heads']} | {r['seq_len']} | "
-                f"{r.get('global_batch', '-')} | {devs} | {r['medium']} {r['link_mbps']:g} | {r['plan']} |")
+                f"{r.get('global_batch', '-')} | {devs} | {r['medium']} {r['link_mbps']:g} | {r['name']} |")
         if "measured" not in r:
-            lines.append(f"{head} - | - | no valid plan: {r['skipped'][:120]} | | | | | | |")
+            lines.append(f"{head} {r.get('plan_id', '-')} | - | not run: {r['skipped'][:160]} | | | | | | |")
             continue
         meas, p = r["measured"], r["predicted"]
         if meas["status"] != "ok":
@@ -437,10 +453,10 @@ def write(result: dict, out: Path, wall_s: float | None) -> None:
                        key=lambda t: -t[0])[:3]
     if worst:
         lines += ["", "Largest step-time errors: " + "; ".join(
-            f"case {r['case']} {r['plan']} ({r['step_error_pct']:+.1f}%: {describe(r)})" for r in worst) + "."]
+            f"case {r['case']} {r['name']} ({r['step_error_pct']:+.1f}%: {describe(r)})" for r in worst) + "."]
     if worst_mem:
         lines += ["Largest memory errors: " + "; ".join(
-            f"case {r['case']} {r['plan']} on {d} ({e:+.1f}%)" for _, e, r, d in worst_mem) + "."]
+            f"case {r['case']} {r['name']} on {d} ({e:+.1f}%)" for _, e, r, d in worst_mem) + "."]
     lines += ["", f"Testbed (the last case's): {'; '.join(result['testbed'])}", ""]
     (out / "cost-model.md").write_text("\n".join(lines))
     print("\n".join(lines[6:14]))
@@ -453,6 +469,8 @@ def main() -> None:
     ap.add_argument("--timed-s", type=float, default=2.0,
                     help="predicted seconds of timed steps per run (between %d and %d steps)" % (MIN_TIMED, MAX_TIMED))
     ap.add_argument("--step-budget-s", type=float, default=2.0, help="the largest predicted step a case's batch may give")
+    ap.add_argument("--max-step-s", type=float, default=30.0,
+                    help="skip a case whose predicted step at its smallest batch is longer (listed as skipped)")
     ap.add_argument("--host-cpus", type=float, default=1.5)
     ap.add_argument("--only", action="append", type=int,
                     help="run this case only (repeatable); its row replaces the stored run's of the same seed")
