@@ -28,10 +28,12 @@ flow starts or ends, so concurrent transfers on the shared medium slow each othe
 down: the contention the analytic model only bounds. Flows on one connection go one
 at a time, in the order they were sent: gloo gives a process group one TCP connection
 per pair of ranks and writes its messages to it in turn (its pair's send queue), so
-the boundary transfers from one device to another (the world group's ``isend``\ s)
-queue behind each other instead of sharing the link; a micro-batch's activation
+the boundary transfers from one device to another (``isend`` calls on the world
+group) queue behind each other instead of sharing the link; a micro-batch's activation
 arrives after its own bytes and those sent before it, not after every one in the air.
-A collective's ring edges run on their stage group's connections, apart from these.
+A collective's ring edges run on their stage group's connections, not the world
+group's, and each collective counts as a connection of its own (gloo cuts a collective
+into many small messages, so two at once interleave): they share links as before.
 
 **Outputs.** Step time (the last rank's finish), a per-device timeline of compute and
 collective segments (everything else is idle), energy per device (``busy_w`` while
@@ -143,7 +145,8 @@ class _Rank:
 
 
 class _Net:
-    """Flows with max-min fair rates under link and channel capacities."""
+    """Flows with max-min fair rates under link and channel capacities; the flows of one
+    connection move one at a time, in the order they were added."""
 
     def __init__(self, net: Network):
         self.net = net
