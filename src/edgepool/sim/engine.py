@@ -25,7 +25,15 @@ fairly (progressive filling) under these capacities: every device's uplink and
 downlink (its ``bandwidth_mbps``), and, on a ``shared`` medium, the one channel of
 ``network.bandwidth_mbps`` that every flow crosses. Rates are recomputed whenever a
 flow starts or ends, so concurrent transfers on the shared medium slow each other
-down: the contention the analytic model only bounds.
+down: the contention the analytic model only bounds. Flows on one connection go one
+at a time, in the order they were sent: gloo gives a process group one TCP connection
+per pair of ranks and writes its messages to it in turn (its pair's send queue), so
+the boundary transfers from one device to another (``isend`` calls on the world
+group) queue behind each other instead of sharing the link; a micro-batch's activation
+arrives after its own bytes and those sent before it, not after every one in the air.
+A collective's ring edges run on their stage group's connections, not the world
+group's, and each collective counts as a connection of its own (gloo cuts a collective
+into many small messages, so two at once interleave): they share links as before.
 
 **Outputs.** Step time (the last rank's finish), a per-device timeline of compute and
 collective segments (everything else is idle), energy per device (``busy_w`` while
@@ -119,6 +127,7 @@ class _Flow:
     start_s: float  # active from (after latency)
     on_done: object  # callable
     rate: float = 0.0
+    conn: object = None  # the connection it travels on: one message at a time, in order sent
 
 
 @dataclass
@@ -136,7 +145,8 @@ class _Rank:
 
 
 class _Net:
-    """Flows with max-min fair rates under link and channel capacities."""
+    """Flows with max-min fair rates under link and channel capacities; the flows of one
+    connection move one at a time, in the order they were added."""
 
     def __init__(self, net: Network):
         self.net = net
@@ -145,15 +155,31 @@ class _Net:
         self.count = 0
         self.busy_s = 0.0  # time with bytes on the wire (the room left for the backups in the background)
 
-    def add(self, src: str, dst: str, nbytes: float, now: float, on_done, delay_s: float | None = None) -> None:
+    def add(self, src: str, dst: str, nbytes: float, now: float, on_done, delay_s: float | None = None,
+            group: object = "world") -> None:
+        """A transfer of ``nbytes`` from ``src`` to ``dst`` on ``group``'s connection between
+        them (the world group's for point-to-point sends), behind what that connection
+        already carries."""
         lat = max(self.net.dev_latency_s[src], self.net.dev_latency_s[dst]) if delay_s is None else delay_s
-        self.flows.append(_Flow(src, dst, float(nbytes), now + lat, on_done))
+        self.flows.append(_Flow(src, dst, float(nbytes), now + lat, on_done, conn=(group, src, dst)))
         self.moved[src] = self.moved.get(src, 0.0) + nbytes
         self.moved[dst] = self.moved.get(dst, 0.0) + nbytes
         self.count += 1
 
+    def active(self, now: float) -> list[_Flow]:
+        """The flows moving bytes at ``now``: started, and first in their connection's
+        queue (``flows`` is in the order they were sent)."""
+        out, busy = [], set()
+        for f in self.flows:
+            if f.conn in busy:
+                continue
+            busy.add(f.conn)
+            if f.start_s <= now + _EPS:
+                out.append(f)
+        return out
+
     def allocate(self, now: float) -> None:
-        active = [f for f in self.flows if f.start_s <= now + _EPS]
+        active = self.active(now)
         for f in self.flows:
             f.rate = 0.0
         if not active:
@@ -297,8 +323,10 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             if pending[0] == 0:
                 then()
 
+        coll = object()  # its own connections: it does not queue behind other transfers
         for i, x in enumerate(names):
-            netsim.add(x, names[(i + 1) % n], per_dev, now, edge_done, delay_s=2 * (n - 1) * net.lat(names))
+            netsim.add(x, names[(i + 1) % n], per_dev, now, edge_done, delay_s=2 * (n - 1) * net.lat(names),
+                       group=coll)
 
     # The sync's lead (overlapped with the last backward): per stage, the members ready
     # for it, and when it is done (None while it runs or has not started).
@@ -415,8 +443,9 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
                 finish()
 
         def start() -> None:
+            coll = object()
             for i, x in enumerate(names):
-                netsim.add(x, names[(i + 1) % n], sizes[x], now, edge_done, delay_s=steps * lat)
+                netsim.add(x, names[(i + 1) % n], sizes[x], now, edge_done, delay_s=steps * lat, group=coll)
 
         if n < 2 or sum(sizes.values()) <= 0:
             at(start_comm, finish)
