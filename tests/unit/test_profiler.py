@@ -27,6 +27,22 @@ def test_measured_profile_is_positive_and_cached(tmp_path, monkeypatch):
     assert path3 != path
 
 
+def test_the_profile_is_calibrated_by_whole_steps(monkeypatch):
+    """The parts' times are scaled so that they add up to a whole step's measured time
+    (``layers.calibrate``): scaling is exact, and the factor is recorded."""
+    monkeypatch.setattr(layers, "WARM_UP_CPU_S", 0.0)
+    cfg = preset("gpt", "tiny", vocab_size=260, num_layers=3)
+    prof = layers.measure_profile(cfg, seq_len=16, repeats=1)
+    assert "calibrated by whole steps of 3 block(s)" in prof.notes[0]
+    factor = float(prof.notes[0].rsplit("x", 1)[1])
+    assert 0.3 < factor < 3.0  # a measured ratio of the same work, not a runaway
+    doubled = layers.scale_times(prof, 2.0)
+    assert doubled.blocks[1].fwd_s.total(16) == pytest.approx(2 * prof.blocks[1].fwd_s.total(16))
+    assert doubled.head.fixed_bwd_s == pytest.approx(2 * prof.head.fixed_bwd_s)
+    assert doubled.optim_s_per_param_byte == pytest.approx(2 * prof.optim_s_per_param_byte)
+    assert doubled.blocks[0].act_bytes == prof.blocks[0].act_bytes  # memory is not time
+
+
 def test_fit_recovers_a_linear_model():
     rows = [(t, c) for t, c in [(8, 8), (16, 16), (32, 16), (64, 32), (8, 32)]]
     ys = [1e-3 + 2e-6 * t + 3e-8 * t * c for t, c in rows]

@@ -15,6 +15,16 @@ difference. Ranks run one thread (``torch.set_num_threads(1)``), so CPU time is 
 compute time. ``PROFILE_METHOD`` is part of the cache key, so profiles measured the
 old way are measured again.
 
+**Calibration.** Each part is timed alone, so its weights stay in the CPU's caches
+from one call to the next; in a run the blocks follow one another and the optimizer
+walks every parameter, and the same work took 10-16% more CPU time on this host
+(``docs/results/cost-model.md``, single-device runs of hidden 384-768). The profiler
+therefore also times whole training steps (embed, blocks, head and loss, backward,
+optimizer; median CPU time of ``CALIBRATION_STEPS`` after a warm-up) of a model of the
+same shape with as many blocks as fit ``CALIBRATION_MAX_PARAM_BYTES``, and scales
+every part's times by measured / summed parts (``calibrate``; the factor is in the
+profile's notes).
+
 ``precision`` (``train.precision``): under bf16 or fp16 every part runs under
 ``torch.autocast`` as the engine runs it (the head's loss in fp32 on
 ``logits.float()``), so times and kept activation bytes are autocast's. The weight
@@ -45,7 +55,12 @@ from edgepool.machine import cpu_name
 # the profiler's own imports. An estimate, measured once on this kind of machine.
 GLOO_ALLOWANCE_BYTES = 100e6
 # Bump when the measurement changes, so cached profiles are measured again.
-PROFILE_METHOD = 5  # 5: the rank baseline measured in a fresh interpreter (rank_baseline_bytes)
+PROFILE_METHOD = 6  # 6: calibrated by a whole-model step (calibrate); 5: the rank baseline in a fresh interpreter
+# The calibration step's model holds at most this many parameter bytes (and at least two
+# blocks): far more than a CPU's caches, so the blocks' weights stream from memory as in
+# a run, while a large model's profile stays measurable where the model does not fit.
+CALIBRATION_MAX_PARAM_BYTES = 256e6
+CALIBRATION_STEPS = 3
 CACHE_DIR = Path(os.environ.get("EDGEPOOL_CACHE", Path.home() / ".cache" / "edgepool")) / "profiles"
 
 
@@ -239,14 +254,66 @@ def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw",
     opt = torch.optim.AdamW(params, lr=1e-4) if optimizer == "adamw" else torch.optim.SGD(params, lr=1e-4)
     opt_s = _best_time(opt.step, repeats)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    return replace(
+    prof = replace(
         base, blocks=tuple(block_lp for _ in range(cfg.num_layers)), embed=embed_lp, head=head_lp,
         optim_s_per_param_byte=opt_s / param_bytes, source="measured", runtime_bytes=float(runtime_bytes),
         mode_runtime_bytes=(("fsdp", float(fsdp_bytes)),),
+    )
+    factor, n_blocks = calibrate(prof, cfg, seq_len=seq_len, optimizer=optimizer, precision=precision)
+    if progress:
+        progress(f"whole steps of {n_blocks} block(s): x{factor:.3f}")
+    return replace(
+        scale_times(prof, factor),
         notes=(f"measured on {host_id()} with {threads} thread(s), torch {torch.__version__}"
                + (f", under {precision} autocast" if precision != "fp32" else "")
-               + "; per-part split of the linear time by analytic FLOPs",),
+               + "; per-part split of the linear time by analytic FLOPs"
+               + f"; calibrated by whole steps of {n_blocks} block(s): parts' times x{factor:.3f}",),
     )
+
+
+def scale_times(prof: ModelProfile, k: float) -> ModelProfile:
+    """``prof`` with every part's compute time (and the optimizer's) times ``k``."""
+    def lp(x):
+        return replace(x, fwd_s=x.fwd_s.scaled(k), bwd_s=x.bwd_s.scaled(k), fixed_fwd_s=k * x.fixed_fwd_s,
+                       fixed_bwd_s=k * x.fixed_bwd_s)
+    return replace(prof, blocks=tuple(lp(b) for b in prof.blocks), embed=lp(prof.embed), head=lp(prof.head),
+                   optim_s_per_param_byte=k * prof.optim_s_per_param_byte)
+
+
+def calibrate(prof: ModelProfile, cfg: ModelConfig, *, seq_len: int, optimizer: str,
+              precision: str) -> tuple[float, int]:
+    """Measured / predicted CPU time of a whole training step (module docstring), and
+    the number of blocks it ran. Batch 2 of ``seq_len`` tokens."""
+    block_bytes = sum(p.numel() * p.element_size()
+                      for p in StageModel(cfg, (0, 1), embed=False, head=False, seed=0).parameters())
+    n = max(2, min(cfg.num_layers, int(CALIBRATION_MAX_PARAM_BYTES // max(1, block_bytes))))
+    model = StageModel(replace(cfg, num_layers=n), (0, n), embed=True, head=True, seed=0)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4) if optimizer == "adamw" else torch.optim.SGD(params, lr=1e-4)
+    b, t = 2, min(seq_len, cfg.max_seq_len)
+    ids = torch.randint(0, cfg.vocab_size, (b, t))
+    labels = torch.randint(0, cfg.vocab_size, (b * t,))
+    parts = [_under(m, precision) for m in (model.embed, *model.blocks.values(), model.head)]
+
+    def step():
+        x = ids
+        for m in parts:
+            x = m(x)
+        torch.nn.functional.cross_entropy(x.float().reshape(-1, x.shape[-1]), labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = []
+    for i in range(1 + CALIBRATION_STEPS):
+        t0 = time.process_time()
+        step()
+        if i:
+            times.append(time.process_time() - t0)
+    tokens = b * t
+    pred = sum(lp.fwd_s.at(tokens, t) + lp.bwd_s.at(tokens, t) + lp.fixed_fwd_s + lp.fixed_bwd_s
+               for lp in (prof.embed, *prof.blocks[:n], prof.head))
+    pred += prof.optim_s_per_param_byte * sum(p.numel() * p.element_size() for p in params)
+    return float(np.median(times)) / pred, n
 
 
 def cached_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw", threads: int = 1,
