@@ -57,7 +57,10 @@ POOLS = {
 }
 MEMORY_GB = 2.0
 MODEL = {"family": "gpt", "size": "small", "hidden": 256, "num_layers": 4, "num_heads": 8, "ffn": 1024}
-TRAIN = {"global_batch": 8, "seq_len": 128, "lr": 1e-3, "optimizer": "adamw", "seed": 0, "timeout_s": 120}
+# No in-memory backups (replicate_every 0): a run of a few steps would time none, while
+# the planner would price their share of a long run's steps.
+TRAIN = {"global_batch": 8, "seq_len": 128, "lr": 1e-3, "optimizer": "adamw", "seed": 0, "timeout_s": 120,
+         "replicate_every": 0}
 TARGET_SCALING, TARGET_PREDICTION_PCT = 0.8, 15.0
 WARMUP, MIN_TIMED, MAX_TIMED = 2, 3, 10
 

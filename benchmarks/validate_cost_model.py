@@ -103,6 +103,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import math
 import random
 import statistics
@@ -186,7 +187,7 @@ def job_spec(case: dict, global_batch: int, schedule: str = "1f1b", steps: int =
     return JobSpec.model_validate({
         "model": case["model"], "data": {"path": str(CORPUS)},
         "train": {"global_batch": global_batch, "seq_len": case["seq_len"], "lr": 1e-3, "optimizer": "adamw",
-                  "seed": 0, "timeout_s": 120, "steps": steps},
+                  "seed": 0, "timeout_s": 120, "steps": steps, "replicate_every": 0},
         "parallelism": {"mode": "auto", "schedule": schedule},
     })
 
@@ -229,6 +230,9 @@ def predict(row: dict, profile) -> dict:
     pool = PoolSpec.model_validate(row["pool"])
     plan = Plan.model_validate(row["plan"])
     shape = shape_of(JobSpec.model_validate(row["job"]))
+    # No in-memory backups on either side: the jobs set replicate_every 0 (rows stored
+    # before they did ran with "auto", whose first backup comes after the few steps run).
+    profile = replace(profile, backup_every=0)
     c = estimate(plan, pool, profile, shape)
     sim = simulate(plan, pool, profile, shape)
     return {"step_time_s": sim.step_time_s, "energy_j": sim.energy_j, "source": "simulator",
