@@ -210,6 +210,17 @@ def shape_of(job):
                  ffn=cfg.ffn, num_kv_heads=cfg.num_kv_heads)
 
 
+def predict_memory(row: dict, profile, steps: int) -> dict:
+    """The cost model's peak memory per device over a run of ``steps`` steps."""
+    from edgepool.cost import estimate
+    from edgepool.specs.job import JobSpec
+    from edgepool.specs.plan import Plan
+    from edgepool.specs.pool import PoolSpec
+
+    return estimate(Plan.model_validate(row["plan"]), PoolSpec.model_validate(row["pool"]), profile,
+                    shape_of(JobSpec.model_validate(row["job"])), steps=steps).peak_memory_bytes
+
+
 def predict(row: dict, profile) -> dict:
     from edgepool.cost import estimate
     from edgepool.sim.engine import simulate
@@ -322,6 +333,9 @@ def measure(args) -> dict:
                            plan=json.loads(plan.dumps()), plan_id=plan.plan_id, parallelism=plan.parallelism)
                 row["predicted"] = predict(row, profile)
                 timed = min(MAX_TIMED, max(MIN_TIMED, math.ceil(args.timed_s / row["predicted"]["step_time_s"])))
+                # the peak of the run it measures: which rounds of in-memory backups it holds
+                # depends on how many steps it runs (``cost.model.BackupCost.held_bytes``)
+                row["predicted"]["memory_bytes"] = predict_memory(row, profile, 1 + timed)
                 row["measured"] = run_one(pool, job, plan, placement, raw / f"case-{case['case']}", 1 + timed)
                 m, p = row["measured"], row["predicted"]
                 print(f"case {case['case']:2d} {case['plan']:8s} {describe(row)}: {m['status']:6s} measured "
