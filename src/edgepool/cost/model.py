@@ -95,7 +95,13 @@ libraries' measured resident bytes) + activations of the micro-batches in flight
 end plus the owners' head for 1f1b) + the owners' transient head activations (logits and
 their gradient). On the owners this assumes the head runs while the most micro-batches
 are in flight, which the schedule does not always do: an upper bound by at most the
-smaller of one micro-batch's activations and the transient (the simulator is exact).
+smaller of one micro-batch's activations and the transient (the simulator is exact). A
+run that recovers in memory adds its backups as the runtime holds them through a step
+(``BackupCost.held_bytes``: the first round, taken before the first optimizer step,
+without optimizer state; two full rounds in a long run). Not modelled: what the C
+allocator keeps resident after a free (glibc's heap keeps freed activation chunks that it
+cannot always reuse, so a rank's peak RSS creeps above its live bytes over the first
+steps).
 
 **Fine-tuning** (``train.lora``, ``train.freeze``; ``cost.profile.with_tuning``, which
 ``for_job`` applies). Each unit carries the fraction of its parameter bytes that train
