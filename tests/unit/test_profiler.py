@@ -73,3 +73,30 @@ def test_a_bf16_profile_is_measured_under_autocast(tmp_path, monkeypatch):
     assert bf16.blocks[0].cast_at() > 0 == fp32.blocks[0].cast_at()
     assert layers.cache_key(cfg, 32, "adamw", 1, "bf16") != layers.cache_key(cfg, 32, "adamw", 1)
     assert layers.cache_key(cfg, 32, "adamw", 1, "fp32") == layers.cache_key(cfg, 32, "adamw", 1)
+
+
+def test_rank_baseline_imports_what_a_rank_imports(monkeypatch):
+    """The baseline's fresh interpreter imports the rank's own modules (a rank runs
+    ``python -m edgepool.runtime.rank``, which imports the training loop and everything it
+    uses), not torch alone: those left out made every rank measure above its prediction."""
+    import importlib.util
+    import subprocess
+
+    from edgepool.profiler import layers
+
+    assert "edgepool.runtime.rank" in layers.RANK_MODULES and "edgepool.runtime.train" in layers.RANK_MODULES
+    assert all(importlib.util.find_spec(m) is not None for m in layers.RANK_MODULES)
+    seen = {}
+
+    class Done:
+        stdout = "300000000 350000000"
+
+    def fake_run(cmd, **kw):
+        seen["cmd"] = cmd
+        return Done()
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    base, fsdp = layers.rank_baseline_bytes()
+    assert seen["cmd"][-len(layers.RANK_MODULES):] == list(layers.RANK_MODULES)
+    assert "importlib.import_module(mod)" in seen["cmd"][2]
+    assert base == 300e6 + layers.GLOO_ALLOWANCE_BYTES and fsdp == 50e6

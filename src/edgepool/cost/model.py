@@ -95,7 +95,13 @@ libraries' measured resident bytes) + activations of the micro-batches in flight
 end plus the owners' head for 1f1b) + the owners' transient head activations (logits and
 their gradient). On the owners this assumes the head runs while the most micro-batches
 are in flight, which the schedule does not always do: an upper bound by at most the
-smaller of one micro-batch's activations and the transient (the simulator is exact).
+smaller of one micro-batch's activations and the transient (the simulator is exact). A
+run that recovers in memory adds its backups as the runtime holds them through a step
+(``BackupCost.held_bytes``: the first round, taken before the first optimizer step,
+without optimizer state; two full rounds in a long run). Not modelled: what the C
+allocator keeps resident after a free (glibc's heap keeps freed activation chunks that it
+cannot always reuse, so a rank's peak RSS creeps above its live bytes over the first
+steps).
 
 **Fine-tuning** (``train.lora``, ``train.freeze``; ``cost.profile.with_tuning``, which
 ``for_job`` applies). Each unit carries the fraction of its parameter bytes that train
@@ -466,20 +472,38 @@ class BackupCost:
     ``busy_s``). What does not fit there delays the next round's boundary, so the steps
     grow by it over ``every`` (``time_s``). ``auto`` (``train.replicate_every``) picks the
     smallest ``every`` that keeps that under ``BACKUP_SHARE`` of the step. The copy and
-    its serialization on the CPU are not counted. Memory: the own copy plus the replicas
-    kept, held through the step (``steady_bytes``); at the boundary the next copies are
-    made before the old ones go, twice that, when the activations are gone
-    (``memory_part``)."""
+    its serialization on the CPU are not counted.
+
+    Memory, as ``runtime.regroup.Regroup.keep_state`` holds it (``held_bytes``): a
+    round's own copy plus the replicas kept (``steady_bytes``) are held through the
+    steps that follow, next to the activations. The first round is taken when a fresh
+    run starts, before any optimizer step: the optimizer's state (AdamW's moments) is
+    created lazily at the first step, so that round carries parameters only
+    (``first_bytes``). A later round's copies join the previous round's, which go only
+    at the next round's boundary (once every rank confirmed the round in flight), so
+    from the third round on two full rounds are held through every step."""
 
     time_s: float
     bytes_moved: dict[str, float]
-    steady_bytes: dict[str, float]
+    steady_bytes: dict[str, float]  # one round with optimizer state: own copy + replicas
     every: int = 0  # steps between two rounds (0: no backups)
+    first_bytes: dict[str, float] = field(default_factory=dict)  # the first round: parameters only
 
-    def memory_part(self, name: str, activations_bytes: float) -> float:
-        """The bytes the backups add to ``name``'s peak over its step's activations."""
-        held = self.steady_bytes.get(name, 0.0)
-        return held + max(0.0, held - activations_bytes)
+    def held_bytes(self, name: str, steps: int | None = None) -> float:
+        """The backups' bytes ``name`` holds through a step, at the most, over a fresh run of
+        ``steps`` steps (None: a long run). Rounds are taken when the run starts and after
+        every ``every``-th step but the last (``runtime.train``): the start's alone
+        (``steps <= every``) holds parameters only; with a second round both are held;
+        from a third on, two rounds with optimizer state."""
+        one = self.steady_bytes.get(name, 0.0)
+        if not one or not self.every:
+            return 0.0
+        first = self.first_bytes.get(name, one)
+        if steps is not None and steps <= self.every:
+            return first
+        if steps is not None and steps <= 2 * self.every:
+            return first + one
+        return 2 * one
 
 
 def backup_cost(plan: Plan, work: dict[str, DeviceWork], net: Network, every: int | str,
@@ -493,23 +517,29 @@ def backup_cost(plan: Plan, work: dict[str, DeviceWork], net: Network, every: in
     if not every or plan.world_size < 2:
         return BackupCost(0.0, {}, {})
     state = {n: w.backup_bytes for n, w in work.items()}
+    # the run's first round, before the first optimizer step: no optimizer state yet
+    first = {n: w.backup_bytes - w.state_bytes.get("optimizer", 0.0) for n, w in work.items()}
     flows = [(plan.devices[r], plan.devices[b], state[plan.devices[r]]) for r, b in backups(plan).items()]
     round_s = net.transfer_time(flows)
     idle_s = max(0.0, step_s - busy_s)
     if every == "auto":  # (round_s - every * idle_s) / every <= BACKUP_SHARE * step_s
         every = max(1, math.ceil(round_s / (idle_s + BACKUP_SHARE * step_s))) if step_s > 0 else 1
-    held = dict(state)
+    held, held_first = dict(state), dict(first)
     moved = {n: 0.0 for n in plan.devices}
     for src, dst, nb in flows:
         held[dst] += nb
+        held_first[dst] += first[src]
         moved[src] += nb / every
         moved[dst] += nb / every
     return BackupCost(time_s=max(0.0, round_s - every * idle_s) / every, bytes_moved=moved, steady_bytes=held,
-                      every=int(every))
+                      every=int(every), first_bytes=held_first)
 
 
-def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, network: Network | None = None) -> PlanCost:
-    """The cost model's prediction for one step of ``plan`` (see the module docstring)."""
+def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *, network: Network | None = None,
+             steps: int | None = None) -> PlanCost:
+    """The cost model's prediction for one step of ``plan`` (see the module docstring).
+    ``steps``: the length of the run whose peak memory is wanted, when known (it sets which
+    rounds of in-memory backups it holds, ``BackupCost.held_bytes``); None: a long run."""
     net = network or Network.of(pool)
     devs = {d.name: d for d in pool.devices}
     work = device_work(plan, pool, profile, shape)
@@ -600,7 +630,7 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             mem_parts = {"runtime": profile.runtime_bytes, **w.state_bytes, "activations": act,
                          "transient": transient}
             if backup.steady_bytes:
-                mem_parts["backups"] = backup.memory_part(name, act + transient)
+                mem_parts["backups"] = backup.held_bytes(name, steps)
             out[name] = DeviceCost(
                 name=name, kind=dev.kind, power_mode=pm.name, stage=s, speed=device_speed(dev, pm.name),
                 fwd_s=w.fwd_s, bwd_s=w.bwd_s, busy_s=busy,

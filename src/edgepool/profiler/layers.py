@@ -55,7 +55,16 @@ from edgepool.machine import cpu_name
 # the profiler's own imports. An estimate, measured once on this kind of machine.
 GLOO_ALLOWANCE_BYTES = 100e6
 # Bump when the measurement changes, so cached profiles are measured again.
-PROFILE_METHOD = 6  # 6: calibrated by a whole-model step (calibrate); 5: the rank baseline in a fresh interpreter
+# 5: the rank baseline measured in a fresh interpreter (rank_baseline_bytes);
+# 6: that interpreter imports what a rank imports (``RANK_MODULES``), not torch alone;
+# 7: and the parts' times are calibrated by whole-model steps (``calibrate``)
+PROFILE_METHOD = 7
+# What every rank imports before it builds a model (``python -m edgepool.runtime.rank``:
+# the training loop, its engine, checkpoints, backups, the specs; pydantic, safetensors,
+# numpy): 14 MB of resident memory over torch and torch.distributed on an x86 host
+# (torch 2.13 CPU), which the baseline left out, so every rank measured above its
+# prediction by about that much.
+RANK_MODULES = ("edgepool.runtime.rank", "edgepool.runtime.train")
 # The calibration step's model holds at most this many parameter bytes (and at least two
 # blocks): far more than a CPU's caches, so the blocks' weights stream from memory as in
 # a run, while a large model's profile stays measurable where the model does not fit.
@@ -172,8 +181,10 @@ def _under(module, precision: str):
 
 
 _BASELINE = """
-import importlib
+import importlib, sys
 import torch, torch.distributed
+for mod in sys.argv[1:]:
+    importlib.import_module(mod)
 from edgepool.machine import peak_rss_bytes
 a = peak_rss_bytes()
 for lib in ("torch.distributed.device_mesh", "torch.distributed.fsdp", "torch.distributed.tensor"):
@@ -183,14 +194,16 @@ print(a, peak_rss_bytes())
 
 
 def rank_baseline_bytes() -> tuple[float, float]:
-    """(a rank's resident memory before any model: the interpreter, torch and
-    torch.distributed, plus ``GLOO_ALLOWANCE_BYTES``; what fsdp's libraries add), measured
+    """(a rank's resident memory before any model: the interpreter, torch,
+    torch.distributed and edgepool's rank modules (``RANK_MODULES``), plus
+    ``GLOO_ALLOWANCE_BYTES``; what fsdp's libraries add), measured
     in a fresh interpreter: this process's own peak holds whatever it did before (a
     study or a benchmark that built models), which no rank carries."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _BASELINE], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", _BASELINE, *RANK_MODULES], capture_output=True, text=True,
+                         timeout=120, check=True)
     before, after = (float(v) for v in out.stdout.split())
     return before + GLOO_ALLOWANCE_BYTES, after - before
 

@@ -255,10 +255,10 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
     comms = [group_comm(plan, s, profile, shape, net) for s in range(S)]
     # The framework's own memory, then parameters, gradients and optimizer state as the mode holds them.
     static = {n: profile.runtime_bytes + w.static_bytes for n, w in work.items()}
-    # In-memory backups (``cost.model.BackupCost``): held through the step, copied anew at its end.
-    held = backup_cost(plan, work, net, profile.backup_every).steady_bytes
-    for n, b in held.items():
-        static[n] += b
+    # In-memory backups (``cost.model.BackupCost.held_bytes``): held through the step, a long run's.
+    bc = backup_cost(plan, work, net, profile.backup_every)
+    for n in static:
+        static[n] += bc.held_bytes(n)
 
     # Transfers of every boundary, and how many each receiver waits for.
     flows_of: dict[tuple[int, bool], list[tuple[str, str, float]]] = {}
@@ -536,8 +536,6 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
     step = max(step, max((sg.end_s for sg in segments), default=0.0))
     backup = backup_cost(plan, work, net, profile.backup_every, step_s=step, busy_s=netsim.busy_s)
     step += backup.time_s
-    for rk in ranks:  # the boundary's second copy of the backups, the activations gone
-        rk.mem_peak = max(rk.mem_peak, static[rk.device] + held.get(rk.device, 0.0))
     traces = {}
     for rk in ranks:
         dev = devs[rk.device]
