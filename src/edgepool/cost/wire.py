@@ -78,3 +78,45 @@ def powersgd_flops(shape: tuple[int, ...], rank: int) -> float:
     n, m = matrix_of(shape)
     return 3 * 2.0 * n * m * rank + 2.0 * n * rank * rank
 
+
+def with_wire(profile, wire, lora=None, freeze: tuple[str, ...] = ()):
+    """``profile`` (a ``cost.profile.ModelProfile``) for a job whose ``train.wire`` is
+    ``wire`` (a ``specs.job.WireSpec``), fine-tuned as ``lora``/``freeze`` say (the
+    tensors that train are the ones synced). Unchanged when the wire is off.
+
+    Sets the boundary codec (``ModelProfile.wire_activations``: ``wire_row_bytes`` and
+    the codec's passes, priced by ``cost.model``) and, with PowerSGD, per unit the
+    fraction of its trainable bytes that the sync sends (``LayerProfile.sync_frac``:
+    ``powersgd_elements`` over the trainable elements) and the FLOPs and elementwise
+    bytes of compressing them (``sync_flops``, ``sync_traffic_bytes``; module docstring).
+    APPROXIMATION: the fraction is taken by element count from the model's shapes and
+    applied to the profile's trainable bytes (equal for an analytic profile)."""
+    from dataclasses import replace
+
+    from edgepool.cost.profile import unit_tensors
+
+    if wire.is_off:
+        return profile
+    rank = wire.powersgd_rank if wire.gradients == "powersgd" else 0
+    out = replace(profile, wire_activations=wire.activations, powersgd_rank=rank)
+    out = replace(out, notes=out.notes + (f"wire: activations {wire.activations}, gradients {wire.gradients}"
+                                          + (f" rank {rank}" if rank else "") + " (with_wire)",))
+    if not rank:
+        return out
+    elems: dict[str, list[float]] = {}  # unit -> [trainable, sent, flops, compressed]
+    for t in unit_tensors(profile.dims, lora, freeze):
+        if not t.trainable:
+            continue
+        e = elems.setdefault(t.unit, [0.0, 0.0, 0.0, 0.0])
+        e[0] += math.prod(t.shape)
+        e[1] += powersgd_elements(t.shape, rank)
+        e[2] += powersgd_flops(t.shape, rank)
+        e[3] += math.prod(t.shape) if powersgd_compresses(t.shape, rank) else 0
+
+    def tune(unit: str, lp):
+        total, sent, flops, comp = elems.get(unit, (0.0, 0.0, 0.0, 0.0))
+        return replace(lp, sync_frac=sent / total if total else 1.0, sync_flops=flops,
+                       sync_traffic_bytes=POWERSGD_TRAFFIC_BYTES * comp)
+
+    return replace(out, blocks=tuple(tune(f"blocks.{i}", lp) for i, lp in enumerate(profile.blocks)),
+                   embed=tune("embed", profile.embed), head=tune("head", profile.head))
