@@ -112,6 +112,17 @@ weights' rate per parameter, one trainable fraction for every tp slice of a unit
 fsdp's reduce-scatter at the whole unit's bytes; the adapters' own kept activations are
 left out (``with_tuning`` says each).
 
+**Compression on the wire** (``train.wire``; ``cost.wire``, which ``for_job`` applies
+through ``with_wire``). A boundary row is ``ModelProfile.wire_row_bytes`` on the wire,
+plus int8's scale per transfer (``boundary_flows``); every device encodes what it sends
+off itself and decodes what it receives (``boundary_codec``: the codec's bytes read and
+written per element at the profile's ``traffic_s_per_byte``), counted in its blocks'
+forward or backward by the op that runs it. A dp/sp sync sends ``LayerProfile.sync_at``
+(PowerSGD's factors) and its slowest member's compression (``sync_codec_s``: the factors'
+matmuls at ``matmul_s_per_flop``, the elementwise passes) is added to the exposed sync
+and to each member's busy time. Not modelled: PowerSGD's error buffers in memory, its
+second all-reduce's latency (one ring latency per bucket).
+
 **Energy** of device i over the step: ``busy_w * busy_i + idle_w * (T - busy_i) +
 radio_j_per_mb * MB_i``, with ``busy_i = M * (compute F_i + B_i) + optim_i`` (waiting
 on the network counts as idle) and ``MB_i`` the megabytes it sends and receives.
