@@ -505,7 +505,7 @@ def sync_codec_s(gc: GroupComm, profile: ModelProfile, slow: float) -> float:
     """Seconds a member of a group compresses its sync's gradients per step (PowerSGD:
     ``GroupComm.sync_flops`` at the profile's ``matmul_s_per_flop``, its elementwise
     passes at ``traffic_s_per_byte``), ``slow`` times the reference device's; 0 without."""
-    return slow * (gc.sync_flops * profile.matmul_s_per_flop + gc.sync_traffic_bytes * profile.traffic_s_per_byte)
+    return slow * profile.compress_s(gc.sync_flops, gc.sync_traffic_bytes)
 
 
 BACKUP_SHARE = 0.1  # ``replicate_every: auto`` keeps the backups under this share of the training time

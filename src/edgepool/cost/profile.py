@@ -273,6 +273,11 @@ class ModelProfile:
         (``OPT_TRAFFIC_FACTOR``), measured where the profiler timed it."""
         return self.optim_s_per_param_byte / OPT_TRAFFIC_FACTOR[self.optimizer]
 
+    def compress_s(self, flops: float, traffic_bytes: float) -> float:
+        """Reference seconds of ``flops`` of matmuls and ``traffic_bytes`` of elementwise
+        passes (PowerSGD's compression of a sync: ``LayerProfile.sync_flops``, ``sync_traffic_bytes``)."""
+        return flops * self.matmul_s_per_flop + traffic_bytes * self.traffic_s_per_byte
+
     @property
     def matmul_s_per_flop(self) -> float:
         """Seconds per matmul FLOP on the reference device: a block's attention

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import math
 
-ACTIVATION_CODECS = ("fp32", "fp16", "bf16", "int8")
-GRADIENT_CODECS = ("none", "powersgd")
 ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 HEADER_BYTES = {"fp32": 0, "fp16": 0, "bf16": 0, "int8": 4}
 # bytes read and written per element, (encode, decode); fp32 is sent as it is

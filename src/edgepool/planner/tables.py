@@ -159,12 +159,10 @@ class Tables:
         lead = sync_pre[None, :] - sync_pre[np.minimum(np.arange(L + 1) + 1, L)][:, None]
         lead[0, :] += prof.head.sync_at()
         # compressing them (PowerSGD) over [l0, l), reference seconds (``cost.model.sync_codec_s``)
-        per = np.array([lp.sync_flops * prof.matmul_s_per_flop + lp.sync_traffic_bytes * prof.traffic_s_per_byte
-                        for lp in blocks])
+        per = np.array([prof.compress_s(lp.sync_flops, lp.sync_traffic_bytes) for lp in blocks])
         per_pre = np.concatenate([[0.0], np.cumsum(per)])
         cm = per_pre[None, :] - per_pre[:, None]
-        cm[0, :] += sum(lp.sync_flops * prof.matmul_s_per_flop + lp.sync_traffic_bytes * prof.traffic_s_per_byte
-                        for lp in (prof.embed, prof.head))
+        cm[0, :] += sum(prof.compress_s(lp.sync_flops, lp.sync_traffic_bytes) for lp in (prof.embed, prof.head))
         self.sync_codec_mat = np.where(np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1), cm, 0.0)
         valid = np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1)
         self.sync_tail_mat = np.where(valid, tail, 0.0)
