@@ -101,7 +101,9 @@ def test_powersgd_sends_factors_only_where_smaller():
 
 def test_wire_spec_defaults_off_and_validates():
     assert TrainSpec().wire == WireSpec(activations="fp32", gradients="none") and TrainSpec().wire.is_off
-    assert WireSpec(gradients="powersgd").powersgd_rank == 4
+    assert WireSpec(gradients="powersgd").rank == 4 and WireSpec(gradients="powersgd", powersgd_rank=2).rank == 2
+    for w in (WireSpec(), WireSpec(gradients="powersgd", powersgd_rank=2)):  # a file written back reads the same
+        assert TrainSpec.model_validate_json(TrainSpec(wire=w).model_dump_json()).wire == w
     with pytest.raises(ValueError, match="powersgd_rank 2 is set but gradients is 'none'"):
         WireSpec(powersgd_rank=2)
     with pytest.raises(ValueError):

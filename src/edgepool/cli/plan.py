@@ -85,7 +85,7 @@ def training_line(job, profile, plan) -> str:
     if not t.wire.is_off:  # lossy: said where it is priced
         w = t.wire
         parts.append(f"wire (lossy): boundaries {w.activations}, gradients {w.gradients}"
-                     + (f" rank {w.powersgd_rank}" if w.gradients == "powersgd" else ""))
+                     + (f" rank {w.rank}" if w.gradients == "powersgd" else ""))
     return "training: " + "; ".join(parts)
 
 

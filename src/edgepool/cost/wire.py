@@ -95,7 +95,7 @@ def with_wire(profile, wire, lora=None, freeze: tuple[str, ...] = ()):
 
     if wire.is_off:
         return profile
-    rank = wire.powersgd_rank if wire.gradients == "powersgd" else 0
+    rank = wire.rank if wire.gradients == "powersgd" else 0
     out = replace(profile, wire_activations=wire.activations, powersgd_rank=rank)
     out = replace(out, notes=out.notes + (f"wire: activations {wire.activations}, gradients {wire.gradients}"
                                           + (f" rank {rank}" if rank else "") + " (with_wire)",))

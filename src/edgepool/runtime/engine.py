@@ -233,7 +233,7 @@ class Engine:
         synced = {id(p) for p in self.mode.sync_params(model, owner=self.owner)} if self.group is not None else set()
         named = [(n, p) for n, p in model.named_parameters() if id(p) in synced and p.requires_grad]
         self.sync_params = [p for _, p in named]
-        compressor = PowerSGD(wire.powersgd_rank, group=self.group, wire=self.wire, seed=seed) \
+        compressor = PowerSGD(wire.rank, group=self.group, wire=self.wire, seed=seed) \
             if self.sync_params and wire.gradients == "powersgd" else None
         self.grad_sync = GradSync(self.sync_params, group=self.group, wire=self.wire, bucket_bytes=bucket_bytes,
                                   units=[unit_of(n) for n, _ in named], compressor=compressor) \

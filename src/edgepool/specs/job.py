@@ -115,6 +115,7 @@ class LoraSpec(_Strict):
 # The largest PowerSGD rank: past the smaller side of a gradient matrix a rank-r pair
 # carries more than the matrix, and such a matrix is sent whole (``runtime.compress``).
 MAX_POWERSGD_RANK = 1024
+DEFAULT_POWERSGD_RANK = 4
 
 
 class WireSpec(_Strict):
@@ -130,14 +131,20 @@ class WireSpec(_Strict):
 
     activations: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
     gradients: Literal["none", "powersgd"] = "none"
-    powersgd_rank: Count(ge=1, le=MAX_POWERSGD_RANK) = 4
+    # None: ``DEFAULT_POWERSGD_RANK`` (``rank``); left out of the file unless PowerSGD is on
+    powersgd_rank: Count(ge=1, le=MAX_POWERSGD_RANK) | None = None
 
     @model_validator(mode="after")
     def _rank_needs_powersgd(self) -> "WireSpec":
-        if "powersgd_rank" in self.model_fields_set and self.gradients != "powersgd":
+        if self.powersgd_rank is not None and self.gradients != "powersgd":
             raise ValueError(f"powersgd_rank {self.powersgd_rank} is set but gradients is {self.gradients!r}; "
                              "set gradients: powersgd, or leave powersgd_rank out")
         return self
+
+    @property
+    def rank(self) -> int:
+        """PowerSGD's rank (the given one, else ``DEFAULT_POWERSGD_RANK``)."""
+        return self.powersgd_rank or DEFAULT_POWERSGD_RANK
 
     @property
     def is_off(self) -> bool:
