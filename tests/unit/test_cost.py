@@ -586,3 +586,68 @@ def test_the_sync_hides_behind_the_backward(mode):
         lead = [sg for sg in r.segments if sg.label == "sync_grads:lead"]
         last_bwd = max(sg.end_s for sg in r.segments if sg.label.startswith("bwd"))
         assert lead and min(sg.start_s for sg in lead) < last_bwd
+
+
+# -- compression on the wire (``train.wire``, ``cost.wire``) --------------------------------------
+def _wired(prof, **wire):
+    from edgepool.cost.wire import with_wire
+    from edgepool.specs.job import WireSpec
+
+    return with_wire(prof, WireSpec(**wire))
+
+
+PP2 = Plan(num_layers=4, stages=[StagePlan(layers=(0, 2), devices=("d0",)), StagePlan(layers=(2, 4), devices=("d1",))],
+           num_microbatches=2)
+
+
+def test_int8_boundaries_make_a_pp_step_on_a_slow_link_faster():
+    pool = make_pool(["host-cpu"] * 2, medium="switched", bandwidth_mbps=10, latency_ms=1)
+    prof = tiny(hidden=256)
+    shape = shape_for(prof, 8, 64)
+    plain, int8 = estimate(PP2, pool, prof, shape), estimate(PP2, pool, _wired(prof, activations="int8"), shape)
+    lk, lk8 = plain.links[-1], int8.links[-1]
+    rows = 4 * 64  # one micro-batch's rows across the boundary
+    assert lk.fwd_bytes == rows * 256 * 4 and lk8.fwd_bytes == rows * 256 + 4  # a byte a value, and the scale
+    assert int8.step_time_s < 0.5 * plain.step_time_s  # the link decides the step here
+    assert int8.devices["d0"].busy_s > plain.devices["d0"].busy_s  # and the codec's passes are charged
+
+
+def test_codecs_cost_compute_that_a_fast_link_does_not_pay_back():
+    pool = make_pool(["host-cpu"] * 2, medium="switched", bandwidth_mbps=100_000, latency_ms=0.01)
+    prof = tiny(hidden=64, num_layers=4)
+    shape = shape_for(prof, 2, 16)
+    plain = estimate(PP2, pool, prof, shape)
+    for codec in ("fp16", "bf16", "int8"):
+        c = estimate(PP2, pool, _wired(prof, activations=codec), shape)
+        work = device_work(PP2, pool, _wired(prof, activations=codec), shape)
+        for d in ("d0", "d1"):
+            assert work[d].codec_s > 0 and c.devices[d].busy_s > plain.devices[d].busy_s
+        assert c.step_time_s > plain.step_time_s, codec  # the bytes saved are worth less than the passes
+    # a single device sends nothing off itself: nothing encoded, nothing charged
+    one = single("d0", L=4)
+    assert estimate(one, pool, _wired(prof, activations="int8"), shape).step_time_s == \
+        estimate(one, pool, prof, shape).step_time_s
+
+
+def test_powersgd_prices_factors_and_their_matmuls():
+    from edgepool.cost.wire import powersgd_elements
+    from edgepool.models.config import expected_shapes
+
+    prof = tiny(hidden=256, num_layers=2)
+    dp = Plan(num_layers=2, stages=[StagePlan(layers=(0, 2), devices=("d0", "d1"), mode="dp")])
+    pool = make_pool(["host-cpu"] * 2, medium="switched", bandwidth_mbps=100, latency_ms=1)
+    shape = shape_for(prof, 4, 64)
+    net = Network.of(pool)
+    for rank in (1, 4):
+        wired = _wired(prof, gradients="powersgd", powersgd_rank=rank)
+        gc, gc0 = group_comm(dp, 0, wired, shape, net), group_comm(dp, 0, prof, shape, net)
+        # the factors of every matrix, the 1-D tensors whole, of the whole model (dp owners
+        # sync embed and head); to the analytic profile's bytes, which count the head's
+        # parameters a little apart from the model's names (``with_wire``: by element share)
+        want = 4 * sum(powersgd_elements(tuple(s), rank) for s in expected_shapes(prof.dims).values())
+        assert gc.sync_bytes == pytest.approx(want, rel=1e-3) and gc.sync_bytes < gc0.sync_bytes / 10
+        assert gc.sync_flops > 0 and gc0.sync_flops == 0
+        c, c0 = estimate(dp, pool, wired, shape), estimate(dp, pool, prof, shape)
+        assert c.stages[0].sync_codec_s > 0 and c.stages[0].sync_s < c0.stages[0].sync_s
+    # the off setting changes nothing
+    assert _wired(prof, activations="fp32", gradients="none") == prof

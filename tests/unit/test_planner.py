@@ -530,3 +530,45 @@ def test_a_pool_where_only_lora_fits_gets_a_plan():
         plan(pool, None, prof, shape=shape)
     res = plan(pool, None, with_tuning(prof, lora=LoraSpec(rank=8)), shape=shape)
     assert res.cost.feasible and max(res.plan.estimate.peak_memory_bytes.values()) <= 1.0e9
+
+
+# -- compression on the wire: the closed forms price it as the cost model does ------------------
+def test_wired_search_equals_exhaustive_enumeration():
+    """With fp16/bf16 boundaries and PowerSGD syncs (bytes, codec passes, the factors'
+    matmuls), the search's closed forms still equal ``cost.model`` on every plan of small
+    seeded spaces. int8 adds a 4-byte scale per transfer that the closed forms leave out
+    (``planner.tables``): there the two agree to 1e-4."""
+    import random
+
+    from edgepool.cost.wire import with_wire
+    from edgepool.specs.job import WireSpec
+
+    wires = [WireSpec(activations="fp16"), WireSpec(gradients="powersgd", powersgd_rank=2),
+             WireSpec(activations="bf16", gradients="powersgd", powersgd_rank=8), WireSpec(activations="int8")]
+    rng = random.Random(5)
+    for i in range(12):
+        n = rng.randint(2, 3)
+        kinds = [rng.choice(["jetson-nano", "jetson-orin-nano", "rpi5", "host-cpu"]) for _ in range(n)]
+        pool = make_pool(kinds, medium=rng.choice(["shared", "switched"]), bandwidth_mbps=rng.choice([20.0, 1000.0]),
+                         extra={"memory_gb": [rng.choice([None, 0.5, 0.6]) for _ in range(n)]})
+        base = tiny(num_layers=rng.randint(2, 4), family=rng.choice(["gpt", "bert", "llama"]), hidden=256, vocab=5000,
+                    optimizer=rng.choice(["adamw", "sgd"]))
+        wire = wires[i % 4]
+        prof = with_wire(base, wire)
+        shape = shape_for(prof, rng.choice([2, 4]), 64)
+        # a dp stage over every device: the closed form's step (PowerSGD's sync) is the cost model's
+        space = Space.build(pool, prof, shape)
+        tables, order, M = Tables(space, Network.of(pool)), list(space.order), 2
+        modes = group_mode_assignments(order, "time")[0]
+        st_ = space.stage((0, prof.num_layers), "dp", order, modes, M)
+        if st_ is not None:
+            t, _, _ = tables.single(tables.group(0, n, M, modes, "dp"), M)
+            assert t == pytest.approx(estimate(space.make_plan([st_], M, modes), pool, prof, shape).step_time_s,
+                                      rel=1e-9)
+        # the best plan of all, and of the dp family
+        for family in (None, "dp"):
+            best = brute_force(pool, prof, shape, family=family)
+            got = search_time(pool, prof, shape, family=family)
+            assert (got is None) == (best is None)
+            if best is not None:
+                assert got == pytest.approx(best.step_time_s, rel=1e-4 if wire.activations == "int8" else 1e-6), wire

@@ -65,7 +65,8 @@ def device_table(plan, cost, title: str):
 
 def training_line(job, profile, plan) -> str:
     """What the plan trains and how, as the planner priced it: the precision, what trains
-    (LoRA, frozen patterns) and the stages that recompute their activations."""
+    (LoRA, frozen patterns), the stages that recompute their activations and the wire's
+    compression (``train.wire``)."""
     t = job.train
     parts = [f"precision {t.precision}"]
     if t.lora is not None:
@@ -81,6 +82,10 @@ def training_line(job, profile, plan) -> str:
         parts.append(f"{trained / 1e6:.3g} MB of {total / 1e6:.3g} MB of parameters train")
     on = [str(i) for i, st in enumerate(plan.stages) if st.recompute]
     parts.append(f"activation recomputation in stage(s) {', '.join(on)}" if on else "every activation kept")
+    if not t.wire.is_off:  # lossy: said where it is priced
+        w = t.wire
+        parts.append(f"wire (lossy): boundaries {w.activations}, gradients {w.gradients}"
+                     + (f" rank {w.rank}" if w.gradients == "powersgd" else ""))
     return "training: " + "; ".join(parts)
 
 

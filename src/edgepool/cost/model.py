@@ -118,6 +118,17 @@ weights' rate per parameter, one trainable fraction for every tp slice of a unit
 fsdp's reduce-scatter at the whole unit's bytes; the adapters' own kept activations are
 left out (``with_tuning`` says each).
 
+**Compression on the wire** (``train.wire``; ``cost.wire``, which ``for_job`` applies
+through ``with_wire``). A boundary row is ``ModelProfile.wire_row_bytes`` on the wire,
+plus int8's scale per transfer (``boundary_flows``); every device encodes what it sends
+off itself and decodes what it receives (``boundary_codec``: the codec's bytes read and
+written per element at the profile's ``traffic_s_per_byte``), counted in its blocks'
+forward or backward by the op that runs it. A dp/sp sync sends ``LayerProfile.sync_at``
+(PowerSGD's factors) and its slowest member's compression (``sync_codec_s``: the factors'
+matmuls at ``matmul_s_per_flop``, the elementwise passes) is added to the exposed sync
+and to each member's busy time. Not modelled: PowerSGD's error buffers in memory, its
+second all-reduce's latency (one ring latency per bucket).
+
 **Energy** of device i over the step: ``busy_w * busy_i + idle_w * (T - busy_i) +
 radio_j_per_mb * MB_i``, with ``busy_i = M * (compute F_i + B_i) + optim_i`` (waiting
 on the network counts as idle) and ``MB_i`` the megabytes it sends and receives.
@@ -133,6 +144,7 @@ from dataclasses import dataclass, field, replace
 from edgepool import catalog
 from edgepool.cost.network import Network
 from edgepool.cost.profile import ModelProfile
+from edgepool.cost.wire import CODEC_TRAFFIC_BYTES, HEADER_BYTES
 from edgepool import modes
 from edgepool.errors import PlanError
 from edgepool.modes import GroupComm, StageWork
@@ -230,6 +242,8 @@ class StageCost:
     sync_s: float  # the gradient all-reduces' own time (0: no sync)
     inflight: int
     sync_exposed_s: float = 0.0  # what of it the backward does not hide: on the step's path
+    # compressing the sync's gradients (PowerSGD), the slowest member's, in ``sync_exposed_s``
+    sync_codec_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -319,6 +333,11 @@ class DeviceWork:
     # the blocks' backward per micro-batch after the stage's last block's (the first one
     # run): what a gradient sync started then can hide behind (``GroupComm.exposed_sync_s``)
     sync_hide_s: float = 0.0
+    # the boundary codec's passes per micro-batch (``train.wire.activations``), counted in
+    # ``blocks_fwd_s`` and ``blocks_bwd_s`` (``boundary_codec``)
+    codec_s: float = 0.0
+    # reference seconds to this device's: its slowness against the profile's device
+    slow: float = 1.0
 
     @property
     def backup_bytes(self) -> float:
@@ -390,6 +409,7 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
     ref = profile.reference_speed
     lay = Layout.of(plan, shape)
     owners = lay.owners
+    codec = boundary_codec(plan, shape, profile)
     out: dict[str, DeviceWork] = {}
     for s, st in enumerate(plan.stages):
         a, b = st.layers
@@ -419,7 +439,12 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
                     trainable += profile.embed.trainable_at() + profile.head.trainable_at()
             # the optimizer steps on the trainable parameters only (``cost.profile.with_tuning``)
             optim_params = trainable * mode.optim_fraction(len(st.devices))
+            # the boundary codec's passes, counted with the blocks (APPROXIMATION: the
+            # runtime runs them in the send and receive ops around them)
+            cf, cb = codec.get(name, (0.0, 0.0))
+            f, bw = f + cf, bw + cb
             out[name] = DeviceWork(
+                codec_s=(cf + cb) * slow, slow=slow,
                 blocks_fwd_s=f * slow, blocks_bwd_s=bw * slow, embed_fwd_s=ef * slow, head_s=hd * slow,
                 embed_bwd_s=eb * slow, optim_s=slow * profile.optim_s_per_param_byte * optim_params,
                 params_bytes=params, act_bytes=act, transient_bytes=transient,
@@ -445,14 +470,48 @@ def group_comm(plan: Plan, s: int, profile: ModelProfile, shape: Shape, net: Net
 
 
 def boundary_flows(plan: Plan, shape: Shape, profile: ModelProfile, k: int, backward: bool) -> list[tuple[str, str, float]]:
-    """Non-local transfers ``(src device, dst device, bytes)`` across boundary k."""
-    unit = profile.act_elem_bytes
+    """Non-local transfers ``(src device, dst device, bytes)`` across boundary k, as the
+    wire sends them (``ModelProfile.wire_row_bytes`` a row, and the codec's header)."""
+    unit, header = profile.wire_row_bytes, HEADER_BYTES[profile.wire_activations]
     out = []
     for t in Layout.of(plan, shape).boundary(k, backward=backward):
         src, dst = plan.devices[t.src], plan.devices[t.dst]
         if src != dst:
-            out.append((src, dst, (t.region[1] - t.region[0]) * (t.region[3] - t.region[2]) * unit))
+            out.append((src, dst, (t.region[1] - t.region[0]) * (t.region[3] - t.region[2]) * unit + header))
     return out
+
+
+def boundary_codec(plan: Plan, shape: Shape, profile: ModelProfile) -> dict[str, tuple[float, float]]:
+    """Each device's boundary codec seconds per micro-batch on the reference device, as
+    (forward side, backward side): the sender encodes and the receiver decodes every
+    non-local transfer (``cost.wire.CODEC_TRAFFIC_BYTES`` at the profile's
+    ``traffic_s_per_byte``). A pass is on the side of the op that runs it: a forward
+    transfer's encode and decode forward, except the owners' decode of the last stage's
+    output (their ``head``, in the backward); a gradient's both backward. Empty when
+    the boundaries are sent as they are (fp32)."""
+    enc_b, dec_b = CODEC_TRAFFIC_BYTES[profile.wire_activations]
+    if not enc_b and not dec_b:
+        return {}
+    per = profile.traffic_s_per_byte * profile.dims.hidden  # seconds per byte-per-element, a row
+    out: dict[str, list[float]] = {}
+    S = len(plan.stages)
+    for k in range(S + 1):
+        for bw in (False, True):
+            for t in Layout.of(plan, shape).boundary(k, backward=bw):
+                src, dst = plan.devices[t.src], plan.devices[t.dst]
+                if src == dst:
+                    continue
+                rows = (t.region[1] - t.region[0]) * (t.region[3] - t.region[2])
+                out.setdefault(src, [0.0, 0.0])[int(bw)] += rows * per * enc_b
+                out.setdefault(dst, [0.0, 0.0])[int(bw or k == S)] += rows * per * dec_b
+    return {n: (f, b) for n, (f, b) in out.items()}
+
+
+def sync_codec_s(gc: GroupComm, profile: ModelProfile, slow: float) -> float:
+    """Seconds a member of a group compresses its sync's gradients per step (PowerSGD:
+    ``GroupComm.sync_flops`` at the profile's ``matmul_s_per_flop``, its elementwise
+    passes at ``traffic_s_per_byte``), ``slow`` times the reference device's; 0 without."""
+    return slow * profile.compress_s(gc.sync_flops, gc.sync_traffic_bytes)
 
 
 BACKUP_SHARE = 0.1  # ``replicate_every: auto`` keeps the backups under this share of the training time
@@ -547,11 +606,12 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
     mode_of = {n: power_mode_of(plan, devs[n]) for n in plan.devices}
     dev_bytes: dict[str, float] = {n: 0.0 for n in plan.devices}
     stage_costs: list[StageCost] = []
+    group_comms: dict[int, GroupComm] = {}
     chan_f = chan_b = 0.0
     for s, st in enumerate(plan.stages):
         names = list(st.devices)
         n = len(names)
-        gc = group_comm(plan, s, profile, shape, net)
+        gc = group_comms[s] = group_comm(plan, s, profile, shape, net)
         for x in names:
             # A ring sends and receives the same volume on every device.
             dev_bytes[x] += M * 2 * (gc.coll_send_bytes[x] + gc.coll_send_bytes_bwd[x])
@@ -560,11 +620,13 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
         chan_f += gc.coll_airtime_fwd_s
         chan_b += gc.coll_airtime_s - gc.coll_airtime_fwd_s
         inflight = inflight_limit(S, s, M, plan.schedule)
+        codec_s = max(sync_codec_s(gc, profile, work[x].slow) for x in names)
         stage_costs.append(StageCost(
             fwd_s=max(work[x].fwd_s for x in names) + gc.coll_fwd_s,
             bwd_s=max(work[x].bwd_s for x in names) + gc.coll_bwd_s,
             coll_fwd_s=gc.coll_fwd_s, coll_bwd_s=gc.coll_bwd_s, coll_airtime_s=gc.coll_airtime_s, sync_s=gc.sync_s,
-            inflight=inflight, sync_exposed_s=gc.exposed_sync_s(max(work[x].sync_hide_s for x in names))))
+            inflight=inflight, sync_exposed_s=gc.exposed_sync_s(max(work[x].sync_hide_s for x in names)) + codec_s,
+            sync_codec_s=codec_s))
 
     links: list[LinkCost] = []
     for k in range(S + 1):
@@ -623,7 +685,7 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             kind = catalog.get(dev.kind)
             pm = kind.power_mode(mode_of[name])
             w = work[name]
-            busy = M * (w.fwd_s + w.bwd_s) + w.optim_s
+            busy = M * (w.fwd_s + w.bwd_s) + w.optim_s + sync_codec_s(group_comms[s], profile, w.slow)
             act = w.act_bytes * stage_costs[s].inflight
             # the head's logits and a recomputed block's activations are never live at once
             transient = max(w.transient_bytes, w.recompute_bytes)

@@ -121,7 +121,10 @@ class LayerProfile:
     tokens: the half-size weight copies autocast makes (zero in fp32);
     ``trainable_frac``: the fraction of ``params_bytes`` that trains (gets gradients and
     optimizer state; ``with_tuning``): 1 in full training, the adapters' share under
-    LoRA, 0 for a frozen unit.
+    LoRA, 0 for a frozen unit;
+    ``sync_frac``: the fraction of the trainable bytes a dp/sp gradient sync sends
+    (``cost.wire.with_wire``: PowerSGD's factors; 1 uncompressed), ``sync_flops`` and
+    ``sync_traffic_bytes`` what compressing them costs per step (0 uncompressed).
     """
 
     name: str
@@ -133,6 +136,9 @@ class LayerProfile:
     fixed_bwd_s: float = 0.0
     cast_bytes: Parts = Parts()
     trainable_frac: float = 1.0
+    sync_frac: float = 1.0
+    sync_flops: float = 0.0
+    sync_traffic_bytes: float = 0.0
 
     def cast_at(self, head_frac: float = 1.0, ffn_frac: float = 1.0) -> float:
         c = self.cast_bytes
@@ -146,6 +152,11 @@ class LayerProfile:
         """The trainable bytes of ``params_at``: the unit's ``trainable_frac`` of them
         (under tp every slice is taken to hold the same fraction: see ``with_tuning``)."""
         return self.trainable_frac * self.params_at(head_frac, ffn_frac)
+
+    def sync_at(self) -> float:
+        """The bytes a replica's gradient sync of the whole unit puts into its
+        all-reduces: its trainable bytes, PowerSGD's factors where compressed."""
+        return self.sync_frac * self.trainable_at()
 
 
 @dataclass(frozen=True)
@@ -219,6 +230,10 @@ class ModelProfile:
     # The fine-tuning the profile prices (``with_tuning``: LoRA adapters, frozen
     # parameters), as a one-line key; "" for full training.
     tuning: str = ""
+    # Compression on the wire (``train.wire``; ``cost.wire.with_wire``): the boundary
+    # codec, and PowerSGD's rank (0: gradients summed whole).
+    wire_activations: str = "fp32"
+    powersgd_rank: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
     schema_version: int = PROFILE_SCHEMA_VERSION
 
@@ -239,8 +254,37 @@ class ModelProfile:
 
     @property
     def act_elem_bytes(self) -> int:
-        """Bytes of one hidden-size activation vector of one token (a boundary row)."""
+        """Bytes of one hidden-size activation vector of one token (in memory)."""
         return self.dims.hidden * self.dtype_bytes
+
+    @property
+    def wire_row_bytes(self) -> int:
+        """Bytes of one token's boundary row on the wire (``wire_activations``'s codec;
+        int8's scale, ``cost.wire.HEADER_BYTES``, comes once per transfer on top)."""
+        from edgepool.cost.wire import ELEM_BYTES
+
+        return self.dims.hidden * (ELEM_BYTES[self.wire_activations] if self.wire_activations != "fp32"
+                                   else self.dtype_bytes)
+
+    @property
+    def traffic_s_per_byte(self) -> float:
+        """Seconds per byte read or written by an elementwise pass on the reference
+        device: the optimizer step's time per byte of its memory traffic
+        (``OPT_TRAFFIC_FACTOR``), measured where the profiler timed it."""
+        return self.optim_s_per_param_byte / OPT_TRAFFIC_FACTOR[self.optimizer]
+
+    def compress_s(self, flops: float, traffic_bytes: float) -> float:
+        """Reference seconds of ``flops`` of matmuls and ``traffic_bytes`` of elementwise
+        passes (PowerSGD's compression of a sync: ``LayerProfile.sync_flops``, ``sync_traffic_bytes``)."""
+        return flops * self.matmul_s_per_flop + traffic_bytes * self.traffic_s_per_byte
+
+    @property
+    def matmul_s_per_flop(self) -> float:
+        """Seconds per matmul FLOP on the reference device: a block's attention
+        projections' forward time over their FLOPs (``block_flops``), measured where the
+        profile was (0 for a model without blocks)."""
+        flops = block_flops(self.dims)[0].head
+        return self.blocks[0].fwd_s.head / flops if self.blocks and flops > 0 else 0.0
 
     def scaled(self, time_factor: float) -> "ModelProfile":
         """Every time multiplied by ``time_factor`` (calibrating against a measurement)."""
@@ -270,7 +314,9 @@ class ModelProfile:
                                     params_bytes=Parts(**d["params_bytes"]), act_bytes=Parts(**d["act_bytes"]),
                                     fixed_fwd_s=d.get("fixed_fwd_s", 0.0), fixed_bwd_s=d.get("fixed_bwd_s", 0.0),
                                     cast_bytes=Parts(**d.get("cast_bytes", {})),
-                                    trainable_frac=d.get("trainable_frac", 1.0))
+                                    trainable_frac=d.get("trainable_frac", 1.0), sync_frac=d.get("sync_frac", 1.0),
+                                    sync_flops=d.get("sync_flops", 0.0),
+                                    sync_traffic_bytes=d.get("sync_traffic_bytes", 0.0))
 
             rest = {k: v for k, v in data.items()
                     if k not in ("dims", "blocks", "embed", "head", "notes", "mode_runtime_bytes")}
@@ -292,14 +338,18 @@ class ModelProfile:
 
 def for_job(profile: ModelProfile, job) -> ModelProfile:
     """``profile`` as ``job`` trains: its fine-tuning (``train.lora``, ``train.freeze``:
-    ``with_tuning``) and its in-memory backups (``backup_every``): what the runtime
+    ``with_tuning``), its compression on the wire (``train.wire``: ``cost.wire.with_wire``)
+    and its in-memory backups (``backup_every``): what the runtime
     will do for a ``train`` run that recovers from a lost device. A profile of another
     precision than the job's is refused (its activations and times are not the run's)."""
     want = job.train.precision
     if profile.precision != want:
         raise SpecError(f"the profile prices {profile.precision} but the job trains in {want} (train.precision); "
                         f"measure one for {want} with `edgepool profile`, or leave --profile out for the analytic one")
+    from edgepool.cost.wire import with_wire
+
     profile = with_tuning(profile, lora=job.train.lora, freeze=job.train.freeze)
+    profile = with_wire(profile, job.train.wire, lora=job.train.lora, freeze=job.train.freeze)
     every = job.train.replicate_every if job.train.recover else 0
     return profile if profile.backup_every == every else replace(profile, backup_every=every)
 
@@ -339,6 +389,36 @@ def _unit_of(name: str) -> tuple[str, str]:
 # ``benchmarks/big_models.py`` found the demo pool's laptop out of memory where the
 # memory model without it said the plan fit.
 LORA_LIBRARIES_BYTES = 0.183e9
+
+
+@dataclass(frozen=True)
+class UnitTensor:
+    """A parameter of the model by the unit (``embed``, ``blocks.<i>``, ``head``) and
+    ``Parts`` field it belongs to; ``adapter``: a LoRA factor (trainable)."""
+
+    unit: str
+    part: str
+    shape: tuple[int, ...]
+    trainable: bool
+    adapter: bool = False
+
+
+def unit_tensors(dims: ModelDims, lora=None, freeze: tuple[str, ...] = ()) -> list[UnitTensor]:
+    """Every parameter of the model (``models.config.expected_shapes``, no torch) and
+    the LoRA adapters of ``lora``, with whether it trains (``models.lora.Tuning``)."""
+    from edgepool.models.config import expected_shapes
+    from edgepool.models.lora import Tuning, adapter_shapes
+
+    tuning = Tuning(lora=lora, freeze=tuple(freeze or ()))
+    shapes = expected_shapes(dims)
+    out = []
+    for name, shp in shapes.items():
+        unit, inner = _unit_of(name)
+        out.append(UnitTensor(unit, _part_of(unit, inner), tuple(shp), tuning.trainable(name)))
+    for name, shp in (adapter_shapes(shapes, lora.rank, tuple(lora.targets)) if lora is not None else {}).items():
+        unit, inner = _unit_of(name)
+        out.append(UnitTensor(unit, _part_of(unit, inner), tuple(shp), True, adapter=True))
+    return out
 
 
 def with_tuning(profile: ModelProfile, lora=None, freeze: tuple[str, ...] = ()) -> ModelProfile:
@@ -390,25 +470,19 @@ def with_tuning(profile: ModelProfile, lora=None, freeze: tuple[str, ...] = ()) 
         if profile.tuning == key:
             return profile
         raise SpecError(f"the profile already prices {profile.tuning!r}, not {key!r}; start from an untuned profile")
-    from edgepool.models.config import expected_shapes
-    from edgepool.models.lora import Tuning, adapter_shapes
 
-    tuning = Tuning(lora=lora, freeze=freeze)
-    shapes = expected_shapes(profile.dims)
-    adapters = adapter_shapes(shapes, lora.rank, tuple(lora.targets)) if lora is not None else {}
     zero = lambda: dict.fromkeys(_PARTS, 0.0)  # noqa: E731
     base: dict[str, dict[str, float]] = {}  # unit -> part -> elements, by name
     train: dict[str, dict[str, float]] = {}
     added: dict[str, dict[str, float]] = {}  # the adapters' elements
-    for name, shp in shapes.items():
-        unit, inner = _unit_of(name)
-        part, n = _part_of(unit, inner), math.prod(shp)
-        base.setdefault(unit, zero())[part] += n
-        if tuning.trainable(name):
-            train.setdefault(unit, zero())[part] += n
-    for name, shp in adapters.items():
-        unit, inner = _unit_of(name)
-        added.setdefault(unit, zero())[_part_of(unit, inner)] += math.prod(shp)
+    for t in unit_tensors(profile.dims, lora, freeze):
+        n = math.prod(t.shape)
+        if t.adapter:
+            added.setdefault(t.unit, zero())[t.part] += n
+            continue
+        base.setdefault(t.unit, zero())[t.part] += n
+        if t.trainable:
+            train.setdefault(t.unit, zero())[t.part] += n
     e = profile.dtype_bytes
     half = profile.precision != "fp32"
 

@@ -66,6 +66,10 @@ class GroupComm:
     sync_lead_s: float = 0.0
     sync_tail_s: float = 0.0
     sync_tail_bytes: float = 0.0
+    # compressing the sync's gradients per step (``train.wire.gradients``, PowerSGD:
+    # ``LayerProfile.sync_flops``, ``sync_traffic_bytes``), on the reference device's terms
+    sync_flops: float = 0.0
+    sync_traffic_bytes: float = 0.0
 
     def exposed_sync_s(self, hide_s: float) -> float:
         """The sync's seconds on the step's critical path when ``hide_s`` seconds of
@@ -145,10 +149,20 @@ class BoundInputs:
     act_elem_bytes: int
     kv_row_bytes: float
     p_train: float = -1.0  # -1: all of p_rep + p_split
+    wire_row_bytes: float = -1.0  # a boundary row on the wire (``ModelProfile.wire_row_bytes``); -1: act_elem_bytes
+    p_sync: float = -1.0  # the blocks' bytes a replica's sync sends (``LayerProfile.sync_at``); -1: p_train
 
     @property
     def blocks_trainable(self) -> float:
         return self.blocks_params if self.p_train < 0 else self.p_train
+
+    @property
+    def blocks_synced(self) -> float:
+        return self.blocks_trainable if self.p_sync < 0 else self.p_sync
+
+    @property
+    def boundary_row_bytes(self) -> float:
+        return self.act_elem_bytes if self.wire_row_bytes < 0 else self.wire_row_bytes
 
     @property
     def blocks_params(self) -> float:

@@ -31,22 +31,26 @@ class DataParallel(Mode):
         if w.num_devices < 2:
             return GroupComm(coll_send_bytes=zero, coll_send_bytes_bwd=dict(zero))
         a, b = w.layers
-        # only trainable parameters have gradients to sync (``cost.profile.with_tuning``)
-        sync_bytes = sum(lp.trainable_at() for lp in w.profile.blocks[a:b])
+        # only trainable parameters have gradients to sync (``cost.profile.with_tuning``),
+        # as the wire sends them (``LayerProfile.sync_at``: PowerSGD's factors)
+        units = list(w.profile.blocks[a:b])
         # final only at the backward's end: the first block's gradients, and the embed's;
         # the rest (lead) summed on its own, not by difference, so that it is exactly 0
         # when empty
-        tail = w.profile.blocks[a].trainable_at()
-        lead = sum(lp.trainable_at() for lp in w.profile.blocks[a + 1:b])
+        tail = w.profile.blocks[a].sync_at()
+        lead = sum(lp.sync_at() for lp in w.profile.blocks[a + 1:b])
         if w.stage == 0:  # every dp owner holds an embed/head replica
-            sync_bytes += w.profile.embed.trainable_at() + w.profile.head.trainable_at()
-            tail += w.profile.embed.trainable_at()
-            lead += w.profile.head.trainable_at()
+            units += [w.profile.embed, w.profile.head]
+            tail += w.profile.embed.sync_at()
+            lead += w.profile.head.sync_at()
+        sync_bytes = sum(lp.sync_at() for lp in units)
         names = list(w.names)
         return GroupComm(coll_send_bytes=zero, coll_send_bytes_bwd=dict(zero), sync_bytes=sync_bytes,
                          sync_s=net.allreduce_time(names, sync_bytes), sync_tail_bytes=tail,
                          sync_lead_s=net.allreduce_time(names, lead),
-                         sync_tail_s=net.allreduce_time(names, tail))
+                         sync_tail_s=net.allreduce_time(names, tail),
+                         sync_flops=sum(lp.sync_flops for lp in units),
+                         sync_traffic_bytes=sum(lp.sync_traffic_bytes for lp in units))
 
     def sync_params(self, model, *, owner: bool) -> list:
         params = list(model.blocks.parameters())

@@ -49,16 +49,18 @@ class SequenceParallel(Mode):
         air_f = 2 * nblk * net.allgather_airtime(names, [part] * n)
         air_b = 2 * nblk * net.allreduce_airtime(names, full)
         a, b = w.layers
-        sync_bytes = sum(lp.trainable_at() for lp in prof.blocks[a:b])  # trainable gradients only
+        sync_bytes = sum(lp.sync_at() for lp in prof.blocks[a:b])  # trainable gradients only, as the wire sends them
         return GroupComm(
             coll_fwd_s=2 * nblk * net.allgather_time(names, [part] * n), coll_bwd_s=2 * nblk * net.allreduce_time(names, full),
             coll_airtime_s=air_f + air_b,
             # Ring all-gather: every device forwards the n - 1 slices that are not its own.
             coll_send_bytes={x: 2 * nblk * (n - 1) * part for x in names}, coll_steps=2 * nblk * (n - 1),
             sync_bytes=sync_bytes, sync_s=net.allreduce_time(names, sync_bytes),
-            sync_lead_s=net.allreduce_time(names, sum(lp.trainable_at() for lp in prof.blocks[a + 1:b])),
-            sync_tail_s=net.allreduce_time(names, prof.blocks[a].trainable_at()),
-            sync_tail_bytes=prof.blocks[a].trainable_at(),
+            sync_lead_s=net.allreduce_time(names, sum(lp.sync_at() for lp in prof.blocks[a + 1:b])),
+            sync_tail_s=net.allreduce_time(names, prof.blocks[a].sync_at()),
+            sync_tail_bytes=prof.blocks[a].sync_at(),
+            sync_flops=sum(lp.sync_flops for lp in prof.blocks[a:b]),
+            sync_traffic_bytes=sum(lp.sync_traffic_bytes for lp in prof.blocks[a:b]),
             coll_send_bytes_bwd={x: 2 * nblk * 2.0 * (n - 1) / n * full for x in names},
             coll_steps_bwd=2 * nblk * 2 * (n - 1), coll_airtime_fwd_s=air_f)
 
@@ -77,8 +79,8 @@ class SequenceParallel(Mode):
         coll = 2 * L * net.allgather_time(names, sizes)
         # the sync overlaps the backward (``GroupComm.exposed_sync_s``); what it hides is
         # at most a device's whole compute per micro-batch, so this stays a lower bound
-        sync = max(0.0, net.allreduce_time(names, b.blocks_trainable) - max(per))
-        part = [(names[0], x, mb * cnt * b.act_elem_bytes) for x, cnt in zip(names[1:], counts[1:])]
+        sync = max(0.0, net.allreduce_time(names, b.blocks_synced) - max(per))
+        part = [(names[0], x, mb * cnt * b.boundary_row_bytes) for x, cnt in zip(names[1:], counts[1:])]
         edge = 4 * net.transfer_time(part)
         return per, coll + edge, sync, None
 

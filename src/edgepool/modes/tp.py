@@ -74,8 +74,8 @@ class TensorParallel(Mode):
         full = mb * T * b.act_elem_bytes
         L = b.num_layers
         coll = 4 * L * net.allreduce_time(names, full)
-        # the owner sends the embedded input and the head's gradient to every replica
-        edge = 2 * net.transfer_time([(names[0], x, full) for x in names[1:]])
+        # the owner sends the embedded input and the head's gradient to every replica, as the wire sends them
+        edge = 2 * net.transfer_time([(names[0], x, mb * T * b.boundary_row_bytes) for x in names[1:]])
         return per, coll + edge, 0.0, None
 
     # -- engine -------------------------------------------------------------------------

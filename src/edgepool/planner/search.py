@@ -462,7 +462,8 @@ def bound_inputs(prof: ModelProfile, seq_len: int, recompute: bool = False) -> B
         # least trainable fraction of any unit, a lower bound on every device's state
         opt_f=1 + (1 + prof.opt_state_factor) * min(lp.trainable_frac for lp in (emb, head, *blocks)),
         act_elem_bytes=prof.act_elem_bytes, kv_row_bytes=prof.dims.kv_dim * prof.dtype_bytes,
-        p_train=sum(lp.trainable_at() for lp in blocks))
+        p_train=sum(lp.trainable_at() for lp in blocks), wire_row_bytes=prof.wire_row_bytes,
+        p_sync=sum(lp.sync_at() for lp in blocks))
 
 
 def _flow_shop_s(c: PlanCost) -> float:

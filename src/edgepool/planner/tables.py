@@ -29,6 +29,14 @@ mode comes from the mode's own functions (``edgepool.modes``):
   (``GroupComm.exposed_sync_s``): ``tail`` the trainable bytes of block ``l0`` (plus the
   embed's on stage 0), ``lead`` those of blocks ``[l0+1, l)`` (plus the head's on stage
   0), ``hide`` the largest row's backward over blocks ``[l0, l-1)``;
+- with a boundary codec (``train.wire.activations``) every device of a pipeline of two
+  or more stages encodes and decodes its ``x_i`` rows once each way per micro-batch
+  (``cost.model.boundary_codec``): stage 0 encodes forward and decodes twice and encodes
+  once backward (its head receives the last stage's output), the others encode and
+  decode once each way; a single stage has no boundary off the device;
+- PowerSGD (``train.wire.gradients``): the sync sends ``LayerProfile.sync_at`` bytes
+  and its slowest device adds ``sync_flops`` and ``sync_traffic_bytes`` of the range
+  (``cost.model.sync_codec_s``) to the exposed sync;
 - memory of device i: the mode's ``state_bytes`` of the range's parameters and their
   trainable part (``train_mat``; ``cost.profile.with_tuning``, all of them in full
   training) (dp: ``params + (1 + opt_state) * trainable``; fsdp: a 1/n shard of that
@@ -52,6 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgepool.cost.model import block_costs, memory_cap_bytes, owner_costs
+from edgepool.cost.wire import CODEC_TRAFFIC_BYTES
 from edgepool.cost.network import Network
 from edgepool import modes as modes_mod
 from edgepool.planner.space import PIPELINE_MODES, PIPELINE_MODE, Space
@@ -104,6 +113,9 @@ class GroupTable:
     # (r, L+1, L+1) with recomputation: the largest block's activations over [l0, l),
     # rebuilt one block at a time in the backward (None without)
     redo: np.ndarray | None = None
+    slow: np.ndarray | None = None  # (r,) reference seconds to the row's
+    codec_enc: np.ndarray | None = None  # (r,) seconds per micro-batch encoding the row's boundary rows (None: fp32)
+    codec_dec: np.ndarray | None = None
 
 
 class Tables:
@@ -116,7 +128,7 @@ class Tables:
         self.L = prof.num_layers
         T = space.shape.seq_len
         self.T = T
-        self.row_bytes = T * prof.act_elem_bytes  # one sample's boundary activations
+        self.row_bytes = T * prof.wire_row_bytes  # one sample's boundary activations, on the wire
         blocks = prof.blocks
         params = np.array([lp.params_at() for lp in blocks])
         self.param_pre = np.concatenate([[0.0], np.cumsum(params)])
@@ -136,13 +148,22 @@ class Tables:
         self.train_mat = tm
         # The overlapped sync's two parts over [l0, l) (``GroupComm.exposed_sync_s``): the
         # tail (block l0, and the embed on stage 0) is final at the backward's end, the
-        # lead (the blocks after it, and the head on stage 0) before.
-        n1 = len(train)
+        # lead (the blocks after it, and the head on stage 0) before; as the wire sends
+        # them (``LayerProfile.sync_at``: the trainable bytes, or PowerSGD's factors)
+        synced = np.array([lp.sync_at() for lp in blocks])
+        sync_pre = np.concatenate([[0.0], np.cumsum(synced)])
+        n1 = len(synced)
         tail = np.zeros((L + 1, L + 1))
-        tail[:n1, :] = train[:, None]
-        tail[0, :] += prof.embed.trainable_at()
-        lead = self.train_pre[None, :] - self.train_pre[np.minimum(np.arange(L + 1) + 1, L)][:, None]
-        lead[0, :] += prof.head.trainable_at()
+        tail[:n1, :] = synced[:, None]
+        tail[0, :] += prof.embed.sync_at()
+        lead = sync_pre[None, :] - sync_pre[np.minimum(np.arange(L + 1) + 1, L)][:, None]
+        lead[0, :] += prof.head.sync_at()
+        # compressing them (PowerSGD) over [l0, l), reference seconds (``cost.model.sync_codec_s``)
+        per = np.array([prof.compress_s(lp.sync_flops, lp.sync_traffic_bytes) for lp in blocks])
+        per_pre = np.concatenate([[0.0], np.cumsum(per)])
+        cm = per_pre[None, :] - per_pre[:, None]
+        cm[0, :] += sum(prof.compress_s(lp.sync_flops, lp.sync_traffic_bytes) for lp in (prof.embed, prof.head))
+        self.sync_codec_mat = np.where(np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1), cm, 0.0)
         valid = np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1)
         self.sync_tail_mat = np.where(valid, tail, 0.0)
         self.sync_lead_mat = np.where(valid, np.maximum(lead, 0.0), 0.0)
@@ -166,7 +187,11 @@ class Tables:
         self._row_cache: dict[tuple, tuple] = {}
         self._block_cache: dict[tuple, tuple] = {}
         self.min_block_params = float(params.min()) if len(params) else 0.0
-        self.min_block_train = float(train.min()) if len(train) else 0.0
+        self.min_block_sync = float(synced.min()) if len(synced) else 0.0
+        enc_b, dec_b = CODEC_TRAFFIC_BYTES[prof.wire_activations]
+        # seconds per sample row per micro-batch on the reference device, (encode, decode)
+        self.codec_row_s = (T * prof.dims.hidden * prof.traffic_s_per_byte * enc_b,
+                            T * prof.dims.hidden * prof.traffic_s_per_byte * dec_b) if enc_b or dec_b else None
         self._mat_bytes = 0
 
     def _device(self, d, mode: str) -> tuple:
@@ -263,7 +288,11 @@ class Tables:
             busy_minus_idle=np.array([k[3] for k in keys]), mult=np.array([rows[k] for k in keys]),
             radio_j_per_byte=np.array([k[4] / 1e6 for k in keys]), rows_x=np.array([k[1] for k in keys]),
             redo=None if parts[0][6] is None else np.stack([self._running_max(p[6]) for p in parts]),
+            slow=np.array([self.ref / k[0] for k in keys]),
         )
+        if self.codec_row_s is not None:
+            gt.codec_enc = gt.slow * gt.rows_x * self.codec_row_s[0]
+            gt.codec_dec = gt.slow * gt.rows_x * self.codec_row_s[1]
         self._cache[key] = gt
         return gt
 
@@ -276,10 +305,18 @@ class Tables:
         return m
 
     def fwd_bwd(self, g: GroupTable) -> tuple[np.ndarray, np.ndarray]:
-        """Per-micro-batch max forward and max backward of the group, (L+1, L+1)."""
-        f = self._span(g.fwd_pre, g.first_fwd).max(axis=0)
-        b = self._span(g.bwd_pre, g.first_bwd).max(axis=0)
-        return f, b
+        """Per-micro-batch max forward and max backward of the group, (L+1, L+1), the
+        boundary codec's passes included (module docstring)."""
+        L = self.L
+        f = self._span(g.fwd_pre, g.first_fwd)
+        b = self._span(g.bwd_pre, g.first_bwd)
+        if g.codec_enc is not None:  # every range but the whole model's is a stage of a pipeline
+            enc, dec = g.codec_enc[:, None], g.codec_dec[:, None]
+            f[:, 1:, :] += enc[:, :, None] + dec[:, :, None]
+            b[:, 1:, :] += enc[:, :, None] + dec[:, :, None]
+            f[:, 0, :L] += enc
+            b[:, 0, :L] += enc + 2 * dec
+        return f.max(axis=0), b.max(axis=0)
 
     def coll(self, g: GroupTable) -> np.ndarray:
         """The mode's collectives per micro-batch over [l0, l) (0 unless it gathers units)."""
@@ -316,7 +353,8 @@ class Tables:
         if g.kappa == 0:
             return np.zeros((self.L + 1, self.L + 1))
         lead = self._allreduce(g, self.sync_lead_mat)
-        return np.maximum(lead - self.hide(g), 0.0) + self._allreduce(g, self.sync_tail_mat)
+        return np.maximum(lead - self.hide(g), 0.0) + self._allreduce(g, self.sync_tail_mat) + \
+            float(g.slow.max()) * self.sync_codec_mat
 
     def optim_first(self, g: GroupTable) -> np.ndarray:
         """(L+1,): optimizer time of the group as stage 0 covering [0, l) (per trainable byte)."""
@@ -354,7 +392,7 @@ class Tables:
         one = (g.fwd_pre[:, 1:] - g.fwd_pre[:, :-1]) + (g.bwd_pre[:, 1:] - g.bwd_pre[:, :-1])
         w = float(one.max(axis=0).min())
         # the exposed sync is at least the tail's all-reduce: one block's trainable bytes
-        return M * w + (g.sync_lat_s + g.kappa * self.min_block_train if g.kappa and self.min_block_train > 0 else 0.0)
+        return M * w + (g.sync_lat_s + g.kappa * self.min_block_sync if g.kappa and self.min_block_sync > 0 else 0.0)
 
     def groups_for(self, M: int, modes: dict[str, str], pp_only: bool = False) -> list[GroupTable]:
         """Every valid group of the canonical order for M, in every pipeline mode (one

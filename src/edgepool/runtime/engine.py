@@ -25,6 +25,14 @@ on what autocast produced (bf16/fp16 partial sums and K/V), so a split group rou
 differently from one device. ``fp16`` adds dynamic loss scaling over the whole pipeline
 (``LossScaler``).
 
+Compression on the wire (``wire``, the job's ``train.wire``; lossy, opt-in): the
+boundary transfers go through the wire's codec (``runtime.compress.Codec``: fp16, bf16
+or int8 activations and activation gradients), and a dp/sp group's gradient sync sums
+PowerSGD factors (``runtime.compress.PowerSGD`` in ``GradSync``). The default sends and
+sums everything whole, as without it. tp's partial sums of whole LoRA factors
+(``_all_reduce_grads``) are exact sums of partial products, not replicas' gradients,
+and are never compressed.
+
 Gradient weighting: every loss is a sum over a device's own target tokens divided by
 the number of target tokens in the whole global batch, so summing gradients over
 micro-batches and over a group's replicas gives exactly the full-batch gradient, for
@@ -50,6 +58,7 @@ from edgepool.models.lora import Tuning, canonical
 from edgepool.models.stage import StageModel, load_given
 from edgepool.models.config import ModelConfig
 from edgepool.models.parallel import ParallelCtx
+from edgepool.runtime.compress import Codec, PowerSGD
 from edgepool.runtime.device import CPU, TorchDevice
 from edgepool.runtime.groups import StageGroups
 from edgepool.errors import PeerError
@@ -58,6 +67,7 @@ from edgepool.runtime.health import Heartbeat, blame
 from edgepool.runtime.overlap import DEFAULT_BUCKET_BYTES, GradSync, unit_of
 from edgepool.runtime.wire import Wire
 from edgepool.sim.lower import is_data_owner, lower_rank
+from edgepool.specs.job import WireSpec
 from edgepool.specs.layout import Layout
 from edgepool.specs.plan import EMPTY, Plan, Region, Shape, role_of
 
@@ -166,7 +176,7 @@ class Engine:
                  seq_len: int, groups: StageGroups, lr: float, optimizer: str = "adamw", weight_decay: float = 0.0,
                  seed: int = 0, timeout_s: float = 60.0, state_dict: dict[str, torch.Tensor] | None = None,
                  device: TorchDevice = CPU, heartbeat: Heartbeat | None = None, tuning: Tuning | None = None,
-                 precision: str = "fp32", bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 precision: str = "fp32", bucket_bytes: int = DEFAULT_BUCKET_BYTES, wire: WireSpec = WireSpec()):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
         self.plan, self.cfg, self.rank, self.device = plan, cfg, rank, device
@@ -182,7 +192,8 @@ class Engine:
         if self.owner and sampler is None:
             raise ValueError("a data owner needs a sampler")
         self.ops = lower_rank(plan, rank)
-        self.wire = Wire(rank, timeout_s, plan.devices, device=device, heartbeat=heartbeat)
+        self.wire = Wire(rank, timeout_s, plan.devices, device=device, heartbeat=heartbeat,
+                         codec=Codec(wire.activations, device))
         self.group = groups.of_stage(self.role.stage)
         s, i = self.role.stage, self.role.index
         self.region: Region = self.layout.regions[s][i]
@@ -222,8 +233,11 @@ class Engine:
         synced = {id(p) for p in self.mode.sync_params(model, owner=self.owner)} if self.group is not None else set()
         named = [(n, p) for n, p in model.named_parameters() if id(p) in synced and p.requires_grad]
         self.sync_params = [p for _, p in named]
+        compressor = PowerSGD(wire.rank, group=self.group, wire=self.wire, seed=seed) \
+            if self.sync_params and wire.gradients == "powersgd" else None
         self.grad_sync = GradSync(self.sync_params, group=self.group, wire=self.wire, bucket_bytes=bucket_bytes,
-                                  units=[unit_of(n) for n, _ in named]) if self.sync_params else None
+                                  units=[unit_of(n) for n, _ in named], compressor=compressor) \
+            if self.sync_params else None
         self.partial_params = self.mode.partial_grad_params(model) if self.group is not None else []
         self.trainable = {canonical(n) for n, p in model.named_parameters() if p.requires_grad}
         self.tuning = tuning

@@ -11,8 +11,11 @@ all but the first block's gradients overlap the backward), and launches each buc
 (``async_op=True``; gloo runs it on its own threads) as soon as every gradient in it is
 final, while the backward goes on. The ``sync_grads`` op then launches what is left
 (parameters that got no gradient: zeros, as before), waits for every bucket and copies
-the sums back. The sum is the same as the one-piece sum element by element (a
-collective over the same values), so parity with one device is unchanged.
+the sums back. With ``train.wire.gradients: powersgd`` a bucket's round is
+``runtime.compress.PowerSGD``'s instead: its first all-reduce (the low-rank factors
+``P``) launches in the same place, and its second (``Q``) in ``sync_grads``. The sum
+is the same as the one-piece sum element by element (a collective over the same
+values), so parity with one device is unchanged.
 
 **When a gradient is final.** Only the last micro-batch's backward ops arm the hooks
 (``armed``; the engine's ``head``, ``bwd`` and ``embed_bwd`` of micro-batch ``M - 1``).
@@ -89,6 +92,27 @@ def buckets_of(sizes_bytes: list[int], cap_bytes: int, units: list[object] | Non
     return out
 
 
+class AllReduce:
+    """One bucket summed whole: one asynchronous all-reduce of its flattened gradients.
+    ``exchange`` waits and puts the sums in place; ``finish`` has nothing left to do (a
+    compressed round, ``runtime.compress``, has the same two steps)."""
+
+    def __init__(self, grads: list[torch.Tensor], group, wire, world: int):
+        self.grads = grads
+        self.flat = _flatten_dense_tensors(grads)
+        if wire is not None:
+            wire.count_collective(self.flat, world, "all_reduce")
+        self.work = dist.all_reduce(self.flat, group=group, async_op=True)
+
+    def exchange(self) -> None:
+        self.work.wait()
+        for g, synced in zip(self.grads, _unflatten_dense_tensors(self.flat, self.grads)):
+            g.copy_(synced)
+
+    def finish(self) -> None:
+        pass
+
+
 class GradSync:
     """Sum the gradients of ``params`` (registration order) over ``group`` in buckets
     launched during the last micro-batch's backward (see the module docstring).
@@ -99,11 +123,13 @@ class GradSync:
     """
 
     def __init__(self, params: list[torch.Tensor], *, group, wire=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 units: list[object] | None = None):
+                 units: list[object] | None = None, compressor=None):
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be at least 1, got {bucket_bytes}")
         self.params = list(params)
         self.group, self.wire = group, wire
+        # ``runtime.compress.PowerSGD`` (``train.wire.gradients``), or None: every bucket summed whole
+        self.compressor = compressor
         self.world = dist.get_world_size(group)
         sizes = [p.numel() * p.element_size() for p in self.params]
         self.buckets = [[self.params[i] for i in b]
@@ -118,7 +144,7 @@ class GradSync:
         self._missing = [len(b) for b in self.buckets]
         self._seen: set[int] = set()
         self._next = 0  # the next bucket to launch: buckets go out in index order on every rank
-        self._works: list[tuple[object, torch.Tensor, list[torch.Tensor]]] = []
+        self._works: list = []  # one round per launched bucket (``AllReduce`` or a compressed one)
 
     @contextlib.contextmanager
     def armed(self, label: str):
@@ -147,11 +173,10 @@ class GradSync:
             if p.grad is None:  # no gradient this step (unused): contribute zeros, as one flat all-reduce did
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        flat = _flatten_dense_tensors(grads)
-        if self.wire is not None:
-            self.wire.count_collective(flat, self.world, "all_reduce")
-        work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self._works.append((work, flat, grads))
+        if self.compressor is not None:
+            self._works.append(self.compressor.start(k, grads))
+        else:
+            self._works.append(AllReduce(grads, self.group, self.wire, self.world))
         self.launches.append((k, where, time.perf_counter()))
         self._next += 1
 
@@ -163,10 +188,12 @@ class GradSync:
         try:
             while self._next < len(self.buckets):
                 self._launch("sync_grads")
-            for work, flat, grads in self._works:
-                work.wait()
-                for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-                    g.copy_(synced)
+            # every round's first wait before any second step: a compressed round's second
+            # all-reduce is launched in ``exchange``, in bucket order on every rank
+            for r in self._works:
+                r.exchange()
+            for r in self._works:
+                r.finish()
         finally:
             self._reset()
 

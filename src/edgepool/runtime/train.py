@@ -73,7 +73,7 @@ class RunSpec(BaseModel):
                 "weight_decay": t.weight_decay, **self._fine_tuning()}
 
     def _fine_tuning(self) -> dict:
-        """LoRA, freezing and precision shape the trajectory too, and a fine-tuning run's
+        """LoRA, freezing, precision and the wire's compression shape the trajectory too, and a fine-tuning run's
         frozen pretrained base (its digest: the checkpoints hold only what trains); each
         is named only when set, so checkpoints written before they existed still resume."""
         t = self.job.train
@@ -84,6 +84,8 @@ class RunSpec(BaseModel):
             out["freeze"] = list(t.freeze)
         if t.precision != "fp32":
             out["precision"] = t.precision
+        if not t.wire.is_off:
+            out["wire"] = t.wire.model_dump(mode="json")
         if self.base:
             out["base"] = self.base
         return out
@@ -238,7 +240,7 @@ def _train(run: RunSpec, rank: int, comm: Comm, heartbeat, tensors, log, meter_f
         seed=job.train.seed, timeout_s=job.train.timeout_s, tuning=tuning, device=tensors, heartbeat=heartbeat,
         # the frozen part of a fine-tuning run is never in a checkpoint or a peer's backup
         state_dict=initial_state(job, cfg) if assignment is None or tuning is not None else None,
-        precision=job.train.precision,
+        precision=job.train.precision, wire=job.train.wire,
     )
     ckpt_root = out / "checkpoints"
     start = 0

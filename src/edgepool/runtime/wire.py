@@ -6,6 +6,12 @@ heartbeat stopped (``runtime.health``), else the peer it waited for. ``post`` pu
 up ahead of need, so that the transfer overlaps the receiver's compute. A transfer to the
 rank itself never touches the network: it goes through an in-process mailbox.
 
+``codec`` (``runtime.compress.Codec``, the job's ``train.wire.activations``) encodes
+every point-to-point payload (the engine's boundary transfers) before it is sent and
+decodes it on receipt: a receive posted early allocates the encoded message's buffer,
+whose size the codec knows from the tensor's shape. The mailbox keeps the tensor as it
+is (nothing crosses the network). The default codec (fp32) sends the tensor itself.
+
 ``bytes_sent`` counts what this rank handed to the network: point-to-point payloads
 exactly, collectives as the bytes a ring algorithm sends (``2 (n - 1) / n`` of the
 tensor for an all-reduce, ``(n - 1) / n`` of the result for an all-gather). Gloo may
@@ -20,15 +26,17 @@ import torch
 import torch.distributed as dist
 
 from edgepool.errors import PeerError
+from edgepool.runtime.compress import Codec
 from edgepool.runtime.device import CPU, TorchDevice
 from edgepool.runtime.health import Heartbeat, blame, first_line
 
 
 class Wire:
     def __init__(self, rank: int, timeout_s: float, names: list[str], *, device: TorchDevice = CPU,
-                 heartbeat: Heartbeat | None = None):
+                 heartbeat: Heartbeat | None = None, codec: Codec | None = None):
         self.rank, self.timeout_s, self.names, self.device = rank, timeout_s, names, device
         self.heartbeat = heartbeat
+        self.codec = codec or Codec("fp32", device)
         self._mailbox: dict[tuple[int, int], torch.Tensor] = {}
         self._pending: list[tuple[object, int]] = []
         self._posted: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
@@ -40,7 +48,7 @@ class Wire:
         transfer with the receiver's compute; posted early, the transfer overlaps it."""
         if src == self.rank or (src, tag) in self._posted:
             return
-        buf = self.device.empty(shape)
+        buf = self.codec.buffer(shape)
         try:
             work = dist.irecv(buf, src, tag=tag)
         except RuntimeError as exc:
@@ -54,7 +62,7 @@ class Wire:
         if dst == self.rank:
             self._mailbox[(dst, tag)] = tensor
             return
-        t = tensor.contiguous()
+        t = self.codec.encode(tensor).contiguous()
         try:
             work = dist.isend(t, dst, tag=tag)
         except RuntimeError as exc:
@@ -68,14 +76,14 @@ class Wire:
         if (src, tag) in self._posted:
             work, buf = self._posted.pop((src, tag))
             self._wait(work, src, f"receiving {what}")
-            return buf
-        buf = self.device.empty(shape)
+            return self.codec.decode(buf, shape)
+        buf = self.codec.buffer(shape)
         try:
             work = dist.irecv(buf, src, tag=tag)
         except RuntimeError as exc:
             raise PeerError(f"{self._who(src)} is unreachable while {what}: {first_line(exc)}") from None
         self._wait(work, src, f"receiving {what}")
-        return buf
+        return self.codec.decode(buf, shape)
 
     def _wait(self, work, peer: int, what: str) -> None:
         try:

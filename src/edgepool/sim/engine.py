@@ -63,7 +63,7 @@ from dataclasses import dataclass
 
 from edgepool import catalog, modes
 from edgepool.cost.model import (EnergyParts, backup_cost, boundary_flows, device_work, estimate, group_comm,
-                                  power_mode_of)
+                                  power_mode_of, sync_codec_s)
 from edgepool.cost.network import Network
 from edgepool.cost.profile import ModelProfile
 from edgepool.errors import PlanError
@@ -381,8 +381,21 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
         names = list(plan.stages[s].devices)
         n = len(names)
         if op.kind == "sync_grads":
-            # the lead ran beside the backward; wait for it, then the tail's all-reduce
+            # the lead ran beside the backward; wait for it, then the compression of the
+            # gradients (PowerSGD: ``cost.model.sync_codec_s``, each member busy for its
+            # own; the slowest decides), then the tail's all-reduce
+            codec = {m.device: sync_codec_s(gc, profile, work[m.device].slow) for m in members}
+
             def tail() -> None:
+                if max(codec.values()) > 0:
+                    for m in members:
+                        segments.append(Segment(m.device, now, now + codec[m.device], f"{op}:compress", "compute"))
+                        m.busy_s += codec[m.device]
+                    at(now + max(codec.values()), tail_ring)
+                else:
+                    tail_ring()
+
+            def tail_ring() -> None:
                 t0 = now
 
                 def done() -> None:

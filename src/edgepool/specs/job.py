@@ -112,6 +112,45 @@ class LoraSpec(_Strict):
         return self.alpha / self.rank
 
 
+# The largest PowerSGD rank: past the smaller side of a gradient matrix a rank-r pair
+# carries more than the matrix, and such a matrix is sent whole (``runtime.compress``).
+MAX_POWERSGD_RANK = 1024
+DEFAULT_POWERSGD_RANK = 4
+
+
+class WireSpec(_Strict):
+    """What crosses the network, compressed. Lossy and opt-in: the default (``fp32``,
+    ``none``) sends every tensor as it is, bit for bit as before this setting existed.
+
+    ``activations``: the activations and their gradients that cross a stage boundary,
+    as ``fp16`` or ``bf16`` (a cast) or ``int8`` (symmetric, one fp32 scale per
+    transfer). ``gradients: powersgd``: a dp or sp group sums its gradients as PowerSGD's
+    rank-``powersgd_rank`` factors (Vogels et al. 2019), with error feedback; 1-D
+    tensors (biases, norms) and matrices too small to gain are summed whole.
+    ``runtime.compress`` has the codecs and their error bounds."""
+
+    activations: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
+    gradients: Literal["none", "powersgd"] = "none"
+    # None: ``DEFAULT_POWERSGD_RANK`` (``rank``); left out of the file unless PowerSGD is on
+    powersgd_rank: Count(ge=1, le=MAX_POWERSGD_RANK) | None = None
+
+    @model_validator(mode="after")
+    def _rank_needs_powersgd(self) -> "WireSpec":
+        if self.powersgd_rank is not None and self.gradients != "powersgd":
+            raise ValueError(f"powersgd_rank {self.powersgd_rank} is set but gradients is {self.gradients!r}; "
+                             "set gradients: powersgd, or leave powersgd_rank out")
+        return self
+
+    @property
+    def rank(self) -> int:
+        """PowerSGD's rank (the given one, else ``DEFAULT_POWERSGD_RANK``)."""
+        return self.powersgd_rank or DEFAULT_POWERSGD_RANK
+
+    @property
+    def is_off(self) -> bool:
+        return self.activations == "fp32" and self.gradients == "none"
+
+
 class TrainSpec(_Strict):
     global_batch: Count(ge=1, le=MAX_GLOBAL_BATCH) = 8
     seq_len: Count(ge=2, le=LIMITS["max_seq_len"]) = 32
@@ -147,6 +186,9 @@ class TrainSpec(_Strict):
     # Compute precision: autocast to bf16 or fp16 (with loss scaling) over fp32 master
     # weights; fp32 computes in fp32.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Compression on the wire (lossy, opt-in; ``WireSpec``): boundary activations and
+    # their gradients in fp16, bf16 or int8; dp/sp gradients as PowerSGD factors.
+    wire: WireSpec = WireSpec()
 
 
 class ParallelismSpec(_Strict):
