@@ -103,9 +103,11 @@ Found when the cases were widened (seed 14; the first run's step error was media
   turn, so boundary transfers from one device to another queue; the simulator shared
   the link among them, and a two-stage 1F1B on 20 Mbit/s links came out 62% slow
   (``sim.engine``, connections);
-- fixed in the profiler: parts timed alone keep their weights in cache; the profile is
-  now scaled by whole-model steps (``profiler.layers.calibrate``), and single-device
-  cases went from 10-17% under to within about 10%;
+- changed in the profiler: single-device cases measured 10-17% slower than the parts
+  of the profile added up to; the profile is now scaled by timed whole-model steps
+  (``profiler.layers.calibrate``), and in the next run they were within about 10%
+  (that run also re-measured every profile, so the calibration's own share is not
+  separated);
 - fixed in the cost model: in-memory backups were charged as optimizer state plus
   parameters from the first round, which holds parameters only; they are priced as the
   runtime holds them (``BackupCost.held_bytes``), and the benchmark's jobs take no

@@ -15,11 +15,12 @@ difference. Ranks run one thread (``torch.set_num_threads(1)``), so CPU time is 
 compute time. ``PROFILE_METHOD`` is part of the cache key, so profiles measured the
 old way are measured again.
 
-**Calibration.** Each part is timed alone, so its weights stay in the CPU's caches
-from one call to the next; in a run the blocks follow one another and the optimizer
-walks every parameter, and the same work took 10-16% more CPU time on this host
-(``docs/results/cost-model.md``, single-device runs of hidden 384-768). The profiler
-therefore also times whole training steps (embed, blocks, head and loss, backward,
+**Calibration.** Each part is timed alone (the fastest of several calls), while a run
+takes the parts one after another, typical calls rather than the fastest. Single-device
+runs of hidden 384-768 took 10-16% more CPU time than the parts added up to on this
+host (``docs/results/cost-model.md``'s first widened run); timed in one process, whole
+steps came out at 0.91-1.15 of the parts' sum depending on the model (so the gap is
+not caches alone; its cause is not established). The profiler therefore also times whole training steps (embed, blocks, head and loss, backward,
 optimizer; median CPU time of ``CALIBRATION_STEPS`` after a warm-up) of a model of the
 same shape with as many blocks as fit ``CALIBRATION_MAX_PARAM_BYTES``, and scales
 every part's times by measured / summed parts (``calibrate``; the factor is in the
@@ -297,9 +298,8 @@ def calibrate(prof: ModelProfile, cfg: ModelConfig, *, seq_len: int, optimizer: 
               precision: str) -> tuple[float, int]:
     """Measured / predicted CPU time of a whole training step (module docstring), and
     the number of blocks it ran. Batch 2 of ``seq_len`` tokens."""
-    block_bytes = sum(p.numel() * p.element_size()
-                      for p in StageModel(cfg, (0, 1), embed=False, head=False, seed=0).parameters())
-    n = max(2, min(cfg.num_layers, int(CALIBRATION_MAX_PARAM_BYTES // max(1, block_bytes))))
+    block_bytes = prof.blocks[0].params_at()
+    n = max(2, min(cfg.num_layers, int(CALIBRATION_MAX_PARAM_BYTES // max(1.0, block_bytes))))
     model = StageModel(replace(cfg, num_layers=n), (0, n), embed=True, head=True, seed=0)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4) if optimizer == "adamw" else torch.optim.SGD(params, lr=1e-4)

@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from edgepool import modes
 from edgepool.data import IGNORE, Sampler
@@ -64,7 +63,7 @@ from edgepool.runtime.groups import StageGroups
 from edgepool.errors import PeerError
 from edgepool.machine import peak_rss_bytes
 from edgepool.runtime.health import Heartbeat, blame
-from edgepool.runtime.overlap import DEFAULT_BUCKET_BYTES, GradSync, unit_of
+from edgepool.runtime.overlap import DEFAULT_BUCKET_BYTES, AllReduce, GradSync, grads_of, unit_of
 from edgepool.runtime.wire import Wire
 from edgepool.sim.lower import is_data_owner, lower_rank
 from edgepool.specs.job import WireSpec
@@ -381,16 +380,7 @@ class Engine:
 
     def _all_reduce_grads(self, params: list) -> None:
         """Sum the gradients of ``params`` over the stage group (one flat all-reduce)."""
-        grads = []
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        flat = _flatten_dense_tensors(grads)
-        self.wire.count_collective(flat, dist.get_world_size(self.group), "all_reduce")
-        dist.all_reduce(flat, group=self.group)
-        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
+        AllReduce(grads_of(params), self.group, self.wire, dist.get_world_size(self.group)).exchange()
 
     def _op_optim(self, mb: int) -> None:
         if self.partial_params:

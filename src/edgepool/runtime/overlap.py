@@ -92,6 +92,15 @@ def buckets_of(sizes_bytes: list[int], cap_bytes: int, units: list[object] | Non
     return out
 
 
+def grads_of(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of ``params``; a parameter that got none this step (unused)
+    contributes zeros, as one flat all-reduce of every gradient did."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
+
+
 class AllReduce:
     """One bucket summed whole: one asynchronous all-reduce of its flattened gradients.
     ``exchange`` waits and puts the sums in place; ``finish`` has nothing left to do (a
@@ -168,11 +177,7 @@ class GradSync:
 
     def _launch(self, where: str) -> None:
         k = self._next
-        grads = []
-        for p in self.buckets[k]:
-            if p.grad is None:  # no gradient this step (unused): contribute zeros, as one flat all-reduce did
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
+        grads = grads_of(self.buckets[k])
         if self.compressor is not None:
             self._works.append(self.compressor.start(k, grads))
         else:
