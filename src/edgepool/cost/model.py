@@ -18,7 +18,8 @@ backward on them (``Layout.owners``). A stage's per-micro-batch forward
 ``comm``: tp two all-reduces of the activation per block; sp all-gathers of K and of V
 per block; fsdp an all-gather of every unit's parameters), ``B_s`` likewise for the
 backward (tp two all-reduces; sp all-reduces of the whole K and V gradients; fsdp an
-all-gather and a reduce-scatter per unit; the owners' head is part of it), as the
+all-gather and a reduce-scatter per unit, which gloo runs as an all-reduce; the owners'
+head is part of it), as the
 runtime runs them (``group_comm``).
 
 **Boundaries.** Boundary k carries a micro-batch's activations into stage k (k = 0:

@@ -274,11 +274,13 @@ class Tables:
             sync_lat = s1 - kappa * 1e9
         else:
             kappa = sync_lat = 0.0
-        # The mode's unit collectives are affine in the unit's bytes: read off at 0 and 1 GB.
-        c0, c1 = (sum(m.unit_collectives_s(names, self.net, u)) for u in (0.0, 1e9))
+        # The mode's unit collectives are affine in the unit's bytes: read off at 1 and 2 GB
+        # (not at 0, where an all-reduce costs nothing rather than its latency).
+        c1, c2 = (sum(m.unit_collectives_s(names, self.net, u)) for u in (1e9, 2e9))
+        c0 = c1 - (c2 - c1)
         gt = GroupTable(
             a=a, b=b, modes={d.name: modes[d.name] for d in devs}, counts=counts, mode=mode,
-            coll_lat_s=c0, coll_per_byte=(c1 - c0) / 1e9, optim_frac=m.optim_fraction(n),
+            coll_lat_s=c0, coll_per_byte=(c2 - c1) / 1e9, optim_frac=m.optim_fraction(n),
             fwd_pre=np.stack([p[0] for p in parts]), bwd_pre=np.stack([p[1] for p in parts]),
             act_pre=np.stack([p[2] for p in parts]), first_fwd=np.array([p[3] for p in parts]),
             first_bwd=np.array([p[4] for p in parts]), transient=np.array([p[5] for p in parts]),
