@@ -105,12 +105,11 @@ def test_dp_sync_and_boundaries_use_the_plan_functions():
     params = sum(b.params_at() for b in prof.blocks) + prof.embed.params_at() + prof.head.params_at()
     net = Network.of(pool)
     assert c.stages[0].sync_s == pytest.approx(net.allreduce_time(["d0", "d1"], params))
-    # overlapped with the backward: the rest of the backward hides the lead's all-reduce
-    tail = prof.blocks[0].params_at() + prof.embed.params_at()
-    hide = max(w.sync_hide_s for w in device_work(dp, pool, prof, shape).values())
-    exposed = max(net.allreduce_time(["d0", "d1"], params - tail) - hide, 0.0) + net.allreduce_time(["d0", "d1"], tail)
-    assert c.sync_s == pytest.approx(exposed) and c.stages[0].sync_exposed_s == c.sync_s
-    assert hide > 0 and c.sync_s < c.stages[0].sync_s
+    # overlapped with the backward in the runtime's buckets, which hold every synced byte once
+    gc = group_comm(dp, 0, prof, shape, net)
+    assert sum(bk.nbytes for bk in gc.sync_buckets) == pytest.approx(params)
+    assert gc.sync_buckets[-1].blocks_left == 0 and gc.sync_buckets[0].blocks_left > 0
+    assert c.stages[0].sync_exposed_s == c.sync_s and 0 < c.sync_s < c.stages[0].sync_s
     pp = Plan(num_layers=4, num_microbatches=2, schedule="1f1b",
               stages=[StagePlan(layers=(0, 2), devices=("d0", "d1")), StagePlan(layers=(2, 4), devices=("d2",))])
     c = estimate(pp, pool, prof, shape)
@@ -557,10 +556,10 @@ def test_lora_backups_carry_only_the_trainable_state():
 
 @pytest.mark.parametrize("mode", ["dp", "sp"])
 def test_the_sync_hides_behind_the_backward(mode):
-    """``GroupComm.exposed_sync_s``: on a fast link the backward hides all but the tail
-    (the first block's gradients, and a dp owner's embed); on a slow one the lead's
-    all-reduce outlasts the backward by the rest. The simulator runs the lead beside the
-    last backward and agrees."""
+    """``GroupComm.exposed_sync_s``: on a fast link the backward hides every bucket but
+    those final at its end (the first block's, and a dp owner's embed); on a slow one the
+    buckets' all-reduces, one after another from the first's being final, outlast the
+    backward by the rest. The simulator runs them beside the last backward and agrees."""
     from edgepool.sim.engine import simulate
 
     prof = tiny(num_layers=4, hidden=256)
@@ -568,24 +567,52 @@ def test_the_sync_hides_behind_the_backward(mode):
     plan = Plan(num_layers=4, stages=[StagePlan(layers=(0, 4), mode=mode, devices=("d0", "d1"))])
     for mbps in (100_000.0, 10.0):
         pool = make_pool(["jetson-orin-nano", "jetson-orin-nano"], medium="switched", bandwidth_mbps=mbps)
-        net, names = Network.of(pool), ["d0", "d1"]
+        net = Network.of(pool)
         c = estimate(plan, pool, prof, shape)
         work = device_work(plan, pool, prof, shape)
-        tail = prof.blocks[0].params_at() + (prof.embed.params_at() if mode == "dp" else 0.0)
-        total = sum(b.params_at() for b in prof.blocks) + (
-            prof.embed.params_at() + prof.head.params_at() if mode == "dp" else 0.0)
-        hide = max(w.sync_hide_s for w in work.values())
-        lead_s = net.allreduce_time(names, total - tail)
-        assert c.sync_s == pytest.approx(max(lead_s - hide, 0.0) + net.allreduce_time(names, tail))
+        bks = group_comm(plan, 0, prof, shape, net).sync_buckets
+        late = sum(bk.seconds for bk in bks if bk.blocks_left == 0)
+        first_hide = max(w.bwd_left_s[bks[0].blocks_left] for w in work.values())
+        assert late > 0 and first_hide > 0
         if mbps > 1000:
-            assert lead_s < hide and c.sync_s == pytest.approx(net.allreduce_time(names, tail))
-        else:
-            assert lead_s > hide
+            assert c.sync_s == pytest.approx(late)
+        else:  # the queue of all-reduces never drains
+            assert c.sync_s == pytest.approx(sum(bk.seconds for bk in bks) - first_hide)
         r = simulate(plan, pool, prof, shape)
         assert r.step_time_s == pytest.approx(c.step_time_s, rel=0.02)
         lead = [sg for sg in r.segments if sg.label == "sync_grads:lead"]
         last_bwd = max(sg.end_s for sg in r.segments if sg.label.startswith("bwd"))
         assert lead and min(sg.start_s for sg in lead) < last_bwd
+
+
+def test_the_sync_buckets_are_the_runtimes():
+    """The cost model prices the buckets ``runtime.overlap.GradSync`` launches: the same
+    layout rule (``modes.base.buckets_of``) over the model's own parameters groups the same
+    units (the runtime cuts parameters, the cost model units), for a model of small blocks
+    (several per bucket) and one of large ones (a bucket each)."""
+    import math
+
+    from edgepool.models.config import expected_shapes, preset
+    from edgepool.modes.base import DEFAULT_BUCKET_BYTES, MIN_UNIT_BUCKET_BYTES, buckets_of
+    from edgepool.runtime.overlap import unit_of
+
+    for hidden, layers in ((64, 8), (256, 4)):
+        cfg = preset("gpt", "small", vocab_size=260, hidden=hidden, num_layers=layers, num_heads=2, ffn=4 * hidden)
+        shapes = expected_shapes(cfg)
+        names = list(shapes)
+        units = [unit_of(k) for k in names]
+        got = buckets_of([4 * math.prod(shapes[k]) for k in names], DEFAULT_BUCKET_BYTES, units, MIN_UNIT_BUCKET_BYTES)
+        runtime = [sorted({units[i] for i in b}) for b in got]
+        prof = analytic_profile(ModelDims.of(cfg))
+        pool = make_pool(["jetson-orin-nano", "jetson-orin-nano"], medium="switched", bandwidth_mbps=100)
+        plan = Plan(num_layers=layers, stages=[StagePlan(layers=(0, layers), mode="dp", devices=("d0", "d1"))])
+        bks = group_comm(plan, 0, prof, shape_for(prof, 4, 32), Network.of(pool)).sync_buckets
+        assert len(bks) == len(runtime)
+        for bk, us in zip(bks, runtime):  # a bucket's lowest block is what it waits for
+            blocks = [int(u.split(".")[1]) for u in us if u.startswith("blocks.")]
+            expect = min(blocks) if blocks else (0 if "embed" in us else layers)
+            assert bk.blocks_left == expect
+        assert len(runtime) < layers + 2 if hidden == 64 else len(runtime) >= layers
 
 
 # -- compression on the wire (``train.wire``, ``cost.wire``) --------------------------------------

@@ -75,12 +75,12 @@ the channel is used only inside stage 0's synchronous work, already in ``W_0``.
 Then the gradient all-reduces of dp/sp groups (ring, ``cost.network``) and the
 optimizer step: ``T = T_pipe + sum_s exposed_s + max_{i in stage 0} optim_i``. A
 group's sync overlaps its last micro-batch's backward (``runtime.overlap``: buckets
-launched as gradients become final), so only ``exposed_s = max(lead_s - hide_s, 0) +
-tail_s`` is on the path (``GroupComm.exposed_sync_s``): the all-reduce of everything
-but the gradients final only at the end (``lead_s``) runs beside the backward left
-after the stage's last block's (``hide_s``, its slowest device's,
-``DeviceWork.sync_hide_s``), and the all-reduce of the first block's (and a dp owner's
-embed's) gradients (``tail_s``) follows the backward. Stage 0
+launched in order as their gradients become final), so only what outlasts the backward
+is on the path (``GroupComm.exposed_sync_s``): the runtime's own buckets
+(``modes.base.sync_buckets``: a bucket ends with a block once it holds 1 MiB), each
+all-reduced from when its lowest block's backward is done on the slowest device
+(``DeviceWork.bwd_left_s``) or the bucket before it is summed, whichever is later; the
+bucket with the first block (and a dp owner's embed) follows the backward. Stage 0
 finishes its backward last, so its optimizer step is on the critical path; later
 stages' optimizer steps overlap the pipeline drain. The exposed syncs are added up: on a
 shared channel they share it; on a switched network this is conservative (a later
@@ -331,9 +331,11 @@ class DeviceWork:
     recompute_bytes: float = 0.0
     # the trainable part of ``params_bytes`` (``cost.profile.with_tuning``; -1: all of it)
     trainable_bytes: float = -1.0
-    # the blocks' backward per micro-batch after the stage's last block's (the first one
-    # run): what a gradient sync started then can hide behind (``GroupComm.exposed_sync_s``)
-    sync_hide_s: float = 0.0
+    # ``bwd_left_s[r]``: the backward per micro-batch left when the stage's first r
+    # blocks' remains (their backward, and their forward again where the stage
+    # recomputes): what a gradient bucket final then can hide behind
+    # (``GroupComm.exposed_sync_s``); ``bwd_left_s[0] = 0``
+    bwd_left_s: tuple[float, ...] = (0.0,)
     # the boundary codec's passes per micro-batch (``train.wire.activations``), counted in
     # ``blocks_fwd_s`` and ``blocks_bwd_s`` (``boundary_codec``)
     codec_s: float = 0.0
@@ -422,11 +424,12 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
             tokens, hf, ff = mode.block_part(lay.splits[s], i, lay.microbatch, shape)
             fs, bs, acts = block_costs(blocks, tokens, T_seq, hf, ff)
             f, bw, act = sum(fs), sum(bs), sum(acts)
-            hide = sum(bs[:-1])
+            # the backward left when the first r blocks' remains (r = 0 .. number of blocks)
+            per = [bb + (ff_ if st.recompute else 0.0) for bb, ff_ in zip(bs, fs)]
+            left = [sum(per[:r]) for r in range(len(per) + 1)]
             redo = 0.0
             if st.recompute:  # keep each block's input; its forward runs again in the backward
                 bw, redo = bw + f, max(acts)
-                hide += sum(fs[:-1])
                 act = len(blocks) * tokens * profile.dims.hidden * profile.dtype_bytes
             params = sum(lp.params_at(hf, ff) for lp in blocks)
             trainable = sum(lp.trainable_at(hf, ff) for lp in blocks)
@@ -450,7 +453,7 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
                 embed_bwd_s=eb * slow, optim_s=slow * profile.optim_s_per_param_byte * optim_params,
                 params_bytes=params, act_bytes=act, transient_bytes=transient,
                 state_bytes=mode.memory(sw, i, params, trainable), recompute_bytes=redo, trainable_bytes=trainable,
-                sync_hide_s=hide * slow)
+                bwd_left_s=tuple(slow * h for h in left))
     return out
 
 
@@ -626,7 +629,8 @@ def estimate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             fwd_s=max(work[x].fwd_s for x in names) + gc.coll_fwd_s,
             bwd_s=max(work[x].bwd_s for x in names) + gc.coll_bwd_s,
             coll_fwd_s=gc.coll_fwd_s, coll_bwd_s=gc.coll_bwd_s, coll_airtime_s=gc.coll_airtime_s, sync_s=gc.sync_s,
-            inflight=inflight, sync_exposed_s=gc.exposed_sync_s(max(work[x].sync_hide_s for x in names)) + codec_s,
+            inflight=inflight, sync_exposed_s=gc.exposed_sync_s(
+                [max(work[x].bwd_left_s[r] for x in names) for r in range(len(work[names[0]].bwd_left_s))]) + codec_s,
             sync_codec_s=codec_s))
 
     links: list[LinkCost] = []

@@ -58,39 +58,92 @@ class GroupComm:
     coll_steps_bwd: int = 0
     coll_airtime_fwd_s: float = 0.0  # the forward's part of coll_airtime_s
     # The sync overlapped with the backward (``runtime.overlap``): its gradients are summed
-    # in buckets as they become final during the last micro-batch's backward. What is
-    # final only at the backward's end (the stage's first block, and a dp owner's embed:
-    # ``sync_tail_bytes``) is all-reduced after it (``sync_tail_s``); the rest
-    # (``sync_lead_s``, its own all-reduce) starts once the stage's last block's backward
-    # is done, beside the remaining backward (see ``exposed_sync_s``).
-    sync_lead_s: float = 0.0
-    sync_tail_s: float = 0.0
-    sync_tail_bytes: float = 0.0
+    # in buckets, launched in order as they become final during the last micro-batch's
+    # backward (``sync_buckets``, the runtime's own layout, ``buckets_of``); see
+    # ``exposed_sync_s``.
+    sync_buckets: tuple[SyncBucket, ...] = ()
     # compressing the sync's gradients per step (``train.wire.gradients``, PowerSGD:
     # ``LayerProfile.sync_flops``, ``sync_traffic_bytes``), on the reference device's terms
     sync_flops: float = 0.0
     sync_traffic_bytes: float = 0.0
 
-    def exposed_sync_s(self, hide_s: float) -> float:
-        """The sync's seconds on the step's critical path when ``hide_s`` seconds of
-        backward compute remain after the lead bytes are ready (``DeviceWork.sync_hide_s``,
-        the slowest device's): ``max(lead - hide, 0) + tail``.
+    def exposed_sync_s(self, left_s) -> float:
+        """The sync's seconds on the step's critical path, after the backward ends.
 
-        Derivation: gradients become final layer by layer in the backward; the lead
-        all-reduce can run from the end of the stage's last block's backward, so it ends
-        ``max(lead - hide, 0)`` after the backward does; the tail's gradients are final
-        only at the end, and its all-reduce follows. With identical blocks this is the
-        exact finish of a fluid model of small buckets (the finish is a maximum over
-        layers of an expression linear in the layer, so it is reached at one of the
-        two ends: all bytes against all remaining compute, or the tail alone), up to
-        one ring latency; with unequal blocks it can be optimistic by the largest
-        intermediate term. DDP-sized buckets larger than a block delay the launches
-        further; the model does not see the bucket size.
+        ``left_s[r]``: the backward seconds left when the stage's first ``r`` blocks'
+        backward remains (the slowest device's, ``DeviceWork.bwd_left_s``; ``left_s[0]
+        = 0``). Bucket ``k`` is final ``left_s[blocks_left_k]`` before the backward
+        ends and its all-reduce starts once it is final and bucket ``k - 1``'s is done
+        (gloo matches collectives in issue order; the runtime launches them in order):
+        ``t_k = max(t_{k-1}, -left_k) + ar_k``, and ``max(t_K, 0)`` is exposed. With a
+        block per bucket and identical blocks this is the fluid model's ``max(lead -
+        hide, 0) + tail`` plus a ring latency per bucket; with the runtime's 1 MiB
+        minimum a small model's last bucket holds several blocks, all of them on the path.
         """
-        if self.sync_bytes <= 0:
-            return 0.0
-        return max(self.sync_lead_s - hide_s, 0.0) + self.sync_tail_s
+        t = float("-inf")
+        for bk in self.sync_buckets:
+            t = max(t, -left_s[bk.blocks_left]) + bk.seconds
+        return max(t, 0.0) if self.sync_buckets else 0.0
 
+
+@dataclass(frozen=True)
+class SyncBucket:
+    """One bucket of the overlapped gradient sync (``runtime.overlap``): the bytes its
+    all-reduce sums (as the wire sends them), its seconds (``cost.network.allreduce_time``)
+    and how many of the stage's blocks still have their backward to run when its
+    gradients are final (its lowest block's index in the stage; 0 for the bucket with the
+    stage's first block or the embed: final at the backward's end)."""
+
+    nbytes: float
+    seconds: float
+    blocks_left: int
+
+
+# The runtime's bucket layout (``runtime.overlap.GradSync``), here so that the cost model
+# and the planner price the buckets the runtime launches: DDP's ``bucket_cap_mb`` default,
+# and a bucket ends with its unit once it holds 1 MiB (DDP's first bucket,
+# ``dist._DEFAULT_FIRST_BUCKET_BYTES``): fewer, larger all-reduces for tiny blocks.
+DEFAULT_BUCKET_BYTES = 25 * 2**20
+MIN_UNIT_BUCKET_BYTES = 2**20
+
+
+def buckets_of(sizes_bytes: list[float], cap_bytes: float, units: list[object] | None = None,
+               min_bytes: float = 0) -> list[list[int]]:
+    """Indices of ``sizes_bytes`` (parameters in registration order) cut into buckets of
+    at most ``cap_bytes`` (a larger parameter alone), in reverse registration order.
+
+    ``units``: each parameter's unit (the embed, a block, the head); a bucket then also
+    ends where a unit ends once it holds ``min_bytes``, so that a block's gradients go
+    out as soon as its backward is done rather than waiting for the next blocks'."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    size = 0.0
+    for i in reversed(range(len(sizes_bytes))):
+        if cur and (size + sizes_bytes[i] > cap_bytes
+                    or (units is not None and units[i] != units[i + 1] and size >= min_bytes)):
+            out.append(cur)
+            cur, size = [], 0.0
+        cur.append(i)
+        size += sizes_bytes[i]
+    if cur:
+        out.append(cur)
+    return out
+
+
+def sync_buckets(units: list[tuple[float, float, int]], names: list[str], net) -> tuple[SyncBucket, ...]:
+    """The runtime's buckets over a stage's synced units, priced: ``units`` in
+    registration order (embed, blocks, head), each ``(its trainable bytes, the bytes its
+    sync sends, blocks_left)``; the layout is cut at unit granularity (the runtime cuts
+    parameters, so a unit over the 25 MiB cap is one bucket here: all of its gradients are
+    final at once, and only the latency of the extra all-reduces is missed)."""
+    cut = buckets_of([u[0] for u in units], DEFAULT_BUCKET_BYTES, list(range(len(units))),
+                     MIN_UNIT_BUCKET_BYTES)
+    out = []
+    for b in cut:
+        nbytes = sum(units[i][1] for i in b)
+        out.append(SyncBucket(nbytes=nbytes, seconds=net.allreduce_time(names, nbytes),
+                              blocks_left=min(units[i][2] for i in b)))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

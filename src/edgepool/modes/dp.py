@@ -7,8 +7,8 @@ head are replicas too. The group sums the replicas' gradients once per step (rin
 all-reduces: ``cost.network.allreduce_time``), in buckets launched as the last
 micro-batch's backward makes them final and waited for in ``sync_grads``
 (``runtime.overlap``): only what the remaining backward cannot hide is on the step's
-path (``GroupComm.exposed_sync_s``; the first block's and the embed's gradients are
-final last, the ``sync_tail``).
+path (``GroupComm.exposed_sync_s``, over the runtime's own buckets; the first block's
+and the embed's gradients are final last).
 
 This is the mode the planner's pipeline search composes (``planner.tables`` is its
 closed form over layer ranges).
@@ -16,7 +16,7 @@ closed form over layer ranges).
 
 from __future__ import annotations
 
-from edgepool.modes.base import GroupComm, Mode, StageWork
+from edgepool.modes.base import GroupComm, Mode, StageWork, sync_buckets
 
 
 class DataParallel(Mode):
@@ -32,25 +32,20 @@ class DataParallel(Mode):
             return GroupComm(coll_send_bytes=zero, coll_send_bytes_bwd=dict(zero))
         a, b = w.layers
         # only trainable parameters have gradients to sync (``cost.profile.with_tuning``),
-        # as the wire sends them (``LayerProfile.sync_at``: PowerSGD's factors)
-        units = list(w.profile.blocks[a:b])
-        # final only at the backward's end: the first block's gradients, and the embed's;
-        # the rest (lead) summed on its own, not by difference, so that it is exactly 0
-        # when empty
-        tail = w.profile.blocks[a].sync_at()
-        lead = sum(lp.sync_at() for lp in w.profile.blocks[a + 1:b])
+        # as the wire sends them (``LayerProfile.sync_at``: PowerSGD's factors), in the
+        # runtime's buckets (registration order: embed, blocks, head; each unit with the
+        # stage's blocks whose backward is left once its gradients are final)
+        prof = w.profile
+        units = [(lp, j - a) for j, lp in enumerate(prof.blocks[a:b], start=a)]
         if w.stage == 0:  # every dp owner holds an embed/head replica
-            units += [w.profile.embed, w.profile.head]
-            tail += w.profile.embed.sync_at()
-            lead += w.profile.head.sync_at()
-        sync_bytes = sum(lp.sync_at() for lp in units)
+            units = [(prof.embed, 0)] + units + [(prof.head, b - a)]
+        sync_bytes = sum(lp.sync_at() for lp, _ in units)
         names = list(w.names)
         return GroupComm(coll_send_bytes=zero, coll_send_bytes_bwd=dict(zero), sync_bytes=sync_bytes,
-                         sync_s=net.allreduce_time(names, sync_bytes), sync_tail_bytes=tail,
-                         sync_lead_s=net.allreduce_time(names, lead),
-                         sync_tail_s=net.allreduce_time(names, tail),
-                         sync_flops=sum(lp.sync_flops for lp in units),
-                         sync_traffic_bytes=sum(lp.sync_traffic_bytes for lp in units))
+                         sync_s=net.allreduce_time(names, sync_bytes),
+                         sync_buckets=sync_buckets([(lp.trainable_at(), lp.sync_at(), r) for lp, r in units], names, net),
+                         sync_flops=sum(lp.sync_flops for lp, _ in units),
+                         sync_traffic_bytes=sum(lp.sync_traffic_bytes for lp, _ in units))
 
     def sync_params(self, model, *, owner: bool) -> list:
         params = list(model.blocks.parameters())

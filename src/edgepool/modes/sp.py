@@ -6,13 +6,13 @@ slice padded to the longest (gloo's all-gather takes equal parts); the backward
 all-reduces the whole gathered K and V gradients (gloo has no uneven reduce-scatter)
 and each device keeps its slice (``models.parallel.sp_gather``). The replicas'
 gradients are summed once per step, in buckets overlapped with the last micro-batch's
-backward as in ``dp`` (``runtime.overlap``; the first block's gradients are the
-``sync_tail``). Only the group's first device owns data on a first stage.
+backward as in ``dp`` (``runtime.overlap``; the bucket with the first block's gradients
+follows the backward). Only the group's first device owns data on a first stage.
 """
 
 from __future__ import annotations
 
-from edgepool.modes.base import BoundInputs, GroupComm, Mode, StageWork
+from edgepool.modes.base import BoundInputs, GroupComm, Mode, StageWork, sync_buckets
 from edgepool.specs.plan import Region, Shape, StageSplit, offsets, split_counts
 
 
@@ -56,9 +56,8 @@ class SequenceParallel(Mode):
             # Ring all-gather: every device forwards the n - 1 slices that are not its own.
             coll_send_bytes={x: 2 * nblk * (n - 1) * part for x in names}, coll_steps=2 * nblk * (n - 1),
             sync_bytes=sync_bytes, sync_s=net.allreduce_time(names, sync_bytes),
-            sync_lead_s=net.allreduce_time(names, sum(lp.sync_at() for lp in prof.blocks[a + 1:b])),
-            sync_tail_s=net.allreduce_time(names, prof.blocks[a].sync_at()),
-            sync_tail_bytes=prof.blocks[a].sync_at(),
+            sync_buckets=sync_buckets([(lp.trainable_at(), lp.sync_at(), j) for j, lp in enumerate(prof.blocks[a:b])],
+                                      names, net),
             sync_flops=sum(lp.sync_flops for lp in prof.blocks[a:b]),
             sync_traffic_bytes=sum(lp.sync_traffic_bytes for lp in prof.blocks[a:b]),
             coll_send_bytes_bwd={x: 2 * nblk * 2.0 * (n - 1) / n * full for x in names},

@@ -55,6 +55,7 @@ every plan of small spaces.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,8 @@ from edgepool.cost.model import block_costs, memory_cap_bytes, owner_costs
 from edgepool.cost.wire import CODEC_TRAFFIC_BYTES
 from edgepool.cost.network import Network
 from edgepool import modes as modes_mod
+from edgepool.cost.profile import ModelProfile
+from edgepool.modes.base import sync_buckets
 from edgepool.planner.space import PIPELINE_MODES, PIPELINE_MODE, Space
 from edgepool.specs.plan import StageSplit
 
@@ -118,6 +121,40 @@ class GroupTable:
     codec_dec: np.ndarray | None = None
 
 
+@functools.lru_cache(maxsize=8)
+def _bucket_mats(prof: ModelProfile) -> tuple[np.ndarray, np.ndarray]:
+    """The runtime's sync buckets (``modes.base.sync_buckets``) over every layer range
+    [l0, l), with the embed and head on l0 = 0 (the pipeline modes own data): (K, L+1,
+    L+1) arrays of each bucket's bytes as the wire sends them and the range's blocks whose
+    backward is left when it is final (-1: no such bucket), K the most buckets a range has."""
+    L = prof.num_layers
+    out: dict[tuple[int, int], list[tuple[float, int]]] = {}
+    for l0 in range(L):
+        for l in range(l0 + 1, L + 1):
+            units = [(lp.trainable_at(), lp.sync_at(), j - l0) for j, lp in enumerate(prof.blocks[l0:l], start=l0)]
+            if l0 == 0:
+                units = [(prof.embed.trainable_at(), prof.embed.sync_at(), 0)] + units + \
+                    [(prof.head.trainable_at(), prof.head.sync_at(), l)]
+            out[l0, l] = [(bk.nbytes, bk.blocks_left) for bk in sync_buckets(units, [], _NO_NET)]
+    K = max((len(v) for v in out.values()), default=0)
+    nbytes, left = np.zeros((K, L + 1, L + 1)), np.full((K, L + 1, L + 1), -1, dtype=int)
+    for (l0, l), bks in out.items():
+        for k, (b, r) in enumerate(bks):
+            nbytes[k, l0, l], left[k, l0, l] = b, r
+    return nbytes, left
+
+
+class _NoNet:
+    """Prices nothing: the tables price the buckets' all-reduces per group."""
+
+    @staticmethod
+    def allreduce_time(names, nbytes) -> float:
+        return 0.0
+
+
+_NO_NET = _NoNet()
+
+
 class Tables:
     """Per (M, power modes) group tables, plus the layer prefix sums they share."""
 
@@ -146,18 +183,10 @@ class Tables:
         tm = self.train_pre[None, :] - self.train_pre[:, None]
         tm[0, :] += self.first_train
         self.train_mat = tm
-        # The overlapped sync's two parts over [l0, l) (``GroupComm.exposed_sync_s``): the
-        # tail (block l0, and the embed on stage 0) is final at the backward's end, the
-        # lead (the blocks after it, and the head on stage 0) before; as the wire sends
-        # them (``LayerProfile.sync_at``: the trainable bytes, or PowerSGD's factors)
+        # The overlapped sync's buckets over [l0, l) (``GroupComm.sync_buckets``): the
+        # runtime's layout, as the wire sends them (``LayerProfile.sync_at``)
+        self.bk_bytes, self.bk_left = _bucket_mats(prof)
         synced = np.array([lp.sync_at() for lp in blocks])
-        sync_pre = np.concatenate([[0.0], np.cumsum(synced)])
-        n1 = len(synced)
-        tail = np.zeros((L + 1, L + 1))
-        tail[:n1, :] = synced[:, None]
-        tail[0, :] += prof.embed.sync_at()
-        lead = sync_pre[None, :] - sync_pre[np.minimum(np.arange(L + 1) + 1, L)][:, None]
-        lead[0, :] += prof.head.sync_at()
         # compressing them (PowerSGD) over [l0, l), reference seconds (``cost.model.sync_codec_s``)
         per = np.array([prof.compress_s(lp.sync_flops, lp.sync_traffic_bytes) for lp in blocks])
         per_pre = np.concatenate([[0.0], np.cumsum(per)])
@@ -165,8 +194,6 @@ class Tables:
         cm[0, :] += sum(prof.compress_s(lp.sync_flops, lp.sync_traffic_bytes) for lp in (prof.embed, prof.head))
         self.sync_codec_mat = np.where(np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1), cm, 0.0)
         valid = np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1)
-        self.sync_tail_mat = np.where(valid, tail, 0.0)
-        self.sync_lead_mat = np.where(valid, np.maximum(lead, 0.0), 0.0)
         # Units a gathering mode (fsdp) gathers over [l0, l): every block, plus embed and
         # head on stage 0; and the largest of them.
         lo, hi = np.meshgrid(np.arange(L + 1), np.arange(L + 1), indexing="ij")
@@ -342,21 +369,21 @@ class Tables:
         """``cost.network.allreduce_time`` of the group, elementwise (0 for no bytes)."""
         return np.where(nbytes > 0, g.sync_lat_s + g.kappa * nbytes, 0.0)
 
-    def hide(self, g: GroupTable) -> np.ndarray:
-        """(L+1, L+1): the largest row's backward over blocks [l0, l-1) (0 where l0 >= l):
-        what the sync's lead hides behind (``DeviceWork.sync_hide_s``)."""
-        L = self.L
-        last = np.maximum(np.arange(L + 1) - 1, 0)  # column l -> l - 1
-        h = (g.bwd_pre[:, last][:, None, :] - g.bwd_pre[:, :, None]).max(axis=0)
-        return np.where(self.valid, np.maximum(h, 0.0), 0.0)
-
     def sync(self, g: GroupTable) -> np.ndarray:
-        """The sync's exposed seconds over [l0, l) (``GroupComm.exposed_sync_s``)."""
+        """The sync's exposed seconds over [l0, l) (``GroupComm.exposed_sync_s``): bucket
+        by bucket, ``t = max(t, -hide_k) + ar_k`` with ``hide_k`` the largest row's
+        backward over the blocks of the range before the bucket's lowest one."""
         if g.kappa == 0:
             return np.zeros((self.L + 1, self.L + 1))
-        lead = self._allreduce(g, self.sync_lead_mat)
-        return np.maximum(lead - self.hide(g), 0.0) + self._allreduce(g, self.sync_tail_mat) + \
-            float(g.slow.max()) * self.sync_codec_mat
+        l0 = np.arange(self.L + 1)[:, None]
+        start = g.bwd_pre[:, :, None]  # (r, L+1, 1): each row's backward before block l0
+        t = np.full((self.L + 1, self.L + 1), -INF)
+        for nbytes, left in zip(self.bk_bytes, self.bk_left):
+            there = left >= 0
+            hide = (g.bwd_pre[:, np.minimum(l0 + np.maximum(left, 0), self.L)] - start).max(axis=0)
+            t = np.where(there, np.maximum(t, -hide) + self._allreduce(g, nbytes), t)
+        exposed = np.where(self.valid & (self.bk_left[0] >= 0), np.maximum(t, 0.0), 0.0)
+        return exposed + float(g.slow.max()) * self.sync_codec_mat
 
     def optim_first(self, g: GroupTable) -> np.ndarray:
         """(L+1,): optimizer time of the group as stage 0 covering [0, l) (per trainable byte)."""

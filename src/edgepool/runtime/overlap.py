@@ -6,8 +6,8 @@ parameters into buckets of at most ``bucket_bytes`` (DDP's 25 MiB by default), i
 registration order (the head, the last block, ..., the first block, the embed: roughly
 the order their gradients become final), a bucket ending with its unit (a block, the
 head, the embed) once it holds 1 MiB, so that each block's gradients leave as soon as
-its backward is done, which is what the cost model prices (``GroupComm.exposed_sync_s``:
-all but the first block's gradients overlap the backward), and launches each bucket's all-reduce
+its backward is done (the layout, ``modes.base.buckets_of``, is the cost model's too:
+``GroupComm.exposed_sync_s`` prices these buckets), and launches each bucket's all-reduce
 (``async_op=True``; gloo runs it on its own threads) as soon as every gradient in it is
 final, while the backward goes on. The ``sync_grads`` op then launches what is left
 (parameters that got no gradient: zeros, as before), waits for every bucket and copies
@@ -56,10 +56,9 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's ``bucket_cap_mb`` default
-# A bucket ends with its unit once it holds this much (DDP's first bucket,
-# ``dist._DEFAULT_FIRST_BUCKET_BYTES``): fewer, larger all-reduces for tiny blocks.
-MIN_UNIT_BUCKET_BYTES = 2**20
+from edgepool.modes.base import DEFAULT_BUCKET_BYTES, MIN_UNIT_BUCKET_BYTES, buckets_of
+
+__all__ = ["DEFAULT_BUCKET_BYTES", "AllReduce", "GradSync", "buckets_of", "grads_of", "unit_of"]
 
 
 def unit_of(name: str) -> str:
@@ -67,29 +66,6 @@ def unit_of(name: str) -> str:
     ``blocks.3.attn.q_proj.weight``, else its first part (``embed``, ``head``)."""
     parts = name.split(".")
     return ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
-
-
-def buckets_of(sizes_bytes: list[int], cap_bytes: int, units: list[object] | None = None,
-               min_bytes: int = 0) -> list[list[int]]:
-    """Indices of ``sizes_bytes`` (parameters in registration order) cut into buckets of
-    at most ``cap_bytes`` (a larger parameter alone), in reverse registration order.
-
-    ``units``: each parameter's unit (the embed, a block, the head); a bucket then also
-    ends where a unit ends once it holds ``min_bytes``, so that a block's gradients go
-    out as soon as its backward is done rather than waiting for the next blocks'."""
-    out: list[list[int]] = []
-    cur: list[int] = []
-    size = 0
-    for i in reversed(range(len(sizes_bytes))):
-        if cur and (size + sizes_bytes[i] > cap_bytes
-                    or (units is not None and units[i] != units[i + 1] and size >= min_bytes)):
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(i)
-        size += sizes_bytes[i]
-    if cur:
-        out.append(cur)
-    return out
 
 
 def grads_of(params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -14,11 +14,12 @@ It executes ``lower(plan)``, each rank's op list, exactly as the runtime orders 
   waits for the others, computes its share, then the group runs its ring collective as
   flows (one flow per ring edge, after the ring's latency-bound steps);
 - the gradient sync overlaps the last micro-batch's backward, as the runtime's buckets
-  do (``runtime.overlap``, ``GroupComm.exposed_sync_s``): once every member has done
-  the backward of the stage's last block in its last ``bwd`` (``blocks_bwd_s -
-  sync_hide_s`` into it), the group starts a ring all-reduce of the lead bytes (all but
-  the ``sync_tail_bytes``) beside the compute; ``sync_grads`` then waits for it and
-  runs the tail's ring all-reduce.
+  do (``runtime.overlap``, ``GroupComm.sync_buckets``): a bucket is final on a member
+  once the backward of its lowest block is done in its last ``bwd``
+  (``DeviceWork.bwd_left_s`` before the op's end); once every member has it final and
+  the bucket before it is summed, the group runs its ring all-reduce beside the
+  compute; ``sync_grads`` waits for those, then runs the buckets final only at the
+  backward's end (the first block's, the embed's) in turn.
 
 **Network.** Flows start after the pair's latency and then share bandwidth max-min
 fairly (progressive filling) under these capacities: every device's uplink and
@@ -328,43 +329,63 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             netsim.add(x, names[(i + 1) % n], per_dev, now, edge_done, delay_s=2 * (n - 1) * net.lat(names),
                        group=coll)
 
-    # The sync's lead (overlapped with the last backward): per stage, the members ready
-    # for it, and when it is done (None while it runs or has not started).
+    # The sync's buckets (``GroupComm.sync_buckets``, the runtime's): those final before
+    # the backward's end (``blocks_left > 0``, a prefix of the launch order) go during the
+    # last backward, one all-reduce at a time in order, each once every member has it
+    # final; the others go in ``sync_grads``.
     def syncs(s: int) -> bool:
         return len(plan.stages[s].devices) > 1 and modes.get(plan.stages[s].mode).syncs_grads \
             and comms[s].sync_bytes > 0
 
-    def lead_bytes(s: int) -> float:
-        gc = comms[s]
-        b = gc.sync_bytes - gc.sync_tail_bytes
-        return b if b > 1e-9 * gc.sync_bytes else 0.0
+    def n_early(s: int) -> int:
+        return sum(1 for bk in comms[s].sync_buckets if bk.blocks_left > 0)
 
-    lead_ready: dict[int, int] = {}
-    lead_done: dict[int, float | None] = {}
-    lead_waiters: dict[int, list] = {}
+    bk_ready: dict[tuple[int, int], int] = {}  # (stage, bucket): members that have it final
+    bk_next: dict[int, int] = {}  # per stage: the next early bucket to launch
+    bk_busy: set[int] = set()  # stages with an early bucket's all-reduce running
+    early_waiters: dict[int, list] = {}
 
-    def lead_arrive(s: int) -> None:
-        lead_ready[s] = lead_ready.get(s, 0) + 1
-        if lead_ready[s] < len(plan.stages[s].devices):
+    def early_done(s: int) -> bool:
+        return bk_next.get(s, 0) >= n_early(s) and s not in bk_busy
+
+    def launch_bucket(s: int) -> None:
+        """Start the stage's next early bucket if every member has it final and the one
+        before it is summed; when none is left, wake ``sync_grads``."""
+        if s in bk_busy:
+            return
+        k = bk_next.get(s, 0)
+        if k >= n_early(s):
+            for fn in early_waiters.pop(s, []):
+                fn()
             return
         names = list(plan.stages[s].devices)
+        if bk_ready.get((s, k), 0) < len(names):
+            return
+        bk_busy.add(s)
         t0 = now
 
         def done() -> None:
-            if lead_bytes(s) > 0:
-                for x in names:
-                    segments.append(Segment(x, t0, now, "sync_grads:lead", "comm"))
-            lead_done[s] = now
-            for fn in lead_waiters.pop(s, []):
-                fn()
+            for x in names:
+                segments.append(Segment(x, t0, now, "sync_grads:lead", "comm"))
+            bk_busy.discard(s)
+            bk_next[s] = k + 1
+            launch_bucket(s)
 
-        lead_done[s] = None
-        ring(names, lead_bytes(s), done)
+        ring(names, comms[s].sync_buckets[k].nbytes, done)
+
+    def bucket_final(s: int, k: int) -> None:
+        bk_ready[(s, k)] = bk_ready.get((s, k), 0) + 1
+        launch_bucket(s)
 
     def last_bwd(rk: _Rank, s: int, mb: int, dur: float) -> None:
-        """A member starts its last backward: the lead may go once its last block's is done."""
+        """A member starts its last backward: each early bucket is final once the backward
+        of its lowest block is done (``DeviceWork.bwd_left_s`` before the op's end)."""
         if mb == M - 1 and syncs(s):
-            at(now + max(0.0, dur - work[rk.device].sync_hide_s), lambda: lead_arrive(s))
+            left = work[rk.device].bwd_left_s
+            for k in range(n_early(s)):
+                at(now + max(0.0, dur - left[comms[s].sync_buckets[k].blocks_left]),
+                   lambda k=k: bucket_final(s, k))
+            bk_next.setdefault(s, 0)
 
     # Group operations (tp/sp fwd and bwd, sync_grads): members arrive, then run together.
     arrivals: dict[tuple[int, str, int], list[_Rank]] = {}
@@ -381,40 +402,41 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
         names = list(plan.stages[s].devices)
         n = len(names)
         if op.kind == "sync_grads":
-            # the lead ran beside the backward; wait for it, then the compression of the
-            # gradients (PowerSGD: ``cost.model.sync_codec_s``, each member busy for its
-            # own; the slowest decides), then the tail's all-reduce
+            # the early buckets ran beside the backward; wait for them, then the compression
+            # of the gradients (PowerSGD: ``cost.model.sync_codec_s``, each member busy for
+            # its own; the slowest decides), then the other buckets' all-reduces in turn
             codec = {m.device: sync_codec_s(gc, profile, work[m.device].slow) for m in members}
+            # no last backward ran (an op list without one): every bucket goes now
+            late = gc.sync_buckets[n_early(s):] if s in bk_next else gc.sync_buckets
 
             def tail() -> None:
                 if max(codec.values()) > 0:
                     for m in members:
                         segments.append(Segment(m.device, now, now + codec[m.device], f"{op}:compress", "compute"))
                         m.busy_s += codec[m.device]
-                    at(now + max(codec.values()), tail_ring)
+                    at(now + max(codec.values()), lambda: tail_ring(0))
                 else:
-                    tail_ring()
+                    tail_ring(0)
 
-            def tail_ring() -> None:
-                t0 = now
-
-                def done() -> None:
-                    if gc.sync_tail_bytes > 0:
-                        for x in names:
-                            segments.append(Segment(x, t0, now, f"{op}:comm", "comm"))
+            def tail_ring(i: int) -> None:
+                if i == len(late):
                     for m in members:
                         m.blocked = False
                         m.free_at = max(m.free_at, now)
                         m.pc += 1
                     del arrivals[key]
+                    return
+                t0 = now
 
-                ring(names, gc.sync_tail_bytes if overlapped else gc.sync_bytes, done)
+                def done() -> None:
+                    for x in names:
+                        segments.append(Segment(x, t0, now, f"{op}:comm", "comm"))
+                    tail_ring(i + 1)
 
-            overlapped = s in lead_done and lead_bytes(s) > 0
-            if s not in lead_done:  # no last backward ran (an op list without one): all of it now
-                lead_done[s] = now
-            if lead_done[s] is None:
-                lead_waiters.setdefault(s, []).append(tail)
+                ring(names, late[i].nbytes, done)
+
+            if s in bk_next and not early_done(s):
+                early_waiters.setdefault(s, []).append(tail)
             else:
                 tail()
             return True
