@@ -21,7 +21,9 @@ runs of hidden 384-768 took 10-16% more CPU time than the parts added up to on t
 host (``docs/results/cost-model.md``'s first widened run); timed in one process, whole
 steps came out at 0.91-1.15 of the parts' sum depending on the model (so the gap is
 not caches alone; its cause is not established). The profiler therefore also times whole training steps (embed, blocks, head and loss, backward,
-optimizer; median CPU time of ``CALIBRATION_STEPS`` after a warm-up) of a model of the
+optimizer; median CPU time of at least ``CALIBRATION_STEPS`` and ``CALIBRATION_MIN_S``
+of steps after ``CALIBRATION_WARMUP_S`` of warm-up: a tiny model's three steps after one
+warm-up step gave factors from 0.97 to 1.54 between profiles) of a model of the
 same shape with as many blocks as fit ``CALIBRATION_MAX_PARAM_BYTES``, and scales
 every part's times by measured / summed parts (``calibrate``; the factor is in the
 profile's notes).
@@ -59,7 +61,8 @@ GLOO_ALLOWANCE_BYTES = 100e6
 # 5: the rank baseline measured in a fresh interpreter (rank_baseline_bytes);
 # 6: that interpreter imports what a rank imports (``RANK_MODULES``), not torch alone;
 # 7: and the parts' times are calibrated by whole-model steps (``calibrate``)
-PROFILE_METHOD = 7
+# 8: ...timed over at least half a second of steps after a warm-up (was: 3 steps)
+PROFILE_METHOD = 8
 # What every rank imports before it builds a model (``python -m edgepool.runtime.rank``:
 # the training loop, its engine, checkpoints, backups, the specs; pydantic, safetensors,
 # numpy): 14 MB of resident memory over torch and torch.distributed on an x86 host
@@ -71,6 +74,9 @@ RANK_MODULES = ("edgepool.runtime.rank", "edgepool.runtime.train")
 # a run, while a large model's profile stays measurable where the model does not fit.
 CALIBRATION_MAX_PARAM_BYTES = 256e6
 CALIBRATION_STEPS = 3
+# ...and at least this much CPU time of them (at most CALIBRATION_MAX_STEPS), after at
+# least one step and CALIBRATION_WARMUP_S of warm-up
+CALIBRATION_MIN_S, CALIBRATION_MAX_STEPS, CALIBRATION_WARMUP_S = 0.5, 200, 0.2
 CACHE_DIR = Path(os.environ.get("EDGEPOOL_CACHE", Path.home() / ".cache" / "edgepool")) / "profiles"
 
 
@@ -316,12 +322,18 @@ def calibrate(prof: ModelProfile, cfg: ModelConfig, *, seq_len: int, optimizer: 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = []
-    for i in range(1 + CALIBRATION_STEPS):
+    # warm-up, then at least CALIBRATION_STEPS timed steps and CALIBRATION_MIN_S of them
+    # (a small model's few-millisecond steps: three of them varied by 1.5x between profiles)
+    warm = time.process_time()
+    while True:
+        step()
+        if time.process_time() - warm >= CALIBRATION_WARMUP_S:
+            break
+    times: list[float] = []
+    while len(times) < CALIBRATION_STEPS or (sum(times) < CALIBRATION_MIN_S and len(times) < CALIBRATION_MAX_STEPS):
         t0 = time.process_time()
         step()
-        if i:
-            times.append(time.process_time() - t0)
+        times.append(time.process_time() - t0)
     tokens = b * t
     pred = sum(lp.fwd_s.at(tokens, t) + lp.bwd_s.at(tokens, t) + lp.fixed_fwd_s + lp.fixed_bwd_s
                for lp in (prof.embed, *prof.blocks[:n], prof.head))
