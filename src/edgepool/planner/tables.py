@@ -25,10 +25,11 @@ mode comes from the mode's own functions (``edgepool.modes``):
 - the gradient all-reduce of a group of n >= 2 devices whose mode syncs (dp) is
   ``ar(bytes) = 2 (n-1) lam_g + kappa_g * bytes`` (0 for no bytes), read off
   ``cost.network.allreduce_time`` (affine in the bytes) at two sizes; it overlaps the
-  last micro-batch's backward, so the step pays ``max(ar(lead) - hide, 0) + ar(tail)``
-  (``GroupComm.exposed_sync_s``): ``tail`` the trainable bytes of block ``l0`` (plus the
-  embed's on stage 0), ``lead`` those of blocks ``[l0+1, l)`` (plus the head's on stage
-  0), ``hide`` the largest row's backward over blocks ``[l0, l-1)``;
+  last micro-batch's backward in the runtime's buckets (``modes.base.sync_buckets`` over
+  blocks ``[l0, l)``, with the embed and head on stage 0; ``_bucket_mats``), so the step
+  pays ``max(t_K, 0)`` with ``t_k = max(t_{k-1}, -hide_k) + ar(bytes_k)``
+  (``GroupComm.exposed_sync_s``), ``hide_k`` the largest row's backward over the blocks
+  of the range below bucket k's lowest one;
 - with a boundary codec (``train.wire.activations``) every device of a pipeline of two
   or more stages encodes and decodes its ``x_i`` rows once each way per micro-batch
   (``cost.model.boundary_codec``): stage 0 encodes forward and decodes twice and encodes
