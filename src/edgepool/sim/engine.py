@@ -365,8 +365,9 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
         t0 = now
 
         def done() -> None:
-            for x in names:
-                segments.append(Segment(x, t0, now, "sync_grads:lead", "comm"))
+            if now > t0:  # a bucket of frozen units only sends nothing
+                for x in names:
+                    segments.append(Segment(x, t0, now, "sync_grads:lead", "comm"))
             bk_busy.discard(s)
             bk_next[s] = k + 1
             launch_bucket(s)
@@ -429,8 +430,9 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
                 t0 = now
 
                 def done() -> None:
-                    for x in names:
-                        segments.append(Segment(x, t0, now, f"{op}:comm", "comm"))
+                    if now > t0:
+                        for x in names:
+                            segments.append(Segment(x, t0, now, f"{op}:comm", "comm"))
                     tail_ring(i + 1)
 
                 ring(names, late[i].nbytes, done)
