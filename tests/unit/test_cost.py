@@ -613,6 +613,14 @@ def test_the_sync_buckets_are_the_runtimes():
             expect = min(blocks) if blocks else (0 if "embed" in us else layers)
             assert bk.blocks_left == expect
         assert len(runtime) < layers + 2 if hidden == 64 else len(runtime) >= layers
+        # the simulator runs the same buckets beside the backward and agrees with the closed form
+        from edgepool.sim.engine import simulate
+
+        shape = shape_for(prof, 16, 64)
+        for mbps in (10.0, 1000.0):
+            slow = make_pool(["jetson-orin-nano", "jetson-nano"], medium="switched", bandwidth_mbps=mbps)
+            assert simulate(plan, slow, prof, shape).step_time_s == pytest.approx(
+                estimate(plan, slow, prof, shape).step_time_s, rel=0.02)
 
 
 # -- compression on the wire (``train.wire``, ``cost.wire``) --------------------------------------

@@ -559,9 +559,10 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
         if t_next == float("inf"):
             stuck = [f"rank {rk.rank} at {rk.ops[rk.pc]}" for rk in ranks if not rk.done]
             raise PlanError(f"simulation deadlocked: {', '.join(stuck[:4])}")
-        for f in netsim.advance(now, t_next):
+        finished = netsim.advance(now, t_next)
+        now = t_next  # before the callbacks: what they start or record happens at t_next
+        for f in finished:
             f.on_done()
-        now = t_next
         while heap and heap[0][0] <= now + _EPS:
             _, _, fn = heapq.heappop(heap)
             fn()
