@@ -140,6 +140,14 @@ With these the same seed's run met the targets (step median 4.0%, max 20.5%; mem
 median 7.2%, max 16.0%). One fsdp case that measured 36.8 s a step before is now
 predicted at 37 s and so listed as too slow to measure (``--max-step-s`` 30); re-priced on
 its earlier measurement it was within 0.2%.
+
+    python benchmarks/validate_cost_model.py [--seed 14] [--cases 32] [--timed-s 2] [--only 3 --only 7]
+    python benchmarks/validate_cost_model.py --repredict   # re-predict the stored runs
+
+``--repredict`` runs nothing: it reads the stored measurements (and the profile they
+were predicted with) from the JSON file and predicts them again with the cost model as
+it is now, for work on the model. Needs root and tc for the testbed; without them the
+runs would not be emulated, and the script stops.
 """
 
 from __future__ import annotations

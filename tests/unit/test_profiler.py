@@ -36,7 +36,7 @@ def test_the_profile_is_calibrated_by_whole_steps(monkeypatch):
     assert "calibrated by whole steps of 3 block(s)" in prof.notes[0]
     factor = float(prof.notes[0].rsplit("x", 1)[1])
     assert 0.3 < factor < 3.0  # a measured ratio of the same work, not a runaway
-    doubled = layers.scale_times(prof, 2.0)
+    doubled = prof.scaled(2.0)
     assert doubled.blocks[1].fwd_s.total(16) == pytest.approx(2 * prof.blocks[1].fwd_s.total(16))
     assert doubled.head.fixed_bwd_s == pytest.approx(2 * prof.head.fixed_bwd_s)
     assert doubled.optim_s_per_param_byte == pytest.approx(2 * prof.optim_s_per_param_byte)

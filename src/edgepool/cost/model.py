@@ -140,6 +140,7 @@ modelled, never measured, and says so (``energy_source``).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 
 from edgepool import catalog
@@ -426,7 +427,7 @@ def device_work(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape)
             f, bw, act = sum(fs), sum(bs), sum(acts)
             # the backward left when the first r blocks' remains (r = 0 .. number of blocks)
             per = [bb + (ff_ if st.recompute else 0.0) for bb, ff_ in zip(bs, fs)]
-            left = [sum(per[:r]) for r in range(len(per) + 1)]
+            left = list(itertools.accumulate(per, initial=0.0))
             redo = 0.0
             if st.recompute:  # keep each block's input; its forward runs again in the backward
                 bw, redo = bw + f, max(acts)

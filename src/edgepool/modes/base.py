@@ -34,7 +34,7 @@ from edgepool.specs.plan import Region, Shape, StageSplit, offsets, split_counts
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgepool.cost.network import Network
-    from edgepool.cost.profile import ModelProfile
+    from edgepool.cost.profile import LayerProfile, ModelProfile
 
 
 @dataclass(frozen=True)
@@ -130,20 +130,31 @@ def buckets_of(sizes_bytes: list[float], cap_bytes: float, units: list[object] |
     return out
 
 
-def sync_buckets(units: list[tuple[float, float, int]], names: list[str], net) -> tuple[SyncBucket, ...]:
-    """The runtime's buckets over a stage's synced units, priced: ``units`` in
-    registration order (embed, blocks, head), each ``(its trainable bytes, the bytes its
-    sync sends, blocks_left)``; the layout is cut at unit granularity (the runtime cuts
-    parameters, so a unit over the 25 MiB cap is one bucket here: all of its gradients are
-    final at once, and only the latency of the extra all-reduces is missed)."""
-    cut = buckets_of([u[0] for u in units], DEFAULT_BUCKET_BYTES, list(range(len(units))),
+def synced_units(prof: "ModelProfile", a: int, b: int, owner: bool) -> list[tuple["LayerProfile", int]]:
+    """A stage's units whose gradients its group syncs, blocks ``[a, b)`` (and on a data
+    owner the embed and head), in registration order (embed, blocks, head), each with how
+    many of the stage's blocks still have their backward to run when its gradients are final."""
+    units = [(lp, j - a) for j, lp in enumerate(prof.blocks[a:b], start=a)]
+    if owner:
+        units = [(prof.embed, 0)] + units + [(prof.head, b - a)]
+    return units
+
+
+def bucket_layout(units: list[tuple["LayerProfile", int]]) -> list[tuple[float, int]]:
+    """The runtime's buckets over ``synced_units``, each as (the bytes its all-reduce sends,
+    ``LayerProfile.sync_at``; its ``blocks_left``), cut by the trainable bytes the runtime
+    cuts at unit granularity (the runtime cuts parameters, so a unit over the 25 MiB cap is
+    one bucket here: all of its gradients are final at once, and only the latency of the
+    extra all-reduces is missed)."""
+    cut = buckets_of([lp.trainable_at() for lp, _ in units], DEFAULT_BUCKET_BYTES, list(range(len(units))),
                      MIN_UNIT_BUCKET_BYTES)
-    out = []
-    for b in cut:
-        nbytes = sum(units[i][1] for i in b)
-        out.append(SyncBucket(nbytes=nbytes, seconds=net.allreduce_time(names, nbytes),
-                              blocks_left=min(units[i][2] for i in b)))
-    return tuple(out)
+    return [(sum(units[i][0].sync_at() for i in b), min(units[i][1] for i in b)) for b in cut]
+
+
+def sync_buckets(units: list[tuple["LayerProfile", int]], names: list[str], net) -> tuple[SyncBucket, ...]:
+    """``bucket_layout`` priced: each bucket's ring all-reduce over ``names``."""
+    return tuple(SyncBucket(nbytes=nb, seconds=net.allreduce_time(names, nb), blocks_left=r)
+                 for nb, r in bucket_layout(units))
 
 
 @dataclass(frozen=True)

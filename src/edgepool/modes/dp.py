@@ -16,7 +16,7 @@ closed form over layer ranges).
 
 from __future__ import annotations
 
-from edgepool.modes.base import GroupComm, Mode, StageWork, sync_buckets
+from edgepool.modes.base import GroupComm, Mode, StageWork, sync_buckets, synced_units
 
 
 class DataParallel(Mode):
@@ -35,15 +35,12 @@ class DataParallel(Mode):
         # as the wire sends them (``LayerProfile.sync_at``: PowerSGD's factors), in the
         # runtime's buckets (registration order: embed, blocks, head; each unit with the
         # stage's blocks whose backward is left once its gradients are final)
-        prof = w.profile
-        units = [(lp, j - a) for j, lp in enumerate(prof.blocks[a:b], start=a)]
-        if w.stage == 0:  # every dp owner holds an embed/head replica
-            units = [(prof.embed, 0)] + units + [(prof.head, b - a)]
+        units = synced_units(w.profile, a, b, owner=w.stage == 0)  # every dp owner holds an embed/head replica
         sync_bytes = sum(lp.sync_at() for lp, _ in units)
         names = list(w.names)
         return GroupComm(coll_send_bytes=zero, coll_send_bytes_bwd=dict(zero), sync_bytes=sync_bytes,
                          sync_s=net.allreduce_time(names, sync_bytes),
-                         sync_buckets=sync_buckets([(lp.trainable_at(), lp.sync_at(), r) for lp, r in units], names, net),
+                         sync_buckets=sync_buckets(units, names, net),
                          sync_flops=sum(lp.sync_flops for lp, _ in units),
                          sync_traffic_bytes=sum(lp.sync_traffic_bytes for lp, _ in units))
 

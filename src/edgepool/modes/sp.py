@@ -12,7 +12,7 @@ follows the backward). Only the group's first device owns data on a first stage.
 
 from __future__ import annotations
 
-from edgepool.modes.base import BoundInputs, GroupComm, Mode, StageWork, sync_buckets
+from edgepool.modes.base import BoundInputs, GroupComm, Mode, StageWork, sync_buckets, synced_units
 from edgepool.specs.plan import Region, Shape, StageSplit, offsets, split_counts
 
 
@@ -56,8 +56,7 @@ class SequenceParallel(Mode):
             # Ring all-gather: every device forwards the n - 1 slices that are not its own.
             coll_send_bytes={x: 2 * nblk * (n - 1) * part for x in names}, coll_steps=2 * nblk * (n - 1),
             sync_bytes=sync_bytes, sync_s=net.allreduce_time(names, sync_bytes),
-            sync_buckets=sync_buckets([(lp.trainable_at(), lp.sync_at(), j) for j, lp in enumerate(prof.blocks[a:b])],
-                                      names, net),
+            sync_buckets=sync_buckets(synced_units(prof, a, b, owner=False), names, net),
             sync_flops=sum(lp.sync_flops for lp in prof.blocks[a:b]),
             sync_traffic_bytes=sum(lp.sync_traffic_bytes for lp in prof.blocks[a:b]),
             coll_send_bytes_bwd={x: 2 * nblk * 2.0 * (n - 1) / n * full for x in names},

@@ -66,7 +66,7 @@ from edgepool.cost.wire import CODEC_TRAFFIC_BYTES
 from edgepool.cost.network import Network
 from edgepool import modes as modes_mod
 from edgepool.cost.profile import ModelProfile
-from edgepool.modes.base import sync_buckets
+from edgepool.modes.base import bucket_layout, synced_units
 from edgepool.planner.space import PIPELINE_MODES, PIPELINE_MODE, Space
 from edgepool.specs.plan import StageSplit
 
@@ -124,7 +124,7 @@ class GroupTable:
 
 @functools.lru_cache(maxsize=8)
 def _bucket_mats(prof: ModelProfile) -> tuple[np.ndarray, np.ndarray]:
-    """The runtime's sync buckets (``modes.base.sync_buckets``) over every layer range
+    """The runtime's sync buckets (``modes.base.bucket_layout``) over every layer range
     [l0, l), with the embed and head on l0 = 0 (the pipeline modes own data): (K, L+1,
     L+1) arrays of each bucket's bytes as the wire sends them and the range's blocks whose
     backward is left when it is final (-1: no such bucket), K the most buckets a range has."""
@@ -132,28 +132,13 @@ def _bucket_mats(prof: ModelProfile) -> tuple[np.ndarray, np.ndarray]:
     out: dict[tuple[int, int], list[tuple[float, int]]] = {}
     for l0 in range(L):
         for l in range(l0 + 1, L + 1):
-            units = [(lp.trainable_at(), lp.sync_at(), j - l0) for j, lp in enumerate(prof.blocks[l0:l], start=l0)]
-            if l0 == 0:
-                units = [(prof.embed.trainable_at(), prof.embed.sync_at(), 0)] + units + \
-                    [(prof.head.trainable_at(), prof.head.sync_at(), l)]
-            out[l0, l] = [(bk.nbytes, bk.blocks_left) for bk in sync_buckets(units, [], _NO_NET)]
+            out[l0, l] = bucket_layout(synced_units(prof, l0, l, owner=l0 == 0))
     K = max((len(v) for v in out.values()), default=0)
     nbytes, left = np.zeros((K, L + 1, L + 1)), np.full((K, L + 1, L + 1), -1, dtype=int)
     for (l0, l), bks in out.items():
         for k, (b, r) in enumerate(bks):
             nbytes[k, l0, l], left[k, l0, l] = b, r
     return nbytes, left
-
-
-class _NoNet:
-    """Prices nothing: the tables price the buckets' all-reduces per group."""
-
-    @staticmethod
-    def allreduce_time(names, nbytes) -> float:
-        return 0.0
-
-
-_NO_NET = _NoNet()
 
 
 class Tables:
@@ -193,8 +178,8 @@ class Tables:
         per_pre = np.concatenate([[0.0], np.cumsum(per)])
         cm = per_pre[None, :] - per_pre[:, None]
         cm[0, :] += sum(prof.compress_s(lp.sync_flops, lp.sync_traffic_bytes) for lp in (prof.embed, prof.head))
-        self.sync_codec_mat = np.where(np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1), cm, 0.0)
-        valid = np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1)
+        self.valid = np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1)
+        self.sync_codec_mat = np.where(self.valid, cm, 0.0)
         # Units a gathering mode (fsdp) gathers over [l0, l): every block, plus embed and
         # head on stage 0; and the largest of them.
         lo, hi = np.meshgrid(np.arange(L + 1), np.arange(L + 1), indexing="ij")
@@ -204,7 +189,6 @@ class Tables:
             whole[l0, l0 + 1:] = np.maximum.accumulate(params[l0:])
         whole[0, :] = np.maximum(whole[0, :], max(prof.embed.params_at(), prof.head.params_at()))
         self.whole_mat = whole
-        self.valid = np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1)
         self.ref = prof.reference_speed
         self.opt_f = prof.opt_state_factor
         self.runtime_bytes = prof.runtime_bytes
@@ -421,7 +405,8 @@ class Tables:
         M times its fastest one-block machine time, plus its smallest sync."""
         one = (g.fwd_pre[:, 1:] - g.fwd_pre[:, :-1]) + (g.bwd_pre[:, 1:] - g.bwd_pre[:, :-1])
         w = float(one.max(axis=0).min())
-        # the exposed sync is at least the tail's all-reduce: one block's trainable bytes
+        # the exposed sync is at least the last bucket's all-reduce, which holds block l0:
+        # at least one block's synced bytes
         return M * w + (g.sync_lat_s + g.kappa * self.min_block_sync if g.kappa and self.min_block_sync > 0 else 0.0)
 
     def groups_for(self, M: int, modes: dict[str, str], pp_only: bool = False) -> list[GroupTable]:

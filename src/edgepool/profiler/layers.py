@@ -283,21 +283,12 @@ def measure_profile(cfg: ModelConfig, *, seq_len: int, optimizer: str = "adamw",
     if progress:
         progress(f"whole steps of {n_blocks} block(s): x{factor:.3f}")
     return replace(
-        scale_times(prof, factor),
+        prof.scaled(factor),
         notes=(f"measured on {host_id()} with {threads} thread(s), torch {torch.__version__}"
                + (f", under {precision} autocast" if precision != "fp32" else "")
                + "; per-part split of the linear time by analytic FLOPs"
                + f"; calibrated by whole steps of {n_blocks} block(s): parts' times x{factor:.3f}",),
     )
-
-
-def scale_times(prof: ModelProfile, k: float) -> ModelProfile:
-    """``prof`` with every part's compute time (and the optimizer's) times ``k``."""
-    def lp(x):
-        return replace(x, fwd_s=x.fwd_s.scaled(k), bwd_s=x.bwd_s.scaled(k), fixed_fwd_s=k * x.fixed_fwd_s,
-                       fixed_bwd_s=k * x.fixed_bwd_s)
-    return replace(prof, blocks=tuple(lp(b) for b in prof.blocks), embed=lp(prof.embed), head=lp(prof.head),
-                   optim_s_per_param_byte=k * prof.optim_s_per_param_byte)
 
 
 def calibrate(prof: ModelProfile, cfg: ModelConfig, *, seq_len: int, optimizer: str,

@@ -65,7 +65,6 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from edgepool.cost.wire import HEADER_BYTES, matrix_of, powersgd_compresses
 from edgepool.runtime.device import TorchDevice
@@ -163,8 +162,7 @@ class PowerSGD:
 class _PowerRound:
     def __init__(self, ps: PowerSGD, k: int, grads: list[torch.Tensor], comp: list[int]):
         self.ps, self.k, self.grads, self.comp = ps, k, grads, comp
-        whole = set(range(len(grads))) - set(comp)
-        self.whole = [g for i, g in enumerate(grads) if i in whole]
+        self.whole = [g for i, g in enumerate(grads) if i not in comp]
         self.mats: list[torch.Tensor] = []
         self.ps_: list[torch.Tensor] = []
         for i in comp:
@@ -178,34 +176,26 @@ class _PowerRound:
                 mat = mat.clone()
             self.mats.append(mat)
             self.ps_.append(mat @ ps.q_of((k, i), m))
-        self.flat = _flatten_dense_tensors(self.whole + self.ps_)
-        if ps.wire is not None:
-            ps.wire.count_collective(self.flat, ps.world, "all_reduce")
-        self.work = dist.all_reduce(self.flat, group=ps.group, async_op=True)
+        # the uncompressed gradients and the Ps in one all-reduce, summed in place
+        self.first = AllReduce(self.whole + self.ps_, ps.group, ps.wire, ps.world)
 
     def exchange(self) -> None:
         """Wait for the Ps, orthonormalise them, and launch the Qs' all-reduce."""
-        self.work.wait()
-        parts = _unflatten_dense_tensors(self.flat, self.whole + self.ps_)
-        for g, synced in zip(self.whole, parts[:len(self.whole)]):
-            g.copy_(synced)
-        self.ps_ = [torch.linalg.qr(p, mode="reduced").Q for p in parts[len(self.whole):]]
+        self.first.exchange()
+        self.ps_ = [torch.linalg.qr(p, mode="reduced").Q for p in self.ps_]
         self.qs = [mat.T @ p for mat, p in zip(self.mats, self.ps_)]
-        self.qflat = _flatten_dense_tensors(self.qs)
-        if self.ps.wire is not None:
-            self.ps.wire.count_collective(self.qflat, self.ps.world, "all_reduce")
-        self.qwork = dist.all_reduce(self.qflat, group=self.ps.group, async_op=True)
+        self.second = AllReduce(self.qs, self.ps.group, self.ps.wire, self.ps.world)
 
     def finish(self) -> None:
         """Wait for the Qs; the sum is ``P Q^T``; keep the residual and ``Q``."""
-        self.qwork.wait()
+        self.second.exchange()
         ps, world = self.ps, self.ps.world
-        for i, mat, p, q in zip(self.comp, self.mats, self.ps_, _unflatten_dense_tensors(self.qflat, self.qs)):
+        for i, mat, p, q in zip(self.comp, self.mats, self.ps_, self.qs):
             approx = p @ q.T
             key = (self.k, i)
             if torch.isfinite(approx).all():
                 ps.errors[key] = mat - approx / world
-                ps.qs[key] = q.clone()
+                ps.qs[key] = q
             else:  # an overflow (fp16): the step is skipped; start the error and Q afresh
                 ps.errors.pop(key, None)
                 ps.qs.pop(key, None)

@@ -11,11 +11,12 @@ its backward is done (the layout, ``modes.base.buckets_of``, is the cost model's
 (``async_op=True``; gloo runs it on its own threads) as soon as every gradient in it is
 final, while the backward goes on. The ``sync_grads`` op then launches what is left
 (parameters that got no gradient: zeros, as before), waits for every bucket and copies
-the sums back. With ``train.wire.gradients: powersgd`` a bucket's round is
-``runtime.compress.PowerSGD``'s instead: its first all-reduce (the low-rank factors
-``P``) launches in the same place, and its second (``Q``) in ``sync_grads``. The sum
-is the same as the one-piece sum element by element (a collective over the same
-values), so parity with one device is unchanged.
+the sums back. Uncompressed, the sum is the same as the one-piece sum element by
+element (a collective over the same values), so parity with one device is unchanged.
+With ``train.wire.gradients: powersgd`` a bucket's round is
+``runtime.compress.PowerSGD``'s instead (an approximation of the sum): its first
+all-reduce (the low-rank factors ``P``) launches in the same place, and its second
+(``Q``) in ``sync_grads``.
 
 **When a gradient is final.** Only the last micro-batch's backward ops arm the hooks
 (``armed``; the engine's ``head``, ``bwd`` and ``embed_bwd`` of micro-batch ``M - 1``).

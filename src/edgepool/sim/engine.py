@@ -410,16 +410,16 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
             # no last backward ran (an op list without one): every bucket goes now
             late = gc.sync_buckets[n_early(s):] if s in bk_next else gc.sync_buckets
 
-            def tail() -> None:
+            def late_buckets() -> None:
                 if max(codec.values()) > 0:
                     for m in members:
                         segments.append(Segment(m.device, now, now + codec[m.device], f"{op}:compress", "compute"))
                         m.busy_s += codec[m.device]
-                    at(now + max(codec.values()), lambda: tail_ring(0))
+                    at(now + max(codec.values()), lambda: late_ring(0))
                 else:
-                    tail_ring(0)
+                    late_ring(0)
 
-            def tail_ring(i: int) -> None:
+            def late_ring(i: int) -> None:
                 if i == len(late):
                     for m in members:
                         m.blocked = False
@@ -433,14 +433,14 @@ def simulate(plan: Plan, pool: PoolSpec, profile: ModelProfile, shape: Shape, *,
                     if now > t0:
                         for x in names:
                             segments.append(Segment(x, t0, now, f"{op}:comm", "comm"))
-                    tail_ring(i + 1)
+                    late_ring(i + 1)
 
                 ring(names, late[i].nbytes, done)
 
             if s in bk_next and not early_done(s):
-                early_waiters.setdefault(s, []).append(tail)
+                early_waiters.setdefault(s, []).append(late_buckets)
             else:
-                tail()
+                late_buckets()
             return True
         else:
             dur = {m.device: (work[m.device].blocks_fwd_s if op.kind == "fwd" else work[m.device].blocks_bwd_s)
